@@ -1,0 +1,272 @@
+"""Configuration: one TOML file, overridable by environment variables, validated at start.
+
+Precedence (highest first): environment (``SMSBRIDGE_<SECTION>__<KEY>``), the TOML file, defaults.
+The file is ``--config PATH`` or ``$SMSBRIDGE_CONFIG``.
+
+Secrets are written inline, as ``env:NAME`` or as ``file:/path`` and are resolved at load time into
+``SecretStr`` so that a missing variable or file fails start-up with the key that names it, and so
+that no secret is ever printed by ``repr`` or a log line.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+CONFIG_ENV_VAR = "SMSBRIDGE_CONFIG"
+EMBEDDED_BROKER = "embedded"
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; the message names the offending key."""
+
+
+def resolve_secret(reference: str) -> str:
+    """Turn ``env:NAME`` / ``file:/path`` / an inline value into the secret itself."""
+    if reference.startswith("env:"):
+        name = reference[4:]
+        if name not in os.environ:
+            raise ValueError(f"environment variable {name} is not set")
+        return os.environ[name]
+    if reference.startswith("file:"):
+        path = Path(reference[5:])
+        try:
+            return path.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise ValueError(f"cannot read secret file {path}: {exc.strerror}") from None
+    return reference
+
+
+def _secret(value: Any) -> SecretStr:
+    raw = value.get_secret_value() if isinstance(value, SecretStr) else str(value)
+    resolved = resolve_secret(raw)
+    if not resolved:
+        raise ValueError("secret is empty")
+    return SecretStr(resolved)
+
+
+Secret = Annotated[SecretStr, AfterValidator(_secret)]
+
+
+def _host_port(value: str) -> str:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ValueError(f"expected host:port, got {value!r}")
+    return value
+
+
+ListenAddress = Annotated[str, AfterValidator(_host_port)]
+
+
+def split_listen(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    return host, int(port)
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class KafkaSettings(Section):
+    bootstrap_servers: str = EMBEDDED_BROKER
+    # Tansu (the embedded broker) lacks InitProducerId; Apache Kafka should run with it on.
+    enable_idempotence: bool = False
+    client_id_prefix: str = "smsbridge"
+    replication_factor: int = 1
+    request_timeout_ms: int = 10_000
+    # How long a producer waits for acks=all before ingress answers 503.
+    produce_timeout_s: float = 5.0
+    linger_ms: int = 5
+
+
+class RunnerSettings(Section):
+    """Knobs of the shared poll/process/commit loop, per consumer service."""
+
+    max_poll_records: int = 500
+    max_in_flight: int = 1000
+    commit_interval_s: float = 1.0
+    shutdown_deadline_s: float = 20.0
+    session_timeout_ms: int = 10_000
+    heartbeat_interval_ms: int = 3_000
+
+
+class HttpServiceSettings(Section):
+    listen: ListenAddress
+
+
+class IngressSettings(HttpServiceSettings):
+    listen: ListenAddress = "127.0.0.1:8080"
+    public_url: str = "http://127.0.0.1:8080"
+    max_body_bytes: int = 32 * 1024 * 1024
+    max_recipients: int = 100_000
+
+
+class CallbacksSettings(HttpServiceSettings):
+    listen: ListenAddress = "127.0.0.1:8081"
+    public_url: str = "http://127.0.0.1:8081"
+    max_body_bytes: int = 64 * 1024
+
+
+class SenderSettings(Section):
+    metrics_listen: ListenAddress = "127.0.0.1:9102"
+    runner: RunnerSettings = RunnerSettings()
+    request_timeout_s: float = 10.0
+    max_attempts_per_route: int = 3
+
+
+class NormalizerSettings(Section):
+    metrics_listen: ListenAddress = "127.0.0.1:9103"
+    runner: RunnerSettings = RunnerSettings(max_in_flight=1)
+    state_dir: str = ""  # empty = a private temporary directory per process
+    unmatched_after_s: float = 600.0
+    dlr_timeout_s: float = 72 * 3600.0
+
+
+class ReporterSettings(Section):
+    metrics_listen: ListenAddress = "127.0.0.1:9104"
+    runner: RunnerSettings = RunnerSettings(max_in_flight=200)
+    request_timeout_s: float = 10.0
+    give_up_after_s: float = 24 * 3600.0
+    max_backoff_s: float = 300.0
+    inbound_batch_size: int = 100
+    inbound_batch_delay_s: float = 0.5
+
+
+class OptimoveContractSettings(Section):
+    """Every guess at an undocumented Optimove field; see ``shared/optimove.py``."""
+
+    api_version: str = "v1"
+    handshake_path: str = "/api/{version}/aggregator/handshake"
+    delivery_report_path: str = "/api/{version}/aggregator/delivery-report"
+    incoming_message_path: str = "/api/{version}/aggregator/incoming-message"
+    handshake_url_field: str = "campaignSendUrl"
+    handshake_api_key_field: str = "apiKey"
+    handshake_sender_id_field: str = "senderId"
+    # canonical status -> Optimove type.status (decisions.md §4)
+    status_names: dict[str, str] = {
+        "sent": "Sent",
+        "delivered": "Delivered",
+        "failed": "Failed",
+    }
+
+
+class Route(Section):
+    provider: str
+    # Destination prefixes (E.164 digits, no '+') this route serves; empty = every destination.
+    prefixes: list[str] = []
+    priority: int = 100
+
+
+class TenantSettings(Section):
+    optimove_base_url: str
+    api_token: Secret
+    secret_key: Secret
+    aggregator_api_key: Secret
+    default_sender_id: str = ""
+    default_region: str = "GB"
+    routes: list[Route] = Field(min_length=1)
+    validity_s: float = 24 * 3600.0
+
+    @field_validator("optimove_base_url")
+    @classmethod
+    def _no_trailing_slash(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("must be an http(s) URL")
+        return value.rstrip("/")
+
+
+class ProviderSettings(Section):
+    kind: Literal["otpiq", "opensms", "octopush"]
+    base_url: str
+    api_key: Secret
+    # Octopush authenticates with an account login besides the key.
+    api_login: str = ""
+    # Secret path segment of our callback URL for this account (decisions.md §9).
+    callback_token: Secret
+    # OTPIQ echoes this in X-OTPIQ-Webhook-Secret.
+    webhook_secret: Secret | None = None
+    rate_limit_per_s: float = 0.0  # 0 = unlimited
+    rate_limit_unit: Literal["messages", "segments"] = "messages"
+    max_in_flight: int = 200
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="SMSBRIDGE_", env_nested_delimiter="__", extra="forbid"
+    )
+
+    kafka: KafkaSettings = KafkaSettings()
+    ingress: IngressSettings = IngressSettings()
+    callbacks: CallbacksSettings = CallbacksSettings()
+    sender: SenderSettings = SenderSettings()
+    normalizer: NormalizerSettings = NormalizerSettings()
+    reporter: ReporterSettings = ReporterSettings()
+    optimove: OptimoveContractSettings = OptimoveContractSettings()
+    tenants: dict[str, TenantSettings] = {}
+    providers: dict[str, ProviderSettings] = {}
+    log_level: str = "INFO"
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The TOML file arrives as init kwargs; the environment must win over it.
+        return (env_settings, init_settings)
+
+    @model_validator(mode="after")
+    def _routes_name_known_providers(self) -> Settings:
+        for slug, tenant in self.tenants.items():
+            for index, route in enumerate(tenant.routes):
+                if route.provider not in self.providers:
+                    raise ValueError(
+                        f"tenants.{slug}.routes.{index}.provider: unknown provider "
+                        f"{route.provider!r} (known: {sorted(self.providers)})"
+                    )
+        return self
+
+
+def _format_validation_error(error: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration in {source}:"]
+    for item in error.errors():
+        key = ".".join(str(part) for part in item["loc"]) or "(root)"
+        lines.append(f"  {key}: {item['msg']}")
+    return "\n".join(lines)
+
+
+def load_settings(path: str | Path | None = None) -> Settings:
+    """Load and validate the configuration, raising ConfigError with the bad key named."""
+    chosen = path or os.environ.get(CONFIG_ENV_VAR)
+    data: dict[str, Any] = {}
+    source = "environment"
+    if chosen:
+        source = str(chosen)
+        try:
+            with open(chosen, "rb") as handle:
+                data = tomllib.load(handle)
+        except OSError as exc:
+            raise ConfigError(f"cannot read configuration {chosen}: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"configuration {chosen} is not valid TOML: {exc}") from None
+    try:
+        return Settings(**data)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc, source)) from None

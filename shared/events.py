@@ -1,0 +1,182 @@
+"""Event schemas: the pydantic models every producer writes and every consumer reads.
+
+Each model carries ``schema_version``; a consumer that meets a version it does not know
+dead-letters the record instead of guessing. Values are orjson-encoded JSON.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any, Literal, TypeVar
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field
+
+CanonicalStatus = Literal["sent", "delivered", "failed"]
+FINAL_STATUSES: frozenset[str] = frozenset({"delivered", "failed"})
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Event(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    schema_version: int = 1
+
+    def to_bytes(self) -> bytes:
+        return orjson.dumps(self.model_dump(mode="python"))
+
+
+E = TypeVar("E", bound=Event)
+
+
+class SchemaError(ValueError):
+    """A record that cannot be decoded as the expected event."""
+
+
+def decode(model: type[E], raw: bytes | None) -> E:
+    if raw is None:
+        raise SchemaError(f"{model.__name__}: empty record")
+    try:
+        event = model.model_validate_json(raw)
+    except ValueError as exc:
+        raise SchemaError(f"{model.__name__}: {exc}") from None
+    expected = model.model_fields["schema_version"].default
+    if event.schema_version != expected:
+        raise SchemaError(
+            f"{model.__name__}: schema_version {event.schema_version}, expected {expected}"
+        )
+    return event
+
+
+class MessageContext(BaseModel):
+    """What every later stage needs to report on one message, carried along unchanged."""
+
+    model_config = ConfigDict(frozen=True)
+
+    tenant: str
+    message_id: str
+    batch_id: str
+    request_id: str | None = None
+    campaign_id: str = ""
+    customer_id: str = ""
+    # Exactly the string Optimove sent; reported back verbatim.
+    mobile_number: str
+    # The campaign request's ``metadata`` object, as the exact JSON text received.
+    metadata_json: str
+
+
+class RecipientMessage(Event):
+    """ingress -> sender: one SMS to send."""
+
+    context: MessageContext
+    destination: str  # E.164, "+" and digits
+    text: str
+    sender_id: str
+    scheduled_at: datetime | None = None
+    accepted_at: datetime = Field(default_factory=utcnow)
+
+
+DispatchOutcome = Literal["accepted", "failed"]
+
+
+class DispatchRecord(Event):
+    """sender (or ingress, for rejected recipients) -> normalizer: the result of a send."""
+
+    context: MessageContext
+    correlation_key: str
+    outcome: DispatchOutcome
+    sub_status: str
+    provider_kind: str = ""
+    provider_account: str = ""
+    provider_message_id: str = ""
+    destination: str = ""
+    detail: str = ""
+    segments: int = 0
+    dispatched_at: datetime = Field(default_factory=utcnow)
+
+
+ProviderEventKind = Literal["status", "inbound", "opt_out"]
+
+
+class ProviderEvent(Event):
+    """callbacks -> normalizer: one provider callback, parsed only enough to be routed."""
+
+    event_id: str  # deterministic from the body, so a repeated callback is recognised
+    kind: ProviderEventKind
+    provider_kind: str
+    provider_account: str
+    correlation_key: str
+    provider_message_id: str = ""
+    number: str = ""
+    provider_status: str = ""
+    reason: str = ""
+    text: str = ""
+    to: str = ""
+    occurred_at: datetime | None = None
+    received_at: datetime = Field(default_factory=utcnow)
+    raw: dict[str, Any] = {}
+
+
+class StatusEvent(Event):
+    """normalizer -> reporter: one forward move of a message's status."""
+
+    event_id: str
+    context: MessageContext
+    status: CanonicalStatus
+    sub_status: str
+    provider_account: str = ""
+    provider_message_id: str = ""
+    detail: str = ""
+    occurred_at: datetime = Field(default_factory=utcnow)
+
+
+class InboundMessage(Event):
+    """normalizer -> reporter: a customer's reply, in Optimove's Incoming Message shape."""
+
+    event_id: str
+    tenant: str
+    to: str
+    from_number: str  # as Optimove wrote that number when known (decisions.md §5)
+    text: str
+    sent_at: datetime
+    provider_account: str = ""
+    opt_out: bool = False
+    opt_in: bool = False
+
+
+class OptOutChange(Event):
+    """Compacted, keyed by tenant and E.164 number: the latest word wins."""
+
+    tenant: str
+    number: str
+    opted_out: bool
+    source: str
+    at: datetime = Field(default_factory=utcnow)
+
+
+class IngressRequestAccepted(Event):
+    """Compacted, keyed by tenant and request key: a campaign request already on Kafka."""
+
+    tenant: str
+    request_key: str
+    accepted: int
+    rejected: list[dict[str, Any]] = []
+    at: datetime = Field(default_factory=utcnow)
+
+
+class DeadLetter(Event):
+    """Anything a stage gave up on, with enough to understand and re-drive it."""
+
+    source_topic: str
+    stage: str
+    reason: str
+    key: str | None = None
+    payload: str  # the original record value, UTF-8 (or repr for binary)
+    attempts: int = 0
+    status_code: int | None = None
+    response_excerpt: str = ""
+    redrive_topic: str = ""
+    at: datetime = Field(default_factory=utcnow)

@@ -1,0 +1,129 @@
+"""Kafka clients, configured in one place so Tansu and Apache Kafka differ only in settings."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.coordinator.assignors.range import RangePartitionAssignor
+from aiokafka.errors import KafkaError
+
+from shared.config import EMBEDDED_BROKER, KafkaSettings
+from shared.events import Event
+from shared.topics import Topic
+
+
+class KafkaUnavailable(Exception):
+    """Kafka did not acknowledge in time; the caller must not claim the data is stored."""
+
+
+def bootstrap(settings: KafkaSettings) -> str:
+    if settings.bootstrap_servers == EMBEDDED_BROKER:
+        # `smsbridge dev` and the tests start the broker and export its address here.
+        address = os.environ.get("SMSBRIDGE_EMBEDDED_BOOTSTRAP")
+        if not address:
+            raise KafkaUnavailable(
+                'kafka.bootstrap_servers = "embedded" needs a broker started by '
+                "`smsbridge dev` (or set SMSBRIDGE_KAFKA__BOOTSTRAP_SERVERS)"
+            )
+        return address
+    return settings.bootstrap_servers
+
+
+def client_id(settings: KafkaSettings, role: str) -> str:
+    return f"{settings.client_id_prefix}-{role}-{socket.gethostname()}-{os.getpid()}"
+
+
+def make_producer(settings: KafkaSettings, role: str) -> AIOKafkaProducer:
+    return AIOKafkaProducer(
+        bootstrap_servers=bootstrap(settings),
+        client_id=client_id(settings, role),
+        acks="all",
+        enable_idempotence=settings.enable_idempotence,
+        linger_ms=settings.linger_ms,
+        request_timeout_ms=settings.request_timeout_ms,
+        max_batch_size=1024 * 1024,
+        max_request_size=8 * 1024 * 1024,
+    )
+
+
+def make_consumer(
+    settings: KafkaSettings,
+    group_id: str | None,
+    *,
+    role: str,
+    max_poll_records: int = 500,
+    session_timeout_ms: int = 10_000,
+    heartbeat_interval_ms: int = 3_000,
+) -> AIOKafkaConsumer:
+    return AIOKafkaConsumer(
+        bootstrap_servers=bootstrap(settings),
+        client_id=client_id(settings, role),
+        group_id=group_id,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        isolation_level="read_uncommitted",
+        max_poll_records=max_poll_records,
+        session_timeout_ms=session_timeout_ms,
+        heartbeat_interval_ms=heartbeat_interval_ms,
+        request_timeout_ms=max(settings.request_timeout_ms, session_timeout_ms + 5_000),
+        # Range keeps partition N of co-partitioned topics on the same member (the joins).
+        partition_assignment_strategy=(RangePartitionAssignor,),
+    )
+
+
+def make_admin(settings: KafkaSettings) -> AIOKafkaAdminClient:
+    return AIOKafkaAdminClient(
+        bootstrap_servers=bootstrap(settings),
+        client_id=client_id(settings, "admin"),
+        request_timeout_ms=settings.request_timeout_ms,
+    )
+
+
+@dataclass(frozen=True)
+class OutRecord:
+    topic: Topic
+    key: str
+    value: Event
+
+    @property
+    def encoded(self) -> tuple[bytes, bytes]:
+        return self.key.encode("utf-8"), self.value.to_bytes()
+
+
+class Publisher:
+    """Publishes events and waits until Kafka (acks=all) holds every one of them."""
+
+    def __init__(self, producer: AIOKafkaProducer, timeout_s: float) -> None:
+        self.producer = producer
+        self.timeout_s = timeout_s
+
+    async def publish(self, records: Iterable[OutRecord]) -> None:
+        futures: list[asyncio.Future[object]] = []
+        try:
+            for record in records:
+                key, value = record.encoded
+                futures.append(await self.producer.send(record.topic.name, value, key=key))
+            if futures:
+                await asyncio.wait_for(asyncio.gather(*futures), self.timeout_s)
+        except (KafkaError, TimeoutError) as exc:
+            for future in futures:
+                future.cancel()
+            raise KafkaUnavailable(f"{type(exc).__name__}: {exc}") from exc
+
+    async def publish_raw(self, topic: str, items: Sequence[tuple[bytes, bytes]]) -> None:
+        futures: list[asyncio.Future[object]] = []
+        try:
+            for key, value in items:
+                futures.append(await self.producer.send(topic, value, key=key))
+            if futures:
+                await asyncio.wait_for(asyncio.gather(*futures), self.timeout_s)
+        except (KafkaError, TimeoutError) as exc:
+            for future in futures:
+                future.cancel()
+            raise KafkaUnavailable(f"{type(exc).__name__}: {exc}") from exc

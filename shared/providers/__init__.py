@@ -1,0 +1,22 @@
+"""Provider modules by kind, and the callback URL each account is given."""
+
+from __future__ import annotations
+
+from shared.config import Settings
+from shared.providers.base import Provider
+from shared.providers.otpiq import Otpiq
+
+PROVIDER_KINDS: dict[str, type[Provider]] = {
+    Otpiq.kind: Otpiq,
+}
+
+
+def provider_class(kind: str) -> type[Provider]:
+    return PROVIDER_KINDS[kind]
+
+
+def callback_url(settings: Settings, account: str) -> str:
+    provider = settings.providers[account]
+    token = provider.callback_token.get_secret_value()
+    base = settings.callbacks.public_url.rstrip("/")
+    return f"{base}/callbacks/{provider.kind}/{account}/{token}"

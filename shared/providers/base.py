@@ -1,0 +1,158 @@
+"""What every provider module offers: send, error classes, callback parsing, status map.
+
+One module per provider (``otpiq.py``, ``opensms.py``, ``octopush.py``), each holding its send call,
+its error mapping, its callback parsing and status map, and ``FIXTURES``: payloads copied from the
+provider's documentation, used by the tests and by the provider simulator.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, ClassVar
+
+import aiohttp
+
+from shared.config import ProviderSettings
+from shared.events import CanonicalStatus, ProviderEventKind
+from shared.numbers import NumberStyle
+from shared.statuses import SubStatus
+
+
+@dataclass(frozen=True)
+class OutboundSms:
+    message_id: str
+    destination: str  # E.164
+    text: str
+    sender_id: str
+
+
+@dataclass(frozen=True)
+class SendAccepted:
+    message_id: str
+    provider_message_id: str
+    correlation_key: str
+
+
+class SendError(Exception):
+    """A send the provider did not accept. ``retryable`` decides between retry and a report."""
+
+    def __init__(
+        self,
+        detail: str,
+        *,
+        retryable: bool,
+        sub_status: str = SubStatus.PROVIDER_ERROR,
+        retry_after_s: float | None = None,
+        status_code: int | None = None,
+    ) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.retryable = retryable
+        self.sub_status = sub_status
+        self.retry_after_s = retry_after_s
+        self.status_code = status_code
+
+
+SendResult = SendAccepted | SendError
+
+
+class CallbackRejected(ValueError):
+    """The callback body is malformed or not one of this provider's shapes (answer 400)."""
+
+
+@dataclass(frozen=True)
+class ParsedCallback:
+    kind: ProviderEventKind
+    provider_message_id: str = ""
+    number: str = ""
+    provider_status: str = ""
+    reason: str = ""
+    text: str = ""
+    to: str = ""
+    occurred_at: datetime | None = None
+    raw: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class CallbackReply:
+    """What the provider expects as an answer to its callback."""
+
+    status: int = 200
+    body: bytes = b'{"status":"received"}'
+    content_type: str | None = "application/json"
+
+
+class Provider(ABC):
+    kind: ClassVar[str]
+    # How many messages one send call may carry; messages in one call share text and sender.
+    max_batch: ClassVar[int] = 1
+    number_style: ClassVar[NumberStyle] = "plus"
+    # provider status (upper-cased) -> (canonical status, sub-status)
+    status_map: ClassVar[Mapping[str, tuple[CanonicalStatus, str]]]
+    callback_reply: ClassVar[CallbackReply] = CallbackReply()
+
+    def __init__(
+        self,
+        account: str,
+        settings: ProviderSettings,
+        session: aiohttp.ClientSession,
+        callback_url: str,
+    ) -> None:
+        self.account = account
+        self.settings = settings
+        self.session = session
+        self.callback_url = callback_url
+
+    @abstractmethod
+    async def send(self, batch: list[OutboundSms]) -> list[SendResult]:
+        """Send every message in ``batch``; one result per message, in the same order.
+
+        Network failures and timeouts come back as retryable ``SendError``s, never raised.
+        """
+
+    @classmethod
+    def correlation_key(cls, account: str, provider_message_id: str, number: str) -> str:
+        """Joins a callback to its dispatch; the normalizer partitions on it."""
+        return f"{account}:{provider_message_id}"
+
+    @classmethod
+    def verify_callback(cls, settings: ProviderSettings, headers: Mapping[str, str]) -> bool:
+        """Checks beyond the secret URL token (which the callbacks service always checks)."""
+        return True
+
+    @classmethod
+    @abstractmethod
+    def parse_callback(cls, body: bytes, content_type: str) -> list[ParsedCallback]:
+        """Every event in one callback body, or CallbackRejected."""
+
+    @classmethod
+    def canonical(cls, provider_status: str) -> tuple[CanonicalStatus, str] | None:
+        return cls.status_map.get(provider_status.strip().upper())
+
+
+def retry_after_seconds(value: str | None) -> float | None:
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        return None
+
+
+def http_error(status: int, detail: str, retry_after: str | None = None) -> SendError:
+    """The default reading of an HTTP failure: 429 and 5xx retry, other 4xx are terminal."""
+    if status == 429 or status >= 500:
+        return SendError(
+            detail,
+            retryable=True,
+            retry_after_s=retry_after_seconds(retry_after),
+            status_code=status,
+        )
+    return SendError(detail, retryable=False, sub_status=SubStatus.REJECTED, status_code=status)
+
+
+def network_error(exc: BaseException) -> SendError:
+    return SendError(f"{type(exc).__name__}: {exc}", retryable=True)

@@ -1,0 +1,38 @@
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+
+from shared.broker import EmbeddedBroker
+from shared.config import Settings
+from shared.kafka import make_admin
+from shared.topics import ensure_topics
+
+
+@pytest.fixture
+def broker() -> Iterator[EmbeddedBroker]:
+    """A fresh embedded broker per test: it starts in milliseconds and isolates every test."""
+    with EmbeddedBroker() as started:
+        previous = os.environ.get("SMSBRIDGE_EMBEDDED_BOOTSTRAP")
+        os.environ["SMSBRIDGE_EMBEDDED_BOOTSTRAP"] = started.bootstrap_servers
+        try:
+            yield started
+        finally:
+            if previous is None:
+                os.environ.pop("SMSBRIDGE_EMBEDDED_BOOTSTRAP", None)
+            else:
+                os.environ["SMSBRIDGE_EMBEDDED_BOOTSTRAP"] = previous
+
+
+@pytest.fixture
+async def kafka(broker: EmbeddedBroker) -> AsyncIterator[EmbeddedBroker]:
+    """The broker with every pipeline topic created."""
+    admin = make_admin(Settings().kafka)
+    await admin.start()
+    try:
+        await ensure_topics(admin)
+    finally:
+        await admin.close()
+    yield broker

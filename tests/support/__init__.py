@@ -1,0 +1,151 @@
+"""Test support: settings factories, in-process services, topic readers, free ports."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TypeVar
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from shared.broker import free_port
+from shared.config import Settings
+from shared.events import E, decode
+from shared.kafka import bootstrap
+from shared.service import Service
+from shared.topics import Topic
+
+T = TypeVar("T")
+
+TENANT = "acme"
+TENANT_SECRET = "acme-shared-secret"
+TENANT_API_TOKEN = "acme-api-token"
+AGGREGATOR_API_KEY = "acme-aggregator-key"
+CALLBACK_TOKEN = "cb-token-otpiq"
+OTPIQ_WEBHOOK_SECRET = "otpiq-webhook-secret"
+
+
+def make_settings(
+    *,
+    optimove_url: str = "http://127.0.0.1:9",
+    provider_url: str = "http://127.0.0.1:9",
+    callbacks_url: str | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> Settings:
+    """A complete configuration for one tenant ``acme`` routed to OTPIQ account ``otpiq-main``.
+
+    Every listen address is a free loopback port; ``overrides`` is deep-merged on top.
+    """
+    callbacks_listen = f"127.0.0.1:{free_port()}"
+    data: dict[str, Any] = {
+        "kafka": {"bootstrap_servers": "embedded"},
+        "ingress": {"listen": f"127.0.0.1:{free_port()}"},
+        "callbacks": {
+            "listen": callbacks_listen,
+            "public_url": callbacks_url or f"http://{callbacks_listen}",
+        },
+        "sender": {"metrics_listen": f"127.0.0.1:{free_port()}"},
+        "normalizer": {"metrics_listen": f"127.0.0.1:{free_port()}"},
+        "reporter": {"metrics_listen": f"127.0.0.1:{free_port()}"},
+        "tenants": {
+            TENANT: {
+                "optimove_base_url": f"{optimove_url.rstrip('/')}/{TENANT}",
+                "api_token": TENANT_API_TOKEN,
+                "secret_key": TENANT_SECRET,
+                "aggregator_api_key": AGGREGATOR_API_KEY,
+                "default_sender_id": "ACME",
+                "default_region": "GB",
+                "routes": [{"provider": "otpiq-main"}],
+            }
+        },
+        "providers": {
+            "otpiq-main": {
+                "kind": "otpiq",
+                "base_url": f"{provider_url.rstrip('/')}/otpiq/api",
+                "api_key": "sk_test_otpiq",
+                "callback_token": CALLBACK_TOKEN,
+                "webhook_secret": OTPIQ_WEBHOOK_SECRET,
+            }
+        },
+    }
+    _deep_merge(data, overrides or {})
+    return Settings(**data)
+
+
+def _deep_merge(target: dict[str, Any], extra: dict[str, Any]) -> None:
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(target.get(key), dict):
+            _deep_merge(target[key], value)
+        else:
+            target[key] = value
+
+
+@contextlib.asynccontextmanager
+async def running(service: Service) -> AsyncIterator[Service]:
+    """Run a service in this event loop for the duration of the block."""
+    await service.start()
+    try:
+        yield service
+    finally:
+        await service.stop()
+
+
+async def wait_for(
+    predicate: Callable[[], bool], timeout_s: float = 30.0, what: str = "condition"
+) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not predicate():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+async def read_topic(
+    settings: Settings,
+    topic: Topic,
+    model: type[E],
+    *,
+    expect: int | None = None,
+    timeout_s: float = 20.0,
+    settle_s: float = 0.5,
+) -> list[tuple[str | None, E]]:
+    """Every record of ``topic`` from the beginning, decoded (no consumer group).
+
+    With ``expect``, waits until that many arrived (failing after ``timeout_s``); either way it
+    keeps reading for ``settle_s`` after the last record, so extra records are seen too.
+    """
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap(settings.kafka), enable_auto_commit=False
+    )
+    await consumer.start()
+    found: list[tuple[str | None, E]] = []
+    try:
+        partitions = [
+            TopicPartition(topic.name, p)
+            for p in (consumer.partitions_for_topic(topic.name) or range(topic.partitions))
+        ]
+        consumer.assign(partitions)
+        await consumer.seek_to_beginning(*partitions)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        quiet_since = loop.time()
+        while True:
+            batches = await consumer.getmany(timeout_ms=100)
+            now = loop.time()
+            for records in batches.values():
+                for record in records:
+                    key = record.key.decode() if record.key is not None else None
+                    found.append((key, decode(model, record.value)))
+                    quiet_since = now
+            enough = expect is None or len(found) >= expect
+            if enough and now - quiet_since >= settle_s:
+                return found
+            if now > deadline:
+                if expect is not None and len(found) < expect:
+                    raise AssertionError(
+                        f"{topic.name}: {len(found)} records after {timeout_s}s, expected {expect}"
+                    )
+                return found
+    finally:
+        await consumer.stop()
