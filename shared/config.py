@@ -83,6 +83,8 @@ class Section(BaseModel):
 
 class KafkaSettings(Section):
     bootstrap_servers: str = EMBEDDED_BROKER
+    # Where `smsbridge dev` starts the embedded broker, so commands in other shells find it.
+    embedded_port: int = 19092
     # Tansu (the embedded broker) lacks InitProducerId; Apache Kafka should run with it on.
     enable_idempotence: bool = False
     client_id_prefix: str = "smsbridge"
@@ -113,6 +115,8 @@ class IngressSettings(HttpServiceSettings):
     public_url: str = "http://127.0.0.1:8080"
     max_body_bytes: int = 32 * 1024 * 1024
     max_recipients: int = 100_000
+    # How long an accepted request is remembered, so that a retry publishes nothing new.
+    ledger_retention_s: float = 7 * 24 * 3600.0
 
 
 class CallbacksSettings(HttpServiceSettings):

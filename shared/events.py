@@ -180,3 +180,13 @@ class DeadLetter(Event):
     response_excerpt: str = ""
     redrive_topic: str = ""
     at: datetime = Field(default_factory=utcnow)
+
+
+class StateChange(Event):
+    """Compacted changelog of a local state store (``shared/store.py``), keyed by the store key.
+
+    A null value (tombstone) deletes the key; ``due_at`` (Unix seconds) arms the key's timer.
+    """
+
+    value: dict[str, Any]
+    due_at: float | None = None

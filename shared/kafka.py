@@ -17,6 +17,8 @@ from shared.config import EMBEDDED_BROKER, KafkaSettings
 from shared.events import Event
 from shared.topics import Topic
 
+EMBEDDED_BOOTSTRAP_ENV = "SMSBRIDGE_EMBEDDED_BOOTSTRAP"
+
 
 class KafkaUnavailable(Exception):
     """Kafka did not acknowledge in time; the caller must not claim the data is stored."""
@@ -24,14 +26,9 @@ class KafkaUnavailable(Exception):
 
 def bootstrap(settings: KafkaSettings) -> str:
     if settings.bootstrap_servers == EMBEDDED_BROKER:
-        # `smsbridge dev` and the tests start the broker and export its address here.
-        address = os.environ.get("SMSBRIDGE_EMBEDDED_BOOTSTRAP")
-        if not address:
-            raise KafkaUnavailable(
-                'kafka.bootstrap_servers = "embedded" needs a broker started by '
-                "`smsbridge dev` (or set SMSBRIDGE_KAFKA__BOOTSTRAP_SERVERS)"
-            )
-        return address
+        # The tests start brokers on free ports and export the address; `smsbridge dev` uses
+        # the configured port so that commands in other shells reach it.
+        return os.environ.get(EMBEDDED_BOOTSTRAP_ENV, f"127.0.0.1:{settings.embedded_port}")
     return settings.bootstrap_servers
 
 
@@ -89,11 +86,15 @@ def make_admin(settings: KafkaSettings) -> AIOKafkaAdminClient:
 class OutRecord:
     topic: Topic
     key: str
-    value: Event
+    # None is a tombstone (null value): deletes the key from a compacted topic.
+    value: Event | None
+    # None lets the partitioner pick from the key; changelogs name the input's partition.
+    partition: int | None = None
 
     @property
-    def encoded(self) -> tuple[bytes, bytes]:
-        return self.key.encode("utf-8"), self.value.to_bytes()
+    def encoded(self) -> tuple[bytes, bytes | None]:
+        value = self.value.to_bytes() if self.value is not None else None
+        return self.key.encode("utf-8"), value
 
 
 class Publisher:
@@ -108,7 +109,11 @@ class Publisher:
         try:
             for record in records:
                 key, value = record.encoded
-                futures.append(await self.producer.send(record.topic.name, value, key=key))
+                futures.append(
+                    await self.producer.send(
+                        record.topic.name, value, key=key, partition=record.partition
+                    )
+                )
             if futures:
                 await asyncio.wait_for(asyncio.gather(*futures), self.timeout_s)
         except (KafkaError, TimeoutError) as exc:

@@ -46,6 +46,17 @@ class Handler(Protocol):
         ...
 
 
+class OrderedBy(Protocol):
+    """Optional on a handler: which records must run one after another.
+
+    Without it, records with the same Kafka key (per partition) are chained. ``ordering_key``
+    returns the chain to join, or None when the record needs no ordering at all (for example,
+    records the handler batches itself and orders on its own).
+    """
+
+    def ordering_key(self, record: Record) -> bytes | None: ...
+
+
 class PartitionAware(Protocol):
     async def on_assigned(self, partitions: set[TopicPartition]) -> None: ...
 
@@ -158,10 +169,14 @@ class ConsumerRunner:
         return self._slots._value
 
     def _start(self, tp: TopicPartition, record: Record) -> None:
-        chain_key = (tp, record.key)
-        previous = self._key_tails.get(chain_key)
+        ordering_key = getattr(self.handler, "ordering_key", None)
+        key = ordering_key(record) if callable(ordering_key) else record.key
+        unordered = callable(ordering_key) and key is None
+        chain_key = (tp, key)
+        previous = None if unordered else self._key_tails.get(chain_key)
         task = asyncio.create_task(self._process(tp, record, previous))
-        self._key_tails[chain_key] = task
+        if not unordered:
+            self._key_tails[chain_key] = task
         self._tasks.setdefault(tp, set()).add(task)
 
         def _done(finished: asyncio.Task[None]) -> None:
@@ -205,7 +220,11 @@ class ConsumerRunner:
                     return [self._dead_letter(record, f"{type(exc).__name__}: {exc}", attempt)]
                 log.warning(
                     "%s: handler failed on %s@%s (attempt %d): %s",
-                    self.name, record.topic, record.offset, attempt, exc,
+                    self.name,
+                    record.topic,
+                    record.offset,
+                    attempt,
+                    exc,
                 )
                 await asyncio.sleep(min(10.0, 0.2 * 2**attempt))
 
@@ -309,5 +328,3 @@ class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
         await self.runner.partitions_assigned(set(assigned))
-
-

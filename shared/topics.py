@@ -89,9 +89,7 @@ def new_topic(topic: Topic, replication_factor: int) -> NewTopic:
     )
 
 
-async def ensure_topics(
-    admin: AIOKafkaAdminClient, replication_factor: int = 1
-) -> dict[str, str]:
+async def ensure_topics(admin: AIOKafkaAdminClient, replication_factor: int = 1) -> dict[str, str]:
     """Create every topic that does not exist yet; returns {name: "created" | "exists"}."""
     existing = set(await admin.list_topics())
     result: dict[str, str] = {}

@@ -27,6 +27,7 @@ from shared.providers.base import (
     SendResult,
     http_error,
     network_error,
+    retry_after_seconds,
 )
 from shared.signing import constant_time_equals
 from shared.statuses import SubStatus
@@ -60,8 +61,14 @@ FIXTURES: dict[str, Any] = {
         "requiredCredit": 200,
         "canCover": False,
     },
+    "error_spending_threshold": {"currentSpending": 9900, "spendingThreshold": 10000, "cost": 200},
+    # The docs give only the shape ``{"message"}`` for 400/401/404; the texts below are ours.
+    "error_validation": {"message": "phoneNumber must match ^[0-9]{10,15}$"},
+    "error_sender_id": {"message": "Sender ID is not approved"},
+    "error_not_found": {"message": "Not found"},
     "error_rate_limited": {"waitMinutes": 1, "maxRequests": 100, "timeWindowMinutes": 1},
     "error_unauthorized": {"message": "Unauthorized"},
+    "error_server": {"message": "Internal server error"},
     "callback_failed": {
         "smsId": "sms-1234567890abcdef123456",
         "deliveryReportType": "all",
@@ -170,11 +177,14 @@ class Otpiq(Provider):
             return SendAccepted(sms.message_id, sms_id, key)
         if status == 429:
             wait_minutes = body.get("waitMinutes")
-            wait = float(wait_minutes) * 60 if isinstance(wait_minutes, int | float) else None
+            if isinstance(wait_minutes, int | float) and not isinstance(wait_minutes, bool):
+                wait: float | None = max(0.0, float(wait_minutes) * 60)
+            else:
+                wait = retry_after_seconds(retry_after)
             return SendError(
-                "rate limited",
+                f"rate limited (waitMinutes={wait_minutes})",
                 retryable=True,
-                retry_after_s=wait if wait is not None else None,
+                retry_after_s=wait,
                 status_code=status,
             )
         detail = str(body.get("message") or body.get("error") or f"HTTP {status}")[:200]
@@ -199,9 +209,12 @@ class Otpiq(Provider):
     def verify_callback(cls, settings: ProviderSettings, headers: Mapping[str, str]) -> bool:
         if settings.webhook_secret is None:
             return True
-        return constant_time_equals(
-            headers.get(WEBHOOK_SECRET_HEADER), settings.webhook_secret.get_secret_value()
-        )
+        given = headers.get(WEBHOOK_SECRET_HEADER)
+        if given is None:
+            # HTTP header names are case-insensitive; a plain dict is not.
+            wanted = WEBHOOK_SECRET_HEADER.lower()
+            given = next((v for k, v in headers.items() if k.lower() == wanted), None)
+        return constant_time_equals(given, settings.webhook_secret.get_secret_value())
 
     @classmethod
     def parse_callback(cls, body: bytes, content_type: str) -> list[ParsedCallback]:

@@ -1,0 +1,252 @@
+"""The callbacks service: provider webhooks in, ``sms.provider-events`` out, answered at once.
+
+``POST /callbacks/{provider}/{account}/{token}`` (decisions.md §9): the account must exist with
+that provider kind (else 404), the secret path token and the provider's own check must pass (else
+401), the body must fit (else 413) and parse (else 400). Each parsed event is stored on Kafka
+(acks=all) before the provider gets its expected answer; if Kafka cannot take it the answer is 503
+so that the provider retries. Nothing refused reaches Kafka, and nothing a provider sends can crash
+the service. ``/metrics``, ``/healthz`` and ``/readyz`` share the listener.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from collections.abc import Callable, Sequence
+from datetime import datetime
+
+from aiohttp import web
+
+from services.callbacks import metrics
+from shared import ids
+from shared import metrics as shared_metrics
+from shared.config import ProviderSettings, Settings
+from shared.events import ProviderEvent, utcnow
+from shared.kafka import KafkaUnavailable, OutRecord, Publisher, make_producer
+from shared.providers import PROVIDER_KINDS
+from shared.providers.base import CallbackRejected, ParsedCallback, Provider
+from shared.service import Service, add_ops_routes, run_service, serve
+from shared.signing import constant_time_equals
+from shared.topics import PROVIDER_EVENTS
+
+log = logging.getLogger(__name__)
+
+NAME = "callbacks"
+ROUTE = "/callbacks/{provider}/{account}/{token}"
+# Seconds a provider should wait before retrying when Kafka could not take its callback.
+RETRY_AFTER_S = 5
+
+
+class Refused(Exception):
+    """A callback we answer with an error and do not store."""
+
+    def __init__(self, status: int, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.reason = reason  # metric label: a fixed vocabulary
+        self.message = message  # told to the provider
+
+
+def correlation_key(provider: type[Provider], account: str, parsed: ParsedCallback) -> str:
+    """The key that joins this event to its dispatch record (and picks its partition)."""
+    if parsed.provider_message_id:
+        return provider.correlation_key(account, parsed.provider_message_id, parsed.number)
+    if parsed.kind in ("inbound", "opt_out") and parsed.number:
+        # Unsolicited replies have no message to join: one key per customer keeps them in order.
+        return f"{account}:from:{parsed.number}"
+    raise CallbackRejected(f"{parsed.kind} event without a message id")
+
+
+def provider_events(
+    provider: type[Provider],
+    account: str,
+    body: bytes,
+    parsed: Sequence[ParsedCallback],
+    received_at: datetime,
+) -> list[ProviderEvent]:
+    """The events of one callback body, with ids that a repeated callback reproduces."""
+    body_digest = hashlib.sha256(body).hexdigest()
+    return [
+        ProviderEvent(
+            event_id=ids.event_id(account, body_digest, str(index)),
+            kind=item.kind,
+            provider_kind=provider.kind,
+            provider_account=account,
+            correlation_key=correlation_key(provider, account, item),
+            provider_message_id=item.provider_message_id,
+            number=item.number,
+            provider_status=item.provider_status,
+            reason=item.reason,
+            text=item.text,
+            to=item.to,
+            occurred_at=item.occurred_at,
+            received_at=received_at,
+            raw=dict(item.raw),
+        )
+        for index, item in enumerate(parsed)
+    ]
+
+
+class CallbackEndpoint:
+    """The request handler; plain so that it can be mounted on any aiohttp application."""
+
+    def __init__(self, settings: Settings, publisher: Publisher) -> None:
+        self.settings = settings
+        self.publisher = publisher
+        self.max_body_bytes = settings.callbacks.max_body_bytes
+
+    async def handle(self, request: web.Request) -> web.Response:
+        started = time.perf_counter()
+        provider_label = _provider_label(request.match_info.get("provider", ""))
+        try:
+            response = await self._handle(request)
+        except Refused as refused:
+            metrics.CALLBACKS_REFUSED.labels(provider_label, refused.reason).inc()
+            log.warning(
+                "callback refused: %s",
+                refused.reason,
+                extra={"provider": provider_label, "detail": refused.message[:200]},
+            )
+            response = _error(refused.status, refused.message)
+        except KafkaUnavailable as exc:
+            metrics.CALLBACKS_REFUSED.labels(provider_label, "kafka_unavailable").inc()
+            log.error("callback not stored, Kafka unavailable: %s", exc)
+            response = _error(503, "temporarily unable to store the callback; retry later")
+            response.headers["Retry-After"] = str(RETRY_AFTER_S)
+        except Exception as exc:
+            # Our fault, not the provider's: say nothing about it beyond 500, log no payload.
+            metrics.CALLBACKS_REFUSED.labels(provider_label, "internal_error").inc()
+            log.error("callback handling failed: %s", type(exc).__name__, exc_info=True)
+            response = _error(500, "internal error")
+        shared_metrics.HTTP_REQUESTS.labels(NAME, "callback", str(response.status)).inc()
+        shared_metrics.HTTP_DURATION.labels(NAME, "callback").observe(time.perf_counter() - started)
+        return response
+
+    async def _handle(self, request: web.Request) -> web.Response:
+        kind = request.match_info["provider"]
+        account = request.match_info["account"]
+        account_settings = self.settings.providers.get(account)
+        provider = PROVIDER_KINDS.get(kind)
+        if account_settings is None or account_settings.kind != kind or provider is None:
+            raise Refused(404, "unknown_account", "unknown callback endpoint")
+        self._authenticate(request, provider, account_settings)
+        body = await self._read_body(request)
+        parsed = _parse(provider, body, request)
+        events = _build_events(provider, account, body, parsed)
+        await self.publisher.publish(
+            OutRecord(PROVIDER_EVENTS, event.correlation_key, event) for event in events
+        )
+        for event in events:
+            metrics.CALLBACKS_RECEIVED.labels(provider.kind, event.kind).inc()
+        reply = provider.callback_reply
+        return web.Response(status=reply.status, body=reply.body, content_type=reply.content_type)
+
+    def _authenticate(
+        self, request: web.Request, provider: type[Provider], account: ProviderSettings
+    ) -> None:
+        token = request.match_info["token"]
+        if not constant_time_equals(token, account.callback_token.get_secret_value()):
+            raise Refused(401, "bad_token", "not authorised")
+        if not provider.verify_callback(account, request.headers):
+            raise Refused(401, "bad_signature", "not authorised")
+
+    async def _read_body(self, request: web.Request) -> bytes:
+        too_large = Refused(413, "too_large", f"body over {self.max_body_bytes} bytes")
+        if request.content_length is not None and request.content_length > self.max_body_bytes:
+            raise too_large
+        try:
+            return await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            raise too_large from None
+
+
+def _parse(provider: type[Provider], body: bytes, request: web.Request) -> list[ParsedCallback]:
+    content_type = request.content_type if request.headers.get("Content-Type") else ""
+    try:
+        return provider.parse_callback(body, content_type)
+    except CallbackRejected as exc:
+        raise Refused(400, "malformed", str(exc) or "malformed callback") from None
+    except Exception as exc:
+        # A parser that trips over odd input is still the input's fault: 400, never a crash.
+        log.warning("%s parser failed: %s", provider.kind, type(exc).__name__)
+        raise Refused(400, "malformed", "malformed callback") from None
+
+
+def _build_events(
+    provider: type[Provider], account: str, body: bytes, parsed: Sequence[ParsedCallback]
+) -> list[ProviderEvent]:
+    try:
+        return provider_events(provider, account, body, parsed, utcnow())
+    except CallbackRejected as exc:
+        raise Refused(400, "malformed", str(exc)) from None
+    except ValueError as exc:  # a field the event schema cannot hold
+        log.warning("%s callback does not fit the event schema: %s", provider.kind, type(exc))
+        raise Refused(400, "malformed", "callback fields out of range") from None
+
+
+def _provider_label(kind: str) -> str:
+    # The path segment is the caller's text; only known kinds become label values.
+    return kind if kind in PROVIDER_KINDS else "unknown"
+
+
+def _error(status: int, message: str) -> web.Response:
+    return web.json_response({"error": message}, status=status)
+
+
+def build_app(
+    settings: Settings, publisher: Publisher, ready: Callable[[], bool]
+) -> web.Application:
+    # aiohttp's own limit backs ours up for bodies without a Content-Length.
+    app = web.Application(client_max_size=settings.callbacks.max_body_bytes)
+    app.router.add_post(ROUTE, CallbackEndpoint(settings, publisher).handle)
+    add_ops_routes(app, ready)
+    return app
+
+
+class CallbacksService:
+    """Producer plus HTTP listener; stops taking callbacks before the producer goes."""
+
+    name = NAME
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.producer = make_producer(settings.kafka, NAME)
+        self.publisher = Publisher(self.producer, settings.kafka.produce_timeout_s)
+        self.app = build_app(settings, self.publisher, self.ready)
+        self._http: web.AppRunner | None = None
+        self._serving = False
+        self._stopped = asyncio.Event()
+
+    async def start(self) -> None:
+        await self.producer.start()
+        try:
+            self._http = await serve(self.app, self.settings.callbacks.listen)
+        except BaseException:
+            await self.producer.stop()
+            raise
+        self._serving = True
+
+    async def wait(self) -> None:
+        await self._stopped.wait()
+
+    async def stop(self) -> None:
+        self._serving = False
+        if self._http is not None:
+            await self._http.cleanup()
+            self._http = None
+        await self.producer.stop()
+        self._stopped.set()
+
+    def ready(self) -> bool:
+        return self._serving
+
+
+def build(settings: Settings) -> Service:
+    return CallbacksService(settings)
+
+
+async def main(settings: Settings) -> None:
+    # /metrics, /healthz and /readyz are served on the callbacks listener itself.
+    await run_service(build(settings))

@@ -1,0 +1,314 @@
+"""Campaign Transmission requests (optimove-sms-api.md §3): parse, validate, turn into records.
+
+No I/O here: the HTTP handler hands in the raw body and publishes what comes out. The hot path is
+``build_records``, run once per recipient of batches of up to 100,000, so it builds each Kafka
+value from a per-request template instead of constructing pydantic models recipient by recipient.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any, Final
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from shared.config import TenantSettings
+from shared.events import DispatchRecord, MessageContext, RecipientMessage
+from shared.ids import message_id, request_key
+from shared.numbers import InvalidNumber
+from shared.statuses import SubStatus
+
+_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
+_WHITESPACE: Final = re.compile(r"[ \t\n\r]*")
+_DECODER: Final = json.JSONDecoder()
+
+MISSING_NUMBER = "missing mobile number"
+EMPTY_MESSAGE = "empty message"
+
+
+class InvalidJson(ValueError):
+    """The body is not JSON at all."""
+
+
+class SchemaViolation(ValueError):
+    """The body is JSON but not a campaign request; ``field`` is the dotted path of the culprit."""
+
+    def __init__(self, field: str, detail: str) -> None:
+        super().__init__(f"{field}: {detail}")
+        self.field = field
+        self.detail = detail
+
+
+class CampaignMetadata(BaseModel):
+    """The parts of ``metadata`` ingress reads; the whole object travels on as received."""
+
+    model_config = ConfigDict(strict=True, extra="ignore", frozen=True)
+
+    app_id: int = Field(alias="appId")
+    # "" in auto replies; null is read as absent.
+    campaign_id: str | None = Field(default=None, alias="campaignId")
+    # Unix epoch milliseconds.
+    scheduled_time: int | None = Field(default=None, alias="scheduledTime")
+
+
+class CampaignRequest(BaseModel):
+    """The JSON Schema of optimove-sms-api.md §3.6; unknown fields are tolerated."""
+
+    model_config = ConfigDict(strict=True, extra="ignore", frozen=True)
+
+    batch_id: str = Field(alias="batchId")  # "" in auto replies
+    metadata: CampaignMetadata
+    # Items are checked by parse_campaign: a model per recipient would dominate the request's cost.
+    recipients: list[Any] | None = None
+    request_id: str | None = Field(default=None, alias="requestId")
+    sender_id: str | None = Field(default=None, alias="senderId")
+
+
+@dataclass(frozen=True)
+class ParsedCampaign:
+    request: CampaignRequest
+    # requestId, else batchId, else (auto replies) a hash of the body: stable across retries.
+    request_key: str
+    # The exact JSON text of the top-level "metadata" value, as received.
+    metadata_json: str
+    scheduled_at: datetime | None
+
+    @property
+    def recipients(self) -> list[dict[str, Any]]:
+        return self.request.recipients or []
+
+
+_RECIPIENT_STRING_FIELDS: Final = ("message", "mobileNumber", "customerId")
+
+
+def parse_campaign(raw: bytes) -> ParsedCampaign:
+    """Validate a request body; raises InvalidJson or SchemaViolation."""
+    try:
+        document = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidJson(f"body is not valid JSON: {exc}") from None
+    if not isinstance(document, dict):
+        raise SchemaViolation("(root)", "must be a JSON object")
+    try:
+        request = CampaignRequest.model_validate(document)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        path = ".".join(str(part) for part in first["loc"]) or "(root)"
+        raise SchemaViolation(path, first["msg"]) from None
+    for index, recipient in enumerate(request.recipients or ()):
+        if not isinstance(recipient, dict):
+            raise SchemaViolation(f"recipients.{index}", "must be an object")
+        for name in _RECIPIENT_STRING_FIELDS:
+            value = recipient.get(name)
+            if value is not None and not isinstance(value, str):
+                raise SchemaViolation(f"recipients.{index}.{name}", "must be a string")
+    return ParsedCampaign(
+        request=request,
+        request_key=request_key(request.batch_id, request.request_id, raw),
+        metadata_json=metadata_text(raw.decode("utf-8"), document["metadata"]),
+        scheduled_at=scheduled_at(request.metadata.scheduled_time),
+    )
+
+
+def scheduled_at(epoch_ms: int | None) -> datetime | None:
+    """``metadata.scheduledTime`` as a time; absent, zero or negative means "now"."""
+    if epoch_ms is None or epoch_ms <= 0:
+        return None
+    try:
+        return _EPOCH + timedelta(milliseconds=epoch_ms)
+    except OverflowError:
+        raise SchemaViolation("metadata.scheduledTime", "out of range") from None
+
+
+def _skip_whitespace(text: str, position: int) -> int:
+    match = _WHITESPACE.match(text, position)
+    assert match is not None  # the pattern matches the empty string
+    return match.end()
+
+
+def top_level_members(text: str) -> Iterator[tuple[str, Any, int, int]]:
+    """(name, value, start, end) of each member of the JSON object ``text``, in order.
+
+    ``text[start:end]`` is the member's value exactly as written. ``text`` must be valid JSON.
+    """
+    position = _skip_whitespace(text, 0)
+    if text[position : position + 1] != "{":
+        raise ValueError("not a JSON object")
+    position = _skip_whitespace(text, position + 1)
+    if text[position : position + 1] == "}":
+        return
+    while True:
+        if text[position : position + 1] != '"':
+            raise ValueError(f"expected a member name at {position}")
+        name, position = _DECODER.raw_decode(text, position)
+        position = _skip_whitespace(text, position)
+        if text[position : position + 1] != ":":
+            raise ValueError(f"expected ':' at {position}")
+        start = _skip_whitespace(text, position + 1)
+        value, end = _DECODER.raw_decode(text, start)
+        yield name, value, start, end
+        position = _skip_whitespace(text, end)
+        separator = text[position : position + 1]
+        if separator == "}":
+            return
+        if separator != ",":
+            raise ValueError(f"expected ',' or '}}' at {position}")
+        position = _skip_whitespace(text, position + 1)
+
+
+def metadata_text(text: str, parsed_metadata: Any) -> str:
+    """The exact text of the top-level ``metadata`` value, to be reported back byte for byte.
+
+    Stops at the first ``metadata`` member whose value is the one the parser kept, so the large
+    ``recipients`` array after it is never decoded twice. A body repeating the member (parsers keep
+    the last) is still answered with the text of the value that was validated.
+    """
+    last: str | None = None
+    for name, value, start, end in top_level_members(text):
+        if name == "metadata":
+            last = text[start:end]
+            if value == parsed_metadata:
+                return last
+    if last is None:
+        raise SchemaViolation("metadata", "Field required")
+    return last
+
+
+@dataclass(frozen=True)
+class Rejection:
+    index: int
+    reason: str
+    sub_status: SubStatus
+
+    def as_json(self) -> dict[str, Any]:
+        return {"index": self.index, "reason": self.reason}
+
+
+@dataclass
+class CampaignRecords:
+    """What one request puts on Kafka, as (key, value) pairs ready for the producer."""
+
+    request_key: str
+    recipients: list[tuple[bytes, bytes]] = field(default_factory=list)  # sms.recipients
+    dispatches: list[tuple[bytes, bytes]] = field(default_factory=list)  # sms.dispatches
+    rejections: list[Rejection] = field(default_factory=list)
+
+    @property
+    def accepted(self) -> int:
+        return len(self.recipients)
+
+
+def recipient_key(tenant: str, e164: str) -> str:
+    """sms.recipients key: one number's messages stay in one partition, in order."""
+    return f"{tenant}:{e164}"
+
+
+def rejection_correlation_key(identifier: str) -> str:
+    """A dispatch that never reached a provider is correlated by its message id."""
+    return f"message:{identifier}"
+
+
+def build_records(
+    *,
+    tenant: str,
+    settings: TenantSettings,
+    campaign: ParsedCampaign,
+    normalise: Callable[[str], str],
+    accepted_at: datetime,
+) -> CampaignRecords:
+    """One RecipientMessage per sendable recipient, one failed DispatchRecord per rejected one.
+
+    ``normalise`` turns a number into E.164 or raises InvalidNumber (``shared.numbers.to_e164``
+    or an equivalent).
+    """
+    request = campaign.request
+    key = campaign.request_key
+    context_template = MessageContext(
+        tenant=tenant,
+        message_id="",
+        batch_id=request.batch_id,
+        request_id=request.request_id,
+        campaign_id=request.metadata.campaign_id or "",
+        mobile_number="",
+        metadata_json=campaign.metadata_json,
+    )
+    # Every value is this model's to_bytes() with the per-recipient fields replaced: the
+    # template keeps the schema (field order, defaults, schema_version) in one place.
+    message_template = RecipientMessage(
+        context=context_template,
+        destination="",
+        text="",
+        sender_id=request.sender_id or settings.default_sender_id,
+        scheduled_at=campaign.scheduled_at,
+        accepted_at=accepted_at,
+    ).model_dump(mode="python")
+    context_fields = message_template["context"]
+    records = CampaignRecords(request_key=key)
+    append_recipient = records.recipients.append
+    dumps = orjson.dumps
+    for index, recipient in enumerate(campaign.recipients):
+        number: str | None = recipient.get("mobileNumber")
+        text: str | None = recipient.get("message")
+        customer_id = recipient.get("customerId") or ""
+        mobile_number = number or ""
+        identifier = message_id(tenant, key, index, mobile_number)
+        destination, rejection = _check_recipient(index, number, text, normalise)
+        if rejection is not None:
+            records.rejections.append(rejection)
+            context_of_rejected = context_template.model_copy(
+                update={
+                    "message_id": identifier,
+                    "customer_id": customer_id,
+                    "mobile_number": mobile_number,
+                }
+            )
+            records.dispatches.append(
+                _rejected_dispatch(context_of_rejected, rejection, destination, accepted_at)
+            )
+            continue
+        context = context_fields.copy()
+        context["message_id"] = identifier
+        context["customer_id"] = customer_id
+        context["mobile_number"] = mobile_number
+        message = message_template.copy()
+        message["context"] = context
+        message["destination"] = destination
+        message["text"] = text
+        append_recipient((recipient_key(tenant, destination).encode(), dumps(message)))
+    return records
+
+
+def _check_recipient(
+    index: int, number: str | None, text: str | None, normalise: Callable[[str], str]
+) -> tuple[str, Rejection | None]:
+    """The E.164 destination ("" if none), and why the recipient cannot be sent, if it cannot."""
+    if number is None:
+        return "", Rejection(index, MISSING_NUMBER, SubStatus.INVALID_NUMBER)
+    try:
+        destination = normalise(number)
+    except InvalidNumber as exc:
+        return "", Rejection(index, str(exc), SubStatus.INVALID_NUMBER)
+    if text is None or not text.strip():
+        return destination, Rejection(index, EMPTY_MESSAGE, SubStatus.EMPTY_MESSAGE)
+    return destination, None
+
+
+def _rejected_dispatch(
+    context: MessageContext, rejection: Rejection, destination: str, at: datetime
+) -> tuple[bytes, bytes]:
+    correlation_key = rejection_correlation_key(context.message_id)
+    record = DispatchRecord(
+        context=context,
+        correlation_key=correlation_key,
+        outcome="failed",
+        sub_status=rejection.sub_status.value,
+        destination=destination,
+        detail=rejection.reason,
+        dispatched_at=at,
+    )
+    return correlation_key.encode(), record.to_bytes()

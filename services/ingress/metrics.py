@@ -1,0 +1,23 @@
+"""Ingress metrics (HTTP durations and signature failures are the shared ones in shared.metrics)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge
+
+from shared.metrics import PREFIX
+
+REQUESTS = Counter(
+    f"{PREFIX}_ingress_requests_total",
+    "Campaign Transmission requests answered, by outcome (accepted, duplicate, unauthorized, "
+    "invalid_json, invalid_schema, too_large, unknown_tenant, unavailable).",
+    ["tenant", "result"],
+)
+RECIPIENTS = Counter(
+    f"{PREFIX}_ingress_recipients_total",
+    "Recipients of accepted requests, by outcome (accepted or the rejection's sub-status).",
+    ["tenant", "result"],
+)
+LEDGER_ENTRIES = Gauge(
+    f"{PREFIX}_ingress_ledger_entries",
+    "Accepted requests remembered for deduplication.",
+)

@@ -1,0 +1,273 @@
+"""The normalizer's join: dispatch records and provider status events per correlation key.
+
+Pure logic over plain values. Given the state stored for one correlation key and one input (a
+dispatch record, a provider status event, or the clock), a ``Joiner`` returns the next state, the
+status events to emit and the events it gives up on. Nothing here touches Kafka or the store.
+
+The one monotonic guard of the pipeline lives here: a status is emitted only if it moves the
+message forward (``shared.statuses.is_forward``), so after a final status every later report is
+dropped, an event seen twice changes nothing, and ``sent`` after ``delivered`` is ignored.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel
+
+from shared import ids
+from shared.events import (
+    FINAL_STATUSES,
+    CanonicalStatus,
+    DeadLetter,
+    DispatchRecord,
+    ProviderEvent,
+    StatusEvent,
+)
+from shared.providers import PROVIDER_KINDS
+from shared.statuses import SubStatus, is_forward
+from shared.topics import PROVIDER_EVENTS
+
+STAGE = "normalizer"
+
+DropReason = Literal["duplicate", "after_final", "not_forward", "unknown_status"]
+
+# (provider kind, provider status) -> (canonical status, sub-status), or None when unknown.
+StatusMapper = Callable[[str, str], tuple[CanonicalStatus, str] | None]
+
+
+def provider_status_mapper(
+    provider_kind: str, provider_status: str
+) -> tuple[CanonicalStatus, str] | None:
+    """Each provider module's own status map; an unknown provider maps nothing."""
+    provider = PROVIDER_KINDS.get(provider_kind)
+    return provider.canonical(provider_status) if provider is not None else None
+
+
+@dataclass(frozen=True)
+class JoinPolicy:
+    # A provider event whose dispatch record has not arrived by then is dead-lettered.
+    unmatched_after_s: float
+    # A message still not final this long after its dispatch is reported Failed/Expired.
+    dlr_timeout_s: float
+    # How long a finished message is remembered, so that late or repeated reports are dropped.
+    keep_finished_s: float = 24 * 3600.0
+    # Provider event ids remembered per message to recognise a repeated callback.
+    max_seen_event_ids: int = 32
+
+
+class JoinState(BaseModel):
+    """Everything the normalizer remembers about one correlation key (stored as JSON)."""
+
+    dispatch: DispatchRecord | None = None
+    # Provider events that arrived before the dispatch record, in arrival order.
+    held: list[ProviderEvent] = []
+    held_since: float | None = None
+    status: CanonicalStatus | None = None
+    sub_status: str = ""
+    finished_at: float | None = None
+    seen_event_ids: list[str] = []
+
+    def to_value(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    @classmethod
+    def from_value(cls, value: dict[str, Any] | None) -> JoinState | None:
+        return cls.model_validate(value) if value is not None else None
+
+
+@dataclass
+class JoinResult:
+    """What one input did. ``state`` None with ``changed`` means: delete the key."""
+
+    state: JoinState | None
+    changed: bool = False
+    statuses: list[StatusEvent] = field(default_factory=list)
+    dead_letters: list[DeadLetter] = field(default_factory=list)
+    # Provider kinds of the held events given up on, one per dead letter.
+    unmatched_providers: list[str] = field(default_factory=list)
+    dropped: list[DropReason] = field(default_factory=list)
+
+
+class Joiner:
+    def __init__(self, policy: JoinPolicy, status_mapper: StatusMapper = provider_status_mapper):
+        self.policy = policy
+        self.status_mapper = status_mapper
+
+    def classify(self, event: ProviderEvent) -> tuple[CanonicalStatus, str] | None:
+        return self.status_mapper(event.provider_kind, event.provider_status)
+
+    def due_at(self, state: JoinState | None) -> float | None:
+        """When ``on_timer`` has something to do for this state (Unix seconds), if ever."""
+        if state is None:
+            return None
+        if state.dispatch is None:
+            if state.held_since is None:
+                return None
+            return state.held_since + self.policy.unmatched_after_s
+        if state.status in FINAL_STATUSES and state.finished_at is not None:
+            return state.finished_at + self.policy.keep_finished_s
+        return state.dispatch.dispatched_at.timestamp() + self.policy.dlr_timeout_s
+
+    # -- inputs ------------------------------------------------------------------------------------
+
+    def on_dispatch(
+        self, stored: JoinState | None, dispatch: DispatchRecord, now: float
+    ) -> JoinResult:
+        state = _working_copy(stored)
+        result = JoinResult(state, changed=True)
+        if state.dispatch is None:
+            state.dispatch = dispatch
+        if dispatch.outcome == "accepted":
+            status: CanonicalStatus = "sent"
+            sub_status = SubStatus.SENT.value
+        else:
+            status = "failed"
+            sub_status = dispatch.sub_status or SubStatus.PROVIDER_ERROR.value
+        self._advance(
+            state,
+            result,
+            status,
+            sub_status,
+            now=now,
+            detail=dispatch.detail,
+            occurred_at=dispatch.dispatched_at,
+            provider_account=dispatch.provider_account,
+            provider_message_id=dispatch.provider_message_id,
+        )
+        held, state.held, state.held_since = state.held, [], None
+        for event in held:
+            self._apply_event(state, result, event, now)
+        # A replayed dispatch record changes nothing and needs no write.
+        result.changed = state != stored
+        return result
+
+    def on_status_event(
+        self, stored: JoinState | None, event: ProviderEvent, now: float
+    ) -> JoinResult:
+        if stored is not None and event.event_id in stored.seen_event_ids:
+            return JoinResult(stored, dropped=["duplicate"])
+        if self.classify(event) is None:
+            return JoinResult(stored, dropped=["unknown_status"])
+        state = _working_copy(stored)
+        result = JoinResult(state, changed=True)
+        state.seen_event_ids = [*state.seen_event_ids, event.event_id][
+            -self.policy.max_seen_event_ids :
+        ]
+        if state.dispatch is None:
+            state.held.append(event)
+            if state.held_since is None:
+                state.held_since = now
+            return result
+        self._apply_event(state, result, event, now)
+        return result
+
+    def on_timer(self, stored: JoinState | None, now: float) -> JoinResult:
+        due = self.due_at(stored)
+        if stored is None or due is None:
+            return JoinResult(None, changed=stored is not None)
+        if due > now:
+            # Not due after all (the policy changed since): the caller re-arms it at ``due``.
+            return JoinResult(stored, changed=True)
+        if stored.dispatch is None:
+            return self._give_up_unmatched(stored)
+        if stored.status not in FINAL_STATUSES:
+            state = _working_copy(stored)
+            result = JoinResult(state, changed=True)
+            self._advance(
+                state,
+                result,
+                "failed",
+                SubStatus.EXPIRED.value,
+                now=now,
+                detail=f"no final delivery report within {self.policy.dlr_timeout_s:g}s",
+                occurred_at=datetime.fromtimestamp(now, UTC),
+                provider_account=stored.dispatch.provider_account,
+                provider_message_id=stored.dispatch.provider_message_id,
+            )
+            return result
+        # Finished long enough ago: late reports no longer need recognising.
+        return JoinResult(None, changed=True)
+
+    # -- steps -------------------------------------------------------------------------------------
+
+    def _apply_event(
+        self, state: JoinState, result: JoinResult, event: ProviderEvent, now: float
+    ) -> None:
+        mapped = self.classify(event)
+        if mapped is None:
+            result.dropped.append("unknown_status")
+            return
+        status, sub_status = mapped
+        self._advance(
+            state,
+            result,
+            status,
+            sub_status,
+            now=now,
+            detail=event.reason,
+            occurred_at=event.occurred_at or event.received_at,
+            provider_account=event.provider_account,
+            provider_message_id=event.provider_message_id,
+        )
+
+    def _advance(
+        self,
+        state: JoinState,
+        result: JoinResult,
+        status: CanonicalStatus,
+        sub_status: str,
+        *,
+        now: float,
+        detail: str,
+        occurred_at: datetime,
+        provider_account: str,
+        provider_message_id: str,
+    ) -> None:
+        if not is_forward(state.status, status):
+            final = state.status in FINAL_STATUSES
+            result.dropped.append("after_final" if final else "not_forward")
+            return
+        dispatch = state.dispatch
+        assert dispatch is not None, "a status needs the dispatch record's context"
+        state.status = status
+        state.sub_status = sub_status
+        if status in FINAL_STATUSES:
+            state.finished_at = now
+        message_id = dispatch.context.message_id
+        result.statuses.append(
+            StatusEvent(
+                event_id=ids.event_id(message_id, status),
+                context=dispatch.context,
+                status=status,
+                sub_status=sub_status,
+                provider_account=provider_account or dispatch.provider_account,
+                provider_message_id=provider_message_id or dispatch.provider_message_id,
+                detail=detail,
+                occurred_at=occurred_at,
+            )
+        )
+
+    def _give_up_unmatched(self, state: JoinState) -> JoinResult:
+        result = JoinResult(None, changed=True)
+        for event in state.held:
+            result.unmatched_providers.append(event.provider_kind)
+            result.dead_letters.append(
+                DeadLetter(
+                    source_topic=PROVIDER_EVENTS.name,
+                    stage=STAGE,
+                    reason=f"no dispatch record for {event.correlation_key}",
+                    key=event.correlation_key,
+                    payload=event.to_bytes().decode("utf-8"),
+                    attempts=1,
+                    redrive_topic=PROVIDER_EVENTS.name,
+                )
+            )
+        return result
+
+
+def _working_copy(state: JoinState | None) -> JoinState:
+    return state.model_copy(deep=True) if state is not None else JoinState()

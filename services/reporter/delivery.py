@@ -1,0 +1,244 @@
+"""Posting signed requests to Optimove, and the one retry policy for them (decisions.md §7).
+
+``RetryPolicy.decide`` is the single place that turns the result of one attempt into accept /
+retry (and after how long) / refuse / give up. ``ReportSender.deliver`` is the in-process loop
+around it; a later retry-topic design calls ``attempt`` and ``decide`` itself and carries the time
+of the first attempt along with the record.
+
+Retried: network errors, timeouts, 5xx and 429, with exponential backoff and full jitter (or the
+server's ``Retry-After``), each wait capped by ``max_backoff_s``, until ``give_up_after_s`` has
+passed since the first attempt. Not retried: any other non-2xx answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import random
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
+from enum import StrEnum
+
+import aiohttp
+
+from shared.config import ReporterSettings
+from shared.optimove import SignedRequest
+
+RETRY_AFTER_HEADER = "Retry-After"
+EXCERPT_CHARS = 300
+# Enough bytes for EXCERPT_CHARS characters of any UTF-8 text.
+_EXCERPT_BYTES = EXCERPT_CHARS * 4
+
+
+def is_retryable_status(status: int) -> bool:
+    return status == 429 or 500 <= status <= 599
+
+
+def parse_retry_after(value: str | None, now: datetime | None = None) -> float | None:
+    """Seconds to wait per ``Retry-After`` (delay-seconds or HTTP-date); None if unusable."""
+    if value is None or not value.strip():
+        return None
+    text = value.strip()
+    try:
+        seconds = float(text)
+    except ValueError:
+        pass
+    else:
+        return max(0.0, seconds) if math.isfinite(seconds) else None
+    try:
+        moment = parsedate_to_datetime(text)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    reference = now or datetime.now(UTC)
+    return max(0.0, (moment - reference).total_seconds())
+
+
+@dataclass(frozen=True)
+class AttemptResult:
+    """What one HTTP attempt produced: an answer (``status_code``) or an error without one."""
+
+    status_code: int | None
+    response_excerpt: str = ""
+    retry_after_s: float | None = None
+    error: str = ""
+    duration_s: float = 0.0
+
+    @property
+    def accepted(self) -> bool:
+        return self.status_code is not None and 200 <= self.status_code < 300
+
+    def describe(self) -> str:
+        if self.status_code is not None:
+            return f"HTTP {self.status_code}"
+        return self.error or "no answer"
+
+
+class Action(StrEnum):
+    ACCEPTED = "accepted"
+    RETRY = "retry"
+    REFUSED = "refused"
+    GIVE_UP = "give_up"
+
+
+@dataclass(frozen=True)
+class Decision:
+    action: Action
+    delay_s: float = 0.0
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    give_up_after_s: float
+    max_backoff_s: float
+    base_backoff_s: float = 1.0
+
+    @classmethod
+    def from_settings(cls, settings: ReporterSettings) -> RetryPolicy:
+        return cls(give_up_after_s=settings.give_up_after_s, max_backoff_s=settings.max_backoff_s)
+
+    def backoff_ceiling_s(self, attempts: int) -> float:
+        """The largest wait after ``attempts`` failed attempts: base * 2^(attempts-1), capped."""
+        exponent = min(max(attempts - 1, 0), 60)  # 2**60 s is already beyond any cap
+        return min(self.max_backoff_s, self.base_backoff_s * 2.0**exponent)
+
+    def decide(
+        self,
+        result: AttemptResult,
+        attempts: int,
+        elapsed_s: float,
+        jitter: Callable[[], float] = random.random,
+    ) -> Decision:
+        """What to do after ``attempts`` attempts, ``elapsed_s`` after the first one began.
+
+        ``jitter`` returns a number in [0, 1); the wait is that share of the backoff ceiling
+        ("full jitter"), so that many reporters retrying at once spread out.
+        """
+        if result.accepted:
+            return Decision(Action.ACCEPTED)
+        if result.status_code is not None and not is_retryable_status(result.status_code):
+            return Decision(
+                Action.REFUSED, reason=f"Optimove refused the request: {result.describe()}"
+            )
+        remaining_s = self.give_up_after_s - elapsed_s
+        if remaining_s <= 0:
+            return Decision(
+                Action.GIVE_UP,
+                reason=(
+                    f"gave up after {attempts} attempts in {elapsed_s:.0f}s; "
+                    f"last: {result.describe()}"
+                ),
+            )
+        if result.retry_after_s is not None:
+            wait_s = result.retry_after_s
+        else:
+            wait_s = self.backoff_ceiling_s(attempts) * jitter()
+        # The last attempt happens at the give-up age rather than never.
+        return Decision(
+            Action.RETRY,
+            delay_s=max(0.0, min(wait_s, self.max_backoff_s, remaining_s)),
+            reason=result.describe(),
+        )
+
+
+@dataclass(frozen=True)
+class DeliveryOutcome:
+    """The end of a delivery: accepted, refused, or given up on."""
+
+    decision: Decision
+    attempts: int
+    last: AttemptResult
+    elapsed_s: float
+
+    @property
+    def accepted(self) -> bool:
+        return self.decision.action is Action.ACCEPTED
+
+
+AttemptObserver = Callable[[AttemptResult, Decision], None]
+
+
+async def _read_prefix(response: aiohttp.ClientResponse, limit: int) -> bytes:
+    collected = bytearray()
+    while len(collected) < limit:
+        chunk = await response.content.read(limit - len(collected))
+        if not chunk:
+            break
+        collected += chunk
+    return bytes(collected)
+
+
+class ReportSender:
+    """Sends signed requests to Optimove and retries them by ``RetryPolicy``."""
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        policy: RetryPolicy,
+        request_timeout_s: float,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        jitter: Callable[[], float] = random.random,
+    ) -> None:
+        self.session = session
+        self.policy = policy
+        self.timeout = aiohttp.ClientTimeout(total=request_timeout_s)
+        self.clock = clock
+        self.sleep = sleep
+        self.jitter = jitter
+
+    async def attempt(self, request: SignedRequest) -> AttemptResult:
+        """One POST of exactly ``request.body``; never raises for HTTP or network trouble."""
+        started = time.monotonic()
+        try:
+            async with self.session.post(
+                request.url,
+                data=request.body,
+                headers=request.headers,
+                timeout=self.timeout,
+                # A redirect is a configuration problem to see, not something to follow blindly
+                # (aiohttp would turn a 303 into a GET and drop the body).
+                allow_redirects=False,
+            ) as response:
+                prefix = await _read_prefix(response, _EXCERPT_BYTES)
+                return AttemptResult(
+                    status_code=response.status,
+                    response_excerpt=prefix.decode("utf-8", "replace")[:EXCERPT_CHARS],
+                    retry_after_s=parse_retry_after(response.headers.get(RETRY_AFTER_HEADER)),
+                    duration_s=time.monotonic() - started,
+                )
+        except TimeoutError:
+            return AttemptResult(
+                status_code=None,
+                error=f"timeout after {self.timeout.total}s",
+                duration_s=time.monotonic() - started,
+            )
+        except aiohttp.ClientError as exc:
+            return AttemptResult(
+                status_code=None,
+                error=f"{type(exc).__name__}: {exc}",
+                duration_s=time.monotonic() - started,
+            )
+
+    async def deliver(
+        self, request: SignedRequest, on_attempt: AttemptObserver | None = None
+    ) -> DeliveryOutcome:
+        """Attempt until accepted, refused, or given up on; ``on_attempt`` sees every attempt."""
+        first_attempt_at = self.clock()
+        attempts = 0
+        while True:
+            attempts += 1
+            result = await self.attempt(request)
+            elapsed_s = self.clock() - first_attempt_at
+            decision = self.policy.decide(result, attempts, elapsed_s, self.jitter)
+            if on_attempt is not None:
+                on_attempt(result, decision)
+            if decision.action is not Action.RETRY:
+                return DeliveryOutcome(decision, attempts, result, elapsed_s)
+            await self.sleep(decision.delay_s)

@@ -1,0 +1,579 @@
+"""A simulated Optimove SMS API: the three aggregator endpoints, for any tenants it is given.
+
+``POST /{tenant}/api/{version}/aggregator/{handshake|delivery-report|incoming-message}`` checks what
+the real API documents (``app-api-key`` equals the tenant's API token, ``x-hub-signature`` over the
+raw body, ``content-type: application/json``) and the body shapes of decisions.md §4, §5, §8, and
+records every request, rejected ones too. A tenant's ``optimove_base_url`` is
+``http://HOST:PORT/{tenant}``.
+
+Control endpoints, for tests and for watching a campaign:
+
+- ``GET /_simulator/received[?endpoint=&tenant=]``: the recorded requests; ``DELETE`` forgets them.
+- ``GET /_simulator/tally[?tenant=&campaign_id=]``: per tenant, what the accepted reports add up to
+  (final status per ``messageId``, duplicates, incoming messages).
+- ``POST /_simulator/mode`` ``{"status": 503, "count": N | "seconds": S, "retry_after": s,
+  "delay_ms": d, "tenant": slug}``: answer the next N report requests (or those of the next S
+  seconds) with that status, or slowly; ``GET`` lists the modes, ``DELETE`` ends them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import time
+from collections import Counter, deque
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+from aiohttp import web
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from shared.config import OptimoveContractSettings, load_settings, split_listen
+from shared.logs import configure_logging
+from shared.optimove import API_KEY_HEADER
+from shared.signing import SIGNATURE_HEADER, constant_time_equals, verify
+
+log = logging.getLogger(__name__)
+
+HANDSHAKE = "handshake"
+DELIVERY_REPORT = "delivery-report"
+INCOMING_MESSAGE = "incoming-message"
+ENDPOINTS = (HANDSHAKE, DELIVERY_REPORT, INCOMING_MESSAGE)
+# Failure modes act on these; a handshake is answered normally.
+REPORT_ENDPOINTS = frozenset({DELIVERY_REPORT, INCOMING_MESSAGE})
+DEFAULT_LISTEN = "127.0.0.1:8090"
+DEFAULT_MAX_RECORDED = 500_000
+
+
+@dataclass(frozen=True)
+class SimulatedTenant:
+    api_token: str
+    secret: str
+
+
+@dataclass
+class FailureMode:
+    """Answer report requests with ``status`` (or normally when None) after ``delay_ms``.
+
+    Lasts for ``remaining`` requests, or until monotonic time ``until``, or (neither) until ended.
+    """
+
+    status: int | None = None
+    remaining: int | None = None
+    until: float | None = None
+    retry_after: str | None = None
+    delay_ms: int = 0
+
+    def expired(self, now: float) -> bool:
+        if self.remaining is not None and self.remaining <= 0:
+            return True
+        return self.until is not None and now >= self.until
+
+    def take(self, now: float) -> bool:
+        """Whether this request falls under the mode; counts it if so."""
+        if self.expired(now):
+            return False
+        if self.remaining is not None:
+            self.remaining -= 1
+        return True
+
+    def describe(self, now: float) -> dict[str, Any]:
+        return {
+            "status": self.status,
+            "remaining": self.remaining,
+            "seconds_left": None if self.until is None else max(0.0, self.until - now),
+            "retry_after": self.retry_after,
+            "delay_ms": self.delay_ms,
+        }
+
+
+class FailureModeRequest(BaseModel):
+    """The JSON body of ``POST /_simulator/mode``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    status: int | None = Field(default=None, ge=100, le=599)
+    count: int | None = Field(default=None, ge=1)
+    seconds: float | None = Field(default=None, gt=0)
+    retry_after: float | str | None = None
+    delay_ms: int = Field(default=0, ge=0)
+    tenant: str | None = None
+
+    def to_mode(self, now: float) -> FailureMode:
+        retry_after: str | None = None
+        if isinstance(self.retry_after, float | int):
+            value = float(self.retry_after)
+            retry_after = str(int(value)) if value.is_integer() else str(value)
+        elif self.retry_after is not None:
+            retry_after = self.retry_after
+        return FailureMode(
+            status=self.status,
+            remaining=self.count,
+            until=None if self.seconds is None else now + self.seconds,
+            retry_after=retry_after,
+            delay_ms=self.delay_ms,
+        )
+
+
+@dataclass(frozen=True)
+class ReceivedRequest:
+    tenant: str
+    endpoint: str
+    headers: dict[str, str]  # names in lower case
+    body: str  # the raw body, decoded as UTF-8
+    received_at: str
+    status: int  # what was answered; 0 when the client went away first
+    rejected: bool
+    reason: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class _ReportTally:
+    """Accepted delivery reports of one tenant and one campaign."""
+
+    reports: int = 0
+    message_ids: set[str] = field(default_factory=set)
+    final_reports: Counter[str] = field(default_factory=Counter)
+    # The first final report per message decides its outcome; later ones are duplicates.
+    outcomes: Counter[tuple[str, str]] = field(default_factory=Counter)
+    duplicates: int = 0
+
+    def add(self, message_id: str, status: str, sub_status: str, final: bool) -> None:
+        self.reports += 1
+        self.message_ids.add(message_id)
+        if not final:
+            return
+        self.final_reports[message_id] += 1
+        seen = self.final_reports[message_id]
+        if seen == 1:
+            self.outcomes[(status, sub_status)] += 1
+        elif seen == 2:
+            self.duplicates += 1
+
+
+@dataclass
+class _TenantCounters:
+    incoming_messages: int = 0
+    incoming_requests: int = 0
+    handshakes: int = 0
+    rejected_requests: int = 0
+    campaigns: dict[str, _ReportTally] = field(default_factory=dict)
+
+
+class RejectedRequest(Exception):
+    """Answer ``status`` with ``{"error": error, **details}``; recorded with the request."""
+
+    def __init__(
+        self,
+        status: int,
+        error: str,
+        *,
+        headers: Mapping[str, str] | None = None,
+        **details: str,
+    ) -> None:
+        super().__init__(error)
+        self.status = status
+        self.error = error
+        self.headers = dict(headers or {})
+        self.details = details
+
+    @property
+    def reason(self) -> str:
+        return " ".join([self.error, *self.details.values()])
+
+    def response(self) -> web.Response:
+        return _error(self.status, self.error, headers=self.headers, details=self.details)
+
+
+def _now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
+
+
+def _is_str(value: object) -> bool:
+    return isinstance(value, str)
+
+
+def check_body(endpoint: str, parsed: object) -> None:
+    """The body shapes we send (decisions.md §4, §5, §8); RejectedRequest(400) otherwise."""
+    if not isinstance(parsed, dict):
+        raise RejectedRequest(400, "body must be a JSON object")
+    if endpoint == DELIVERY_REPORT:
+        kind = parsed.get("type")
+        if not (isinstance(kind, dict) and _is_str(kind.get("status"))):
+            raise RejectedRequest(400, "type.status must be a string")
+        if not _is_str(kind.get("subStatus")):
+            raise RejectedRequest(400, "type.subStatus must be a string")
+        if not isinstance(parsed.get("metadata"), dict):
+            raise RejectedRequest(400, "metadata must be an object")
+        if not (_is_str(parsed.get("messageId")) and parsed["messageId"]):
+            raise RejectedRequest(400, "messageId must be a non-empty string")
+    elif endpoint == INCOMING_MESSAGE:
+        messages = parsed.get("messages")
+        if not (isinstance(messages, list) and messages):
+            raise RejectedRequest(400, "messages must be a non-empty array")
+        for index, message in enumerate(messages):
+            if not isinstance(message, dict) or not all(
+                _is_str(message.get(name)) for name in ("to", "from", "message", "sentAt")
+            ):
+                raise RejectedRequest(
+                    400, f"messages[{index}] needs string to, from, message and sentAt"
+                )
+
+
+class OptimoveSimulator:
+    """The simulated Optimove, served on ``host:port`` for ``tenants`` {slug: (api_token, secret)}.
+
+    Keeps at most ``max_recorded`` requests (the oldest are forgotten); the tally counts all.
+    """
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        tenants: Mapping[str, tuple[str, str]],
+        *,
+        status_names: Mapping[str, str] | None = None,
+        max_recorded: int = DEFAULT_MAX_RECORDED,
+    ) -> None:
+        self.host = host
+        self.port = port
+        self.tenants = {
+            slug: SimulatedTenant(api_token=token, secret=secret)
+            for slug, (token, secret) in tenants.items()
+        }
+        names = dict(status_names or OptimoveContractSettings().status_names)
+        self.delivered_status = names["delivered"]
+        self.final_statuses = frozenset({names["delivered"], names["failed"]})
+        self._received: deque[ReceivedRequest] = deque(maxlen=max_recorded)
+        self._counters: dict[str, _TenantCounters] = {}
+        self._modes: dict[str | None, FailureMode] = {}
+        self._runner: web.AppRunner | None = None
+        self.app = self._build_app()
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def base_url(self, tenant: str) -> str:
+        """What the tenant's ``optimove_base_url`` should be."""
+        return f"{self.url}/{tenant}"
+
+    async def start(self) -> None:
+        self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, self.host, self.port, reuse_address=True).start()
+        log.info("simulated Optimove on %s for tenants %s", self.url, sorted(self.tenants))
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    # -- in-process accessors ---------------------------------------------------------------------
+
+    def received(
+        self, endpoint: str | None = None, tenant: str | None = None
+    ) -> list[dict[str, Any]]:
+        """Recorded requests, oldest first, as dictionaries (see ``ReceivedRequest``)."""
+        return [
+            request.as_dict()
+            for request in self._received
+            if (endpoint is None or request.endpoint == endpoint)
+            and (tenant is None or request.tenant == tenant)
+        ]
+
+    def reset(self) -> None:
+        """Forget recorded requests and tallies (failure modes stay)."""
+        self._received.clear()
+        self._counters.clear()
+
+    def set_mode(self, mode: FailureMode, tenant: str | None = None) -> None:
+        """Apply ``mode`` to one tenant's report requests, or (None) to every tenant's."""
+        self._modes[tenant] = mode
+
+    def clear_modes(self, tenant: str | None = None) -> None:
+        """End the modes of one tenant, or (None) every mode."""
+        if tenant is None:
+            self._modes.clear()
+        else:
+            self._modes.pop(tenant, None)
+
+    def modes(self) -> dict[str, dict[str, Any]]:
+        now = time.monotonic()
+        return {
+            "*" if tenant is None else tenant: mode.describe(now)
+            for tenant, mode in self._modes.items()
+            if not mode.expired(now)
+        }
+
+    def tally(
+        self, tenant: str | None = None, campaign_id: str | None = None
+    ) -> dict[str, dict[str, Any]]:
+        """Per tenant: what the accepted delivery reports and incoming messages add up to."""
+        slugs = [tenant] if tenant is not None else sorted(self.tenants)
+        return {slug: self._tenant_tally(slug, campaign_id) for slug in slugs}
+
+    def _tenant_tally(self, slug: str, campaign_id: str | None) -> dict[str, Any]:
+        counters = self._counters.get(slug, _TenantCounters())
+        campaigns: Iterable[_ReportTally] = (
+            counters.campaigns.values()
+            if campaign_id is None
+            else [counters.campaigns.get(campaign_id, _ReportTally())]
+        )
+        reports = messages = duplicates = 0
+        outcomes: Counter[tuple[str, str]] = Counter()
+        for campaign in campaigns:
+            reports += campaign.reports
+            messages += len(campaign.message_ids)
+            duplicates += campaign.duplicates
+            outcomes.update(campaign.outcomes)
+        by_status: dict[str, dict[str, int]] = {}
+        for (status, sub_status), count in sorted(outcomes.items()):
+            by_status.setdefault(status, {})[sub_status] = count
+        final = sum(outcomes.values())
+        delivered = sum(n for (s, _), n in outcomes.items() if s == self.delivered_status)
+        return {
+            "reports": reports,
+            "messages": messages,
+            "final": final,
+            "delivered": delivered,
+            "failed": final - delivered,
+            "final_by_status": by_status,
+            "duplicates": duplicates,
+            "incoming_messages": counters.incoming_messages,
+            "incoming_requests": counters.incoming_requests,
+            "handshakes": counters.handshakes,
+            "rejected_requests": counters.rejected_requests,
+        }
+
+    # -- HTTP ------------------------------------------------------------------------------------
+
+    def _build_app(self) -> web.Application:
+        app = web.Application()
+        endpoints = "|".join(ENDPOINTS)
+        app.router.add_post(
+            "/{tenant}/api/{version}/aggregator/{endpoint:(" + endpoints + ")}", self._aggregator
+        )
+        app.router.add_get("/_simulator/received", self._get_received)
+        app.router.add_delete("/_simulator/received", self._delete_received)
+        app.router.add_get("/_simulator/tally", self._get_tally)
+        app.router.add_get("/_simulator/mode", self._get_modes)
+        app.router.add_post("/_simulator/mode", self._post_mode)
+        app.router.add_delete("/_simulator/mode", self._delete_modes)
+        return app
+
+    async def _aggregator(self, request: web.Request) -> web.StreamResponse:
+        slug = request.match_info["tenant"]
+        endpoint = request.match_info["endpoint"]
+        raw = await request.read()
+        status, reason = 0, "client went away before the answer"
+        try:
+            await self._check(request, slug, endpoint, raw)
+        except RejectedRequest as exc:
+            status, reason = exc.status, exc.reason
+            return exc.response()
+        else:
+            status, reason = 200, ""
+            return _json({"success": True})
+        finally:
+            self._record(request, slug, endpoint, raw, status, reason)
+
+    async def _check(self, request: web.Request, slug: str, endpoint: str, raw: bytes) -> None:
+        """Count the request if Optimove would accept it; RejectedRequest otherwise."""
+        tenant = self.tenants.get(slug)
+        if tenant is None:
+            raise RejectedRequest(404, f"unknown tenant {slug!r}")
+        mode = self._mode_for(slug) if endpoint in REPORT_ENDPOINTS else None
+        if mode is not None and mode.delay_ms:
+            await asyncio.sleep(mode.delay_ms / 1000)
+        if mode is not None and mode.status is not None:
+            headers = {"Retry-After": mode.retry_after} if mode.retry_after is not None else {}
+            raise RejectedRequest(mode.status, "simulated failure", headers=headers)
+        if not constant_time_equals(request.headers.get(API_KEY_HEADER), tenant.api_token):
+            raise RejectedRequest(401, f"invalid {API_KEY_HEADER}")
+        failure = verify(raw, request.headers.get(SIGNATURE_HEADER), tenant.secret)
+        if failure is not None:
+            raise RejectedRequest(401, f"invalid {SIGNATURE_HEADER}", reason=failure.value)
+        if request.content_type != "application/json":
+            raise RejectedRequest(415, "content-type must be application/json")
+        try:
+            parsed = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            raise RejectedRequest(400, "body is not JSON") from None
+        check_body(endpoint, parsed)
+        self._count(slug, endpoint, parsed)
+
+    def _mode_for(self, slug: str) -> FailureMode | None:
+        now = time.monotonic()
+        for key in (slug, None):
+            mode = self._modes.get(key)
+            if mode is None:
+                continue
+            if mode.take(now):
+                return mode
+            del self._modes[key]  # used up or out of time
+        return None
+
+    def _count(self, slug: str, endpoint: str, parsed: dict[str, Any]) -> None:
+        counters = self._counters.setdefault(slug, _TenantCounters())
+        if endpoint == HANDSHAKE:
+            counters.handshakes += 1
+        elif endpoint == INCOMING_MESSAGE:
+            counters.incoming_requests += 1
+            counters.incoming_messages += len(parsed["messages"])
+        else:
+            metadata = parsed["metadata"]
+            campaign = metadata.get("campaignId")
+            key = campaign if isinstance(campaign, str) else ""
+            status = parsed["type"]["status"]
+            counters.campaigns.setdefault(key, _ReportTally()).add(
+                parsed["messageId"],
+                status,
+                parsed["type"]["subStatus"],
+                final=status in self.final_statuses,
+            )
+
+    def _record(
+        self,
+        request: web.Request,
+        slug: str,
+        endpoint: str,
+        raw: bytes,
+        status: int,
+        reason: str,
+    ) -> None:
+        rejected = not 200 <= status < 300
+        if rejected:
+            self._counters.setdefault(slug, _TenantCounters()).rejected_requests += 1
+            log.warning(
+                "%s for tenant %s answered %d (%s)",
+                endpoint,
+                slug,
+                status,
+                reason,
+                extra={"tenant": slug},
+            )
+        self._received.append(
+            ReceivedRequest(
+                tenant=slug,
+                endpoint=endpoint,
+                headers={name.lower(): value for name, value in request.headers.items()},
+                body=raw.decode("utf-8", "replace"),
+                received_at=_now_iso(),
+                status=status,
+                rejected=rejected,
+                reason=reason,
+            )
+        )
+
+    async def _get_received(self, request: web.Request) -> web.Response:
+        found = self.received(
+            endpoint=request.query.get("endpoint"), tenant=request.query.get("tenant")
+        )
+        return _json(found)
+
+    async def _delete_received(self, _: web.Request) -> web.Response:
+        self.reset()
+        return _json({"reset": True})
+
+    async def _get_tally(self, request: web.Request) -> web.Response:
+        tenant = request.query.get("tenant")
+        if tenant is not None and tenant not in self.tenants:
+            return _error(404, f"unknown tenant {tenant!r}")
+        return _json(self.tally(tenant=tenant, campaign_id=request.query.get("campaign_id")))
+
+    async def _get_modes(self, _: web.Request) -> web.Response:
+        return _json(self.modes())
+
+    async def _post_mode(self, request: web.Request) -> web.Response:
+        try:
+            wanted = FailureModeRequest.model_validate_json(await request.read())
+        except ValidationError as exc:
+            return _error(400, "invalid mode", details={"detail": str(exc)})
+        if wanted.tenant is not None and wanted.tenant not in self.tenants:
+            return _error(404, f"unknown tenant {wanted.tenant!r}")
+        now = time.monotonic()
+        self.set_mode(wanted.to_mode(now), wanted.tenant)
+        return _json(self.modes())
+
+    async def _delete_modes(self, request: web.Request) -> web.Response:
+        self.clear_modes(request.query.get("tenant"))
+        return _json(self.modes())
+
+
+def _json(data: Any, status: int = 200) -> web.Response:
+    return web.Response(body=orjson.dumps(data), status=status, content_type="application/json")
+
+
+def _error(
+    status: int,
+    error: str,
+    *,
+    headers: Mapping[str, str] | None = None,
+    details: Mapping[str, str] | None = None,
+) -> web.Response:
+    return web.Response(
+        body=orjson.dumps({"error": error, **(details or {})}),
+        status=status,
+        content_type="application/json",
+        headers=headers,
+    )
+
+
+# -- command line --------------------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = (
+        "A simulated Optimove for every tenant of --config: checks API keys and signatures, "
+        "records requests, tallies reports, and fails on demand (POST /_simulator/mode)."
+    )
+    parser.add_argument(
+        "--listen", default=DEFAULT_LISTEN, help=f"host:port (default {DEFAULT_LISTEN})"
+    )
+    parser.add_argument(
+        "--max-recorded",
+        type=int,
+        default=DEFAULT_MAX_RECORDED,
+        help="requests kept for /_simulator/received (the tally counts all)",
+    )
+
+
+def cli(args: argparse.Namespace) -> int:
+    settings = load_settings(args.config)
+    configure_logging("sim-optimove", settings.log_level)
+    host, port = split_listen(args.listen)
+    simulator = OptimoveSimulator(
+        host,
+        port,
+        {
+            slug: (tenant.api_token.get_secret_value(), tenant.secret_key.get_secret_value())
+            for slug, tenant in settings.tenants.items()
+        },
+        status_names=settings.optimove.status_names,
+        max_recorded=args.max_recorded,
+    )
+    asyncio.run(_serve_until_signalled(simulator))
+    return 0
+
+
+async def _serve_until_signalled(simulator: OptimoveSimulator) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    await simulator.start()
+    try:
+        await stop.wait()
+    finally:
+        await simulator.stop()

@@ -1,0 +1,496 @@
+"""Changelog-backed local state: a key/value store per input partition, rebuilt from Kafka.
+
+Each partition's entries live in their own SQLite file (WAL, ``synchronous=OFF``): memory stays
+bounded however many keys there are, and durability comes from Kafka, not the disk. Every change
+is also a record on a compacted changelog topic, co-partitioned with the input: ``put`` returns
+that record and the caller publishes it together with its other outputs, so an input offset is
+committed only once the state change it caused is on Kafka.
+
+A partition is served only after ``restore`` has read its changelog from the beginning to the
+high watermark (Tansu cannot answer ListOffsets for the latest offset, so the watermark comes from
+the fetch responses). Local files are never trusted across assignments: another instance may have
+owned the partition in between, so an assigned partition always starts from an empty file.
+
+Entries may carry ``due_at`` (Unix seconds); ``due`` lists those whose time has come, through an
+index, for the owner's timers.
+
+``state_dir`` belongs to one process: files found there at start are deleted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import shutil
+import sqlite3
+import tempfile
+import time
+from collections.abc import AsyncIterator, Iterable, Iterator
+from dataclasses import dataclass
+from itertools import count
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import orjson
+from aiokafka import TopicPartition
+from aiokafka.errors import KafkaError
+
+from shared.config import KafkaSettings
+from shared.events import StateChange
+from shared.kafka import KafkaUnavailable, OutRecord, make_consumer
+from shared.topics import Topic
+
+log = logging.getLogger(__name__)
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS entries (
+    key TEXT PRIMARY KEY,
+    value BLOB NOT NULL,
+    due_at REAL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS entries_by_due ON entries (due_at) WHERE due_at IS NOT NULL;
+"""
+_STATE_CHANGE_VERSION = StateChange.model_fields["schema_version"].default
+
+
+class PartitionNotReady(KafkaUnavailable):
+    """The partition is not assigned here or its state is not restored yet; retry later."""
+
+
+class Entry(NamedTuple):
+    value: dict[str, Any]
+    due_at: float | None
+
+
+@dataclass(frozen=True)
+class _Database:
+    connection: sqlite3.Connection
+    path: Path
+
+    def close_and_remove(self) -> None:
+        self.connection.close()
+        _remove_database(self.path)
+
+
+class ChangelogStore:
+    """Local state per partition of one changelog topic; see the module docstring."""
+
+    def __init__(
+        self,
+        kafka: KafkaSettings,
+        changelog: Topic,
+        *,
+        state_dir: str = "",
+        name: str,
+        restore_stall_timeout_s: float = 30.0,
+    ) -> None:
+        self.kafka = kafka
+        self.changelog = changelog
+        self.name = name
+        self.restore_stall_timeout_s = restore_stall_timeout_s
+        if state_dir:
+            self.directory = Path(state_dir) / changelog.name
+            self._private_dir: Path | None = None
+            # Files of an earlier process are never trusted (see the module docstring).
+            shutil.rmtree(self.directory, ignore_errors=True)
+        else:
+            self._private_dir = Path(tempfile.mkdtemp(prefix=f"smsbridge-{name}-"))
+            self.directory = self._private_dir / changelog.name
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._ready: dict[int, _Database] = {}
+        self._restoring: dict[int, asyncio.Task[None]] = {}
+        # Bumped by ``drop``: a restore that finishes for an older epoch is thrown away.
+        self._epochs: dict[int, int] = {}
+        # A fresh file per restore: an abandoned restore may still be writing its own.
+        self._file_numbers = count()
+
+    # -- reading and writing -------------------------------------------------------------------
+
+    def is_ready(self, partition: int) -> bool:
+        return partition in self._ready
+
+    def partitions(self) -> list[int]:
+        return sorted(self._ready)
+
+    def get(self, partition: int, key: str) -> dict[str, Any] | None:
+        entry = self.get_entry(partition, key)
+        return entry.value if entry is not None else None
+
+    def get_entry(self, partition: int, key: str) -> Entry | None:
+        row = (
+            self._connection(partition)
+            .execute("SELECT value, due_at FROM entries WHERE key = ?", (key,))
+            .fetchone()
+        )
+        if row is None:
+            return None
+        return Entry(orjson.loads(row[0]), row[1])
+
+    def put(
+        self, partition: int, key: str, value: dict[str, Any] | None, due_at: float | None = None
+    ) -> OutRecord:
+        """Store ``value`` (None deletes) and return the changelog record to publish."""
+        connection = self._connection(partition)
+        if value is None:
+            connection.execute("DELETE FROM entries WHERE key = ?", (key,))
+            return OutRecord(self.changelog, key, None, partition=partition)
+        connection.execute(
+            "INSERT OR REPLACE INTO entries (key, value, due_at) VALUES (?, ?, ?)",
+            (key, orjson.dumps(value), due_at),
+        )
+        return OutRecord(
+            self.changelog, key, StateChange(value=value, due_at=due_at), partition=partition
+        )
+
+    def due(
+        self, partition: int, now: float, limit: int = 1000
+    ) -> list[tuple[str, dict[str, Any]]]:
+        """Entries whose ``due_at`` is at or before ``now``, earliest first."""
+        rows = (
+            self._connection(partition)
+            .execute(
+                "SELECT key, value FROM entries WHERE due_at IS NOT NULL AND due_at <= ? "
+                "ORDER BY due_at LIMIT ?",
+                (now, limit),
+            )
+            .fetchall()
+        )
+        return [(key, orjson.loads(value)) for key, value in rows]
+
+    def count(self, partition: int) -> int:
+        row = self._connection(partition).execute("SELECT COUNT(*) FROM entries").fetchone()
+        return int(row[0])
+
+    def _connection(self, partition: int) -> sqlite3.Connection:
+        database = self._ready.get(partition)
+        if database is None:
+            raise PartitionNotReady(
+                f"{self.changelog.name}[{partition}] is not assigned here or not restored yet"
+            )
+        return database.connection
+
+    # -- restoring -------------------------------------------------------------------------------
+
+    def load(self, partition: int, records: Iterable[tuple[bytes | None, bytes | None]]) -> None:
+        """Start ``partition`` afresh from changelog records (key, value), oldest first."""
+        database = self._open_fresh(partition)
+        try:
+            self._apply(database.connection, records)
+        except BaseException:
+            database.close_and_remove()
+            raise
+        self._discard(partition)
+        self._ready[partition] = database
+
+    async def restore(self, partitions: Iterable[int]) -> None:
+        """Make every partition in ``partitions`` ready, reading its changelog if need be.
+
+        Concurrent callers share one read per partition. Raises KafkaUnavailable when the
+        changelog cannot be read; nothing is served from a partly restored partition.
+        """
+        wanted = set(partitions)
+        missing = {p for p in wanted if p not in self._ready and p not in self._restoring}
+        if missing:
+            task = asyncio.create_task(
+                self._restore(missing), name=f"{self.name}-restore-{sorted(missing)}"
+            )
+            for partition in missing:
+                self._restoring[partition] = task
+
+            def _forget(finished: asyncio.Task[None]) -> None:
+                for partition in missing:
+                    if self._restoring.get(partition) is finished:
+                        del self._restoring[partition]
+
+            task.add_done_callback(_forget)
+        waiting = {self._restoring[p] for p in wanted if p in self._restoring}
+        if waiting:
+            await asyncio.shield(asyncio.gather(*waiting))
+
+    def drop(self, partitions: Iterable[int]) -> None:
+        """Forget the state of partitions no longer assigned here (and any restore under way)."""
+        for partition in partitions:
+            self._epochs[partition] = self._epochs.get(partition, 0) + 1
+            # A restore under way finishes on its own and throws this partition away.
+            self._restoring.pop(partition, None)
+            self._discard(partition)
+
+    def close(self) -> None:
+        for task in set(self._restoring.values()):
+            task.cancel()
+        self.drop(list(self._ready))
+        if self._private_dir is not None:
+            shutil.rmtree(self._private_dir, ignore_errors=True)
+
+    async def _restore(self, partitions: set[int]) -> None:
+        started = time.monotonic()
+        epochs = {p: self._epochs.get(p, 0) for p in partitions}
+        databases = {p: self._open_fresh(p) for p in partitions}
+        try:
+            counts = await self._read_changelog(
+                {p: database.connection for p, database in databases.items()}
+            )
+        except BaseException:
+            for database in databases.values():
+                database.close_and_remove()
+            raise
+        for partition, database in databases.items():
+            if self._epochs.get(partition, 0) != epochs[partition]:
+                database.close_and_remove()  # dropped while we were reading it
+                continue
+            self._discard(partition)
+            self._ready[partition] = database
+        log.info(
+            "%s: restored %s from %s in %.2fs",
+            self.name,
+            {p: counts[p] for p in sorted(counts)},
+            self.changelog.name,
+            time.monotonic() - started,
+        )
+
+    async def _read_changelog(self, connections: dict[int, sqlite3.Connection]) -> dict[int, int]:
+        """Apply every changelog record of these partitions up to the high watermark."""
+        counts = dict.fromkeys(connections, 0)
+        try:
+            async with self._restore_consumer() as consumer:
+                remaining = {TopicPartition(self.changelog.name, p) for p in connections}
+                consumer.assign(list(remaining))
+                await consumer.seek_to_beginning(*remaining)
+                last_progress = time.monotonic()
+                while remaining:
+                    batches = await consumer.getmany(*remaining, timeout_ms=200, max_records=10_000)
+                    for tp, records in batches.items():
+                        self._apply(connections[tp.partition], ((r.key, r.value) for r in records))
+                        counts[tp.partition] += len(records)
+                        last_progress = time.monotonic()
+                    for tp in list(remaining):
+                        highwater = consumer.highwater(tp)
+                        if highwater is not None and await consumer.position(tp) >= highwater:
+                            remaining.discard(tp)
+                            last_progress = time.monotonic()
+                    if time.monotonic() - last_progress > self.restore_stall_timeout_s:
+                        raise KafkaUnavailable(
+                            f"{self.changelog.name}: no progress restoring "
+                            f"{sorted(tp.partition for tp in remaining)} "
+                            f"for {self.restore_stall_timeout_s:g}s"
+                        )
+        except KafkaError as exc:
+            raise KafkaUnavailable(f"{type(exc).__name__}: {exc}") from exc
+        return counts
+
+    @contextlib.asynccontextmanager
+    async def _restore_consumer(self) -> AsyncIterator[Any]:
+        # No group: the changelog is read by position, and nothing is committed.
+        consumer = make_consumer(self.kafka, None, role=f"{self.name}-restore")
+        await consumer.start()
+        try:
+            yield consumer
+        finally:
+            await consumer.stop()
+
+    def _apply(
+        self,
+        connection: sqlite3.Connection,
+        records: Iterable[tuple[bytes | None, bytes | None]],
+    ) -> None:
+        with _transaction(connection):
+            for raw_key, raw_value in records:
+                if raw_key is None:
+                    log.error("%s: changelog record without a key skipped", self.name)
+                    continue
+                key = raw_key.decode("utf-8")
+                if raw_value is None:
+                    connection.execute("DELETE FROM entries WHERE key = ?", (key,))
+                    continue
+                try:
+                    value, due_at = _read_state_change(raw_value)
+                except ValueError as exc:
+                    # Losing one key's state beats serving none: the next input rebuilds it.
+                    log.error("%s: unreadable changelog record skipped: %s", self.name, exc)
+                    continue
+                connection.execute(
+                    "INSERT OR REPLACE INTO entries (key, value, due_at) VALUES (?, ?, ?)",
+                    (key, value, due_at),
+                )
+
+    # -- files -----------------------------------------------------------------------------------
+
+    def _open_fresh(self, partition: int) -> _Database:
+        path = self.directory / f"{partition}.{next(self._file_numbers)}.sqlite3"
+        connection = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        connection.execute("PRAGMA journal_mode = WAL")
+        connection.execute("PRAGMA synchronous = OFF")
+        connection.executescript(_SCHEMA)
+        return _Database(connection, path)
+
+    def _discard(self, partition: int) -> None:
+        database = self._ready.pop(partition, None)
+        if database is not None:
+            database.close_and_remove()
+
+
+def _read_state_change(raw: bytes) -> tuple[bytes, float | None]:
+    """The stored value (JSON bytes) and due time of one changelog record."""
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise ValueError(f"not JSON: {exc}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("value"), dict):
+        raise ValueError("not a StateChange")
+    if data.get("schema_version", 1) != _STATE_CHANGE_VERSION:
+        raise ValueError(f"StateChange schema_version {data.get('schema_version')}")
+    due_at = data.get("due_at")
+    if due_at is not None and not isinstance(due_at, int | float):
+        raise ValueError("StateChange due_at is not a number")
+    return orjson.dumps(data["value"]), float(due_at) if due_at is not None else None
+
+
+@contextlib.contextmanager
+def _transaction(connection: sqlite3.Connection) -> Iterator[None]:
+    connection.execute("BEGIN")
+    try:
+        yield
+    except BaseException:
+        connection.execute("ROLLBACK")
+        raise
+    connection.execute("COMMIT")
+
+
+def _remove_database(path: Path) -> None:
+    for suffix in ("", "-wal", "-shm"):
+        with contextlib.suppress(FileNotFoundError):
+            Path(f"{path}{suffix}").unlink()
+
+
+class KeyLocks:
+    """One writer per key, held from reading a key's state until its changelog is acknowledged.
+
+    Two tasks writing the same key (a record handler and a timer) must publish their changelog
+    records in the order they changed the state, or the changelog would end on a stale value.
+    """
+
+    def __init__(self) -> None:
+        # lock and how many tasks hold or wait for it; gone when nobody does
+        self._slots: dict[tuple[int, str], tuple[asyncio.Lock, int]] = {}
+
+    def is_held(self, partition: int, key: str) -> bool:
+        return (partition, key) in self._slots
+
+    @contextlib.asynccontextmanager
+    async def hold(self, partition: int, key: str) -> AsyncIterator[None]:
+        slot = (partition, key)
+        lock, users = self._slots.get(slot, (None, 0))
+        if lock is None:
+            lock = asyncio.Lock()
+        self._slots[slot] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._slots[slot]
+            if users == 1:
+                del self._slots[slot]
+            else:
+                self._slots[slot] = (lock, users - 1)
+
+
+class GlobalTable:
+    """Every partition of a compacted topic, mirrored into local SQLite and kept following it.
+
+    For lookups that cannot be partitioned like the input (the opt-out list consulted before
+    every send, the number formats Optimove used): each instance holds the whole table, on disk,
+    so memory stays flat however many keys there are. Values are the topic's JSON records; a
+    tombstone deletes. Writes by others become visible within about one poll (~100 ms).
+    """
+
+    def __init__(self, kafka: KafkaSettings, topic: Topic, *, name: str) -> None:
+        self.kafka = kafka
+        self.topic = topic
+        self.name = name
+        self._directory = Path(tempfile.mkdtemp(prefix=f"smsbridge-{name}-"))
+        self._connection = sqlite3.connect(
+            self._directory / "table.sqlite3", isolation_level=None, check_same_thread=False
+        )
+        self._connection.execute("PRAGMA journal_mode = WAL")
+        self._connection.execute("PRAGMA synchronous = OFF")
+        self._connection.execute(
+            "CREATE TABLE IF NOT EXISTS entries (key TEXT PRIMARY KEY, value BLOB NOT NULL)"
+            " WITHOUT ROWID"
+        )
+        self._caught_up = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self._caught_up.is_set()
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        row = self._connection.execute("SELECT value FROM entries WHERE key = ?", (key,)).fetchone()
+        if row is None:
+            return None
+        value = orjson.loads(row[0])
+        return value if isinstance(value, dict) else None
+
+    def __len__(self) -> int:
+        return int(self._connection.execute("SELECT COUNT(*) FROM entries").fetchone()[0])
+
+    async def start(self, catch_up_timeout_s: float = 60.0) -> None:
+        """Read the topic up to its high watermark, then keep following it in the background."""
+        self._task = asyncio.create_task(self._follow(), name=f"{self.name}-follow")
+        waiter = asyncio.create_task(self._caught_up.wait())
+        done, _ = await asyncio.wait(
+            {self._task, waiter}, timeout=catch_up_timeout_s, return_when=asyncio.FIRST_COMPLETED
+        )
+        if waiter not in done:
+            waiter.cancel()
+            if self._task in done:
+                self._task.result()  # raises what stopped the follower
+            raise KafkaUnavailable(f"{self.topic.name}: not caught up in {catch_up_timeout_s}s")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+        self._connection.close()
+        shutil.rmtree(self._directory, ignore_errors=True)
+
+    def apply(self, records: Iterable[tuple[bytes | None, bytes | None]]) -> None:
+        with _transaction(self._connection):
+            for raw_key, raw_value in records:
+                if raw_key is None:
+                    continue
+                key = raw_key.decode("utf-8")
+                if raw_value is None:
+                    self._connection.execute("DELETE FROM entries WHERE key = ?", (key,))
+                else:
+                    self._connection.execute(
+                        "INSERT OR REPLACE INTO entries (key, value) VALUES (?, ?)",
+                        (key, raw_value),
+                    )
+
+    async def _follow(self) -> None:
+        consumer = make_consumer(self.kafka, None, role=f"{self.name}-table")
+        await consumer.start()
+        try:
+            partitions = consumer.partitions_for_topic(self.topic.name) or set(
+                range(self.topic.partitions)
+            )
+            assigned = [TopicPartition(self.topic.name, p) for p in sorted(partitions)]
+            consumer.assign(assigned)
+            await consumer.seek_to_beginning(*assigned)
+            behind = set(assigned)
+            while True:
+                batches = await consumer.getmany(timeout_ms=100, max_records=10_000)
+                for records in batches.values():
+                    self.apply((r.key, r.value) for r in records)
+                if behind:
+                    for tp in list(behind):
+                        highwater = consumer.highwater(tp)
+                        if highwater is not None and await consumer.position(tp) >= highwater:
+                            behind.discard(tp)
+                    if not behind:
+                        self._caught_up.set()
+        finally:
+            await consumer.stop()

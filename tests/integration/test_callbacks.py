@@ -1,0 +1,173 @@
+from __future__ import annotations
+
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+from prometheus_client import REGISTRY
+
+from services.callbacks.app import build
+from shared.broker import EmbeddedBroker
+from shared.config import Settings
+from shared.events import ProviderEvent
+from shared.providers import PROVIDER_KINDS
+from shared.providers.otpiq import FIXTURES, WEBHOOK_SECRET_HEADER
+from shared.topics import PROVIDER_EVENTS
+from tests.support import CALLBACK_TOKEN, OTPIQ_WEBHOOK_SECRET, make_settings, read_topic, running
+
+pytestmark = pytest.mark.integration
+
+ACCOUNT = "otpiq-main"
+SMS_ID = FIXTURES["callback_sent"]["smsId"]
+GOOD_HEADERS = {WEBHOOK_SECRET_HEADER: OTPIQ_WEBHOOK_SECRET, "Content-Type": "application/json"}
+
+
+def callback_url(
+    settings: Settings, *, kind: str = "otpiq", account: str = ACCOUNT, token: str = CALLBACK_TOKEN
+) -> str:
+    return f"http://{settings.callbacks.listen}/callbacks/{kind}/{account}/{token}"
+
+
+def refused(reason: str, kind: str = "otpiq") -> float:
+    label = kind if kind in PROVIDER_KINDS else "unknown"  # only known kinds become labels
+    value = REGISTRY.get_sample_value(
+        "smsbridge_callbacks_refused_total", {"provider": label, "reason": reason}
+    )
+    return value or 0.0
+
+
+async def post(
+    http: aiohttp.ClientSession, url: str, body: bytes, headers: dict[str, str]
+) -> tuple[int, Any]:
+    async with http.post(url, data=body, headers=headers) as response:
+        raw = await response.read()
+        return response.status, orjson.loads(raw) if raw else None
+
+
+async def test_otpiq_callbacks_are_stored_on_kafka_then_answered(kafka: EmbeddedBroker) -> None:
+    settings = make_settings()
+    bodies = [
+        orjson.dumps(FIXTURES[name])
+        for name in ("callback_sent", "callback_delivered", "callback_failed")
+    ]
+    async with running(build(settings)), aiohttp.ClientSession() as http:
+        for body in [*bodies, bodies[1]]:  # the delivered report comes twice
+            status, answer = await post(http, callback_url(settings), body, GOOD_HEADERS)
+            assert (status, answer) == (200, {"status": "received"})
+
+    records = await read_topic(settings, PROVIDER_EVENTS, ProviderEvent, expect=4)
+    keys = {key for key, _ in records}
+    events = [event for _, event in records]
+
+    assert keys == {f"{ACCOUNT}:{SMS_ID}"}
+    assert [e.provider_status for e in events] == ["sent", "delivered", "failed", "delivered"]
+    assert {e.kind for e in events} == {"status"}
+    assert {e.provider_kind for e in events} == {"otpiq"}
+    assert {e.provider_account for e in events} == {ACCOUNT}
+    assert {e.correlation_key for e in events} == {f"{ACCOUNT}:{SMS_ID}"}
+    assert {e.provider_message_id for e in events} == {SMS_ID}
+    assert events[2].reason == "Carrier rejected the message"
+    assert events[1].raw == FIXTURES["callback_delivered"]
+    # A repeated callback carries the same event id, so the normalizer reports it once.
+    assert events[3].event_id == events[1].event_id
+    assert len({e.event_id for e in events[:3]}) == 3
+
+
+async def test_refused_callbacks_never_reach_kafka(kafka: EmbeddedBroker) -> None:
+    settings = make_settings(overrides={"callbacks": {"max_body_bytes": 1024}})
+    good = orjson.dumps(FIXTURES["callback_delivered"])
+    no_sms_id = orjson.dumps(
+        {k: v for k, v in FIXTURES["callback_delivered"].items() if k != "smsId"}
+    )
+    cases: list[tuple[str, str, bytes, dict[str, str], int, str]] = [
+        (
+            "bad token",
+            callback_url(settings, token="wrong-token"),
+            good,
+            GOOD_HEADERS,
+            401,
+            "bad_token",
+        ),
+        (
+            "bad secret",
+            callback_url(settings),
+            good,
+            {**GOOD_HEADERS, WEBHOOK_SECRET_HEADER: "wrong-secret"},
+            401,
+            "bad_signature",
+        ),
+        (
+            "no secret",
+            callback_url(settings),
+            good,
+            {"Content-Type": "application/json"},
+            401,
+            "bad_signature",
+        ),
+        (
+            "unknown account",
+            callback_url(settings, account="nobody"),
+            good,
+            GOOD_HEADERS,
+            404,
+            "unknown_account",
+        ),
+        (
+            "kind mismatch",
+            callback_url(settings, kind="opensms"),
+            good,
+            GOOD_HEADERS,
+            404,
+            "unknown_account",
+        ),
+        ("not json", callback_url(settings), b"status=delivered", GOOD_HEADERS, 400, "malformed"),
+        ("truncated json", callback_url(settings), good[:-7], GOOD_HEADERS, 400, "malformed"),
+        ("missing smsId", callback_url(settings), no_sms_id, GOOD_HEADERS, 400, "malformed"),
+        ("json array", callback_url(settings), b"[1, 2]", GOOD_HEADERS, 400, "malformed"),
+        (
+            "too large",
+            callback_url(settings),
+            b"{" + b" " * 2048 + b"}",
+            GOOD_HEADERS,
+            413,
+            "too_large",
+        ),
+    ]
+    async with running(build(settings)), aiohttp.ClientSession() as http:
+        for name, url, body, headers, expected_status, reason in cases:
+            kind = url.split("/callbacks/")[1].split("/")[0]
+            before = refused(reason, kind)
+            status, answer = await post(http, url, body, headers)
+            assert status == expected_status, name
+            assert isinstance(answer, dict) and answer["error"], name
+            assert refused(reason, kind) == before + 1, name
+        _, missing = await post(http, callback_url(settings), no_sms_id, GOOD_HEADERS)
+        assert missing == {"error": "smsId is missing"}
+        _, unknown = await post(http, callback_url(settings, account="nobody"), good, GOOD_HEADERS)
+        assert unknown == {"error": "unknown callback endpoint"}  # says nothing about accounts
+
+        # The ops endpoints share the listener.
+        base = f"http://{settings.callbacks.listen}"
+        async with http.get(f"{base}/healthz") as health, http.get(f"{base}/readyz") as ready:
+            assert (health.status, ready.status) == (200, 200)
+        async with http.get(f"{base}/metrics") as scraped:
+            assert "smsbridge_callbacks_refused_total" in await scraped.text()
+
+    assert await read_topic(settings, PROVIDER_EVENTS, ProviderEvent, settle_s=1.0) == []
+
+
+async def test_kafka_down_answers_503_so_the_provider_retries(kafka: EmbeddedBroker) -> None:
+    settings = make_settings(
+        overrides={"kafka": {"produce_timeout_s": 1.0, "request_timeout_ms": 1500}}
+    )
+    body = orjson.dumps(FIXTURES["callback_delivered"])
+    async with running(build(settings)), aiohttp.ClientSession() as http:
+        status, _ = await post(http, callback_url(settings), body, GOOD_HEADERS)
+        assert status == 200
+        kafka.stop()
+        before = refused("kafka_unavailable")
+        async with http.post(callback_url(settings), data=body, headers=GOOD_HEADERS) as response:
+            assert response.status == 503
+            assert response.headers["Retry-After"].isdigit()
+        assert refused("kafka_unavailable") == before + 1

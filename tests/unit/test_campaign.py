@@ -1,0 +1,373 @@
+"""services/ingress/campaign.py: parsing, validation, metadata text, records (no Kafka, no HTTP)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from datetime import UTC, datetime
+from functools import partial
+from typing import Any
+
+import orjson
+import pytest
+
+from services.ingress.campaign import (
+    EMPTY_MESSAGE,
+    MISSING_NUMBER,
+    CampaignRecords,
+    InvalidJson,
+    ParsedCampaign,
+    SchemaViolation,
+    build_records,
+    metadata_text,
+    parse_campaign,
+    top_level_members,
+)
+from services.ingress.e164 import normaliser
+from shared.config import TenantSettings
+from shared.events import DispatchRecord, MessageContext, RecipientMessage, decode
+from shared.ids import message_id
+from shared.numbers import to_e164
+from tests.support import TENANT, make_settings
+
+ACCEPTED_AT = datetime(2026, 3, 1, 12, 0, 0, 123456, tzinfo=UTC)
+METADATA = {"appId": 7, "brandId": "b", "campaignId": "spring", "scheduledTime": 0}
+
+
+def tenant_settings(**changes: Any) -> TenantSettings:
+    return make_settings().tenants[TENANT].model_copy(update=changes)
+
+
+def body(**members: Any) -> bytes:
+    document: dict[str, Any] = {"batchId": "batch-1", "metadata": METADATA, "recipients": []}
+    document.update(members)
+    return orjson.dumps({k: v for k, v in document.items() if v is not ...})
+
+
+def records_for(raw: bytes, **tenant_changes: Any) -> tuple[ParsedCampaign, CampaignRecords]:
+    campaign = parse_campaign(raw)
+    records = build_records(
+        tenant=TENANT,
+        settings=tenant_settings(**tenant_changes),
+        campaign=campaign,
+        normalise=partial(to_e164, default_region="GB"),
+        accepted_at=ACCEPTED_AT,
+    )
+    return campaign, records
+
+
+# -- parsing and schema ----------------------------------------------------------------------------
+
+
+def test_parses_the_documented_shape() -> None:
+    raw = body(
+        requestId="req-1",
+        senderId="ACME",
+        recipients=[{"message": "hi", "mobileNumber": "+447911123456", "customerId": "c1"}],
+        futureField={"tolerated": True},
+    )
+    campaign = parse_campaign(raw)
+    request = campaign.request
+    assert (request.batch_id, request.request_id, request.sender_id) == ("batch-1", "req-1", "ACME")
+    assert request.metadata.app_id == 7
+    assert request.metadata.campaign_id == "spring"
+    assert campaign.recipients == [
+        {"message": "hi", "mobileNumber": "+447911123456", "customerId": "c1"}
+    ]
+    assert campaign.request_key == "r:req-1"
+    assert campaign.scheduled_at is None  # scheduledTime 0 = now
+
+
+def test_optional_members_may_be_absent() -> None:
+    campaign = parse_campaign(b'{"batchId": "", "metadata": {"appId": 1}}')
+    assert campaign.recipients == []
+    assert campaign.request.request_id is None
+    assert campaign.request.sender_id is None
+    assert campaign.request.metadata.campaign_id is None
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [b"", b"{", b'{"batchId": "b",}', b"\xff\xfe", b"NaN", b'{"batchId": "\xff"}'],
+)
+def test_not_json(raw: bytes) -> None:
+    with pytest.raises(InvalidJson):
+        parse_campaign(raw)
+
+
+@pytest.mark.parametrize(
+    ("raw", "field"),
+    [
+        (b"[]", "(root)"),
+        (b'"text"', "(root)"),
+        (b'{"metadata": {"appId": 1}}', "batchId"),
+        (b'{"batchId": 5, "metadata": {"appId": 1}}', "batchId"),
+        (b'{"batchId": null, "metadata": {"appId": 1}}', "batchId"),
+        (b'{"batchId": "b"}', "metadata"),
+        (b'{"batchId": "b", "metadata": []}', "metadata"),
+        (b'{"batchId": "b", "metadata": {}}', "metadata.appId"),
+        (b'{"batchId": "b", "metadata": {"appId": "7"}}', "metadata.appId"),
+        (b'{"batchId": "b", "metadata": {"appId": 7.5}}', "metadata.appId"),
+        (b'{"batchId": "b", "metadata": {"appId": true}}', "metadata.appId"),
+        (b'{"batchId": "b", "metadata": {"appId": 1, "campaignId": 3}}', "metadata.campaignId"),
+        (
+            b'{"batchId": "b", "metadata": {"appId": 1, "scheduledTime": "soon"}}',
+            "metadata.scheduledTime",
+        ),
+        (
+            b'{"batchId": "b", "metadata": {"appId": 1, "scheduledTime": 99999999999999999}}',
+            "metadata.scheduledTime",
+        ),
+        (b'{"batchId": "b", "metadata": {"appId": 1}, "requestId": 5}', "requestId"),
+        (b'{"batchId": "b", "metadata": {"appId": 1}, "senderId": []}', "senderId"),
+        (b'{"batchId": "b", "metadata": {"appId": 1}, "recipients": {}}', "recipients"),
+        (b'{"batchId": "b", "metadata": {"appId": 1}, "recipients": [{}, "x"]}', "recipients.1"),
+        (
+            b'{"batchId": "b", "metadata": {"appId": 1}, "recipients": [{"mobileNumber": 44}]}',
+            "recipients.0.mobileNumber",
+        ),
+        (
+            b'{"batchId": "b", "metadata": {"appId": 1}, "recipients": [{"message": ["x"]}]}',
+            "recipients.0.message",
+        ),
+        (
+            b'{"batchId": "b", "metadata": {"appId": 1}, "recipients": [{"customerId": 12}]}',
+            "recipients.0.customerId",
+        ),
+    ],
+)
+def test_schema_violations_name_the_field(raw: bytes, field: str) -> None:
+    with pytest.raises(SchemaViolation) as caught:
+        parse_campaign(raw)
+    assert caught.value.field == field
+    assert caught.value.detail
+
+
+def test_scheduled_time_is_epoch_milliseconds() -> None:
+    raw = body(metadata={"appId": 1, "scheduledTime": 1767225600123})
+    assert parse_campaign(raw).scheduled_at == datetime(2026, 1, 1, 0, 0, 0, 123000, tzinfo=UTC)
+    for now in (0, -5, None):
+        raw = body(metadata={"appId": 1, "scheduledTime": now})
+        assert parse_campaign(raw).scheduled_at is None
+
+
+# -- metadata, byte for byte ----------------------------------------------------------------------
+
+PRETTY_METADATA = (
+    '{\n\t"appId" : 7 ,\n  "campaignId":"caf\\u00e9",  "emoji": "\\ud83d\\ude00 ☕",\n'
+    '  "nested": {"a": [1, 2.50, 1e3, -0, {"b": null}], "s": "}{\\"]["},\n'
+    '  "isHashed": false, "scheduledTime": 0\n}'
+)
+
+
+def test_metadata_text_is_kept_byte_for_byte() -> None:
+    raw = '  {"batchId": "b",\r\n "metadata" :  ' + PRETTY_METADATA + ' , "recipients": []}  '
+    campaign = parse_campaign(raw.encode())
+    assert campaign.metadata_json == PRETTY_METADATA
+    assert campaign.request.metadata.campaign_id == "café"
+    # It is still the same JSON document.
+    assert json.loads(campaign.metadata_json) == json.loads(raw)["metadata"]
+
+
+def test_metadata_after_the_recipients_is_found() -> None:
+    raw = (
+        '{"recipients": [{"message": "{\\"metadata\\": 1}", "mobileNumber": "+447911123456"}],'
+        ' "batchId": "b", "metadata": ' + PRETTY_METADATA + "}"
+    )
+    assert parse_campaign(raw.encode()).metadata_json == PRETTY_METADATA
+
+
+def test_nested_metadata_keys_are_not_the_top_level_member() -> None:
+    raw = '{"batchId": "b", "x": {"metadata": {"appId": 2}}, "metadata": {"appId": 1}}'
+    assert parse_campaign(raw.encode()).metadata_json == '{"appId": 1}'
+
+
+def test_repeated_metadata_member_reports_the_one_validated() -> None:
+    # JSON parsers keep the last of repeated members; so must the report.
+    raw = b'{"batchId": "b", "metadata": {"appId": 1}, "metadata": {"appId": 2 }}'
+    campaign = parse_campaign(raw)
+    assert campaign.request.metadata.app_id == 2
+    assert campaign.metadata_json == '{"appId": 2 }'
+
+
+def test_escaped_member_name_is_still_metadata() -> None:
+    raw = b'{"batchId": "b", "m\\u0065tadata": {"appId": 3}}'
+    assert parse_campaign(raw).metadata_json == '{"appId": 3}'
+
+
+def test_top_level_members_spans() -> None:
+    text = '{ "a" : [1, {"b": "]"}] , "c":"d",\n"e": {} }'
+    spans = [(name, text[start:end]) for name, _, start, end in top_level_members(text)]
+    assert spans == [("a", '[1, {"b": "]"}]'), ("c", '"d"'), ("e", "{}")]
+    assert list(top_level_members(" {} ")) == []
+
+
+def test_metadata_text_without_metadata_is_a_schema_violation() -> None:
+    with pytest.raises(SchemaViolation):
+        metadata_text('{"batchId": "b"}', {"appId": 1})
+
+
+# -- records ---------------------------------------------------------------------------------------
+
+NUMBERS = ["+447911123456", "447911123457", "07911 123458", "+44 7911 123459"]
+
+
+def recipients(numbers: list[str]) -> list[dict[str, Any]]:
+    return [
+        {"message": f"Hello {i} ☀", "mobileNumber": n, "customerId": f"cust-{i}"}
+        for i, n in enumerate(numbers)
+    ]
+
+
+def test_one_recipient_message_per_sendable_recipient() -> None:
+    metadata_json = '{"appId": 7, "campaignId": "spring", "scheduledTime": 1767225600000}'
+    raw = (
+        '{"batchId": "batch-1", "requestId": "req-9", "senderId": "PROMO", "metadata": '
+        + metadata_json
+        + ', "recipients": '
+        + json.dumps(recipients(NUMBERS))
+        + "}"
+    ).encode()
+    _, records = records_for(raw)
+    assert records.request_key == "r:req-9"
+    assert records.accepted == len(NUMBERS)
+    assert records.rejections == [] and records.dispatches == []
+    for index, ((key, value), number) in enumerate(zip(records.recipients, NUMBERS, strict=True)):
+        e164 = to_e164(number, "GB")
+        assert key == f"{TENANT}:{e164}".encode()
+        expected = RecipientMessage(
+            context=MessageContext(
+                tenant=TENANT,
+                message_id=message_id(TENANT, "r:req-9", index, number),
+                batch_id="batch-1",
+                request_id="req-9",
+                campaign_id="spring",
+                customer_id=f"cust-{index}",
+                mobile_number=number,
+                metadata_json=metadata_json,
+            ),
+            destination=e164,
+            text=f"Hello {index} ☀",
+            sender_id="PROMO",
+            scheduled_at=datetime(2026, 1, 1, tzinfo=UTC),
+            accepted_at=ACCEPTED_AT,
+        )
+        # The template-built value is exactly what the model itself would write.
+        assert value == expected.to_bytes()
+        assert decode(RecipientMessage, value) == expected
+
+
+def test_ids_are_deterministic_and_distinct() -> None:
+    raw = body(requestId="req-1", recipients=recipients(NUMBERS + NUMBERS[:1]))
+    _, first = records_for(raw)
+    _, again = records_for(raw)
+    assert first.recipients == again.recipients  # same accepted_at: identical bytes
+    ids = [decode(RecipientMessage, v).context.message_id for _, v in first.recipients]
+    assert len(set(ids)) == len(ids)  # even the repeated number at another index
+
+
+def test_request_key_prefers_request_id_then_batch_id_then_body() -> None:
+    assert parse_campaign(body(requestId="r", batchId="b")).request_key == "r:r"
+    assert parse_campaign(body(requestId="", batchId="b")).request_key == "b:b"
+    assert parse_campaign(body(batchId="b")).request_key == "b:b"
+    auto_reply = body(batchId="", metadata={"appId": 1, "brandId": "", "campaignId": ""})
+    assert parse_campaign(auto_reply).request_key == (
+        "h:" + hashlib.sha256(auto_reply).hexdigest()[:32]
+    )
+
+
+def test_auto_replies_are_valid() -> None:
+    raw = body(
+        batchId="",
+        metadata={"appId": 1, "brandId": "", "campaignId": ""},
+        recipients=[{"message": "Thanks!", "mobileNumber": "+447911123456"}],
+    )
+    campaign, records = records_for(raw)
+    assert records.accepted == 1
+    message = decode(RecipientMessage, records.recipients[0][1])
+    assert (message.context.batch_id, message.context.campaign_id) == ("", "")
+    assert message.context.customer_id == ""
+    assert message.context.request_id is None
+    # Two different auto replies do not collide.
+    other = body(
+        batchId="",
+        metadata={"appId": 1, "brandId": "", "campaignId": ""},
+        recipients=[{"message": "Thanks again!", "mobileNumber": "+447911123456"}],
+    )
+    assert parse_campaign(other).request_key != campaign.request_key
+
+
+@pytest.mark.parametrize("sender", [..., None, ""])
+def test_sender_id_falls_back_to_the_tenant_default(sender: Any) -> None:
+    raw = body(senderId=sender, recipients=recipients(NUMBERS[:1]))
+    _, records = records_for(raw, default_sender_id="TENANT-DEFAULT")
+    assert decode(RecipientMessage, records.recipients[0][1]).sender_id == "TENANT-DEFAULT"
+
+
+def test_unsendable_recipients_are_rejected_with_a_failed_dispatch() -> None:
+    raw = body(
+        requestId="req-2",
+        recipients=[
+            {"message": "ok", "mobileNumber": "+447911123456", "customerId": "ok"},
+            {"message": "x", "mobileNumber": "12345", "customerId": "invalid"},
+            {"message": "x", "customerId": "missing"},
+            {"message": "x", "mobileNumber": None, "customerId": "null"},
+            {"message": "x", "mobileNumber": "   ", "customerId": "blank-number"},
+            {"message": " \n\t", "mobileNumber": "+447911123457", "customerId": "blank"},
+            {"mobileNumber": "+447911123458", "customerId": "no-message"},
+            {"message": "", "mobileNumber": "+447911123459"},
+        ],
+    )
+    _, records = records_for(raw)
+    assert records.accepted == 1
+    assert [(r.index, r.reason, r.sub_status.value) for r in records.rejections] == [
+        (1, "not a valid mobile number", "InvalidNumber"),
+        (2, MISSING_NUMBER, "InvalidNumber"),
+        (3, MISSING_NUMBER, "InvalidNumber"),
+        (4, "empty mobile number", "InvalidNumber"),
+        (5, EMPTY_MESSAGE, "EmptyMessage"),
+        (6, EMPTY_MESSAGE, "EmptyMessage"),
+        (7, EMPTY_MESSAGE, "EmptyMessage"),
+    ]
+    assert records.rejections[0].as_json() == {
+        "index": 1,
+        "reason": "not a valid mobile number",
+    }
+    numbers = ["12345", "", "", "   ", "+447911123457", "+447911123458", "+447911123459"]
+    for (key, value), rejection, number in zip(
+        records.dispatches, records.rejections, numbers, strict=True
+    ):
+        record = decode(DispatchRecord, value)
+        identifier = message_id(TENANT, "r:req-2", rejection.index, number)
+        assert key == f"message:{identifier}".encode()
+        assert record.correlation_key == f"message:{identifier}"
+        assert record.context.message_id == identifier
+        assert record.context.mobile_number == number
+        assert (record.outcome, record.sub_status, record.detail) == (
+            "failed",
+            rejection.sub_status.value,
+            rejection.reason,
+        )
+        assert record.context.metadata_json == json.dumps(METADATA, separators=(",", ":"))
+        sendable_number = rejection.sub_status.value == "EmptyMessage"
+        assert record.destination == (to_e164(number, "GB") if sendable_number else "")
+
+
+def test_fast_normaliser_builds_the_same_records() -> None:
+    raw = body(requestId="req-3", recipients=recipients([*NUMBERS, "12345", "0044 7911 123456"]))
+    campaign = parse_campaign(raw)
+    reference = build_records(
+        tenant=TENANT,
+        settings=tenant_settings(),
+        campaign=campaign,
+        normalise=partial(to_e164, default_region="GB"),
+        accepted_at=ACCEPTED_AT,
+    )
+    fast = build_records(
+        tenant=TENANT,
+        settings=tenant_settings(),
+        campaign=campaign,
+        normalise=normaliser("GB"),
+        accepted_at=ACCEPTED_AT,
+    )
+    assert fast == reference

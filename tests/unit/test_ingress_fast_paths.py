@@ -1,0 +1,127 @@
+"""Ingress' fast paths give exactly the answers of the slow references they replace."""
+
+from __future__ import annotations
+
+import random
+
+import phonenumbers
+import pytest
+from aiokafka.partitioner import DefaultPartitioner
+from aiokafka.partitioner import murmur2 as aiokafka_murmur2
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from phonenumbers.phonenumberutil import COUNTRY_CODE_TO_REGION_CODE, SUPPORTED_REGIONS
+
+from services.ingress.e164 import fast_to_e164
+from services.ingress.produce import murmur2, partition_for
+from shared.numbers import InvalidNumber, to_e164
+
+REGIONS = sorted(SUPPORTED_REGIONS)
+CALLING_CODES = sorted(COUNTRY_CODE_TO_REGION_CODE)
+# Regions with national prefixes, transform rules, shared calling codes, leading digits.
+INTERESTING_REGIONS = ["GB", "US", "CA", "DE", "FR", "IT", "IQ", "JE", "AR", "MX", "BR", "RU", "AU"]
+
+
+def verdict(function: object, raw: str, region: str) -> str:
+    assert callable(function)
+    try:
+        return str(function(raw, region))
+    except InvalidNumber as exc:
+        return f"invalid: {exc}"
+
+
+def assert_same(raw: str, region: str) -> None:
+    assert verdict(fast_to_e164, raw, region) == verdict(to_e164, raw, region), (raw, region)
+
+
+def spellings(rng: random.Random, country_code: int, national: str) -> list[str]:
+    """The ways a tenant may have stored one number."""
+    written = [f"+{country_code}{national}", f"{country_code}{national}", f"0{national}", national]
+    spaced = []
+    for text in filter(None, written):
+        out = [text[0]]
+        for char in text[1:]:
+            if char.isdigit() and out[-1].isdigit() and rng.random() < 0.2:
+                out.append(rng.choice(" -"))
+            out.append(char)
+        spaced.append("".join(out))
+    return written + spaced + [f" {written[0]}\t"]
+
+
+def test_agrees_with_to_e164_on_real_and_mutated_numbers() -> None:
+    rng = random.Random(20260301)
+    checked = valid = 0
+    for region in REGIONS:
+        for number_type in (
+            phonenumbers.PhoneNumberType.MOBILE,
+            phonenumbers.PhoneNumberType.FIXED_LINE,
+            phonenumbers.PhoneNumberType.TOLL_FREE,
+        ):
+            example = phonenumbers.example_number_for_type(region, number_type)
+            if example is None or example.country_code is None:
+                continue
+            national = phonenumbers.national_significant_number(example)
+            mutated = national[: -rng.randint(1, 4)] + "".join(
+                rng.choice("0123456789") for _ in range(rng.randint(0, 5))
+            )
+            for candidate in (national, mutated):
+                for raw in spellings(rng, example.country_code, candidate):
+                    default_region = rng.choice([region, rng.choice(INTERESTING_REGIONS)])
+                    assert_same(raw, default_region)
+                    checked += 1
+                    valid += not verdict(to_e164, raw, default_region).startswith("invalid")
+    # The sample must exercise both verdicts broadly.
+    assert checked > 5_000
+    assert valid > 1_000, valid
+
+
+def test_agrees_with_to_e164_on_random_digit_strings() -> None:
+    rng = random.Random(7)
+    for _ in range(3_000):
+        prefix = rng.choice(["", "+", "0", "00", "+0"])
+        prefix += rng.choice(["", str(rng.choice(CALLING_CODES))])
+        digits = "".join(rng.choice("0123456789") for _ in range(rng.randint(0, 18)))
+        assert_same(prefix + digits, rng.choice(INTERESTING_REGIONS + REGIONS[:20]))
+
+
+@given(
+    st.text(alphabet="+0123456789 -()./x", min_size=0, max_size=22),
+    st.sampled_from([*INTERESTING_REGIONS, "ZZ", "gb", "XX"]),
+)
+@settings(max_examples=2_000, deadline=None)
+def test_agrees_with_to_e164_on_arbitrary_spellings(raw: str, region: str) -> None:
+    assert_same(raw, region)
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("+447911123456", "+447911123456"),
+        ("447911123456", "+447911123456"),
+        ("07911 123456", "+447911123456"),
+        ("+44 7911-123456", "+447911123456"),
+        ("9647501234567", "+9647501234567"),
+    ],
+)
+def test_examples(raw: str, expected: str) -> None:
+    assert fast_to_e164(raw, "GB") == expected
+
+
+def test_invalid_numbers_carry_to_e164s_reason() -> None:
+    with pytest.raises(InvalidNumber, match="not a valid mobile number"):
+        fast_to_e164("12345", "GB")
+    with pytest.raises(InvalidNumber, match="empty mobile number"):
+        fast_to_e164("  ", "GB")
+
+
+@given(st.binary(max_size=64))
+@settings(max_examples=500, deadline=None)
+def test_murmur2_matches_aiokafka(data: bytes) -> None:
+    assert murmur2(data) == aiokafka_murmur2(data)
+
+
+@given(st.binary(min_size=1, max_size=40), st.integers(min_value=1, max_value=64))
+@settings(max_examples=500, deadline=None)
+def test_partition_matches_the_default_partitioner(key: bytes, count: int) -> None:
+    partitions = list(range(count))
+    assert partition_for(key, partitions) == DefaultPartitioner()(key, partitions, partitions)

@@ -1,0 +1,189 @@
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+
+import orjson
+import pytest
+
+from shared.config import KafkaSettings
+from shared.events import StateChange, decode
+from shared.kafka import OutRecord
+from shared.store import ChangelogStore, KeyLocks, PartitionNotReady
+from shared.topics import NORMALIZER_STATE
+
+
+def make_store(state_dir: str = "") -> ChangelogStore:
+    return ChangelogStore(KafkaSettings(), NORMALIZER_STATE, state_dir=state_dir, name="test")
+
+
+def changelog_of(records: list[OutRecord]) -> list[tuple[bytes | None, bytes | None]]:
+    return [record.encoded for record in records]
+
+
+@pytest.fixture
+def store() -> Iterator[ChangelogStore]:
+    store = make_store()
+    store.load(3, [])
+    yield store
+    store.close()
+
+
+def test_put_get_and_the_changelog_record(store: ChangelogStore) -> None:
+    record = store.put(3, "acct:sms-1", {"status": "sent", "n": 1}, due_at=100.0)
+
+    assert store.get(3, "acct:sms-1") == {"status": "sent", "n": 1}
+    assert store.get_entry(3, "acct:sms-1") == ({"status": "sent", "n": 1}, 100.0)
+    assert store.get(3, "acct:other") is None
+    # The changelog goes to the input's partition number, keyed like the store.
+    assert record.topic == NORMALIZER_STATE
+    assert record.partition == 3
+    assert record.key == "acct:sms-1"
+    change = decode(StateChange, record.encoded[1])
+    assert change.value == {"status": "sent", "n": 1}
+    assert change.due_at == 100.0
+
+
+def test_delete_is_a_tombstone(store: ChangelogStore) -> None:
+    store.put(3, "k", {"a": 1})
+    record = store.put(3, "k", None)
+
+    assert store.get(3, "k") is None
+    assert record.value is None
+    assert record.encoded == (b"k", None)
+    assert record.partition == 3
+
+
+def test_due_lists_only_entries_whose_time_has_come_earliest_first(store: ChangelogStore) -> None:
+    store.put(3, "late", {"v": "late"}, due_at=300.0)
+    store.put(3, "early", {"v": "early"}, due_at=100.0)
+    store.put(3, "never", {"v": "never"}, due_at=None)
+    store.put(3, "middle", {"v": "middle"}, due_at=200.0)
+
+    assert store.due(3, 50.0) == []
+    assert store.due(3, 200.0) == [("early", {"v": "early"}), ("middle", {"v": "middle"})]
+    assert [key for key, _ in store.due(3, 1e12)] == ["early", "middle", "late"]
+    assert [key for key, _ in store.due(3, 1e12, limit=1)] == ["early"]
+
+    store.put(3, "early", {"v": "early"}, due_at=400.0)  # re-armed
+    assert [key for key, _ in store.due(3, 300.0)] == ["middle", "late"]
+
+
+def test_partitions_are_separate(store: ChangelogStore) -> None:
+    store.load(4, [])
+    store.put(3, "k", {"p": 3}, due_at=1.0)
+    store.put(4, "k", {"p": 4}, due_at=1.0)
+
+    assert store.get(3, "k") == {"p": 3}
+    assert store.get(4, "k") == {"p": 4}
+    assert store.partitions() == [3, 4]
+
+
+def test_restore_from_changelog_records_rebuilds_the_same_state(store: ChangelogStore) -> None:
+    written = [
+        store.put(3, "a", {"v": 1}, due_at=10.0),
+        store.put(3, "b", {"v": 2}),
+        store.put(3, "a", {"v": 3}, due_at=30.0),  # the latest value wins
+        store.put(3, "c", {"v": 4}, due_at=5.0),
+        store.put(3, "c", None),  # tombstone
+    ]
+
+    rebuilt = make_store()
+    try:
+        rebuilt.load(3, changelog_of(written))
+        assert rebuilt.get_entry(3, "a") == ({"v": 3}, 30.0)
+        assert rebuilt.get_entry(3, "b") == ({"v": 2}, None)
+        assert rebuilt.get(3, "c") is None
+        assert rebuilt.count(3) == 2
+        assert rebuilt.due(3, 100.0) == [("a", {"v": 3})]
+    finally:
+        rebuilt.close()
+
+
+def test_restore_skips_unreadable_records_but_keeps_the_rest(store: ChangelogStore) -> None:
+    good = store.put(3, "good", {"v": 1})
+    store.load(
+        3,
+        [
+            (b"bad-json", b"{not json"),
+            (b"bad-shape", orjson.dumps({"value": [1, 2]})),
+            (b"bad-version", orjson.dumps({"schema_version": 99, "value": {}})),
+            (None, b"{}"),
+            good.encoded,
+        ],
+    )
+
+    assert store.get(3, "good") == {"v": 1}
+    assert store.count(3) == 1
+
+
+def test_a_partition_not_restored_or_dropped_is_not_served(store: ChangelogStore) -> None:
+    with pytest.raises(PartitionNotReady):
+        store.get(7, "k")
+    with pytest.raises(PartitionNotReady):
+        store.put(7, "k", {"v": 1})
+
+    store.put(3, "k", {"v": 1})
+    store.drop([3])
+
+    assert not store.is_ready(3)
+    with pytest.raises(PartitionNotReady):
+        store.due(3, 0.0)
+    store.load(3, [])
+    assert store.get(3, "k") is None  # a new assignment starts from the changelog only
+
+
+def test_state_lives_on_disk_and_files_of_an_earlier_process_are_not_trusted(
+    tmp_path: Path,
+) -> None:
+    first = make_store(str(tmp_path))
+    first.load(0, [])
+    first.put(0, "k", {"v": 1})
+    directory = tmp_path / NORMALIZER_STATE.name
+    assert any(directory.glob("0.*.sqlite3"))
+    first.drop([0])
+    assert not any(directory.iterdir())  # dropped partitions leave no files behind
+
+    first.load(0, [])
+    first.put(0, "k", {"v": 1})
+    leftover = make_store(str(tmp_path))  # a restarted process on the same directory
+    try:
+        assert not any(directory.iterdir())
+        leftover.load(0, [])
+        assert leftover.get(0, "k") is None
+    finally:
+        leftover.close()
+        first.close()
+
+
+def test_private_directory_is_removed_on_close() -> None:
+    store = make_store()
+    store.load(0, [])
+    store.put(0, "k", {"v": 1})
+    directory = store.directory
+
+    store.close()
+
+    assert not directory.exists()
+
+
+async def test_key_locks_serialise_one_key_and_not_others() -> None:
+    locks = KeyLocks()
+    order: list[str] = []
+
+    async def writer(name: str, key: str, pause: float) -> None:
+        async with locks.hold(0, key):
+            order.append(f"{name}+")
+            await asyncio.sleep(pause)
+            order.append(f"{name}-")
+
+    first = asyncio.create_task(writer("a", "k", 0.05))
+    await asyncio.sleep(0)
+    assert locks.is_held(0, "k")
+    await asyncio.gather(first, writer("b", "k", 0), writer("c", "other", 0))
+
+    assert order.index("a-") < order.index("b+")  # same key: one after the other
+    assert order.index("c+") < order.index("a-")  # another key: not held up
+    assert not locks.is_held(0, "k")
+    assert not locks.is_held(0, "other")
