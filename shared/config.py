@@ -134,7 +134,8 @@ class SenderSettings(Section):
 
 class NormalizerSettings(Section):
     metrics_listen: ListenAddress = "127.0.0.1:9103"
-    runner: RunnerSettings = RunnerSettings(max_in_flight=1)
+    # Records of one correlation key run in order (runner key chains + the store's key locks).
+    runner: RunnerSettings = RunnerSettings(max_in_flight=500)
     state_dir: str = ""  # empty = a private temporary directory per process
     unmatched_after_s: float = 600.0
     dlr_timeout_s: float = 72 * 3600.0

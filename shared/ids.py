@@ -28,3 +28,8 @@ def message_id(tenant: str, request: str, index: int, mobile_number: str) -> str
 
 def event_id(*parts: str) -> str:
     return "e-" + _digest(*parts)
+
+
+def unsent_correlation_key(message_id: str) -> str:
+    """Correlation key of a dispatch that never reached a provider: the message id itself."""
+    return f"message:{message_id}"

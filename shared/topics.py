@@ -61,6 +61,12 @@ SENDER_STATE = Topic(
     compacted=True,
     purpose="changelog of send intents and dispatches, co-partitioned with recipients",
 )
+NUMBER_FORMATS = Topic(
+    "sms.number-formats",
+    partitions=1,
+    compacted=True,
+    purpose="how Optimove wrote each number, keyed by tenant+E164, for replies' `from`",
+)
 DEAD_LETTERS = Topic("sms.dead-letters", purpose="what no stage could handle, with the reason")
 
 ALL_TOPICS: tuple[Topic, ...] = (
@@ -73,6 +79,7 @@ ALL_TOPICS: tuple[Topic, ...] = (
     INGRESS_REQUESTS,
     NORMALIZER_STATE,
     SENDER_STATE,
+    NUMBER_FORMATS,
     DEAD_LETTERS,
 )
 

@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from shared.config import TenantSettings
 from shared.events import DispatchRecord, MessageContext, RecipientMessage
-from shared.ids import message_id, request_key
+from shared.ids import message_id, request_key, unsent_correlation_key
 from shared.numbers import InvalidNumber
 from shared.statuses import SubStatus
 
@@ -208,11 +208,6 @@ def recipient_key(tenant: str, e164: str) -> str:
     return f"{tenant}:{e164}"
 
 
-def rejection_correlation_key(identifier: str) -> str:
-    """A dispatch that never reached a provider is correlated by its message id."""
-    return f"message:{identifier}"
-
-
 def build_records(
     *,
     tenant: str,
@@ -301,7 +296,7 @@ def _check_recipient(
 def _rejected_dispatch(
     context: MessageContext, rejection: Rejection, destination: str, at: datetime
 ) -> tuple[bytes, bytes]:
-    correlation_key = rejection_correlation_key(context.message_id)
+    correlation_key = unsent_correlation_key(context.message_id)
     record = DispatchRecord(
         context=context,
         correlation_key=correlation_key,

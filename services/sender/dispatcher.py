@@ -25,6 +25,7 @@ from services.sender import metrics
 from shared import topics
 from shared.config import Route, Settings, TenantSettings
 from shared.events import DispatchRecord, RecipientMessage, SchemaError, decode, utcnow
+from shared.ids import unsent_correlation_key
 from shared.kafka import OutRecord, Publisher
 from shared.logs import mask_number
 from shared.providers import PROVIDER_KINDS, callback_url, provider_class
@@ -46,11 +47,6 @@ _DIGIT_RUN = re.compile(r"\+?\d{7,}")
 
 def scrub(text: str) -> str:
     return _DIGIT_RUN.sub(lambda match: mask_number(match.group()), text)
-
-
-def unsent_correlation_key(message_id: str) -> str:
-    """The key of a dispatch that never reached a provider (docs/architecture.md)."""
-    return f"message:{message_id}"
 
 
 def routes_for(tenant: TenantSettings, destination: str) -> list[Route]:
