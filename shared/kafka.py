@@ -105,27 +105,19 @@ class Publisher:
         self.timeout_s = timeout_s
 
     async def publish(self, records: Iterable[OutRecord]) -> None:
-        futures: list[asyncio.Future[object]] = []
-        try:
-            for record in records:
-                key, value = record.encoded
-                futures.append(
-                    await self.producer.send(
-                        record.topic.name, value, key=key, partition=record.partition
-                    )
-                )
-            if futures:
-                await asyncio.wait_for(asyncio.gather(*futures), self.timeout_s)
-        except (KafkaError, TimeoutError) as exc:
-            for future in futures:
-                future.cancel()
-            raise KafkaUnavailable(f"{type(exc).__name__}: {exc}") from exc
+        await self._send_all(
+            (record.topic.name, *record.encoded, record.partition) for record in records
+        )
 
     async def publish_raw(self, topic: str, items: Sequence[tuple[bytes, bytes]]) -> None:
+        """Records already encoded (tests use it to publish what no model would produce)."""
+        await self._send_all((topic, key, value, None) for key, value in items)
+
+    async def _send_all(self, items: Iterable[tuple[str, bytes, bytes | None, int | None]]) -> None:
         futures: list[asyncio.Future[object]] = []
         try:
-            for key, value in items:
-                futures.append(await self.producer.send(topic, value, key=key))
+            for topic, key, value, partition in items:
+                futures.append(await self.producer.send(topic, value, key=key, partition=partition))
             if futures:
                 await asyncio.wait_for(asyncio.gather(*futures), self.timeout_s)
         except (KafkaError, TimeoutError) as exc:
