@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 CONFIG ?= deploy/dev/smsbridge.toml
 PYTEST_ARGS ?=
 
-.PHONY: dev test lint bench reliability campaign clean
+.PHONY: dev test lint bench reliability campaign clean promtool
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' || \
@@ -24,8 +24,23 @@ N ?= 1000
 campaign: $(STAMP)
 	$(BIN)/smsbridge --config $(CONFIG) simulate campaign --recipients $(N)
 
+# promtool (Debian package prometheus) checks the alert rules in tests/deploy. Installed with
+# apt-get when we are root; elsewhere install it yourself, or those tests skip and say why.
+promtool:
+	@command -v promtool >/dev/null 2>&1 || { \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+			echo "installing promtool (apt-get install prometheus)"; \
+			export DEBIAN_FRONTEND=noninteractive; \
+			apt-get install -y -qq --no-install-recommends prometheus >/dev/null 2>&1 || \
+			{ apt-get update -qq >/dev/null 2>&1 && \
+			  apt-get install -y -qq --no-install-recommends prometheus >/dev/null 2>&1; } || \
+			echo "promtool: apt-get failed; the promtool tests will be skipped"; \
+		else \
+			echo "promtool not found (Debian package prometheus); the promtool tests will be skipped"; \
+		fi; }
+
 # pytest exits 5 when a selection (PYTEST_ARGS=-k ...) matches no test: say so, do not fail.
-test: $(STAMP)
+test: $(STAMP) promtool
 	@$(BIN)/pytest $(PYTEST_ARGS); rc=$$?; \
 		if [ $$rc -eq 5 ]; then echo "pytest: no tests were collected"; exit 0; fi; exit $$rc
 

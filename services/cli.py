@@ -9,6 +9,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from shared.config import ConfigError, Settings, load_settings
+from shared.kafka import KafkaUnavailable
 from shared.logs import configure_logging
 
 SERVICES = ("ingress", "sender", "callbacks", "normalizer", "reporter")
@@ -30,6 +31,42 @@ def _cmd_topics(args: argparse.Namespace) -> int:
     from services.admin import ensure_topics_command
 
     return asyncio.run(ensure_topics_command(_load(args)))
+
+
+def _cmd_handshake(args: argparse.Namespace) -> int:
+    from services.admin import handshake_command
+
+    return asyncio.run(handshake_command(_load(args), args.tenant))
+
+
+def _cmd_tenants_check(args: argparse.Namespace) -> int:
+    from services.admin import read_configuration, tenants_check_command
+
+    return tenants_check_command(read_configuration(args.config))
+
+
+def _cmd_dlq(args: argparse.Namespace) -> int:
+    from services.admin import dlq_list_command, dlq_redrive_command, parse_since
+
+    settings = _load(args)
+    try:
+        since = parse_since(args.since) if args.since else None
+    except ValueError as exc:
+        print(f"--since: {exc}", file=sys.stderr)
+        return 2
+    if args.action == "list":
+        return asyncio.run(
+            dlq_list_command(settings, source_topic=args.topic, since=since, limit=args.limit)
+        )
+    return asyncio.run(
+        dlq_redrive_command(settings, source_topic=args.topic, since=since, dry_run=args.dry_run)
+    )
+
+
+def _cmd_replay(args: argparse.Namespace) -> int:
+    from services.replay import cli
+
+    return cli(args)
 
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
@@ -59,6 +96,47 @@ def build_parser() -> argparse.ArgumentParser:
     topics.add_argument("action", choices=("ensure",))
     topics.set_defaults(func=_cmd_topics)
 
+    handshake = commands.add_parser(
+        "handshake",
+        help="register a tenant's campaign endpoint with its Optimove (Flow 1)",
+        description="Checks that the tenant's campaign endpoint answers at ingress.public_url, "
+        "then posts the signed handshake and prints Optimove's answer.",
+    )
+    handshake.add_argument("--tenant", required=True, help="the tenant's slug")
+    handshake.set_defaults(func=_cmd_handshake)
+
+    tenants = commands.add_parser("tenants", help="tenant configuration")
+    tenants_actions = tenants.add_subparsers(dest="action", required=True)
+    tenants_check = tenants_actions.add_parser(
+        "check",
+        help="check every tenant's configuration and secrets, without printing them",
+    )
+    tenants_check.set_defaults(func=_cmd_tenants_check)
+
+    dlq = commands.add_parser("dlq", help="dead letters: list them, send them back")
+    dlq_actions = dlq.add_subparsers(dest="action", required=True)
+    dlq_list = dlq_actions.add_parser("list", help="show dead letters, newest last")
+    dlq_list.add_argument("--topic", help="only those that came from this topic")
+    dlq_list.add_argument("--limit", type=int, default=50, help="show the newest N (default 50)")
+    dlq_redrive = dlq_actions.add_parser(
+        "redrive", help="send dead letters back to the topic they came from, each once"
+    )
+    dlq_redrive.add_argument("--topic", required=True, help="the source topic to re-drive")
+    dlq_redrive.add_argument(
+        "--dry-run", action="store_true", help="count what would be re-driven, publish nothing"
+    )
+    for action in (dlq_list, dlq_redrive):
+        action.add_argument(
+            "--since", help="only dead letters from this ISO 8601 time on (UTC when no zone)"
+        )
+        action.set_defaults(func=_cmd_dlq)
+
+    from services.replay import add_arguments as add_replay_arguments
+
+    replay = commands.add_parser("replay", help="move a stopped consumer group's offsets")
+    add_replay_arguments(replay)
+    replay.set_defaults(func=_cmd_replay)
+
     simulate = commands.add_parser("simulate", help="simulated peers and campaigns")
     simulated = simulate.add_subparsers(dest="what", required=True)
     for what, adder in _simulator_parsers().items():
@@ -87,6 +165,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return 2
+    except KafkaUnavailable as exc:
+        print(f"Kafka is not available: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
     return code

@@ -27,6 +27,12 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from shared.keywords import (
+    DEFAULT_OPT_IN_KEYWORDS,
+    DEFAULT_OPT_OUT_KEYWORDS,
+    overlapping_keywords,
+)
+
 CONFIG_ENV_VAR = "SMSBRIDGE_CONFIG"
 EMBEDDED_BROKER = "embedded"
 
@@ -101,6 +107,10 @@ class RunnerSettings(Section):
     max_poll_records: int = 500
     max_in_flight: int = 1000
     commit_interval_s: float = 1.0
+    # A record counts against max_in_flight until its offset is committed, not only until it is
+    # handled: a crash then repeats at most max_in_flight records' work. At most max_in_flight
+    # records finish per commit.
+    hold_slots_until_committed: bool = False
     shutdown_deadline_s: float = 20.0
     session_timeout_ms: int = 10_000
     heartbeat_interval_ms: int = 3_000
@@ -125,30 +135,90 @@ class CallbacksSettings(HttpServiceSettings):
     max_body_bytes: int = 64 * 1024
 
 
-class SenderSettings(Section):
-    metrics_listen: ListenAddress = "127.0.0.1:9102"
+class ConsumerServiceSettings(Section):
+    """A consumer service's section: its ``runner`` defaults are the service's own."""
+
     runner: RunnerSettings = RunnerSettings()
+
+    @field_validator("runner", mode="before")
+    @classmethod
+    def _partial_runner_keeps_service_defaults(cls, value: Any) -> Any:
+        # [normalizer.runner] shutdown_deadline_s = 5 must not reset max_in_flight to the
+        # generic default: a partial table is merged over this service's defaults.
+        if isinstance(value, dict):
+            defaults = cls.model_fields["runner"].default
+            return {**defaults.model_dump(), **value}
+        return value
+
+
+class SenderSettings(ConsumerServiceSettings):
+    metrics_listen: ListenAddress = "127.0.0.1:9102"
     request_timeout_s: float = 10.0
-    max_attempts_per_route: int = 3
+    max_attempts_per_route: int = Field(default=3, ge=1)
+    # Waits between attempts on one route: full jitter over base * 2^n, capped (Retry-After wins
+    # when longer). A waiting message is parked in sms.sender-state; nothing is held meanwhile.
+    retry_base_delay_s: float = Field(default=1.0, gt=0)
+    retry_max_delay_s: float = Field(default=300.0, gt=0)
+    # How often parked messages (scheduled, retrying, waiting for a circuit) are looked at.
+    timer_interval_s: float = Field(default=0.2, gt=0)
+    # Bulk providers: how long due messages with the same account, text and sender are gathered
+    # into one call (never more than the provider's max_batch).
+    batch_window_s: float = Field(default=0.02, ge=0)
+    # How long a message's outcome is remembered after its validity ended, so that a replay of
+    # sms.recipients sends nothing twice (a replayed message older than validity is expired).
+    keep_outcome_s: float = Field(default=24 * 3600.0, ge=0)
+    state_dir: str = ""  # empty = a private temporary directory per process
 
 
-class NormalizerSettings(Section):
+class NormalizerSettings(ConsumerServiceSettings):
     metrics_listen: ListenAddress = "127.0.0.1:9103"
     # Records of one correlation key run in order (runner key chains + the store's key locks).
     runner: RunnerSettings = RunnerSettings(max_in_flight=500)
     state_dir: str = ""  # empty = a private temporary directory per process
     unmatched_after_s: float = 600.0
     dlr_timeout_s: float = 72 * 3600.0
+    # How long a finished message is remembered, so that late or repeated reports are dropped.
+    keep_finished_s: float = 24 * 3600.0
+    # How long a reply's provider event id is remembered, so that a repeated callback is
+    # forwarded once.
+    inbound_dedupe_s: float = 24 * 3600.0
+    # How often the number directory (how Optimove wrote each number) is re-stamped for a number
+    # sent to again; the stamp decides between tenants sharing a provider account.
+    number_format_refresh_s: float = 24 * 3600.0
+    # Replies that are exactly one of these words (trimmed, any case) opt out / opt back in
+    # (decisions.md §6, ``shared/keywords.py``).
+    opt_out_keywords: list[str] = list(DEFAULT_OPT_OUT_KEYWORDS)
+    opt_in_keywords: list[str] = list(DEFAULT_OPT_IN_KEYWORDS)
+
+    @model_validator(mode="after")
+    def _keywords_do_not_overlap(self) -> NormalizerSettings:
+        both = overlapping_keywords(self.opt_out_keywords, self.opt_in_keywords)
+        if both:
+            raise ValueError(f"opt_in_keywords repeat opt_out_keywords: {sorted(both)}")
+        return self
 
 
-class ReporterSettings(Section):
+class ReporterSettings(ConsumerServiceSettings):
     metrics_listen: ListenAddress = "127.0.0.1:9104"
-    runner: RunnerSettings = RunnerSettings(max_in_flight=200)
+    # Every report finished but not committed is sent again after a crash: the reporter commits
+    # often and counts uncommitted reports against max_in_flight.
+    runner: RunnerSettings = RunnerSettings(
+        max_in_flight=200, commit_interval_s=0.05, hold_slots_until_committed=True
+    )
     request_timeout_s: float = 10.0
     give_up_after_s: float = 24 * 3600.0
     max_backoff_s: float = 300.0
     inbound_batch_size: int = 100
     inbound_batch_delay_s: float = 0.5
+    # How long a report is retried in memory before it is parked in sms.reporter-state.
+    inline_retry_s: float = 3.0
+    # Consecutive failed requests after which a tenant's Optimove is probed one request at a
+    # time while its new reports park directly (a 429 or a Retry-After opens it at once).
+    circuit_failure_threshold: int = Field(default=3, ge=1)
+    # How often parked reports are looked at, and how many retries of them run at once.
+    parked_poll_interval_s: float = 0.5
+    parked_max_in_flight: int = Field(default=100, ge=1)
+    state_dir: str = ""  # empty = a private temporary directory per process
 
 
 class OptimoveContractSettings(Section):
@@ -200,13 +270,28 @@ class ProviderSettings(Section):
     api_key: Secret
     # Octopush authenticates with an account login besides the key.
     api_login: str = ""
+    # Octopush: what the messages are for, "alert" (transactional) or "wholesale" (marketing).
+    purpose: Literal["alert", "wholesale"] = "alert"
     # Secret path segment of our callback URL for this account (decisions.md §9).
     callback_token: Secret
     # OTPIQ echoes this in X-OTPIQ-Webhook-Secret.
     webhook_secret: Secret | None = None
-    rate_limit_per_s: float = 0.0  # 0 = unlimited
+    # Exact over any one-second window; shared between sender instances (README, "Sending
+    # guarantees").
+    rate_limit_per_s: float = Field(default=0.0, ge=0)  # 0 = unlimited
     rate_limit_unit: Literal["messages", "segments"] = "messages"
-    max_in_flight: int = 200
+    # The provider counts by its own clock, which sees our sends shifted by network jitter: the
+    # limit is kept over windows this much longer than a second, so that jitter up to this
+    # cannot put one of the provider's seconds over the limit. Costs this share of throughput.
+    rate_limit_jitter_s: float = Field(default=0.01, ge=0, le=0.5)
+    # Provider calls in flight at once from one sender instance.
+    max_in_flight: int = Field(default=200, ge=1)
+    # Circuit breaker (shared/circuit.py): open when at least `circuit_min_calls` calls within
+    # `circuit_window_s` failed at a rate of `circuit_failure_rate`; probe after the cool-down.
+    circuit_failure_rate: float = Field(default=0.5, gt=0, le=1)
+    circuit_min_calls: int = Field(default=20, ge=1)
+    circuit_window_s: float = Field(default=30.0, gt=0)
+    circuit_cool_down_s: float = Field(default=30.0, ge=0)
 
 
 class Settings(BaseSettings):

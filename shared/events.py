@@ -96,6 +96,8 @@ class DispatchRecord(Event):
     detail: str = ""
     segments: int = 0
     dispatched_at: datetime = Field(default_factory=utcnow)
+    # The sender id or number the message went out from: where a reply to it is addressed.
+    sender_id: str = ""
 
 
 ProviderEventKind = Literal["status", "inbound", "opt_out"]
@@ -157,6 +159,20 @@ class OptOutChange(Event):
     at: datetime = Field(default_factory=utcnow)
 
 
+class NumberFormat(Event):
+    """Compacted, keyed by tenant and E.164 number: how Optimove last wrote that number.
+
+    Written by the normalizer when it joins an accepted dispatch, so that a reply's ``from`` is
+    reported the way Optimove knows the customer (decisions.md §5); ``seen_at`` tells which
+    tenant sent to the number last when several share a provider account.
+    """
+
+    tenant: str
+    number: str  # E.164
+    mobile_number: str  # exactly as Optimove sent it
+    seen_at: datetime = Field(default_factory=utcnow)
+
+
 class IngressRequestAccepted(Event):
     """Compacted, keyed by tenant and request key: a campaign request already on Kafka."""
 
@@ -190,3 +206,12 @@ class StateChange(Event):
 
     value: dict[str, Any]
     due_at: float | None = None
+
+
+class RedriveMarker(Event):
+    """A dead letter already sent back (compacted, keyed by its partition and offset)."""
+
+    dead_letter_at: datetime
+    redrive_topic: str
+    redriven_at: datetime = Field(default_factory=utcnow)
+

@@ -10,19 +10,38 @@ A handler signals a record it can never process by raising ``PoisonRecord``: the
 dead-letter topic with the reason and the partition moves on. Any other exception is retried with
 backoff; after ``max_handler_attempts`` the record is dead-lettered too, so one bad record can never
 stall a partition for good nor vanish.
+
+Lag, per assigned partition, refreshed every ``LAG_EXPORT_INTERVAL_S`` whether records arrive or
+not (an idle partition reads 0 messages / 0 s, never its last busy value):
+
+- messages: the partition's end offset minus the commit position (first unfinished offset). The
+  end offset is the high watermark of the latest fetch response, which every broker sends (Tansu
+  too); while the consumer is saturated aiokafka stops fetching a partition whose records it still
+  buffers, so for such a stale partition ``end_offsets`` (ListOffsets) is asked as well and the
+  larger of the two lower bounds wins.
+- seconds: the age of the oldest unfinished record. A record taken but not started (waiting for a
+  slot or for its key's predecessor) is pending with its timestamp; records not taken yet (still
+  in aiokafka's buffer or on the broker) are aged by when the high watermark was first seen past
+  the position, a lower bound that keeps growing while nothing moves.
+
+Shutdown (``stop``): intake stops at once; in-flight records get the drain budget to finish, the
+rest are cancelled and handed back (their offsets stay uncommitted, so the next owner of the
+partition reprocesses them); then the finished prefix of every partition is committed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections import OrderedDict
-from collections.abc import Sequence
+from collections import OrderedDict, deque
+from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, TypeAlias
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.errors import IllegalStateError
 from aiokafka.structs import ConsumerRecord
 
 from shared import metrics
@@ -32,6 +51,13 @@ from shared.kafka import KafkaUnavailable, OutRecord, Publisher
 from shared.topics import DEAD_LETTERS
 
 log = logging.getLogger(__name__)
+
+# How often every assigned partition's lag gauges are recomputed.
+LAG_EXPORT_INTERVAL_S = 1.0
+# A high watermark older than this (no fetch response since) is confirmed with ListOffsets.
+HIGHWATER_STALE_AFTER_S = 5.0
+# How many rises of the high watermark are remembered to age records not yet taken.
+HIGHWATER_HISTORY = 256
 
 Record: TypeAlias = ConsumerRecord[bytes, bytes]
 
@@ -64,13 +90,15 @@ class PartitionAware(Protocol):
 
 
 @dataclass
-class _PartitionProgress:
+class PartitionProgress:
     """Offsets taken from one partition that are not yet known to be done, in offset order."""
 
     pending: OrderedDict[int, bool] = field(default_factory=OrderedDict)
     timestamps: dict[int, int] = field(default_factory=dict)
-    next_offset: int | None = None  # first offset not yet fetched
+    next_offset: int | None = None  # first offset not yet taken
     committed: int | None = None
+    # (high watermark, unix time it was first seen), rising; only marks past the position.
+    highwater_seen: deque[tuple[int, float]] = field(default_factory=deque)
 
     def add(self, offset: int, timestamp_ms: int) -> None:
         self.pending[offset] = False
@@ -97,6 +125,40 @@ class _PartitionProgress:
             return None
         return self.timestamps.get(next(iter(self.pending)))
 
+    def observe_highwater(self, highwater: int, now_s: float) -> None:
+        if not self.highwater_seen or highwater > self.highwater_seen[-1][0]:
+            self.highwater_seen.append((highwater, now_s))
+            if len(self.highwater_seen) > HIGHWATER_HISTORY:
+                # The first mark dates the oldest record not taken: keep it, thin the rest.
+                del self.highwater_seen[1]
+        position = self.commit_position()
+        if position is None:
+            return
+        while self.highwater_seen and self.highwater_seen[0][0] <= position:
+            self.highwater_seen.popleft()
+
+    def lag(self, highwater: int | None, now_s: float) -> PartitionLag:
+        """Messages behind ``highwater`` and age of the oldest unfinished record at ``now_s``."""
+        position = self.commit_position()
+        messages = 0
+        if highwater is not None and position is not None:
+            messages = max(0, highwater - position)
+        oldest_ms = self.oldest_pending_timestamp_ms()
+        if oldest_ms is not None:
+            seconds = now_s - oldest_ms / 1000
+        elif messages and self.highwater_seen:
+            # Not taken yet: it existed when the watermark was first seen past the position.
+            seconds = now_s - self.highwater_seen[0][1]
+        else:
+            seconds = 0.0
+        return PartitionLag(messages, max(0.0, seconds))
+
+
+@dataclass(frozen=True)
+class PartitionLag:
+    messages: int
+    seconds: float
+
 
 class ConsumerRunner:
     def __init__(
@@ -119,13 +181,19 @@ class ConsumerRunner:
         self.settings = settings
         self.partition_listener = partition_listener
         self.max_handler_attempts = max_handler_attempts
-        self._progress: dict[TopicPartition, _PartitionProgress] = {}
+        self._progress: dict[TopicPartition, PartitionProgress] = {}
         self._tasks: dict[TopicPartition, set[asyncio.Task[None]]] = {}
         self._key_tails: dict[tuple[TopicPartition, bytes | None], asyncio.Task[None]] = {}
         self._slots = asyncio.Semaphore(max(1, settings.max_in_flight))
+        # With ``hold_slots_until_committed``: finished offsets whose slot waits for a commit.
+        self._held: dict[TopicPartition, list[int]] = {}
         self._stopping = asyncio.Event()
         self._assigned = asyncio.Event()
         self._last_commit = time.monotonic()
+        self._last_lag_export = 0.0
+        self._drain_s = settings.shutdown_deadline_s
+        # Records whose handler finished and whose outputs Kafka acknowledged, since start.
+        self.finished_records = 0
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -133,18 +201,27 @@ class ConsumerRunner:
     def ready(self) -> bool:
         return self._assigned.is_set() and not self._stopping.is_set()
 
-    def stop(self) -> None:
+    def stop(self, drain_s: float | None = None) -> None:
+        """Take no more records; in-flight ones get ``drain_s`` (default: the deadline) to end."""
+        if drain_s is not None:
+            self._drain_s = max(0.0, drain_s)
         self._stopping.set()
 
     async def run(self) -> None:
         self.consumer.subscribe(self.topics, listener=_Listener(self))
+        # Its own task: a slow position or end-offsets lookup must never hold up polling.
+        lag_task = asyncio.create_task(self._export_lag_forever(), name=f"{self.name}-lag")
         try:
             while not self._stopping.is_set():
                 await self._poll_once()
                 await self._maybe_commit()
         finally:
-            await self._drain(set(self._tasks), self.settings.shutdown_deadline_s)
+            lag_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await lag_task
+            await self._drain(set(self._tasks), self._drain_s)
             await self._commit(force=True)
+            self._forget_lag(self._progress)
 
     # -- polling -----------------------------------------------------------------------------
 
@@ -156,14 +233,14 @@ class ConsumerRunner:
         batches = await self.consumer.getmany(
             timeout_ms=200, max_records=min(free, self.settings.max_poll_records)
         )
-        now_ms = int(time.time() * 1000)
         for tp, records in batches.items():
-            progress = self._progress.setdefault(tp, _PartitionProgress())
+            progress = self._progress.setdefault(tp, PartitionProgress())
+            # Pending from now on: a record waiting for its key's predecessor ages in the lag.
+            for record in records:
+                progress.add(record.offset, record.timestamp)
             for record in records:
                 await self._slots.acquire()
-                progress.add(record.offset, record.timestamp)
                 self._start(tp, record)
-            self._export_lag(tp, progress, now_ms)
 
     def _free_slots(self) -> int:
         return self._slots._value
@@ -189,6 +266,7 @@ class ConsumerRunner:
     async def _process(
         self, tp: TopicPartition, record: Record, previous: asyncio.Task[None] | None
     ) -> None:
+        held = False
         try:
             if previous is not None:
                 await asyncio.wait([previous])
@@ -196,11 +274,17 @@ class ConsumerRunner:
             await self._publish_with_retries(outputs)
             metrics.RECORDS_PROCESSED.labels(self.name, tp.topic).inc()
             metrics.LAST_PROCESSED.labels(self.name, tp.topic).set(time.time())
+            self.finished_records += 1
             progress = self._progress.get(tp)
             if progress is not None:
                 progress.finish(record.offset)
+                if self.settings.hold_slots_until_committed:
+                    # Released by the commit that covers it (or by the revoke).
+                    self._held.setdefault(tp, []).append(record.offset)
+                    held = True
         finally:
-            self._slots.release()
+            if not held:
+                self._slots.release()
 
     async def _handle_with_retries(self, record: Record) -> Sequence[OutRecord]:
         attempt = 0
@@ -283,31 +367,131 @@ class ConsumerRunner:
             return
         for tp, position in offsets.items():
             self._progress[tp].committed = position
+            self._release_held(tp, below=position)
 
-    def _export_lag(self, tp: TopicPartition, progress: _PartitionProgress, now_ms: int) -> None:
-        highwater = self.consumer.highwater(tp)
-        position = progress.commit_position()
-        if highwater is not None and position is not None:
-            metrics.CONSUMER_LAG.labels(self.name, tp.topic, str(tp.partition)).set(
-                max(0, highwater - position)
+    def _release_held(self, tp: TopicPartition, below: int | None = None) -> None:
+        """Free the slots of finished records of ``tp`` before ``below`` (None: all of them)."""
+        held = self._held.pop(tp, [])
+        keep = [offset for offset in held if below is not None and offset >= below]
+        for _ in range(len(held) - len(keep)):
+            self._slots.release()
+        if keep:
+            self._held[tp] = keep
+
+    async def _export_lag_forever(self) -> None:
+        while True:
+            try:
+                await self.export_lag()
+            except Exception:
+                log.exception("%s: lag export failed", self.name)
+            await asyncio.sleep(LAG_EXPORT_INTERVAL_S)
+
+    async def export_lag(self) -> dict[TopicPartition, PartitionLag]:
+        """Recompute and export the lag of every assigned partition; returns what it exported."""
+        unknown = [
+            tp
+            for tp in self.consumer.assignment()
+            if self._progress.setdefault(tp, PartitionProgress()).next_offset is None
+        ]
+        if unknown:
+            # Nothing taken yet from these: start from where the consumer will fetch.
+            positions = await asyncio.gather(
+                *(asyncio.wait_for(self.consumer.position(tp), 1.0) for tp in unknown),
+                return_exceptions=True,
             )
-        oldest = progress.oldest_pending_timestamp_ms()
-        age = 0.0 if oldest is None else max(0.0, (now_ms - oldest) / 1000)
-        metrics.CONSUMER_LAG_SECONDS.labels(self.name, tp.topic, str(tp.partition)).set(age)
+            for tp, position in zip(unknown, positions, strict=True):
+                progress = self._progress.get(tp)
+                if (
+                    isinstance(position, int)
+                    and progress is not None
+                    and progress.next_offset is None
+                ):
+                    progress.next_offset = position
+        highwaters = await self._highwaters(self.consumer.assignment())
+        now_s = time.time()
+        exported: dict[TopicPartition, PartitionLag] = {}
+        # No await from here on: a partition revoked meanwhile is not in this assignment.
+        for tp in self.consumer.assignment():
+            progress = self._progress.get(tp)
+            if progress is None:
+                continue
+            highwater = highwaters.get(tp)
+            if highwater is not None:
+                progress.observe_highwater(highwater, now_s)
+            lag = progress.lag(highwater, now_s)
+            labels = (self.name, tp.topic, str(tp.partition))
+            if highwater is not None:
+                metrics.CONSUMER_LAG.labels(*labels).set(lag.messages)
+            metrics.CONSUMER_LAG_SECONDS.labels(*labels).set(lag.seconds)
+            exported[tp] = lag
+        return exported
+
+    async def _highwaters(self, partitions: Iterable[TopicPartition]) -> dict[TopicPartition, int]:
+        """Each partition's end offset: the fetched high watermark, confirmed if it is stale."""
+        result: dict[TopicPartition, int] = {}
+        stale: list[TopicPartition] = []
+        now_ms = time.time() * 1000
+        for tp in partitions:
+            try:
+                highwater = self.consumer.highwater(tp)
+                last_fetch_ms = self.consumer.last_poll_timestamp(tp)
+            except (AssertionError, IllegalStateError):  # revoked since the assignment was read
+                continue
+            if highwater is None:
+                continue
+            result[tp] = highwater
+            if last_fetch_ms is None or now_ms - last_fetch_ms > HIGHWATER_STALE_AFTER_S * 1000:
+                stale.append(tp)
+        if stale:
+            # Stale means aiokafka holds unread records of the partition, so it is not empty:
+            # any answer, even a broker's wrong one, is at most the true end, never past it.
+            try:
+                ends = await asyncio.wait_for(self.consumer.end_offsets(stale), 2.0)
+            except Exception as exc:
+                log.debug("%s: end offsets unavailable (%s)", self.name, exc)
+            else:
+                for tp, end in ends.items():
+                    if end is not None and tp in result:
+                        result[tp] = max(result[tp], end)
+        return result
+
+    def _forget_lag(self, partitions: Iterable[TopicPartition]) -> None:
+        """Drop the gauges of partitions no longer held here: their new owner reports them."""
+        for tp in list(partitions):
+            labels = (self.name, tp.topic, str(tp.partition))
+            for gauge in (metrics.CONSUMER_LAG, metrics.CONSUMER_LAG_SECONDS):
+                with contextlib.suppress(KeyError):
+                    gauge.remove(*labels)
 
     async def _drain(self, partitions: set[TopicPartition], deadline_s: float) -> None:
+        """Let in-flight records of ``partitions`` finish within ``deadline_s``; cancel the rest.
+
+        A cancelled record stays pending, so its offset (and every later one of its partition)
+        is not committed: it is handed back to whoever owns the partition next.
+        """
         tasks = [t for tp in partitions for t in self._tasks.get(tp, set())]
-        if tasks:
-            _, unfinished = await asyncio.wait(tasks, timeout=deadline_s)
+        if not tasks:
+            return
+        _, unfinished = await asyncio.wait(tasks, timeout=deadline_s)
+        if unfinished:
+            log.warning(
+                "%s: %d records unfinished after %.1fs; handed back uncommitted",
+                self.name,
+                len(unfinished),
+                deadline_s,
+            )
             for task in unfinished:
                 task.cancel()
+            await asyncio.wait(unfinished, timeout=1.0)
 
     # -- rebalance -----------------------------------------------------------------------------
 
     async def partitions_revoked(self, revoked: set[TopicPartition]) -> None:
-        await self._drain(revoked, self.settings.shutdown_deadline_s)
+        await self._drain(revoked, self._drain_s)
         await self._commit(force=True, only=revoked)
+        self._forget_lag(revoked)
         for tp in revoked:
+            self._release_held(tp)
             self._progress.pop(tp, None)
             self._tasks.pop(tp, None)
         if self.partition_listener is not None:
@@ -324,7 +508,26 @@ class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
         self.runner = runner
 
     async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
-        await self.runner.partitions_revoked(set(revoked))
+        async with _inner_cancellation_tolerated(self.runner.name, "partitions revoked"):
+            await self.runner.partitions_revoked(set(revoked))
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
-        await self.runner.partitions_assigned(set(assigned))
+        async with _inner_cancellation_tolerated(self.runner.name, "partitions assigned"):
+            await self.runner.partitions_assigned(set(assigned))
+
+
+@contextlib.asynccontextmanager
+async def _inner_cancellation_tolerated(name: str, what: str) -> AsyncIterator[None]:
+    """Absorb a CancelledError raised by work the listener awaited, not aimed at this task.
+
+    A handler stopped while a rebalance callback waits on it (a state restore it cancels)
+    raises CancelledError into aiokafka's coordinator, which would then die and leave the
+    consumer unable to close. A cancellation of this task itself still goes through.
+    """
+    try:
+        yield
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise
+        log.warning("%s: %s callback interrupted (stopping)", name, what)

@@ -3,6 +3,11 @@
 ``run_service`` runs one service until SIGTERM/SIGINT (or until it fails), then stops it within its
 deadline. ``ConsumerService`` is the whole of a consumer service's plumbing: producer, consumer,
 the shared runner and the service's handler; the service itself only writes the handler.
+
+A consumer service's stop fits in ``runner.shutdown_deadline_s``, counted from the signal: intake
+stops, in-flight records get the deadline less ``close_reserve_s`` to finish (the rest are handed
+back uncommitted), the finished ones are committed, then the group is left (so that the remaining
+members take the partitions over at once, not after a session timeout) and the clients close.
 """
 
 from __future__ import annotations
@@ -11,14 +16,19 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import Protocol, cast
 
 from aiohttp import web
+from aiokafka import AIOKafkaConsumer
+from aiokafka.client import AIOKafkaClient
+from aiokafka.protocol.group import LeaveGroupRequest
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from shared.config import RunnerSettings, Settings, split_listen
-from shared.kafka import Publisher, make_consumer, make_producer
+from shared.config import KafkaSettings, RunnerSettings, Settings, split_listen
+from shared.kafka import Publisher, bootstrap, client_id, make_consumer, make_producer
 from shared.runner import ConsumerRunner, Handler, PartitionAware
 
 log = logging.getLogger(__name__)
@@ -153,24 +163,132 @@ class ConsumerService:
         await self._task
 
     async def stop(self) -> None:
-        self.runner.stop()
+        deadline = ShutdownDeadline.start(self.runner_settings.shutdown_deadline_s)
+        self.runner.stop(drain_s=deadline.drain_s)
         if self._task is not None:
             with contextlib.suppress(asyncio.CancelledError):
                 try:
+                    # The runner drains within drain_s, then commits: half the reserve for that.
                     await asyncio.wait_for(
-                        asyncio.shield(self._task), self.runner_settings.shutdown_deadline_s + 5
+                        asyncio.shield(self._task), deadline.left() - deadline.close_reserve_s / 2
                     )
                 except TimeoutError:
+                    log.warning("%s: runner did not end in time; cancelled", self.name)
                     self._task.cancel()
                 except Exception:
                     log.exception("%s runner ended with an error", self.name)
-        await self.consumer.stop()
+        # The handler's own work (timers, batches) ends while the partitions are still ours:
+        # once the group is left, another member may already be working on them.
         if _has_lifecycle(self.handler):
-            await cast(HandlerLifecycle, self.handler).stop()
-        await self.producer.stop()
+            await _bounded(
+                cast(HandlerLifecycle, self.handler).stop(),
+                deadline.left(share=0.5),
+                f"{self.name} handler",
+            )
+        membership = group_membership(self.consumer)
+        await _bounded(self.consumer.stop(), deadline.left(share=0.5), f"{self.name} consumer")
+        if membership is not None and membership.left_behind:
+            await _bounded(
+                leave_group(self.settings.kafka, membership),
+                deadline.left(share=0.5),
+                f"{self.name} leave group",
+            )
+        await _bounded(self.producer.stop(), deadline.left(), f"{self.name} producer")
 
     def ready(self) -> bool:
         return self.runner.ready
+
+
+@dataclass(frozen=True)
+class ShutdownDeadline:
+    """The time a stop may take, split between draining records and closing the clients."""
+
+    ends_at: float  # time.monotonic()
+    close_reserve_s: float
+
+    @classmethod
+    def start(cls, deadline_s: float) -> ShutdownDeadline:
+        # Closing (commit, leave group, handler, producer flush) gets a quarter, at most 5 s.
+        return cls(time.monotonic() + deadline_s, min(5.0, deadline_s / 4))
+
+    @property
+    def drain_s(self) -> float:
+        """How long in-flight records may still run."""
+        return max(0.0, self.left() - self.close_reserve_s)
+
+    def left(self, share: float = 1.0) -> float:
+        """``share`` of the time left (a step leaves the rest to the steps after it)."""
+        return max(0.0, (self.ends_at - time.monotonic()) * share)
+
+
+async def _bounded(step: Awaitable[None], timeout_s: float, what: str) -> None:
+    """Run one stop step within ``timeout_s``; one failing step must not skip the next ones."""
+    try:
+        await asyncio.wait_for(step, timeout_s)
+    except TimeoutError:
+        log.warning("%s: not done within the shutdown deadline; abandoned", what)
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise  # the stop itself is cancelled
+        log.warning("%s: interrupted while stopping", what)
+    except Exception:
+        log.exception("%s: failed while stopping", what)
+
+
+@dataclass(frozen=True)
+class GroupMembership:
+    group_id: str
+    member_id: str
+    generation: int
+
+    @property
+    def left_behind(self) -> bool:
+        """aiokafka sends LeaveGroup only for generation > 0; Tansu never leaves generation 0."""
+        return bool(self.member_id) and self.generation == 0
+
+
+def group_membership(consumer: AIOKafkaConsumer) -> GroupMembership | None:
+    """The consumer's current group membership, read before it stops (None if it has none).
+
+    aiokafka keeps it on the private coordinator; read defensively so that a change there only
+    costs the explicit leave, never the stop.
+    """
+    coordinator = getattr(consumer, "_coordinator", None)
+    group_id = getattr(coordinator, "group_id", None)
+    member_id = getattr(coordinator, "member_id", "")
+    generation = getattr(coordinator, "generation", -1)
+    if not isinstance(group_id, str) or not isinstance(member_id, str):
+        return None
+    if not isinstance(generation, int):
+        return None
+    return GroupMembership(group_id, member_id, generation)
+
+
+async def leave_group(settings: KafkaSettings, membership: GroupMembership) -> None:
+    """Send LeaveGroup for a member aiokafka did not take out of its group.
+
+    Without it the member stays listed until another member joins and its session expires: the
+    group's other members wait that long for its partitions, and ``smsbridge replay`` sees a live
+    member and refuses.
+    """
+    client = AIOKafkaClient(
+        bootstrap_servers=bootstrap(settings),
+        client_id=client_id(settings, "leave"),
+        request_timeout_ms=settings.request_timeout_ms,
+    )
+    await client.bootstrap()
+    try:
+        node_id = await client.coordinator_lookup(0, membership.group_id)
+        response = await client.send(
+            node_id, LeaveGroupRequest(membership.group_id, membership.member_id)
+        )
+        if response.error_code:
+            log.warning("LeaveGroup %s answered error %d", membership.group_id, response.error_code)
+        else:
+            log.info("left consumer group %s", membership.group_id)
+    finally:
+        await client.close()
 
 
 def _is_partition_aware(handler: object) -> bool:
@@ -185,10 +303,33 @@ def _has_lifecycle(handler: object) -> bool:
 
 __all__ = [
     "ConsumerService",
+    "GroupMembership",
     "HandlerLifecycle",
     "PartitionAware",
     "Service",
+    "ShutdownDeadline",
     "add_ops_routes",
+    "group_membership",
+    "leave_group",
     "run_service",
     "serve",
 ]
+
+
+class Startable(Protocol):
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
+async def serve_until_signalled(server: Startable) -> None:
+    """Start ``server``, wait for SIGTERM or SIGINT, stop it (the simulators' main loop)."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await server.start()
+    try:
+        await stop.wait()
+    finally:
+        await server.stop()

@@ -162,6 +162,20 @@ class ChangelogStore:
         row = self._connection(partition).execute("SELECT COUNT(*) FROM entries").fetchone()
         return int(row[0])
 
+    def count_prefix(self, partition: int, prefix: str) -> int:
+        """How many keys start with ``prefix``: a range over the key index, not a scan."""
+        if not prefix:
+            return self.count(partition)
+        # Every key starting with ``prefix`` sorts before it with its last character bumped
+        # (SQLite compares TEXT as UTF-8 bytes, which keeps code point order).
+        upper = prefix[:-1] + chr(ord(prefix[-1]) + 1)
+        row = (
+            self._connection(partition)
+            .execute("SELECT COUNT(*) FROM entries WHERE key >= ? AND key < ?", (prefix, upper))
+            .fetchone()
+        )
+        return int(row[0])
+
     def _connection(self, partition: int) -> sqlite3.Connection:
         database = self._ready.get(partition)
         if database is None:

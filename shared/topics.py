@@ -68,6 +68,17 @@ NUMBER_FORMATS = Topic(
     purpose="how Optimove wrote each number, keyed by tenant+E164, for replies' `from`",
 )
 DEAD_LETTERS = Topic("sms.dead-letters", purpose="what no stage could handle, with the reason")
+REPORTER_STATE = Topic(
+    "sms.reporter-state",
+    compacted=True,
+    purpose="reports parked for a later retry, co-partitioned with statuses and inbound",
+)
+DEAD_LETTERS_REDRIVEN = Topic(
+    "sms.dead-letters-redriven",
+    partitions=1,
+    compacted=True,
+    purpose="dead letters already re-driven, keyed by their partition and offset",
+)
 
 ALL_TOPICS: tuple[Topic, ...] = (
     RECIPIENTS,
@@ -81,6 +92,8 @@ ALL_TOPICS: tuple[Topic, ...] = (
     SENDER_STATE,
     NUMBER_FORMATS,
     DEAD_LETTERS,
+    REPORTER_STATE,
+    DEAD_LETTERS_REDRIVEN,
 )
 
 

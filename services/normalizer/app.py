@@ -5,6 +5,15 @@ Range assignor puts partition N of both on one member) and writes ``sms.statuses
 is ``join.Joiner``; the state per correlation key lives in a ``ChangelogStore`` backed by
 ``sms.normalizer-state``, so a restarted or rebalanced instance picks up where the last one was.
 
+Replies and STOP callbacks (``replies.ReplyRouter``) become ``sms.inbound`` messages for Optimove
+and, for keywords and STOPs, ``sms.opt-outs`` changes. They are forwarded at once, joined or not
+(a reply to nothing we sent is still a reply), and deduplicated by provider event id through an
+entry of the same store that expires after ``inbound_dedupe_s``; only a reply that names its
+message but finds no tenant without that message's dispatch record waits for it, like an early
+status. Joining an accepted dispatch records how Optimove wrote the number on
+``sms.number-formats``, which replies read back. A reply runs under its correlation key's lock,
+like the join, so a dispatch releasing a held reply and a repeat of that reply never race.
+
 Every change of a key's state is published together with the statuses and dead letters it caused,
 under that key's lock, before the input offset may be committed (the handler publishes itself and
 returns nothing to the runner): a record handler and the timers never reorder one key's changelog.
@@ -18,23 +27,61 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 from aiokafka import TopicPartition
 
 from services.normalizer import metrics
 from services.normalizer.join import Joiner, JoinPolicy, JoinResult, JoinState
+from services.normalizer.replies import (
+    NumberDirectory,
+    ReplyRouter,
+    RoutedReply,
+    UnroutableReply,
+    tenant_number_key,
+)
 from shared.config import Settings
-from shared.events import DispatchRecord, E, ProviderEvent, SchemaError, decode
+from shared.events import (
+    DeadLetter,
+    DispatchRecord,
+    E,
+    NumberFormat,
+    ProviderEvent,
+    SchemaError,
+    decode,
+)
 from shared.kafka import KafkaUnavailable, OutRecord, Publisher
+from shared.logs import mask_number
 from shared.runner import PoisonRecord, Record
 from shared.service import ConsumerService, Service, run_service
-from shared.store import ChangelogStore, Entry, KeyLocks, PartitionNotReady
-from shared.topics import DEAD_LETTERS, DISPATCHES, NORMALIZER_STATE, PROVIDER_EVENTS, STATUSES
+from shared.store import ChangelogStore, Entry, GlobalTable, KeyLocks, PartitionNotReady
+from shared.topics import (
+    DEAD_LETTERS,
+    DISPATCHES,
+    INBOUND,
+    NORMALIZER_STATE,
+    NUMBER_FORMATS,
+    OPT_OUTS,
+    PROVIDER_EVENTS,
+    STATUSES,
+)
 
 log = logging.getLogger(__name__)
 
 NAME = "normalizer"
 INPUT_TOPICS = (DISPATCHES.name, PROVIDER_EVENTS.name)
+# Store keys of forwarded replies' event ids. Correlation keys start with a provider account
+# name or "message:", so these never meet a join entry.
+SEEN_REPLY_PREFIX = "seen-reply#"
+
+
+@dataclass(frozen=True)
+class _Reply:
+    """A reply to forward (with ``routed``) or to dead-letter (with ``unroutable``)."""
+
+    event: ProviderEvent
+    routed: RoutedReply | None = None
+    unroutable: str = ""
 
 
 @dataclass(frozen=True)
@@ -45,6 +92,9 @@ class _Change:
     previous: Entry | None
     result: JoinResult
     received: ProviderEvent | None = None
+    # How Optimove wrote the number of a dispatch joined by this change, if worth recording.
+    number_format: NumberFormat | None = None
+    replies: tuple[_Reply, ...] = ()
 
 
 class NormalizerHandler:
@@ -62,11 +112,20 @@ class NormalizerHandler:
             JoinPolicy(
                 unmatched_after_s=settings.normalizer.unmatched_after_s,
                 dlr_timeout_s=settings.normalizer.dlr_timeout_s,
+                keep_finished_s=settings.normalizer.keep_finished_s,
             )
         )
         self.store = ChangelogStore(
             settings.kafka, NORMALIZER_STATE, state_dir=settings.normalizer.state_dir, name=NAME
         )
+        self.number_formats = GlobalTable(
+            settings.kafka, NUMBER_FORMATS, name=f"{NAME}-number-formats"
+        )
+        self.directory = NumberDirectory(
+            self.number_formats.get, refresh_s=settings.normalizer.number_format_refresh_s
+        )
+        self.replies = ReplyRouter.from_settings(settings, self.directory)
+        self.inbound_dedupe_s = settings.normalizer.inbound_dedupe_s
         self.locks = KeyLocks()
         self.timer_interval_s = timer_interval_s
         self.timer_batch = timer_batch
@@ -80,13 +139,19 @@ class NormalizerHandler:
 
     async def start(self, publisher: Publisher) -> None:
         self._publisher = publisher
+        # Replies need the directory caught up, or their ``from`` would fall back to digits.
+        await self.number_formats.start()
         self._timer_task = asyncio.create_task(self._run_timers(), name=f"{NAME}-timers")
 
     async def stop(self) -> None:
         if self._timer_task is not None:
-            self._timer_task.cancel()
+            # A pass under way finishes first: cancelled between two sends, it could leave a
+            # status on Kafka without the changelog record saying it was emitted.
+            async with self._timer_pass:
+                self._timer_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._timer_task
+        await self.number_formats.stop()
         self.store.close()
 
     async def on_assigned(self, partitions: set[TopicPartition]) -> None:
@@ -113,6 +178,7 @@ class NormalizerHandler:
                 record.partition,
                 key,
                 lambda state, now: self.joiner.on_dispatch(state, dispatch, now),
+                joins=dispatch,
             )
         elif record.topic == PROVIDER_EVENTS.name:
             await self._provider_event(record.partition, key, _decode(ProviderEvent, record.value))
@@ -130,8 +196,7 @@ class NormalizerHandler:
                 received=event,
             )
         else:
-            # Replies and STOP need their own stage (opt-out list, Optimove incoming messages).
-            raise PoisonRecord(f"{event.kind}: inbound handling not yet built")
+            await self._reply(partition, key, event)
 
     async def _change(
         self,
@@ -139,14 +204,105 @@ class NormalizerHandler:
         key: str,
         step: Callable[[JoinState | None, float], JoinResult],
         received: ProviderEvent | None = None,
+        joins: DispatchRecord | None = None,
     ) -> None:
         if not self.store.is_ready(partition):
             await self.store.restore({partition})
         async with self.locks.hold(partition, key):
             previous = self.store.get_entry(partition, key)
             state = JoinState.from_value(previous.value) if previous is not None else None
-            result = step(state, self.clock())
-            await self._publish(partition, [_Change(key, previous, result, received)])
+            now = self.clock()
+            result = step(state, now)
+            number_format = None
+            if joins is not None and (state is None or state.dispatch is None):
+                number_format = self.directory.update_for(joins, datetime.fromtimestamp(now, UTC))
+            replies = self._released(partition, result)
+            await self._publish(
+                partition, [_Change(key, previous, result, received, number_format, replies)]
+            )
+
+    # -- replies -------------------------------------------------------------------------------
+
+    async def _reply(self, partition: int, key: str, event: ProviderEvent) -> None:
+        """Forward a reply (and its opt-out change) once per provider event id."""
+        if not self.store.is_ready(partition):
+            await self.store.restore({partition})
+        async with self.locks.hold(partition, key):
+            previous = self.store.get_entry(partition, key)
+            state = JoinState.from_value(previous.value) if previous is not None else None
+            if self._forwarded(partition, event) or (
+                state is not None and event.event_id in state.seen_event_ids
+            ):
+                metrics.INBOUND_DUPLICATES.labels(event.provider_kind).inc()
+                return
+            dispatch = state.dispatch if state is not None else None
+            try:
+                routed = self.replies.route(event, dispatch)
+            except UnroutableReply as exc:
+                if dispatch is None and event.provider_message_id:
+                    # Its message's dispatch record may still be on its way: it names the tenant.
+                    held = self.joiner.hold_reply(state, event, self.clock())
+                    await self._publish(partition, [_Change(key, previous, held)])
+                    metrics.INBOUND_HELD.labels(event.provider_kind).inc()
+                    log.info(
+                        "%s held for its dispatch record",
+                        event.kind,
+                        extra={"provider_account": event.provider_account},
+                    )
+                    return
+                # Not marked as forwarded: a re-driven copy gets another chance.
+                metrics.INBOUND_UNROUTABLE.labels(event.provider_kind).inc()
+                raise PoisonRecord(f"{event.kind}: {exc}") from None
+            unchanged = JoinResult(state)
+            await self._publish(
+                partition, [_Change(key, previous, unchanged, replies=(_Reply(event, routed),))]
+            )
+
+    def _forwarded(self, partition: int, event: ProviderEvent) -> bool:
+        return self.store.get_entry(partition, SEEN_REPLY_PREFIX + event.event_id) is not None
+
+    def _released(self, partition: int, result: JoinResult) -> tuple[_Reply, ...]:
+        """Route the replies a dispatch record released, with that dispatch."""
+        dispatch = result.state.dispatch if result.state is not None else None
+        replies: list[_Reply] = []
+        for event in result.released_replies:
+            if self._forwarded(partition, event):
+                metrics.INBOUND_DUPLICATES.labels(event.provider_kind).inc()
+                continue
+            try:
+                replies.append(_Reply(event, routed=self.replies.route(event, dispatch)))
+            except UnroutableReply as exc:
+                replies.append(_Reply(event, unroutable=f"{event.kind}: {exc}"))
+        return tuple(replies)
+
+    def _reply_outputs(self, partition: int, reply: _Reply, now: float) -> list[OutRecord]:
+        event, routed = reply.event, reply.routed
+        if routed is None:
+            dead = DeadLetter(
+                source_topic=PROVIDER_EVENTS.name,
+                stage=NAME,
+                reason=reply.unroutable,
+                key=event.correlation_key,
+                payload=event.to_bytes().decode("utf-8"),
+                attempts=1,
+                redrive_topic=PROVIDER_EVENTS.name,
+            )
+            return [OutRecord(DEAD_LETTERS, event.correlation_key, dead)]
+        outputs = [OutRecord(INBOUND, routed.tenant, routed.inbound)]
+        change = routed.opt_out_change
+        if change is not None:
+            outputs.append(
+                OutRecord(OPT_OUTS, tenant_number_key(change.tenant, change.number), change)
+            )
+        outputs.append(
+            self.store.put(
+                partition,
+                SEEN_REPLY_PREFIX + event.event_id,
+                {"provider_event_id": event.event_id, "forwarded_at": now},
+                now + self.inbound_dedupe_s,
+            )
+        )
+        return outputs
 
     # -- timers --------------------------------------------------------------------------------
 
@@ -180,13 +336,17 @@ class NormalizerHandler:
                     entry = self.store.get_entry(partition, key)
                     if entry is None or entry.due_at is None or entry.due_at > now:
                         continue
-                    state = JoinState.from_value(entry.value)
-                    changes.append(_Change(key, entry, self.joiner.on_timer(state, now)))
+                    changes.append(_Change(key, entry, self._on_timer(key, entry, now)))
                 await self._publish(partition, changes)
             fired += len(changes)
             if len(due) < self.timer_batch:
                 break
         return fired
+
+    def _on_timer(self, key: str, entry: Entry, now: float) -> JoinResult:
+        if key.startswith(SEEN_REPLY_PREFIX):
+            return JoinResult(None, changed=True)  # a repeat this late is a new reply
+        return self.joiner.on_timer(JoinState.from_value(entry.value), now)
 
     async def _run_timers(self) -> None:
         while True:
@@ -201,13 +361,17 @@ class NormalizerHandler:
     # -- outputs -------------------------------------------------------------------------------
 
     async def _publish(self, partition: int, changes: Sequence[_Change]) -> None:
-        """Store and publish the changes (statuses, dead letters, changelog) or undo them."""
+        """Store and publish the changes (statuses, replies, dead letters, number formats,
+        changelog) together, or undo them."""
         if self._publisher is None:
             raise RuntimeError(f"{NAME} handler used before start()")
         outputs: list[OutRecord] = []
         written: list[_Change] = []
+        now = self.clock()
         for change in changes:
             result = change.result
+            for reply in change.replies:
+                outputs.extend(self._reply_outputs(partition, reply, now))
             outputs.extend(OutRecord(STATUSES, s.context.message_id, s) for s in result.statuses)
             outputs.extend(
                 OutRecord(DEAD_LETTERS, dead.key or change.key, dead)
@@ -218,12 +382,25 @@ class NormalizerHandler:
                 due_at = self.joiner.due_at(result.state)
                 outputs.append(self.store.put(partition, change.key, value, due_at))
                 written.append(change)
+            if change.number_format is not None:
+                record = change.number_format
+                outputs.append(
+                    OutRecord(
+                        NUMBER_FORMATS, tenant_number_key(record.tenant, record.number), record
+                    )
+                )
         try:
             await self._publisher.publish(outputs)
         except BaseException:
             self._undo(partition, written)
+            for change in changes:
+                if change.number_format is not None:
+                    self.directory.withdraw(change.number_format)
+                self._unmark(partition, change.replies)
             raise
         for change in changes:
+            if change.number_format is not None:
+                metrics.NUMBER_FORMATS_WRITTEN.inc()
             self._observe(change)
 
     def _observe(self, change: _Change) -> None:
@@ -258,6 +435,24 @@ class NormalizerHandler:
         for provider in result.unmatched_providers:
             metrics.DLR_UNMATCHED.labels(provider).inc()
             log.warning("%s provider event dead-lettered: no dispatch record in time", provider)
+        for provider in result.unmatched_reply_providers:
+            metrics.INBOUND_UNROUTABLE.labels(provider).inc()
+            log.warning(
+                "%s reply dead-lettered: no tenant and no dispatch record in time", provider
+            )
+        for reply in change.replies:
+            if reply.routed is not None:
+                _observe_reply(reply.event, reply.routed)
+            else:
+                metrics.INBOUND_UNROUTABLE.labels(reply.event.provider_kind).inc()
+                log.warning("reply dead-lettered: %s", reply.unroutable)
+
+    def _unmark(self, partition: int, replies: Iterable[_Reply]) -> None:
+        """Forget that these replies were forwarded: their publication failed."""
+        with contextlib.suppress(PartitionNotReady):
+            for reply in replies:
+                if reply.routed is not None:
+                    self.store.put(partition, SEEN_REPLY_PREFIX + reply.event.event_id, None)
 
     def _undo(self, partition: int, written: Iterable[_Change]) -> None:
         """Put back what was stored, so a retry recomputes (and republishes) the same outputs."""
@@ -272,6 +467,27 @@ class NormalizerHandler:
                 )
 
 
+def _observe_reply(event: ProviderEvent, routed: RoutedReply) -> None:
+    """Metrics and log of a reply that Kafka acknowledged."""
+    metrics.INBOUND_MESSAGES.labels(event.provider_kind, event.kind).inc()
+    change = routed.opt_out_change
+    source = routed.opt_out_source
+    if source is not None:
+        metrics.OPT_OUTS.labels(source).inc()
+    elif change is not None:
+        metrics.OPT_INS.inc()
+    log.info(
+        "reply forwarded%s",
+        "" if change is None else (" (opt-out)" if change.opted_out else " (opt-in)"),
+        extra={
+            "tenant": routed.tenant,
+            "number": mask_number(routed.number),
+            "provider_account": event.provider_account,
+            **({"message_id": routed.message_id} if routed.message_id else {}),
+        },
+    )
+
+
 def _state_partitions(partitions: Iterable[TopicPartition]) -> set[int]:
     return {tp.partition for tp in partitions if tp.topic in INPUT_TOPICS}
 
@@ -283,13 +499,14 @@ def _decode(model: type[E], raw: bytes | None) -> E:
         raise PoisonRecord(str(exc)) from None
 
 
-def build(settings: Settings) -> Service:
+def build(settings: Settings, handler: NormalizerHandler | None = None) -> Service:
+    """The normalizer service; ``handler`` lets a test give it another clock."""
     return ConsumerService(
         name=NAME,
         settings=settings,
         runner_settings=settings.normalizer.runner,
         topics=INPUT_TOPICS,
-        handler=NormalizerHandler(settings),
+        handler=handler or NormalizerHandler(settings),
     )
 
 

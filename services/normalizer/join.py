@@ -7,6 +7,10 @@ status events to emit and the events it gives up on. Nothing here touches Kafka 
 The one monotonic guard of the pipeline lives here: a status is emitted only if it moves the
 message forward (``shared.statuses.is_forward``), so after a final status every later report is
 dropped, an event seen twice changes nothing, and ``sent`` after ``delivered`` is ignored.
+
+A reply that carries its message's id but can be given a tenant only through that message's
+dispatch record (``replies.py``) is held like an early status; the dispatch releases it to the
+caller (``JoinResult.released_replies``), the unmatched timer dead-letters it.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from shared.statuses import SubStatus, is_forward
 from shared.topics import PROVIDER_EVENTS
 
 STAGE = "normalizer"
+REPLY_KINDS: frozenset[str] = frozenset({"inbound", "opt_out"})
 
 DropReason = Literal["duplicate", "after_final", "not_forward", "unknown_status"]
 
@@ -89,7 +94,11 @@ class JoinResult:
     dead_letters: list[DeadLetter] = field(default_factory=list)
     # Provider kinds of the held events given up on, one per dead letter.
     unmatched_providers: list[str] = field(default_factory=list)
+    # The same for held replies (counted apart: they are not delivery reports).
+    unmatched_reply_providers: list[str] = field(default_factory=list)
     dropped: list[DropReason] = field(default_factory=list)
+    # Held replies the dispatch record arrived for: the caller routes them with it.
+    released_replies: list[ProviderEvent] = field(default_factory=list)
 
 
 class Joiner:
@@ -140,7 +149,15 @@ class Joiner:
         )
         held, state.held, state.held_since = state.held, [], None
         for event in held:
-            self._apply_event(state, result, event, now)
+            if event.kind in REPLY_KINDS:
+                result.released_replies.append(event)
+            else:
+                self._apply_event(state, result, event, now)
+        if result.released_replies:
+            # From here the caller's own record of forwarded replies recognises a repeat, and a
+            # reply it could not route stays re-drivable.
+            released = {event.event_id for event in result.released_replies}
+            state.seen_event_ids = [i for i in state.seen_event_ids if i not in released]
         # A replayed dispatch record changes nothing and needs no write.
         result.changed = state != stored
         return result
@@ -164,6 +181,21 @@ class Joiner:
             return result
         self._apply_event(state, result, event, now)
         return result
+
+    def hold_reply(self, stored: JoinState | None, event: ProviderEvent, now: float) -> JoinResult:
+        """Keep a reply until its dispatch record arrives (the caller found no tenant without)."""
+        if stored is not None and stored.dispatch is not None:
+            raise ValueError("the dispatch record is here: route the reply, do not hold it")
+        if stored is not None and event.event_id in stored.seen_event_ids:
+            return JoinResult(stored, dropped=["duplicate"])
+        state = _working_copy(stored)
+        state.seen_event_ids = [*state.seen_event_ids, event.event_id][
+            -self.policy.max_seen_event_ids :
+        ]
+        state.held.append(event)
+        if state.held_since is None:
+            state.held_since = now
+        return JoinResult(state, changed=True)
 
     def on_timer(self, stored: JoinState | None, now: float) -> JoinResult:
         due = self.due_at(stored)
@@ -254,12 +286,20 @@ class Joiner:
     def _give_up_unmatched(self, state: JoinState) -> JoinResult:
         result = JoinResult(None, changed=True)
         for event in state.held:
-            result.unmatched_providers.append(event.provider_kind)
+            if event.kind in REPLY_KINDS:
+                result.unmatched_reply_providers.append(event.provider_kind)
+                reason = (
+                    f"{event.kind}: no tenant for the reply and no dispatch record for "
+                    f"{event.correlation_key}"
+                )
+            else:
+                result.unmatched_providers.append(event.provider_kind)
+                reason = f"no dispatch record for {event.correlation_key}"
             result.dead_letters.append(
                 DeadLetter(
                     source_topic=PROVIDER_EVENTS.name,
                     stage=STAGE,
-                    reason=f"no dispatch record for {event.correlation_key}",
+                    reason=reason,
                     key=event.correlation_key,
                     payload=event.to_bytes().decode("utf-8"),
                     attempts=1,

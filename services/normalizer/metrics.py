@@ -26,3 +26,33 @@ DLR_UNMATCHED = Counter(
     "Provider events dead-lettered because no dispatch record arrived in time.",
     ["provider"],
 )
+INBOUND_MESSAGES = Counter(
+    f"{PREFIX}_inbound_messages_total",
+    "Replies and STOP callbacks forwarded to Optimove, by provider kind and event kind.",
+    ["provider", "kind"],
+)
+INBOUND_HELD = Counter(
+    f"{PREFIX}_inbound_held_total",
+    "Replies naming a message whose dispatch record is needed to find their tenant, held for it.",
+    ["provider"],
+)
+INBOUND_DUPLICATES = Counter(
+    f"{PREFIX}_inbound_duplicates_total",
+    "Replies and STOP callbacks not forwarded again: the same provider event was seen before.",
+    ["provider"],
+)
+INBOUND_UNROUTABLE = Counter(
+    f"{PREFIX}_inbound_unroutable_total",
+    "Replies and STOP callbacks dead-lettered: no tenant, or no usable number, for them.",
+    ["provider"],
+)
+OPT_OUTS = Counter(
+    f"{PREFIX}_optout_total",
+    "Opt-outs recorded, by source: 'keyword' (a reply) or 'provider' (a provider STOP callback).",
+    ["source"],
+)
+OPT_INS = Counter(f"{PREFIX}_optin_total", "Opt-ins recorded (a reply with an opt-in keyword).")
+NUMBER_FORMATS_WRITTEN = Counter(
+    f"{PREFIX}_number_formats_written_total",
+    "Records written to the number directory (how Optimove wrote a number, for replies' from).",
+)

@@ -1,9 +1,13 @@
-"""The reporter service: ``sms.statuses`` and ``sms.inbound`` to each tenant's Optimove."""
+"""The reporter service: ``sms.statuses`` and ``sms.inbound`` to each tenant's Optimove.
+
+Reports that Optimove does not take within a few seconds are parked in ``sms.reporter-state``
+(compacted, co-partitioned with both inputs) and retried by a timer; see ``handler.py`` for when
+an offset is committed and why nothing is lost.
+"""
 
 from __future__ import annotations
 
-from services.reporter.handler import STAGE, ReporterHandler
-from shared import topics
+from services.reporter.handler import INPUT_TOPICS, STAGE, ReporterHandler
 from shared.config import Settings
 from shared.service import ConsumerService, Service, run_service
 
@@ -13,7 +17,7 @@ def build(settings: Settings) -> Service:
         name=STAGE,
         settings=settings,
         runner_settings=settings.reporter.runner,
-        topics=[topics.STATUSES.name, topics.INBOUND.name],
+        topics=INPUT_TOPICS,
         handler=ReporterHandler(settings),
     )
 

@@ -1,9 +1,11 @@
 """Posting signed requests to Optimove, and the one retry policy for them (decisions.md §7).
 
 ``RetryPolicy.decide`` is the single place that turns the result of one attempt into accept /
-retry (and after how long) / refuse / give up. ``ReportSender.deliver`` is the in-process loop
-around it; a later retry-topic design calls ``attempt`` and ``decide`` itself and carries the time
-of the first attempt along with the record.
+retry (and after how long) / refuse / give up. ``ReportSender.deliver`` is the in-memory loop
+around it; given a ``budget_s`` and a ``gate`` (the tenant's circuit) it stops early with a
+``RETRY`` outcome, and the caller parks the report (``services/reporter/parking.py``), whose
+timer later calls ``attempt`` and ``decide`` itself with the time of the first attempt carried
+along.
 
 Retried: network errors, timeouts, 5xx and 429, with exponential backoff and full jitter (or the
 server's ``Retry-After``), each wait capped by ``max_backoff_s``, until ``give_up_after_s`` has
@@ -21,6 +23,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from enum import StrEnum
+from typing import Protocol
 
 import aiohttp
 
@@ -76,6 +79,19 @@ class AttemptResult:
         if self.status_code is not None:
             return f"HTTP {self.status_code}"
         return self.error or "no answer"
+
+    @property
+    def failure_code(self) -> str:
+        """A bounded metric label for an attempt that was not accepted."""
+        if self.status_code is not None:
+            return str(self.status_code)
+        return "timeout" if self.error.startswith("timeout") else "network"
+
+
+# What a report has to show before its first attempt (parked at once: its tenant was failing).
+NOT_ATTEMPTED = AttemptResult(
+    status_code=None, error="not attempted: the tenant's Optimove is failing (circuit open)"
+)
 
 
 class Action(StrEnum):
@@ -148,7 +164,8 @@ class RetryPolicy:
 
 @dataclass(frozen=True)
 class DeliveryOutcome:
-    """The end of a delivery: accepted, refused, or given up on."""
+    """The end of a delivery: accepted, refused, given up on, or (``RETRY``) not over yet: the
+    budget or the gate stopped it, and ``decision.delay_s`` says when to attempt again."""
 
     decision: Decision
     attempts: int
@@ -161,6 +178,22 @@ class DeliveryOutcome:
 
 
 AttemptObserver = Callable[[AttemptResult, Decision], None]
+
+
+class Gate(Protocol):
+    """Whether a request may go now (``services/reporter/circuit.py``)."""
+
+    def acquire(self) -> object | None:
+        """A permit to send one request, or None when none may go now."""
+        ...
+
+    def release(self, permit: object, result: AttemptResult | None) -> None:
+        """Return the permit with what the request got (None: it never finished)."""
+        ...
+
+    def next_attempt_at(self) -> float:
+        """When a request may next go, on the sender's clock."""
+        ...
 
 
 async def _read_prefix(response: aiohttp.ClientResponse, limit: int) -> bytes:
@@ -227,18 +260,55 @@ class ReportSender:
             )
 
     async def deliver(
-        self, request: SignedRequest, on_attempt: AttemptObserver | None = None
+        self,
+        request: SignedRequest,
+        on_attempt: AttemptObserver | None = None,
+        *,
+        gate: Gate | None = None,
+        budget_s: float | None = None,
+        first_attempt_at: float | None = None,
     ) -> DeliveryOutcome:
-        """Attempt until accepted, refused, or given up on; ``on_attempt`` sees every attempt."""
-        first_attempt_at = self.clock()
+        """Attempt until accepted, refused, or given up on; ``on_attempt`` sees every attempt.
+
+        With a ``gate``, every attempt needs its permit; with a ``budget_s``, no wait may end
+        later than that after the call. Either ends the loop early with a ``RETRY`` outcome
+        whose ``delay_s`` says when the next attempt is due. ``first_attempt_at`` (on the
+        sender's clock) counts the give-up age from an earlier moment than now.
+        """
+        started = self.clock()
+        first = started if first_attempt_at is None else first_attempt_at
         attempts = 0
+        last = NOT_ATTEMPTED
         while True:
+            permit: object | None = None
+            if gate is not None:
+                permit = gate.acquire()
+                if permit is None:
+                    now = self.clock()
+                    return DeliveryOutcome(
+                        Decision(
+                            Action.RETRY,
+                            delay_s=max(0.0, gate.next_attempt_at() - now),
+                            reason=last.describe() if attempts else NOT_ATTEMPTED.error,
+                        ),
+                        attempts,
+                        last,
+                        now - first,
+                    )
+            result: AttemptResult | None = None
+            try:
+                result = await self.attempt(request)
+            finally:
+                if gate is not None:
+                    gate.release(permit, result)
             attempts += 1
-            result = await self.attempt(request)
-            elapsed_s = self.clock() - first_attempt_at
+            last = result
+            elapsed_s = self.clock() - first
             decision = self.policy.decide(result, attempts, elapsed_s, self.jitter)
             if on_attempt is not None:
                 on_attempt(result, decision)
             if decision.action is not Action.RETRY:
+                return DeliveryOutcome(decision, attempts, result, elapsed_s)
+            if budget_s is not None and self.clock() + decision.delay_s > started + budget_s:
                 return DeliveryOutcome(decision, attempts, result, elapsed_s)
             await self.sleep(decision.delay_s)

@@ -1,10 +1,32 @@
 """The reporter's record handler: status events become delivery reports, replies are batched.
 
-A record's handler returns only once Optimove accepted its report (the offset may then commit),
-or with a dead letter for it (committed once the dead letter is on Kafka). Records of
-``sms.statuses`` are keyed by message id, so the runner keeps one message's reports in order.
-Records of ``sms.inbound`` are keyed by tenant; they run unchained so that many can wait in one
-batch, and ``InboundBatcher`` sends one tenant's batches one after another, in order.
+When is an offset committed? Once the record's report was accepted by Optimove, dead-lettered, or
+durably parked: its entry in the compacted ``sms.reporter-state`` acknowledged by Kafka (acks=all).
+This is the retry-topic pattern: a parked report is retried by the timer of whichever instance
+owns its partition (restored from the changelog after a rebalance or a crash), so nothing is lost.
+A crash repeats at most the reports taken but not committed, which the reporter's runner bounds
+by ``runner.max_in_flight`` (``hold_slots_until_committed``), plus the retries of parked reports
+under way (``parked_max_in_flight``).
+
+One record:
+
+1. Unknown tenant: dead letter.
+2. A delivery report for a message that already has parked reports queues behind them (parked
+   too): the order per message holds across retries and restarts.
+3. Otherwise it is tried in memory for up to ``inline_retry_s`` while its tenant's circuit lets
+   requests through (``circuit.py``). Accepted: done. Refused (4xx but 429) or older than
+   ``give_up_after_s``: dead letter with status code, response excerpt and attempts. Still
+   failing, or the circuit is open: parked, ``due_at`` = its next attempt.
+
+The timer looks at due entries every ``parked_poll_interval_s``. Heads whose tenant's circuit lets
+a request through are sent (at most ``parked_max_in_flight`` at once; due replies of one tenant in
+one request); the others are moved to a later turn, or dead-lettered once too old. A tenant whose
+Optimove fails thus costs one request at a time, and the other tenants' reports flow at full speed.
+
+Records of ``sms.statuses`` are keyed by message id and the runner runs one key's records in
+order; records of ``sms.inbound`` (keyed by tenant) run unchained so that several wait in one
+batch, and ``InboundBatcher`` sends one tenant's batches one after another. Replies are separate
+messages: those parked during an outage reach Optimove after newer ones that were not.
 """
 
 from __future__ import annotations
@@ -12,12 +34,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+import random
+import time
+from collections.abc import Callable, Coroutine, Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
+import orjson
+from aiokafka import TopicPartition
+from pydantic import ValidationError
 
+from services.reporter.batching import InboundBatcher
+from services.reporter.circuit import Circuits, Permit, TenantCircuit
 from services.reporter.delivery import (
     Action,
     AttemptObserver,
@@ -28,150 +57,180 @@ from services.reporter.delivery import (
     RetryPolicy,
 )
 from services.reporter.metrics import (
+    ATTEMPT_FAILURES,
     KIND_DELIVERY,
     KIND_INCOMING,
+    KINDS,
     OPTIMOVE_UNAUTHORIZED,
     REPORT_REQUEST_DURATION,
     REPORTS,
     RESULT_ACCEPTED,
     RESULT_DEAD_LETTERED,
-    RESULT_RETRIED,
+    RESULT_PARKED,
+    STATUS_REPLY,
+)
+from services.reporter.parking import (
+    ParkedCounts,
+    ParkedEntry,
+    ParkedKind,
+    ParkedReport,
+    deferred_due_at,
+    delivery_key,
+    incoming_key,
+    key_prefix,
+    record_source,
 )
 from shared import metrics
 from shared.config import Settings, TenantSettings
 from shared.events import DeadLetter, E, InboundMessage, SchemaError, StatusEvent, decode
-from shared.kafka import OutRecord, Publisher
+from shared.kafka import KafkaUnavailable, OutRecord, Publisher
 from shared.logs import mask_number
 from shared.optimove import OptimoveContract
 from shared.runner import PoisonRecord, Record
-from shared.topics import DEAD_LETTERS, INBOUND, STATUSES
+from shared.store import ChangelogStore, Entry, KeyLocks, PartitionNotReady
+from shared.topics import DEAD_LETTERS, INBOUND, REPORTER_STATE, STATUSES
 
 log = logging.getLogger(__name__)
 
 STAGE = "reporter"
+INPUT_TOPICS = (STATUSES.name, INBOUND.name)
 # Metric label for records naming a tenant we do not know: bounded, unlike the name itself.
 UNKNOWN_TENANT_LABEL = "(unknown)"
-
-DeliverBatch = Callable[[str, list[InboundMessage]], Awaitable[DeliveryOutcome]]
-
-
-@dataclass
-class _OpenBatch:
-    result: asyncio.Future[DeliveryOutcome]
-    messages: list[InboundMessage] = field(default_factory=list)
-    timer: asyncio.TimerHandle | None = None
+# Due entries read per query of a timer pass.
+_DUE_BATCH = 500
+# With every retry place taken, the next pass waits for one to end, then this long for others.
+_BACKLOG_PAUSE_S = 0.05
 
 
-class InboundBatcher:
-    """Collects one tenant's replies into one request; every caller waits for its batch's fate.
+@dataclass(frozen=True)
+class _Change:
+    """One entry's next state, with the one it replaces (to undo it if publishing fails)."""
 
-    A batch is sealed when it holds ``max_size`` messages or ``max_delay_s`` after its first one,
-    whichever comes first. Sealed batches of one tenant are delivered one at a time, oldest
-    first, so replies reach Optimove in the order they were read.
+    key: str
+    previous: Entry | None
+    entry: ParkedEntry | None
+    due_at: float | None
+    dead_letters: Sequence[OutRecord] = ()
+    # Metrics and logs, run once Kafka acknowledged the change.
+    observe: Callable[[], None] | None = None
+
+
+class _HeldPermit:
+    """A circuit permit handed to a retry task: returned exactly once, however the task ends.
+
+    A probe permit never returned would keep its tenant's circuit from ever probing again.
     """
 
-    def __init__(self, deliver: DeliverBatch, *, max_size: int, max_delay_s: float) -> None:
-        self._deliver = deliver
-        self.max_size = max(1, max_size)
-        self.max_delay_s = max(0.0, max_delay_s)
-        self._open: dict[str, _OpenBatch] = {}
-        self._locks: dict[str, asyncio.Lock] = {}
-        self._sending: set[asyncio.Task[None]] = set()
+    def __init__(self, circuit: TenantCircuit, permit: Permit) -> None:
+        self.circuit = circuit
+        self.permit = permit
+        self._released = False
 
-    async def submit(self, tenant: str, message: InboundMessage) -> DeliveryOutcome:
-        loop = asyncio.get_running_loop()
-        batch = self._open.get(tenant)
-        if batch is None:
-            batch = _OpenBatch(result=loop.create_future())
-            batch.result.add_done_callback(_consume_exception)
-            batch.timer = loop.call_later(self.max_delay_s, self._seal, tenant, batch)
-            self._open[tenant] = batch
-        batch.messages.append(message)
-        if len(batch.messages) >= self.max_size:
-            self._seal(tenant, batch)
-        # Shielded: one caller being cancelled must not cancel the batch of the others.
-        return await asyncio.shield(batch.result)
-
-    def _seal(self, tenant: str, batch: _OpenBatch) -> None:
-        if self._open.get(tenant) is not batch:
-            return
-        del self._open[tenant]
-        if batch.timer is not None:
-            batch.timer.cancel()
-        # Taking the lock's place in line now (not when the task first runs) keeps batch order.
-        lock = self._locks.setdefault(tenant, asyncio.Lock())
-        task = asyncio.create_task(self._send(tenant, batch, lock), name=f"inbound-{tenant}")
-        self._sending.add(task)
-        task.add_done_callback(self._sending.discard)
-
-    async def _send(self, tenant: str, batch: _OpenBatch, lock: asyncio.Lock) -> None:
-        try:
-            async with lock:
-                outcome = await self._deliver(tenant, batch.messages)
-        except asyncio.CancelledError:
-            batch.result.cancel()
-            raise
-        except Exception as exc:
-            # A bug, not Optimove's answer: every waiting record fails and the runner retries it.
-            batch.result.set_exception(exc)
-        else:
-            batch.result.set_result(outcome)
-
-    async def close(self) -> None:
-        """Abandon what is not delivered yet; its records are not committed and come back."""
-        for batch in self._open.values():
-            if batch.timer is not None:
-                batch.timer.cancel()
-            batch.result.cancel()
-        self._open.clear()
-        sending = list(self._sending)
-        for task in sending:
-            task.cancel()
-        for task in sending:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-
-
-def _consume_exception(future: asyncio.Future[DeliveryOutcome]) -> None:
-    # Every waiter may have been cancelled already; the exception is not lost, only unawaited.
-    if not future.cancelled():
-        future.exception()
+    def release(self, result: AttemptResult | None) -> None:
+        if not self._released:
+            self._released = True
+            self.circuit.release(self.permit, result)
 
 
 class ReporterHandler:
     """Consumes ``sms.statuses`` and ``sms.inbound`` and reports them to each tenant's Optimove."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        clock: Callable[[], float] = time.time,
+        jitter: Callable[[], float] = random.random,
+    ) -> None:
         self.settings = settings
+        self.options = settings.reporter
         self.contract = OptimoveContract(settings.optimove)
         self.policy = RetryPolicy.from_settings(settings.reporter)
+        self.clock = clock
+        self.jitter = jitter
+        self.circuits = Circuits(
+            failure_threshold=self.options.circuit_failure_threshold,
+            policy=self.policy,
+            clock=clock,
+            jitter=jitter,
+        )
+        self.store = ChangelogStore(
+            settings.kafka, REPORTER_STATE, state_dir=self.options.state_dir, name=STAGE
+        )
+        self.locks = KeyLocks()
+        self.parked = ParkedCounts()
         self.batcher = InboundBatcher(
             self._deliver_incoming,
-            max_size=settings.reporter.inbound_batch_size,
-            max_delay_s=settings.reporter.inbound_batch_delay_s,
+            max_size=self.options.inbound_batch_size,
+            max_delay_s=self.options.inbound_batch_delay_s,
         )
         self._session: aiohttp.ClientSession | None = None
         self._sender: ReportSender | None = None
+        self._publisher: Publisher | None = None
+        self._assigned: set[TopicPartition] = set()
+        self._timer_task: asyncio.Task[None] | None = None
+        # Held by a timer pass; a revoke waits for it so that no pass writes a lost partition.
+        self._timer_pass = asyncio.Lock()
+        # (partition, key) of parked entries being retried now, and the task retrying them.
+        self._retrying: dict[tuple[int, str], asyncio.Task[None]] = {}
 
     # -- lifecycle (called by ConsumerService) ---------------------------------------------------
 
     async def start(self, publisher: Publisher) -> None:
-        # Outputs go back to the runner, which publishes them; the publisher is not needed here.
-        del publisher
-        connector = aiohttp.TCPConnector(limit=max(10, self.settings.reporter.runner.max_in_flight))
+        self._publisher = publisher
+        connector = aiohttp.TCPConnector(
+            limit=self.options.runner.max_in_flight + self.options.parked_max_in_flight
+        )
         self._session = aiohttp.ClientSession(
             connector=connector, cookie_jar=aiohttp.DummyCookieJar()
         )
         self._sender = ReportSender(
-            self._session, self.policy, self.settings.reporter.request_timeout_s
+            self._session,
+            self.policy,
+            self.options.request_timeout_s,
+            clock=self.clock,
+            jitter=self.jitter,
         )
+        self._timer_task = asyncio.create_task(self._run_timers(), name=f"{STAGE}-timers")
 
     async def stop(self) -> None:
+        if self._timer_task is not None:
+            self._timer_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._timer_task
+            self._timer_task = None
+        await self._cancel_retries(set(self._retrying.values()))
         await self.batcher.close()
         if self._session is not None:
             await self._session.close()
             self._session = None
             self._sender = None
+        self.parked.drop(self.store.partitions())
+        self.store.close()
+
+    async def on_assigned(self, partitions: set[TopicPartition]) -> None:
+        self._assigned |= partitions
+        try:
+            await self._ensure_ready(_state_partitions(partitions))
+        except KafkaUnavailable as exc:
+            # Not fatal: ``handle`` restores a partition before touching it, and retries.
+            log.warning("%s: restoring parked reports failed (%s); will retry", STAGE, exc)
+
+    async def on_revoked(self, partitions: set[TopicPartition]) -> None:
+        self._assigned -= partitions
+        # sms.statuses and sms.inbound share the state partitions: keep one still assigned.
+        gone = _state_partitions(partitions) - _state_partitions(self._assigned)
+        async with self._timer_pass:
+            await self._cancel_retries(
+                {task for (partition, _), task in self._retrying.items() if partition in gone}
+            )
+            self.store.drop(gone)
+            self.parked.drop(gone)
+
+    @property
+    def retrying(self) -> int:
+        """Parked entries whose retry is under way now."""
+        return len(self._retrying)
 
     @property
     def sender(self) -> ReportSender:
@@ -199,54 +258,543 @@ class ReporterHandler:
     async def _report_status(self, record: Record) -> Sequence[OutRecord]:
         event = _decode(StatusEvent, record)
         context = event.context
+        slug = context.tenant
         extra: dict[str, Any] = {
             "message_id": context.message_id,
-            "tenant": context.tenant,
+            "tenant": slug,
             "status": event.status,
             "sub_status": event.sub_status,
             "number": mask_number(context.mobile_number),
         }
-        tenant = self.settings.tenants.get(context.tenant)
+        tenant = self.settings.tenants.get(slug)
         if tenant is None:
-            return [self._unknown_tenant(record, context.tenant, KIND_DELIVERY, extra)]
-        request = self.contract.delivery_report(tenant, event)
-        outcome = await self.sender.deliver(
-            request, self._observer(context.tenant, KIND_DELIVERY, 1, extra)
-        )
-        if outcome.accepted:
-            REPORTS.labels(context.tenant, KIND_DELIVERY, RESULT_ACCEPTED).inc()
-            log.debug("delivery report accepted", extra={**extra, "attempts": outcome.attempts})
+            return [self._unknown_tenant(record, slug, KIND_DELIVERY, extra)]
+        await self._ensure_ready({record.partition})
+        key = delivery_key(slug, context.message_id)
+        report = ParkedReport.from_record(record, since=self.clock())
+        if await self._queue_behind(record.partition, key, report, event.status, extra):
             return []
-        self._log_not_delivered(KIND_DELIVERY, outcome, extra)
-        return [self._dead_letter(record, context.tenant, KIND_DELIVERY, outcome)]
+        outcome = await self.sender.deliver(
+            self.contract.delivery_report(tenant, event),
+            self._observer(slug, KIND_DELIVERY, 1, extra),
+            gate=self.circuits.get(slug),
+            budget_s=self.options.inline_retry_s,
+            first_attempt_at=report.since,
+        )
+        return await self._conclude(
+            record, key, KIND_DELIVERY, slug, event.status, report, outcome, extra
+        )
+
+    async def _queue_behind(
+        self, partition: int, key: str, report: ParkedReport, status: str, extra: dict[str, Any]
+    ) -> bool:
+        """Park ``report`` behind the message's parked reports, if it has any."""
+        async with self.locks.hold(partition, key):
+            previous = self.store.get_entry(partition, key)
+            if previous is None:
+                return False
+            parked = ParkedEntry.from_value(previous.value)
+            if parked.holds(report.source):
+                return True  # read again after a crash: already queued
+            slug = parked.tenant
+
+            def observe() -> None:
+                REPORTS.labels(slug, KIND_DELIVERY, status, RESULT_PARKED).inc()
+                log.debug("delivery report queued behind parked ones", extra=extra)
+
+            await self._write(
+                partition,
+                [_Change(key, previous, parked.queued(report), previous.due_at, observe=observe)],
+            )
+            return True
 
     # -- incoming messages -----------------------------------------------------------------------
 
     async def _report_inbound(self, record: Record) -> Sequence[OutRecord]:
         event = _decode(InboundMessage, record)
-        tenant = self.settings.tenants.get(event.tenant)
-        if tenant is None:
-            extra = {"tenant": event.tenant, "event_id": event.event_id}
-            return [self._unknown_tenant(record, event.tenant, KIND_INCOMING, extra)]
-        outcome = await self.batcher.submit(event.tenant, event)
-        if outcome.accepted:
-            REPORTS.labels(event.tenant, KIND_INCOMING, RESULT_ACCEPTED).inc()
-            return []
-        return [self._dead_letter(record, event.tenant, KIND_INCOMING, outcome)]
+        slug = event.tenant
+        extra: dict[str, Any] = {"tenant": slug, "event_id": event.event_id}
+        if slug not in self.settings.tenants:
+            return [self._unknown_tenant(record, slug, KIND_INCOMING, extra)]
+        await self._ensure_ready({record.partition})
+        key = incoming_key(slug, event.event_id)
+        if self.store.get_entry(record.partition, key) is not None:
+            return []  # read again after a crash: already parked
+        report = ParkedReport.from_record(record, since=self.clock())
+        outcome = await self.batcher.submit(slug, event)
+        return await self._conclude(
+            record, key, KIND_INCOMING, slug, STATUS_REPLY, report, outcome, extra
+        )
 
     async def _deliver_incoming(self, slug: str, messages: list[InboundMessage]) -> DeliveryOutcome:
         tenant: TenantSettings = self.settings.tenants[slug]
-        request = self.contract.incoming_messages(tenant, messages)
         extra: dict[str, Any] = {"tenant": slug, "messages": len(messages)}
         outcome = await self.sender.deliver(
-            request, self._observer(slug, KIND_INCOMING, len(messages), extra)
+            self.contract.incoming_messages(tenant, messages),
+            self._observer(slug, KIND_INCOMING, len(messages), extra),
+            gate=self.circuits.get(slug),
+            budget_s=self.options.inline_retry_s,
         )
         if outcome.accepted:
             log.debug("incoming messages accepted", extra={**extra, "attempts": outcome.attempts})
-        else:
+        elif outcome.decision.action is not Action.RETRY:
             # Logged once for the batch; each record dead-letters itself.
-            self._log_not_delivered(KIND_INCOMING, outcome, extra)
+            self._log_not_delivered(KIND_INCOMING, outcome.decision, outcome.attempts, extra)
         return outcome
+
+    # -- the end of an in-memory delivery --------------------------------------------------------
+
+    async def _conclude(
+        self,
+        record: Record,
+        key: str,
+        kind: ParkedKind,
+        slug: str,
+        status: str,
+        report: ParkedReport,
+        outcome: DeliveryOutcome,
+        extra: dict[str, Any],
+    ) -> Sequence[OutRecord]:
+        action = outcome.decision.action
+        if action is Action.ACCEPTED:
+            REPORTS.labels(slug, kind, status, RESULT_ACCEPTED).inc()
+            return []
+        if action is Action.RETRY:
+            parked = ParkedEntry(
+                kind=kind, tenant=slug, reports=[report.after(outcome.attempts, outcome.last)]
+            )
+            due_at = max(
+                self.clock() + outcome.decision.delay_s,
+                self.circuits.get(slug).next_attempt_at(),
+            )
+            await self._park(record.partition, key, parked, due_at, status, extra)
+            return []
+        if kind == KIND_DELIVERY:
+            self._log_not_delivered(kind, outcome.decision, outcome.attempts, extra)
+        REPORTS.labels(slug, kind, status, RESULT_DEAD_LETTERED).inc()
+        metrics.DEAD_LETTERS.labels(STAGE, record.topic).inc()
+        return [
+            _dead_letter(
+                source_topic=record.topic,
+                key=report.key,
+                fallback_key=record_source(record),
+                payload=report.payload,
+                reason=outcome.decision.reason,
+                attempts=outcome.attempts,
+                result=outcome.last,
+            )
+        ]
+
+    async def _park(
+        self,
+        partition: int,
+        key: str,
+        parked: ParkedEntry,
+        due_at: float,
+        status: str,
+        extra: dict[str, Any],
+    ) -> None:
+        async with self.locks.hold(partition, key):
+            previous = self.store.get_entry(partition, key)
+            entry: ParkedEntry = parked
+            due: float | None = due_at
+            if previous is not None:
+                # Only a replayed record finds one; the stored entry and its turn stand.
+                existing = ParkedEntry.from_value(previous.value)
+                if existing.holds(parked.head.source):
+                    return
+                entry, due = existing.queued(parked.head), previous.due_at
+
+            def observe() -> None:
+                REPORTS.labels(parked.tenant, parked.kind, status, RESULT_PARKED).inc()
+                log.debug(
+                    "%s report parked until %.0f (%s)",
+                    parked.kind,
+                    due or 0.0,
+                    parked.head.last_result().describe(),
+                    extra=extra,
+                )
+
+            await self._write(partition, [_Change(key, previous, entry, due, observe=observe)])
+
+    # -- timers: retrying parked reports ---------------------------------------------------------
+
+    async def _run_timers(self) -> None:
+        while True:
+            await self._next_turn()
+            try:
+                await self.fire_due(self.clock())
+            except KafkaUnavailable as exc:
+                log.warning("%s: parked reports not rescheduled (%s); next pass", STAGE, exc)
+            except Exception:
+                log.exception("%s: pass over parked reports failed", STAGE)
+
+    async def _next_turn(self) -> None:
+        """Sleep until the next pass: the interval, or less when retries wait for a free place."""
+        interval = self.options.parked_poll_interval_s
+        running = set(self._retrying.values())
+        if running and self._retry_capacity() <= 0:
+            # A backlog (a tenant back after an outage) drains as fast as retries end.
+            await asyncio.wait(running, timeout=interval, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.sleep(min(interval, _BACKLOG_PAUSE_S))
+        else:
+            await asyncio.sleep(interval)
+
+    async def fire_due(self, now: float) -> int:
+        """Retry or reschedule the parked reports due at ``now``; returns how many were touched.
+
+        Retries run in tasks of their own (this returns before they end); reschedules and dead
+        letters of this pass are on Kafka when it returns.
+        """
+        touched = 0
+        async with self._timer_pass:
+            for partition in self.store.partitions():
+                try:
+                    touched += await self._fire_partition(partition, now)
+                except KafkaUnavailable:
+                    raise
+                except Exception:
+                    # One partition's bad entry must not stop the timers of the others.
+                    log.exception("%s: parked reports of partition %d failed", STAGE, partition)
+        return touched
+
+    async def _fire_partition(self, partition: int, now: float) -> int:
+        touched = 0
+        while self.store.is_ready(partition) and self._retry_capacity() > 0:
+            due = self.store.due(partition, now, limit=_DUE_BATCH)
+            later: list[str] = []  # rescheduled or dead-lettered by this pass itself
+            replies: dict[str, list[str]] = {}
+            started = 0
+            for key, value in due:
+                if (partition, key) in self._retrying or self.locks.is_held(partition, key):
+                    continue
+                try:
+                    parked = ParkedEntry.from_value(value)
+                except ValidationError:
+                    later.append(key)
+                    continue
+                if parked.tenant not in self.settings.tenants:
+                    later.append(key)
+                elif parked.kind == KIND_INCOMING:
+                    replies.setdefault(parked.tenant, []).append(key)
+                elif self._retry_capacity() > 0:
+                    if self._start_retry(partition, [key], parked.tenant, self._retry_delivery):
+                        started += 1
+                    else:
+                        later.append(key)
+            for slug, keys in replies.items():
+                size = max(1, self.options.inbound_batch_size)
+                for chunk in (keys[i : i + size] for i in range(0, len(keys), size)):
+                    if self._retry_capacity() == 0:
+                        break
+                    if self._start_retry(partition, chunk, slug, self._retry_incoming):
+                        started += 1
+                    else:
+                        later.extend(chunk)
+            rescheduled = await self._reschedule(partition, later, now)
+            touched += started + rescheduled
+            if len(due) < _DUE_BATCH or started + rescheduled == 0:
+                break
+        return touched
+
+    def _retry_capacity(self) -> int:
+        return self.options.parked_max_in_flight - len(set(self._retrying.values()))
+
+    def _start_retry(
+        self,
+        partition: int,
+        keys: list[str],
+        slug: str,
+        retry: Callable[[int, list[str], _HeldPermit], Coroutine[Any, Any, None]],
+    ) -> bool:
+        """Start retrying ``keys`` if the tenant's circuit lets a request go now."""
+        circuit = self.circuits.get(slug)
+        permit = circuit.acquire()
+        if permit is None:
+            return False
+        held = _HeldPermit(circuit, permit)
+        task = asyncio.create_task(self._guarded(retry(partition, keys, held)))
+        for key in keys:
+            self._retrying[(partition, key)] = task
+
+        def _done(finished: asyncio.Task[None]) -> None:
+            held.release(None)  # if the task ended before its request did
+            for key in keys:
+                if self._retrying.get((partition, key)) is finished:
+                    del self._retrying[(partition, key)]
+
+        task.add_done_callback(_done)
+        return True
+
+    @staticmethod
+    async def _guarded(retry: Coroutine[Any, Any, None]) -> None:
+        try:
+            await retry
+        except (KafkaUnavailable, PartitionNotReady) as exc:
+            # The entry keeps its turn (or its partition moved on): a later pass sees to it.
+            log.warning("%s: retry of a parked report not recorded (%s)", STAGE, exc)
+        except Exception:
+            log.exception("%s: retry of a parked report failed", STAGE)
+
+    async def _cancel_retries(self, tasks: Iterable[asyncio.Task[None]]) -> None:
+        waiting = list(tasks)
+        for task in waiting:
+            task.cancel()
+        if waiting:
+            await asyncio.gather(*waiting, return_exceptions=True)
+
+    async def _retry_delivery(self, partition: int, keys: list[str], permit: _HeldPermit) -> None:
+        """Send the head of one message's parked reports, then record what came of it."""
+        (key,) = keys
+        entry = self.store.get_entry(partition, key)
+        if entry is None:
+            return
+        parked = ParkedEntry.from_value(entry.value)
+        head = parked.head
+        tenant = self.settings.tenants[parked.tenant]
+        try:
+            event = decode(StatusEvent, head.payload.encode("utf-8"))
+        except SchemaError as exc:
+            permit.release(None)
+            refusal = Decision(Action.REFUSED, reason=f"unreadable parked report: {exc}")
+            await self._settle(partition, {key: (head, refusal)}, self.clock(), "unknown")
+            return
+        extra = _delivery_extra(event)
+        result = await self.sender.attempt(self.contract.delivery_report(tenant, event))
+        permit.release(result)
+        now = self.clock()
+        attempts = head.attempts + 1
+        decision = self.policy.decide(result, attempts, now - head.since, self.jitter)
+        self._observer(parked.tenant, KIND_DELIVERY, 1, extra)(result, decision)
+        await self._settle(
+            partition, {key: (head.after(attempts, result), decision)}, now, event.status, extra
+        )
+
+    async def _retry_incoming(self, partition: int, keys: list[str], permit: _HeldPermit) -> None:
+        """Send due replies of one tenant in one request, then record what came of it."""
+        slug = key_tenant(keys[0])
+        heads: dict[str, ParkedReport] = {}
+        messages: list[InboundMessage] = []
+        unreadable: dict[str, tuple[ParkedReport, Decision]] = {}
+        for key in keys:
+            entry = self.store.get_entry(partition, key)
+            if entry is None:
+                continue
+            head = ParkedEntry.from_value(entry.value).head
+            try:
+                messages.append(decode(InboundMessage, head.payload.encode("utf-8")))
+            except SchemaError as exc:
+                refusal = Decision(Action.REFUSED, reason=f"unreadable parked reply: {exc}")
+                unreadable[key] = (head, refusal)
+                continue
+            heads[key] = head
+        if unreadable:
+            await self._settle(partition, unreadable, self.clock(), STATUS_REPLY)
+        if not messages:
+            return
+        extra: dict[str, Any] = {"tenant": slug, "messages": len(messages)}
+        request = self.contract.incoming_messages(self.settings.tenants[slug], messages)
+        result = await self.sender.attempt(request)
+        permit.release(result)
+        now = self.clock()
+        settled: dict[str, tuple[ParkedReport, Decision]] = {}
+        for key, head in heads.items():
+            attempts = head.attempts + 1
+            decision = self.policy.decide(result, attempts, now - head.since, self.jitter)
+            settled[key] = (head.after(attempts, result), decision)
+        _, first = next(iter(settled.values()))
+        self._observer(slug, KIND_INCOMING, len(messages), extra)(result, first)
+        await self._settle(partition, settled, now, STATUS_REPLY, extra)
+
+    async def _settle(
+        self,
+        partition: int,
+        settled: dict[str, tuple[ParkedReport, Decision]],
+        now: float,
+        status: str,
+        extra: dict[str, Any] | None = None,
+    ) -> None:
+        """Record what one attempt decided for the heads of these entries (their newer state)."""
+        async with contextlib.AsyncExitStack() as held:
+            for key in sorted(settled):
+                await held.enter_async_context(self.locks.hold(partition, key))
+            changes: list[_Change] = []
+            for key, (head, decision) in settled.items():
+                previous = self.store.get_entry(partition, key)
+                if previous is None:
+                    continue
+                parked = ParkedEntry.from_value(previous.value)
+                if parked.head.source != head.source:
+                    continue  # settled already
+                if decision.action in (Action.REFUSED, Action.GIVE_UP):
+                    self._log_not_delivered(
+                        parked.kind, decision, head.attempts, {**(extra or {}), "key": key}
+                    )
+                changes.append(self._settled(key, previous, parked, head, decision, now, status))
+            await self._write(partition, changes)
+
+    def _settled(
+        self,
+        key: str,
+        previous: Entry,
+        parked: ParkedEntry,
+        head: ParkedReport,
+        decision: Decision,
+        now: float,
+        status: str,
+    ) -> _Change:
+        slug, kind = parked.tenant, parked.kind
+        if decision.action is Action.RETRY:
+            retry_at = max(now + decision.delay_s, self.circuits.get(slug).next_attempt_at())
+            return _Change(key, previous, parked.with_head(head), retry_at)
+        rest = parked.without_head()
+        # The next report of the message goes on the next pass.
+        due_at = now if rest is not None else None
+        if decision.action is Action.ACCEPTED:
+
+            def accepted() -> None:
+                REPORTS.labels(slug, kind, status, RESULT_ACCEPTED).inc()
+
+            return _Change(key, previous, rest, due_at, observe=accepted)
+        letter = _dead_letter(
+            source_topic=head.topic,
+            key=head.key,
+            fallback_key=head.source,
+            payload=head.payload,
+            reason=decision.reason,
+            attempts=head.attempts,
+            result=head.last_result(),
+        )
+
+        def dead_lettered() -> None:
+            REPORTS.labels(slug, kind, status, RESULT_DEAD_LETTERED).inc()
+            metrics.DEAD_LETTERS.labels(STAGE, head.topic).inc()
+
+        return _Change(key, previous, rest, due_at, [letter], dead_lettered)
+
+    async def _reschedule(self, partition: int, keys: list[str], now: float) -> int:
+        """Move due entries that cannot be sent now to a later turn, or dead-letter them.
+
+        Dead-lettered here: reports past the give-up age, reports of tenants no longer
+        configured, and entries that cannot be read.
+        """
+        if not keys:
+            return 0
+        async with contextlib.AsyncExitStack() as held:
+            for key in sorted(keys):
+                await held.enter_async_context(self.locks.hold(partition, key))
+            changes: list[_Change] = []
+            for key in keys:
+                previous = self.store.get_entry(partition, key)
+                if previous is None or previous.due_at is None or previous.due_at > now:
+                    continue  # changed while we waited for its lock
+                changes.append(self._rescheduled(key, previous, now))
+            await self._write(partition, changes)
+        return len(changes)
+
+    def _rescheduled(self, key: str, previous: Entry, now: float) -> _Change:
+        try:
+            parked = ParkedEntry.from_value(previous.value)
+        except ValidationError as exc:
+            log.error("%s: unreadable parked entry %s dead-lettered: %s", STAGE, key, exc)
+            letter = _dead_letter(
+                source_topic=REPORTER_STATE.name,
+                key=key,
+                fallback_key=key,
+                payload=_json_text(previous.value),
+                reason=f"unreadable parked entry: {exc}",
+                attempts=0,
+                result=None,
+            )
+            return _Change(key, previous, None, None, [letter])
+        head = parked.head
+        status = _status_of(head)
+        if parked.tenant not in self.settings.tenants:
+            reason = f"unknown tenant {parked.tenant!r}: no longer in this deployment's config"
+            decision = Decision(Action.REFUSED, reason=reason)
+            return self._settled(key, previous, parked, head, decision, now, status)
+        decision = self.policy.decide(
+            head.last_result(), head.attempts, now - head.since, self.jitter
+        )
+        if decision.action is Action.GIVE_UP:
+            log.error(
+                "%s report dead-lettered: %s",
+                parked.kind,
+                decision.reason,
+                extra={"tenant": parked.tenant, "attempts": head.attempts},
+            )
+            return self._settled(key, previous, parked, head, decision, now, status)
+        due_at = deferred_due_at(
+            head,
+            now=now,
+            not_before=self.circuits.get(parked.tenant).next_attempt_at(),
+            policy=self.policy,
+            jitter=self.jitter,
+        )
+        return _Change(key, previous, parked.with_head(head.waited()), due_at)
+
+    # -- state -----------------------------------------------------------------------------------
+
+    async def _ensure_ready(self, partitions: set[int]) -> None:
+        missing = {p for p in partitions if not self.store.is_ready(p)}
+        if not missing:
+            return
+        await self.store.restore(missing)
+        for partition in missing:
+            if self.store.is_ready(partition):
+                self.parked.reset(
+                    partition,
+                    {
+                        (slug, kind): self.store.count_prefix(partition, key_prefix(kind, slug))
+                        for slug in self.settings.tenants
+                        for kind in KINDS
+                    },
+                )
+
+    async def _write(self, partition: int, changes: Sequence[_Change]) -> None:
+        """Store and publish the changes (entries, dead letters) or undo them."""
+        if not changes:
+            return
+        if self._publisher is None:
+            raise RuntimeError(f"{STAGE} handler used before start()")
+        outputs: list[OutRecord] = []
+        for change in changes:
+            outputs.extend(change.dead_letters)
+            value = change.entry.to_value() if change.entry is not None else None
+            outputs.append(self.store.put(partition, change.key, value, change.due_at))
+            self._count(partition, change.previous, change.entry, +1)
+        try:
+            await self._publisher.publish(outputs)
+        except BaseException:
+            self._undo(partition, changes)
+            raise
+        for change in changes:
+            if change.observe is not None:
+                change.observe()
+
+    def _undo(self, partition: int, changes: Sequence[_Change]) -> None:
+        """Put back what was stored, so that a retry finds the state it started from."""
+        with contextlib.suppress(PartitionNotReady):  # dropped meanwhile: nothing to undo
+            for change in changes:
+                previous = change.previous
+                self.store.put(
+                    partition,
+                    change.key,
+                    previous.value if previous is not None else None,
+                    previous.due_at if previous is not None else None,
+                )
+                self._count(partition, change.previous, change.entry, -1)
+
+    def _count(
+        self, partition: int, previous: Entry | None, entry: ParkedEntry | None, sign: int
+    ) -> None:
+        if (previous is None) == (entry is None):
+            return
+        parked = entry if entry is not None else _readable(previous)
+        if parked is None:
+            return
+        delta = 1 if entry is not None else -1
+        self.parked.change(partition, parked.tenant, parked.kind, sign * delta)
 
     # -- shared ----------------------------------------------------------------------------------
 
@@ -255,6 +803,9 @@ class ReporterHandler:
     ) -> AttemptObserver:
         def observe(result: AttemptResult, decision: Decision) -> None:
             REPORT_REQUEST_DURATION.labels(kind).observe(result.duration_s)
+            if result.accepted:
+                return
+            ATTEMPT_FAILURES.labels(slug, kind, result.failure_code).inc()
             if result.status_code == 401:
                 OPTIMOVE_UNAUTHORIZED.labels(slug).inc()
                 log.error(
@@ -264,11 +815,12 @@ class ReporterHandler:
                     kind,
                     extra=extra,
                 )
-            if decision.action is Action.RETRY:
-                REPORTS.labels(slug, kind, RESULT_RETRIED).inc(messages)
-                log.warning(
-                    "%s report not accepted (%s); retrying in %.1fs",
+            elif decision.action is Action.RETRY:
+                # The circuit logs a failing tenant once; every report's retry is detail.
+                log.debug(
+                    "%s report of %d message(s) not accepted (%s); next attempt in %.1fs",
                     kind,
+                    messages,
                     result.describe(),
                     decision.delay_s,
                     extra=extra,
@@ -277,12 +829,14 @@ class ReporterHandler:
         return observe
 
     @staticmethod
-    def _log_not_delivered(kind: str, outcome: DeliveryOutcome, extra: dict[str, Any]) -> None:
+    def _log_not_delivered(
+        kind: str, decision: Decision, attempts: int, extra: dict[str, Any]
+    ) -> None:
         log.error(
             "%s report dead-lettered: %s",
             kind,
-            outcome.decision.reason,
-            extra={**extra, "attempts": outcome.attempts, "status_code": outcome.last.status_code},
+            decision.reason,
+            extra={**extra, "attempts": attempts},
         )
 
     def _unknown_tenant(
@@ -290,19 +844,61 @@ class ReporterHandler:
     ) -> OutRecord:
         reason = f"unknown tenant {slug!r}: not in this deployment's configuration"
         log.error("%s report dead-lettered: %s", kind, reason, extra=extra)
-        REPORTS.labels(UNKNOWN_TENANT_LABEL, kind, RESULT_DEAD_LETTERED).inc()
-        return _dead_letter_record(record, reason=reason, attempts=0)
-
-    @staticmethod
-    def _dead_letter(record: Record, slug: str, kind: str, outcome: DeliveryOutcome) -> OutRecord:
-        REPORTS.labels(slug, kind, RESULT_DEAD_LETTERED).inc()
-        return _dead_letter_record(
-            record,
-            reason=outcome.decision.reason,
-            attempts=outcome.attempts,
-            status_code=outcome.last.status_code,
-            response_excerpt=outcome.last.response_excerpt,
+        REPORTS.labels(UNKNOWN_TENANT_LABEL, kind, "unknown", RESULT_DEAD_LETTERED).inc()
+        metrics.DEAD_LETTERS.labels(STAGE, record.topic).inc()
+        key = record.key.decode("utf-8", "replace") if record.key is not None else None
+        return _dead_letter(
+            source_topic=record.topic,
+            key=key,
+            fallback_key=record_source(record),
+            payload=(record.value or b"").decode("utf-8", "replace"),
+            reason=reason,
+            attempts=0,
+            result=None,
         )
+
+
+def _state_partitions(partitions: Iterable[TopicPartition]) -> set[int]:
+    return {tp.partition for tp in partitions if tp.topic in INPUT_TOPICS}
+
+
+def key_tenant(key: str) -> str:
+    """The tenant named by a parked entry's key (``kind/tenant/id``)."""
+    return key.split("/", 2)[1]
+
+
+def _readable(entry: Entry | None) -> ParkedEntry | None:
+    if entry is None:
+        return None
+    try:
+        return ParkedEntry.from_value(entry.value)
+    except ValidationError:
+        return None
+
+
+def _status_of(report: ParkedReport) -> str:
+    """The metric label of a parked report's status."""
+    if report.topic == INBOUND.name:
+        return STATUS_REPLY
+    try:
+        return decode(StatusEvent, report.payload.encode("utf-8")).status
+    except SchemaError:
+        return "unknown"
+
+
+def _delivery_extra(event: StatusEvent) -> dict[str, Any]:
+    context = event.context
+    return {
+        "message_id": context.message_id,
+        "tenant": context.tenant,
+        "status": event.status,
+        "sub_status": event.sub_status,
+        "number": mask_number(context.mobile_number),
+    }
+
+
+def _json_text(value: dict[str, Any]) -> str:
+    return orjson.dumps(value).decode("utf-8")
 
 
 def _decode(model: type[E], record: Record) -> E:
@@ -312,28 +908,28 @@ def _decode(model: type[E], record: Record) -> E:
         raise PoisonRecord(str(exc)) from None
 
 
-def _dead_letter_record(
-    record: Record,
+def _dead_letter(
     *,
+    source_topic: str,
+    key: str | None,
+    fallback_key: str,
+    payload: str,
     reason: str,
     attempts: int,
-    status_code: int | None = None,
-    response_excerpt: str = "",
+    result: AttemptResult | None,
 ) -> OutRecord:
-    metrics.DEAD_LETTERS.labels(STAGE, record.topic).inc()
-    key = record.key.decode("utf-8", "replace") if record.key is not None else None
     return OutRecord(
         DEAD_LETTERS,
-        key or f"{record.topic}:{record.partition}:{record.offset}",
+        key or fallback_key,
         DeadLetter(
-            source_topic=record.topic,
+            source_topic=source_topic,
             stage=STAGE,
             reason=reason,
             key=key,
-            payload=(record.value or b"").decode("utf-8", "replace"),
+            payload=payload,
             attempts=attempts,
-            status_code=status_code,
-            response_excerpt=response_excerpt,
-            redrive_topic=record.topic,
+            status_code=result.status_code if result is not None else None,
+            response_excerpt=result.response_excerpt if result is not None else "",
+            redrive_topic=source_topic,
         ),
     )

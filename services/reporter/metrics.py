@@ -1,17 +1,27 @@
-"""The reporter's own metrics. Counts are in messages: an incoming-message request carrying five
-replies moves ``smsbridge_reports_total{kind="incoming"}`` by five."""
+"""The reporter's own metrics. Counts are in messages unless they say requests: an incoming-message
+request carrying five replies moves ``smsbridge_reports_total{kind="incoming"}`` by five and
+``smsbridge_report_attempt_failures_total`` by one."""
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Histogram
+from typing import Final
+
+from prometheus_client import Counter, Gauge, Histogram
 
 from shared.metrics import PREFIX
 
 REPORTS = Counter(
     f"{PREFIX}_reports_total",
-    "Messages reported to Optimove, by outcome: accepted, retried (once per failed attempt) or "
-    "dead_lettered.",
-    ["tenant", "kind", "result"],
+    "Messages reported to Optimove, by the report's status (sent, delivered, failed; reply for "
+    "incoming messages) and result: accepted, dead_lettered, or parked (each time a message's "
+    "report was parked for a later attempt).",
+    ["tenant", "kind", "status", "result"],
+)
+ATTEMPT_FAILURES = Counter(
+    f"{PREFIX}_report_attempt_failures_total",
+    "Requests to Optimove that were not accepted, by answer: the HTTP status code, timeout or "
+    "network.",
+    ["tenant", "kind", "code"],
 )
 REPORT_REQUEST_DURATION = Histogram(
     f"{PREFIX}_report_request_duration_seconds",
@@ -24,9 +34,22 @@ OPTIMOVE_UNAUTHORIZED = Counter(
     "Requests Optimove answered 401: the tenant's api_token or secret_key is wrong.",
     ["tenant"],
 )
+REPORTS_PARKED = Gauge(
+    f"{PREFIX}_reports_parked",
+    "Messages whose report waits in sms.reporter-state for a later attempt (partitions held by "
+    "this instance).",
+    ["tenant", "kind"],
+)
+CIRCUIT_OPEN = Gauge(
+    f"{PREFIX}_optimove_circuit_open",
+    "1 while a tenant's Optimove is failing: probed one request at a time, its reports parked.",
+    ["tenant"],
+)
 
-KIND_DELIVERY = "delivery"
-KIND_INCOMING = "incoming"
+KIND_DELIVERY: Final = "delivery"
+KIND_INCOMING: Final = "incoming"
+KINDS = (KIND_DELIVERY, KIND_INCOMING)
+STATUS_REPLY = "reply"
 RESULT_ACCEPTED = "accepted"
-RESULT_RETRIED = "retried"
 RESULT_DEAD_LETTERED = "dead_lettered"
+RESULT_PARKED = "parked"

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import signal
 import time
 from collections import Counter, deque
 from collections.abc import Iterable, Mapping
@@ -36,6 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from shared.config import OptimoveContractSettings, load_settings, split_listen
 from shared.logs import configure_logging
 from shared.optimove import API_KEY_HEADER
+from shared.service import serve_until_signalled
 from shared.signing import SIGNATURE_HEADER, constant_time_equals, verify
 
 log = logging.getLogger(__name__)
@@ -563,17 +563,5 @@ def cli(args: argparse.Namespace) -> int:
         status_names=settings.optimove.status_names,
         max_recorded=args.max_recorded,
     )
-    asyncio.run(_serve_until_signalled(simulator))
+    asyncio.run(serve_until_signalled(simulator))
     return 0
-
-
-async def _serve_until_signalled(simulator: OptimoveSimulator) -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop.set)
-    await simulator.start()
-    try:
-        await stop.wait()
-    finally:
-        await simulator.stop()

@@ -1,19 +1,28 @@
 """Provider simulator: a real HTTP server that speaks the SMS providers' documented protocols.
 
-Each provider is one ``ProviderProtocol`` class (OTPIQ today; OpenSMS and Octopush slot in beside
-it) that validates sends as the real API does, answers with the documented bodies, and plans the
-delivery callbacks the real provider would make. The simulator owns what they share: latency,
-injected HTTP errors, the delivered/failed outcome mix, callback delivery with retries, and the
-record of every accepted send that tests and operators inspect.
+Each provider is one ``ProviderProtocol`` class (OTPIQ under ``/otpiq/api``, OpenSMS under
+``/opensms/api/v3``, Octopush under ``/octopush/v1/public``) that validates sends as the real API
+does, answers with the documented bodies, and plans the callbacks the real provider would make.
+The simulator owns what they share: latency, injected HTTP errors, the delivered/failed outcome
+mix, callback delivery with retries, and the record of every accepted send (one entry per
+recipient) that tests and operators inspect.
+
+OTPIQ takes its callback URL in each request. OpenSMS and Octopush have theirs set once in their
+dashboards; here that is the callback map, API key (or Octopush login) -> URL, given with
+``--callback-url KEY=URL``, derived from ``--config`` (each such account's API key -> its URL at
+our callbacks service), or changed at run time through ``/_simulator/config``.
 
 Control endpoints (not part of any provider's API):
 
 - ``GET|POST /_simulator/config``: read or change ``latency_ms``, ``fail_rate``,
   ``http_error_rate``, ``callback_delay_ms``, ``callback_attempts``, ``callback_retry_delay_ms``,
-  ``seed``.
+  ``seed``, and ``callback_urls`` (merged; a null URL removes the key).
 - ``GET /_simulator/sends``: every accepted send, a count per (provider, phone, text), and the HTTP
   statuses answered per provider; ``DELETE`` resets all of it.
 - ``GET /_simulator/callbacks``: every callback delivery and how it ended.
+- ``POST /_simulator/reply`` ``{"provider": "octopush", "account_key", "number", "text",
+  "message_id"?}``: a customer texts back; the inbound callback (or, for a STOP word, the opt-out
+  callback) is posted to that account's callback URL before the answer, which describes it.
 
 Deviation from the real OTPIQ API, on purpose: ``deliveryReport.webhookUrl`` may be plain http, so
 that loopback test servers can receive callbacks.
@@ -25,33 +34,67 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import math
+import os
 import random
 import re
 import secrets
-import signal
+import time
 from abc import ABC, abstractmethod
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, ClassVar
 
 import aiohttp
 from aiohttp import web
 
-from shared.config import split_listen
+from shared.config import CONFIG_ENV_VAR, ConfigError, Settings, load_settings, split_listen
 from shared.events import utcnow
+from shared.keywords import KeywordRules
 from shared.logs import configure_logging, mask_number
+from shared.providers import callback_url
+from shared.providers.octopush import paris_date
 from shared.providers.otpiq import WEBHOOK_SECRET_HEADER
+from shared.segments import count_segments
+from shared.service import serve_until_signalled
 
 log = logging.getLogger(__name__)
 
 DEFAULT_LISTEN = "127.0.0.1:8091"
 CONTROL_PREFIX = "/_simulator"
+# Providers whose callback URL is set once in their dashboard, not per request.
+DASHBOARD_CALLBACK_KINDS = frozenset({"opensms", "octopush"})
+# What a simulated reply must say to count as an opt-out (decisions.md §6).
+OPT_OUT_WORDS = KeywordRules.of()
 
 
 class OptionsError(ValueError):
     """A simulator option has a value it cannot use."""
+
+
+class ReplyError(ValueError):
+    """A simulated customer reply that cannot be made."""
+
+
+def updated_callback_urls(
+    current: Mapping[str, str], changes: Mapping[str, str | None]
+) -> dict[str, str]:
+    """``current`` with ``changes`` merged in (a None URL removes the key), or OptionsError."""
+    if not isinstance(changes, Mapping):
+        raise OptionsError("callback_urls must map an API key (or login) to a URL")
+    merged = dict(current)
+    for key, url in changes.items():
+        if not isinstance(key, str) or not key:
+            raise OptionsError("callback_urls keys must be non-empty strings")
+        if url is None:
+            merged.pop(key, None)
+        elif isinstance(url, str) and url.startswith(("http://", "https://")):
+            merged[key] = url
+        else:
+            raise OptionsError("callback_urls values must be http(s) URLs or null")
+    return merged
 
 
 @dataclass(frozen=True)
@@ -326,17 +369,379 @@ class OtpiqProtocol(ProviderProtocol):
         return planned
 
 
-PROTOCOLS: tuple[type[ProviderProtocol], ...] = (OtpiqProtocol,)
+class OpenSmsProtocol(ProviderProtocol):
+    """``POST /opensms/api/v3/sms/send`` (providers.md §2): comma-separated recipients.
+
+    Delivery reports go to the URL the account set "in the dashboard": the simulator's callback
+    map, keyed by the Bearer token. The error body of the real API is undocumented; the simulator
+    answers ``{"status": "error", "code": 1001, "message": ...}`` (the code only where one is
+    documented). Every answer carries ``X-RateLimit-*`` headers for a per-minute window.
+    """
+
+    kind = "opensms"
+    send_path = "/opensms/api/v3/sms/send"
+    number_pattern = re.compile(r"^\+?[1-9][0-9]{7,14}$")
+    sender_pattern = re.compile(r"^(\+?[0-9]{6,15}|[A-Za-z0-9 ]{1,11})$")
+    schedule_format = "%Y-%m-%d %H:%M"
+    max_message_length = 160  # error 1002
+    rate_limit_per_minute = 10_000  # the Professional plan
+    failure_error = "Delivery failed"
+
+    def __init__(self, simulator: ProviderSimulator) -> None:
+        super().__init__(simulator)
+        self.windows: dict[str, tuple[int, int]] = {}  # token -> (minute, requests in it)
+        self.clock: Callable[[], float] = time.time
+
+    def add_routes(self, app: web.Application) -> None:
+        app.router.add_post(self.send_path, self.counted(self.send))
+
+    @staticmethod
+    def error(
+        status: int,
+        message: str,
+        code: int | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> web.Response:
+        body: dict[str, Any] = {"status": "error", "message": message}
+        if code is not None:
+            body["code"] = code
+        return web.json_response(body, status=status, headers=headers)
+
+    def take_request(self, token: str, now: float) -> tuple[dict[str, str], bool]:
+        """Count one request in the token's window: the rate-limit headers, and whether it fits."""
+        minute = int(now // 60)
+        window, used = self.windows.get(token, (minute, 0))
+        if window != minute:
+            used = 0
+        allowed = used < self.rate_limit_per_minute
+        if allowed:
+            used += 1
+        self.windows[token] = (minute, used)
+        reset = (minute + 1) * 60
+        headers = {
+            "X-RateLimit-Limit": str(self.rate_limit_per_minute),
+            "X-RateLimit-Remaining": str(max(0, self.rate_limit_per_minute - used)),
+            "X-RateLimit-Reset": str(reset),
+        }
+        if not allowed:
+            headers["Retry-After"] = str(max(1, math.ceil(reset - now)))
+        return headers, allowed
+
+    async def send(self, request: web.Request) -> web.Response:
+        token = bearer_token(request)
+        if token is None:
+            return self.error(401, "Unauthenticated.")
+        limits, allowed = self.take_request(token, self.clock())
+        if not allowed:
+            return self.error(429, "Too Many Attempts.", headers=limits)
+        try:
+            body = await request.json()
+        except ValueError:
+            return self.error(400, "Request body must be valid JSON", headers=limits)
+        if not isinstance(body, dict):
+            return self.error(400, "Request body must be a JSON object", headers=limits)
+        problem = self.validate(body)
+        if problem is not None:
+            code, message = problem
+            return self.error(400, message, code, headers=limits)
+        if self.simulator.draw_http_error():
+            return self.error(500, "Internal server error", headers=limits)
+        records = [self.accept(token, number, body) for number in recipients_of(body)]
+        data: Any = records[0] if len(records) == 1 else records
+        return web.json_response({"status": "success", "data": data}, headers=limits)
+
+    def accept(self, token: str, number: str, body: Mapping[str, Any]) -> dict[str, Any]:
+        message_id = f"msg_{secrets.token_hex(8)}"
+        self.simulator.record_send(
+            AcceptedSend(
+                provider=self.kind,
+                account=token,
+                phone=number,
+                text=str(body["message"]),
+                sender=str(body["sender_id"]),
+                provider_message_id=message_id,
+                at=utcnow(),
+            )
+        )
+        url = self.simulator.callback_url_for(self.kind, token)
+        if url is not None:
+            self.simulator.deliver_callbacks(
+                self.kind, message_id, self.plan_callbacks(url, message_id, number)
+            )
+        return {"message_id": message_id, "recipient": number, "status": "pending"}
+
+    def validate(self, body: Mapping[str, Any]) -> tuple[int | None, str] | None:
+        """The first problem with a send body as (documented error code, message); None if valid."""
+        recipient = body.get("recipient")
+        if not isinstance(recipient, str) or not recipient.strip():
+            return None, "The recipient field is required."
+        if not all(self.number_pattern.match(n) for n in recipients_of(body)):
+            return 1001, "Invalid phone number (use the international format +254...)"
+        sender = body.get("sender_id")
+        if not isinstance(sender, str) or not self.sender_pattern.match(sender):
+            return 1004, "Invalid sender ID: a phone number or at most 11 letters and digits"
+        if body.get("type") != "plain":
+            return 1006, "Invalid message type: use plain"
+        message = body.get("message")
+        if not isinstance(message, str) or not message:
+            return None, "The message field is required."
+        if len(message) > self.max_message_length:
+            return 1002, f"Message exceeds {self.max_message_length} characters"
+        schedule = body.get("schedule_time")
+        if schedule is not None:
+            try:
+                at = datetime.strptime(str(schedule), self.schedule_format).replace(tzinfo=UTC)
+            except ValueError:
+                return None, "The schedule time does not match the format Y-m-d H:i."
+            if at < utcnow():
+                return 1008, "Schedule time is in the past"
+        return None
+
+    def plan_callbacks(self, url: str, message_id: str, number: str) -> list[PlannedCallback]:
+        """``sms.pending``, then ``sms.delivered`` or ``sms.failed``."""
+        phone = "+" + number.lstrip("+")
+        base = {"message_id": message_id, "phone": phone}
+        pending = {"event": "sms.pending", **base, "status": "pending", "timestamp": iso_now()}
+        if self.simulator.draw_failure():
+            final = {
+                "event": "sms.failed",
+                **base,
+                "status": "failed",
+                "error": self.failure_error,
+                "timestamp": iso_now(),
+            }
+        else:
+            final = {
+                "event": "sms.delivered",
+                **base,
+                "status": "delivered",
+                "timestamp": iso_now(),
+            }
+        return [PlannedCallback(url, pending), PlannedCallback(url, final)]
+
+
+class OctopushProtocol(ProviderProtocol):
+    """``POST /octopush/v1/public/sms-campaign/send`` (providers.md §3): up to 500 recipients.
+
+    Authenticated by ``api-key`` and ``api-login``. Callbacks go to the URL the account set in
+    its dashboard: the simulator's callback map, keyed by the API key (or the login). Delivery
+    reports only for ``sms_premium``: ``ACK`` then ``DELIVERED`` or ``NOT_DELIVERED`` per recipient.
+    The v1 error body is undocumented; the simulator answers ``{"code", "message"}`` with the
+    legacy code where one fits. ``send_at`` is accepted but the send happens at once.
+    """
+
+    kind = "octopush"
+    send_path = "/octopush/v1/public/sms-campaign/send"
+    phone_pattern = re.compile(r"^\+[1-9][0-9]{7,14}$")
+    sender_pattern = re.compile(r"^[A-Za-z0-9]{3,11}$")
+    sms_types = frozenset({"sms_premium", "sms_low_cost"})
+    purposes = frozenset({"alert", "wholesale"})
+    flags = (
+        "with_replies",
+        "simulation_mode",
+        "auto_optimize_text",
+        "auto_remove_blacklisted_numbers",
+    )
+    max_recipients = 500
+    max_text_length = 1224
+    price_per_sms = 0.0333  # EUR, the documented example
+    initial_credit = 1_000_000.0
+    request_id_window_s = 24 * 3600.0
+    reply_short_code = "38100"  # the free short number replies arrive on in France
+
+    def __init__(self, simulator: ProviderSimulator) -> None:
+        super().__init__(simulator)
+        self.credit: dict[str, float] = {}
+        self.request_ids: dict[tuple[str, str], float] = {}  # (api key, request_id) -> first seen
+
+    def add_routes(self, app: web.Application) -> None:
+        app.router.add_post(self.send_path, self.counted(self.send))
+
+    @staticmethod
+    def error(status: int, message: str, code: int | None = None) -> web.Response:
+        body: dict[str, Any] = {"message": message}
+        if code is not None:
+            body["code"] = code
+        return web.json_response(body, status=status)
+
+    async def send(self, request: web.Request) -> web.Response:
+        api_key = request.headers.get("api-key", "").strip()
+        login = request.headers.get("api-login", "").strip()
+        if not api_key or not login:
+            return self.error(401, "Bad login: api-key and api-login are required", 101)
+        try:
+            body = await request.json()
+        except ValueError:
+            return self.error(400, "Request body must be valid JSON")
+        if not isinstance(body, dict):
+            return self.error(400, "Request body must be a JSON object")
+        problem = self.validate(body)
+        if problem is not None:
+            code, message = problem
+            return self.error(400, message, code)
+        if self.simulator.draw_http_error():
+            return self.error(500, "Internal server error", 500)
+        request_id = body.get("request_id")
+        now = time.time()
+        if isinstance(request_id, str) and request_id:
+            first_seen = self.request_ids.get((api_key, request_id))
+            if first_seen is not None and now - first_seen < self.request_id_window_s:
+                return self.error(400, "request_id already used in the last 24 hours", 120)
+        numbers = [str(contact["phone_number"]) for contact in body["recipients"]]
+        text = str(body["text"])
+        sms_needed = count_segments(text).segments * len(numbers)
+        cost = round(sms_needed * self.price_per_sms, 4)
+        credit = self.credit.get(api_key, self.initial_credit)
+        if credit < cost:
+            return self.error(400, "Not enough credit", 104)
+        ticket = f"sms_{secrets.token_hex(7)[:13]}"
+        if not body.get("simulation_mode"):
+            self.credit[api_key] = credit - cost
+            if isinstance(request_id, str) and request_id:
+                self.request_ids[(api_key, request_id)] = now
+            self.accept(api_key, login, ticket, numbers, body)
+        return web.json_response(
+            {
+                "sms_ticket": ticket,
+                "number_of_contacts": len(numbers),
+                "total_cost": cost,
+                "number_of_sms_needed": sms_needed,
+                "residual_credit": round(self.credit.get(api_key, credit), 4),
+            },
+            status=201,
+        )
+
+    def accept(
+        self, api_key: str, login: str, ticket: str, numbers: list[str], body: Mapping[str, Any]
+    ) -> None:
+        url = self.simulator.callback_url_for(self.kind, api_key, login)
+        reports = body["type"] == "sms_premium" and url is not None
+        for number in numbers:
+            self.simulator.record_send(
+                AcceptedSend(
+                    provider=self.kind,
+                    account=api_key,
+                    phone=number,
+                    text=str(body["text"]),
+                    sender=str(body.get("sender") or ""),
+                    provider_message_id=ticket,
+                    at=utcnow(),
+                )
+            )
+            if reports and url is not None:
+                self.simulator.deliver_callbacks(
+                    self.kind, ticket, self.plan_callbacks(url, ticket, number)
+                )
+
+    def validate(self, body: Mapping[str, Any]) -> tuple[int | None, str] | None:
+        """The first problem with a send body as (legacy error code, message); None if valid."""
+        recipients = body.get("recipients")
+        if not isinstance(recipients, list) or not recipients:
+            return 103, "recipients: at least one contact is required"
+        if len(recipients) > self.max_recipients:
+            return None, f"recipients: at most {self.max_recipients} contacts per campaign"
+        for index, contact in enumerate(recipients):
+            number = contact.get("phone_number") if isinstance(contact, dict) else None
+            if not isinstance(number, str) or not self.phone_pattern.match(number):
+                return None, (
+                    f"recipients[{index}].phone_number: invalid phone number, "
+                    "expected international format like +33600000000"
+                )
+        text = body.get("text")
+        if not isinstance(text, str) or not text:
+            return 107, "text is required"
+        if len(text) > self.max_text_length:
+            return None, f"text must be at most {self.max_text_length} characters"
+        if body.get("type") not in self.sms_types:
+            return None, f"type must be one of: {', '.join(sorted(self.sms_types))}"
+        sender = body.get("sender")
+        if sender is not None and (
+            not isinstance(sender, str) or not self.sender_pattern.match(sender)
+        ):
+            return 106, "sender must be 3 to 11 letters or digits"
+        purpose = body.get("purpose")
+        if purpose is not None and purpose not in self.purposes:
+            return None, f"purpose must be one of: {', '.join(sorted(self.purposes))}"
+        request_id = body.get("request_id")
+        if request_id is not None and not isinstance(request_id, str):
+            return None, "request_id must be a string"
+        for flag in self.flags:
+            if flag in body and not isinstance(body[flag], bool):
+                return None, f"{flag} must be a boolean"
+        return None
+
+    def plan_callbacks(self, url: str, ticket: str, number: str) -> list[PlannedCallback]:
+        """``ACK`` from the first carrier, then ``DELIVERED`` or ``NOT_DELIVERED``."""
+        final = "NOT_DELIVERED" if self.simulator.draw_failure() else "DELIVERED"
+        return [
+            PlannedCallback(url, self.delivery_report(ticket, number, status))
+            for status in ("ACK", final)
+        ]
+
+    def delivery_report(self, ticket: str, number: str, status: str) -> dict[str, Any]:
+        return {
+            "channel": "sms",
+            "message_id": ticket,
+            "number": number,
+            "status": status,
+            "unit_price": self.price_per_sms,
+            "delivery_date": paris_date(utcnow()),
+            "meta_data": {},
+        }
+
+    def reply_payload(
+        self, account_key: str, number: str, text: str, message_id: str | None
+    ) -> dict[str, Any]:
+        """What Octopush posts when ``number`` texts back: STOP words opt out, the rest is a reply.
+
+        Without a given ``message_id`` the latest campaign sent to that number is named, as
+        Octopush does "if it's found".
+        """
+        if message_id is None:
+            message_id = self.simulator.latest_ticket(self.kind, account_key, number)
+        payload: dict[str, Any] = {} if message_id is None else {"message_id": message_id}
+        payload.update({"number": number, "text": text})
+        if OPT_OUT_WORDS.classify(text) == "opt_out":
+            payload["stop_date"] = paris_date(utcnow())
+        else:
+            payload["sim_card_number"] = self.reply_short_code
+            payload["reception_date"] = paris_date(utcnow())
+        return payload
+
+
+def bearer_token(request: web.Request) -> str | None:
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    return token.strip() if scheme == "Bearer" and token.strip() else None
+
+
+def recipients_of(body: Mapping[str, Any]) -> list[str]:
+    return [number.strip() for number in str(body["recipient"]).split(",")]
+
+
+def iso_now() -> str:
+    return utcnow().strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+PROTOCOLS: tuple[type[ProviderProtocol], ...] = (OtpiqProtocol, OpenSmsProtocol, OctopushProtocol)
 
 
 class ProviderSimulator:
     """The simulator server; ``start()``/``stop()`` for in-process use, ``url`` once started."""
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0, **options: Any) -> None:
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        callback_urls: Mapping[str, str] | None = None,
+        **options: Any,
+    ) -> None:
         self.host = host
         self.port = port
         self.options = SimulatorOptions().updated(options)
         self.rng = random.Random(self.options.seed)
+        # Where providers with a dashboard-configured callback URL post, by API key (or login).
+        self.callback_urls: dict[str, str] = updated_callback_urls({}, callback_urls or {})
+        self._unmapped_warned: set[str] = set()
         self.sends: list[AcceptedSend] = []
         self.callbacks: list[CallbackDelivery] = []
         self.answers: dict[str, Counter[str]] = {}
@@ -362,6 +767,7 @@ class ProviderSimulator:
         app.router.add_get(f"{CONTROL_PREFIX}/sends", self._get_sends)
         app.router.add_delete(f"{CONTROL_PREFIX}/sends", self._delete_sends)
         app.router.add_get(f"{CONTROL_PREFIX}/callbacks", self._get_callbacks)
+        app.router.add_post(f"{CONTROL_PREFIX}/reply", self._post_reply)
         return app
 
     async def start(self) -> None:
@@ -389,10 +795,67 @@ class ProviderSimulator:
     # -- shared behaviour ----------------------------------------------------------------------
 
     def configure(self, **changes: Any) -> SimulatorOptions:
+        """Change options; ``callback_urls`` (API key or login -> URL, None removes) is merged."""
+        urls = changes.pop("callback_urls", None)
+        callback_urls = (
+            self.callback_urls if urls is None else updated_callback_urls(self.callback_urls, urls)
+        )
         self.options = self.options.updated(changes)
+        self.callback_urls = callback_urls
         if "seed" in changes:
             self.rng.seed(self.options.seed)
         return self.options
+
+    def protocol(self, kind: str) -> ProviderProtocol:
+        return next(protocol for protocol in self.protocols if protocol.kind == kind)
+
+    def callback_url_for(self, provider: str, *account_keys: str) -> str | None:
+        """The callback URL configured for an account, found by any of its keys."""
+        for key in account_keys:
+            if key and key in self.callback_urls:
+                return self.callback_urls[key]
+        if provider not in self._unmapped_warned:
+            self._unmapped_warned.add(provider)
+            log.warning(
+                "no callback URL configured for this %s account: it gets no callbacks", provider
+            )
+        return None
+
+    def latest_ticket(self, provider: str, account: str, phone: str) -> str | None:
+        """The provider message id of the latest send to ``phone`` through that account."""
+        return next(
+            (
+                send.provider_message_id
+                for send in reversed(self.sends)
+                if (send.provider, send.account, send.phone) == (provider, account, phone)
+            ),
+            None,
+        )
+
+    async def reply(
+        self,
+        provider: str,
+        account_key: str,
+        number: str,
+        text: str,
+        message_id: str | None = None,
+    ) -> CallbackDelivery:
+        """A customer texts back: post the provider's inbound (or STOP) callback, now."""
+        if provider != OctopushProtocol.kind:
+            raise ReplyError(f"{provider!r} sends no inbound callbacks; only octopush does")
+        if not OctopushProtocol.phone_pattern.match(number):
+            raise ReplyError("number must be in international format like +33600000000")
+        url = self.callback_url_for(provider, account_key)
+        if url is None:
+            raise ReplyError("no callback URL configured for that account")
+        octopush = self.protocol(provider)
+        assert isinstance(octopush, OctopushProtocol)
+        payload = octopush.reply_payload(account_key, number, text, message_id)
+        delivery = await self._deliver(
+            provider, str(payload.get("message_id", "")), PlannedCallback(url, payload)
+        )
+        self.callbacks.append(delivery)
+        return delivery
 
     async def simulate_latency(self) -> None:
         if self.options.latency_ms > 0:
@@ -491,8 +954,11 @@ class ProviderSimulator:
 
     # -- control endpoints ---------------------------------------------------------------------
 
+    def _config(self) -> dict[str, Any]:
+        return {**asdict(self.options), "callback_urls": dict(self.callback_urls)}
+
     async def _get_config(self, _: web.Request) -> web.Response:
-        return web.json_response(asdict(self.options))
+        return web.json_response(self._config())
 
     async def _set_config(self, request: web.Request) -> web.Response:
         try:
@@ -502,10 +968,10 @@ class ProviderSimulator:
         if not isinstance(changes, dict):
             return web.json_response({"error": "body must be a JSON object"}, status=400)
         try:
-            options = self.configure(**changes)
+            self.configure(**changes)
         except OptionsError as exc:
             return web.json_response({"error": str(exc)}, status=400)
-        return web.json_response(asdict(options))
+        return web.json_response(self._config())
 
     async def _get_sends(self, _: web.Request) -> web.Response:
         return web.json_response(
@@ -513,7 +979,9 @@ class ProviderSimulator:
                 "total": len(self.sends),
                 "sends": [send.as_json() for send in self.sends],
                 "counts": self.counts(),
-                "answers": {kind: dict(counter) for kind, counter in self.answers.items()},
+                "answers": {
+                    kind: dict(counter) for kind, counter in self.answers.items() if counter
+                },
             }
         )
 
@@ -523,6 +991,31 @@ class ProviderSimulator:
 
     async def _get_callbacks(self, _: web.Request) -> web.Response:
         return web.json_response([delivery.as_json() for delivery in self.callbacks])
+
+    async def _post_reply(self, request: web.Request) -> web.Response:
+        try:
+            body = await request.json()
+        except ValueError:
+            body = None
+        if not isinstance(body, dict):
+            return web.json_response({"error": "body must be a JSON object"}, status=400)
+        message_id = body.get("message_id")
+        fields_ok = all(
+            isinstance(body.get(name), str)
+            for name in ("provider", "account_key", "number", "text")
+        ) and (message_id is None or isinstance(message_id, str))
+        if not fields_ok:
+            return web.json_response(
+                {"error": "provider, account_key, number and text are required strings"},
+                status=400,
+            )
+        try:
+            delivery = await self.reply(
+                body["provider"], body["account_key"], body["number"], body["text"], message_id
+            )
+        except ReplyError as exc:
+            return web.json_response({"error": str(exc)}, status=400)
+        return web.json_response(delivery.as_json())
 
 
 # -- command line ------------------------------------------------------------------------------
@@ -550,6 +1043,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--callback-retry-delay-ms", type=float, default=defaults.callback_retry_delay_ms
     )
     parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument(
+        "--callback-url",
+        action="append",
+        default=[],
+        metavar="KEY=URL",
+        help="callback URL of the OpenSMS/Octopush account with this API key (or login); "
+        "repeatable, added to those derived from --config",
+    )
 
 
 def options_from_args(args: argparse.Namespace) -> dict[str, Any]:
@@ -564,23 +1065,39 @@ def options_from_args(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-async def serve_until_signalled(simulator: ProviderSimulator) -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-    await simulator.start()
-    try:
-        await stop.wait()
-    finally:
-        await simulator.stop()
+def callback_urls_from_settings(settings: Settings) -> dict[str, str]:
+    """Each dashboard-configured account's API key -> the callback URL it would be given."""
+    return {
+        provider.api_key.get_secret_value(): callback_url(settings, account)
+        for account, provider in settings.providers.items()
+        if provider.kind in DASHBOARD_CALLBACK_KINDS
+    }
+
+
+def callback_urls_from_args(values: list[str]) -> dict[str, str]:
+    urls: dict[str, str] = {}
+    for value in values:
+        key, sep, url = value.partition("=")
+        if not sep or not key or not url:
+            raise OptionsError(f"--callback-url expects KEY=URL, got {value!r}")
+        urls[key] = url
+    return urls
 
 
 def cli(args: argparse.Namespace) -> int:
     configure_logging("simulator-providers")
+    config_path = getattr(args, "config", None) or os.environ.get(CONFIG_ENV_VAR)
+    urls: dict[str, str] = {}
+    if config_path:
+        try:
+            urls.update(callback_urls_from_settings(load_settings(config_path)))
+        except ConfigError as exc:
+            log.error("cannot derive callback URLs from the configuration: %s", exc)
+            return 2
     try:
+        urls.update(callback_urls_from_args(args.callback_url))
         host, port = split_listen(args.listen)
-        simulator = ProviderSimulator(host, port, **options_from_args(args))
+        simulator = ProviderSimulator(host, port, urls, **options_from_args(args))
     except (OptionsError, ValueError) as exc:
         log.error("invalid simulator option: %s", exc)
         return 2

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 from shared.config import Settings
 from shared.providers.base import Provider
+from shared.providers.octopush import Octopush
+from shared.providers.opensms import OpenSms
 from shared.providers.otpiq import Otpiq
 
 PROVIDER_KINDS: dict[str, type[Provider]] = {
     Otpiq.kind: Otpiq,
+    OpenSms.kind: OpenSms,
+    Octopush.kind: Octopush,
 }
 
 

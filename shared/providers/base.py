@@ -47,6 +47,7 @@ class SendError(Exception):
         sub_status: str = SubStatus.PROVIDER_ERROR,
         retry_after_s: float | None = None,
         status_code: int | None = None,
+        maybe_accepted: bool = False,
     ) -> None:
         super().__init__(detail)
         self.detail = detail
@@ -54,6 +55,9 @@ class SendError(Exception):
         self.sub_status = sub_status
         self.retry_after_s = retry_after_s
         self.status_code = status_code
+        # The request may have reached the provider and been accepted before this failure (a
+        # timeout, a connection broken after sending): sending it again could send it twice.
+        self.maybe_accepted = maybe_accepted
 
 
 SendResult = SendAccepted | SendError
@@ -93,6 +97,10 @@ class Provider(ABC):
     # provider status (upper-cased) -> (canonical status, sub-status)
     status_map: ClassVar[Mapping[str, tuple[CanonicalStatus, str]]]
     callback_reply: ClassVar[CallbackReply] = CallbackReply()
+    # True when the provider refuses a call identical to one it already accepted (same messages
+    # in the same order; Octopush's ``request_id``): such a call may be sent again when its first
+    # outcome is unknown.
+    deduplicates_resends: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -155,4 +163,6 @@ def http_error(status: int, detail: str, retry_after: str | None = None) -> Send
 
 
 def network_error(exc: BaseException) -> SendError:
-    return SendError(f"{type(exc).__name__}: {exc}", retryable=True)
+    # Only a connection that was never made proves the provider did not get the request.
+    never_sent = isinstance(exc, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError)
+    return SendError(f"{type(exc).__name__}: {exc}", retryable=True, maybe_accepted=not never_sent)

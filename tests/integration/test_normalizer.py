@@ -16,6 +16,7 @@ from shared.config import Settings
 from shared.events import (
     DeadLetter,
     DispatchRecord,
+    InboundMessage,
     MessageContext,
     ProviderEvent,
     StatusEvent,
@@ -23,7 +24,7 @@ from shared.events import (
 )
 from shared.kafka import OutRecord, Publisher, make_producer
 from shared.providers.otpiq import FIXTURES, Otpiq
-from shared.topics import DEAD_LETTERS, DISPATCHES, PROVIDER_EVENTS, STATUSES
+from shared.topics import DEAD_LETTERS, DISPATCHES, INBOUND, PROVIDER_EVENTS, STATUSES
 from tests.support import TENANT, make_settings, read_topic, running, wait_for
 
 pytestmark = pytest.mark.integration
@@ -190,20 +191,22 @@ async def test_unmatched_reports_inbound_events_and_silent_messages(
     async with running(build(settings)):
         await publish(publisher, unmatched, inbound, dispatch("m-7", "sms-7"))
 
-        letters = await read_topic(settings, DEAD_LETTERS, DeadLetter, expect=2, timeout_s=30)
+        letters = await read_topic(settings, DEAD_LETTERS, DeadLetter, expect=1, timeout_s=30)
         # m-7 never hears from its provider: Failed/Expired after dlr_timeout_s.
         found = await statuses_by_message(settings, expect=2)
+        # A reply is not held for a dispatch: forwarded (tests/integration/test_normalizer_replies).
+        [(_, forwarded)] = await read_topic(settings, INBOUND, InboundMessage, expect=1)
 
-    reasons = {letter.reason: letter for _, letter in letters}
-    assert set(reasons) == {
-        f"no dispatch record for {ACCOUNT}:sms-nobody-sent",
-        "inbound: inbound handling not yet built",
-    }
-    dead = reasons[f"no dispatch record for {ACCOUNT}:sms-nobody-sent"]
+    [(_, dead)] = letters
+    assert dead.reason == f"no dispatch record for {ACCOUNT}:sms-nobody-sent"
     assert dead.redrive_topic == PROVIDER_EVENTS.name
     assert dead.stage == "normalizer"
     assert ProviderEvent.model_validate_json(dead.payload) == unmatched
-    assert reasons["inbound: inbound handling not yet built"].redrive_topic == PROVIDER_EVENTS.name
+    assert (forwarded.tenant, forwarded.from_number, forwarded.opt_out) == (
+        TENANT,
+        "447700900123",
+        True,
+    )
     after = REGISTRY.get_sample_value("smsbridge_dlr_unmatched_total", unmatched_metric)
     assert (after or 0.0) == (unmatched_before or 0.0) + 1
 

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -12,14 +13,33 @@ import orjson
 import pytest
 from aiohttp import web
 
-from services.simulators.providers import ProviderSimulator
+from services.simulators.providers import (
+    OpenSmsProtocol,
+    OptionsError,
+    ProviderSimulator,
+    add_arguments,
+    callback_urls_from_args,
+    callback_urls_from_settings,
+)
 from shared.broker import free_port
 from shared.providers import callback_url
 from shared.providers.base import OutboundSms, SendAccepted, SendError
+from shared.providers.octopush import FIXTURES as OCTOPUSH_FIXTURES
+from shared.providers.octopush import Octopush
+from shared.providers.opensms import FIXTURES as OPENSMS_FIXTURES
+from shared.providers.opensms import OpenSms
 from shared.providers.otpiq import FIXTURES, WEBHOOK_SECRET_HEADER, Otpiq
 from shared.service import serve
 from shared.statuses import SubStatus
 from tests.support import OTPIQ_WEBHOOK_SECRET, make_settings, wait_for
+from tests.support.providers import (
+    OCTOPUSH_ACCOUNT,
+    OCTOPUSH_KEY,
+    OCTOPUSH_LOGIN,
+    OPENSMS_ACCOUNT,
+    OPENSMS_TOKEN,
+    bulk_provider_settings,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -331,3 +351,368 @@ async def test_config_endpoint_refuses_bad_values_and_sends_can_be_reset(
     async with client.get(f"{simulator.url}/_simulator/sends") as response:
         record = await response.json()
     assert (record["total"], record["sends"], record["counts"]) == (0, [], [])
+
+
+# -- OpenSMS -------------------------------------------------------------------------------------
+
+
+def bulk_provider(
+    kind: type[OpenSms] | type[Octopush],
+    simulator: ProviderSimulator,
+    client: aiohttp.ClientSession,
+) -> OpenSms | Octopush:
+    settings = bulk_provider_settings(simulator.url)
+    account = OPENSMS_ACCOUNT if kind is OpenSms else OCTOPUSH_ACCOUNT
+    return kind(account, settings.providers[account], client, callback_url(settings, account))
+
+
+def kenyan(count: int, text: str = "Habari yako") -> list[OutboundSms]:
+    return [OutboundSms(f"m-ke-{i}", f"+25471234567{i}", text, "ACME") for i in range(count)]
+
+
+def french(count: int, text: str = "Bonjour") -> list[OutboundSms]:
+    return [OutboundSms(f"m-fr-{i}", f"+3360000000{i}", text, "ACME") for i in range(count)]
+
+
+async def opensms_post(
+    client: aiohttp.ClientSession, sim: ProviderSimulator, body: Any, token: str | None
+) -> tuple[int, Any, Mapping[str, str]]:
+    headers = {"Authorization": f"Bearer {token}"} if token is not None else {}
+    url = f"{sim.url}/opensms/api/v3/sms/send"
+    async with client.post(url, json=body, headers=headers) as response:
+        return response.status, await response.json(), response.headers
+
+
+async def test_opensms_bulk_send_is_recorded_per_recipient_and_reports_arrive(
+    simulator: ProviderSimulator, receiver: Receiver, client: aiohttp.ClientSession
+) -> None:
+    simulator.configure(callback_urls={OPENSMS_TOKEN: receiver.url})
+    batch = kenyan(3)
+
+    results = await bulk_provider(OpenSms, simulator, client).send(batch)
+
+    accepted = [result for result in results if isinstance(result, SendAccepted)]
+    assert [a.message_id for a in accepted] == ["m-ke-0", "m-ke-1", "m-ke-2"]
+    assert len({a.provider_message_id for a in accepted}) == 3
+    assert [(s.phone, s.account, s.text, s.sender) for s in simulator.sends] == [
+        (sms.destination, OPENSMS_TOKEN, "Habari yako", "ACME") for sms in batch
+    ]
+    assert [s.provider_message_id for s in simulator.sends] == [
+        a.provider_message_id for a in accepted
+    ]
+    assert simulator.answers["opensms"] == {"200": 1}  # one call for the three
+
+    await wait_for(lambda: len(receiver.received) == 6, 5, "six delivery reports")
+    seen: dict[str, list[str]] = {}
+    for _, payload in receiver.received:
+        [parsed] = OpenSms.parse_callback(orjson.dumps(payload), "application/json")
+        key = OpenSms.correlation_key(OPENSMS_ACCOUNT, parsed.provider_message_id, parsed.number)
+        seen.setdefault(key, []).append(parsed.provider_status)
+    assert seen == {a.correlation_key: ["pending", "delivered"] for a in accepted}
+
+
+@pytest.mark.parametrize(
+    ("token", "changes", "status", "code", "message"),
+    [
+        (None, {}, 401, None, "Unauthenticated"),
+        ("tok", {"recipient": "+254712345678,0712"}, 400, 1001, "Invalid phone number"),
+        ("tok", {"message": "x" * 161}, 400, 1002, "160"),
+        ("tok", {"sender_id": "TWELVECHARSX"}, 400, 1004, "sender"),
+        ("tok", {"type": "unicode"}, 400, 1006, "type"),
+        ("tok", {"schedule_time": "2001-01-01 10:00"}, 400, 1008, "past"),
+        ("tok", {"schedule_time": "tomorrow"}, 400, None, "format"),
+        ("tok", {"message": ""}, 400, None, "message field"),
+        ("tok", {"recipient": ""}, 400, None, "recipient field"),
+    ],
+)
+async def test_opensms_refuses_invalid_sends_with_its_error_codes(
+    simulator: ProviderSimulator,
+    client: aiohttp.ClientSession,
+    token: str | None,
+    changes: dict[str, Any],
+    status: int,
+    code: int | None,
+    message: str,
+) -> None:
+    body = {**OPENSMS_FIXTURES["send_request"], **changes}
+    answered, answer, _ = await opensms_post(client, simulator, body, token)
+    assert answered == status
+    assert answer["status"] == "error"
+    assert answer.get("code") == code
+    assert message in answer["message"]
+    assert simulator.sends == []
+
+
+async def test_opensms_refusals_read_as_terminal_sub_statuses_in_our_client(
+    simulator: ProviderSimulator, client: aiohttp.ClientSession
+) -> None:
+    provider = bulk_provider(OpenSms, simulator, client)
+    [bad_number] = await provider.send([OutboundSms("m-1", "+2547", "hi", "ACME")])
+    [too_long] = await provider.send(kenyan(1, "x" * 200))
+    assert isinstance(bad_number, SendError) and isinstance(too_long, SendError)
+    assert (bad_number.retryable, bad_number.sub_status) == (False, SubStatus.INVALID_NUMBER)
+    assert (too_long.retryable, too_long.sub_status) == (False, SubStatus.REJECTED)
+    assert simulator.sends == []
+
+
+async def test_opensms_rate_limit_window_answers_429_with_a_wait(
+    simulator: ProviderSimulator, client: aiohttp.ClientSession
+) -> None:
+    protocol = simulator.protocol("opensms")
+    assert isinstance(protocol, OpenSmsProtocol)
+    protocol.rate_limit_per_minute = 1
+    protocol.clock = lambda: 1_700_000_010.0  # both calls in one window, however slow the run
+    body = OPENSMS_FIXTURES["send_request"]
+    _, _, headers = await opensms_post(client, simulator, body, OPENSMS_TOKEN)
+    assert headers["X-RateLimit-Limit"] == "1"
+    assert headers["X-RateLimit-Remaining"] == "0"
+    assert headers["X-RateLimit-Reset"] == "1700000040"
+
+    [limited] = await bulk_provider(OpenSms, simulator, client).send(kenyan(1))
+
+    assert isinstance(limited, SendError)
+    assert limited.retryable
+    assert limited.status_code == 429
+    assert limited.retry_after_s == 30.0  # Retry-After: the window ends 30 s after the clock
+    assert len(simulator.sends) == 1  # the first call only
+    assert simulator.answers["opensms"] == {"200": 1, "429": 1}
+
+
+async def test_opensms_without_a_callback_url_sends_but_reports_nothing(
+    simulator: ProviderSimulator, receiver: Receiver, client: aiohttp.ClientSession
+) -> None:
+    [result] = await bulk_provider(OpenSms, simulator, client).send(kenyan(1))
+    assert isinstance(result, SendAccepted)
+    assert len(simulator.sends) == 1
+    await simulator_quiet(simulator)
+    assert simulator.callbacks == []
+
+
+# -- Octopush ------------------------------------------------------------------------------------
+
+
+async def octopush_post(
+    client: aiohttp.ClientSession,
+    sim: ProviderSimulator,
+    body: Any,
+    headers: Mapping[str, str] | None = None,
+) -> tuple[int, Any]:
+    url = f"{sim.url}/octopush/v1/public/sms-campaign/send"
+    sent_headers = {"api-key": OCTOPUSH_KEY, "api-login": OCTOPUSH_LOGIN}
+    if headers is not None:
+        sent_headers = dict(headers)
+    async with client.post(url, json=body, headers=sent_headers) as response:
+        return response.status, await response.json()
+
+
+async def test_octopush_bulk_send_one_ticket_reports_per_recipient_and_no_resend(
+    simulator: ProviderSimulator, receiver: Receiver, client: aiohttp.ClientSession
+) -> None:
+    simulator.configure(callback_urls={OCTOPUSH_KEY: receiver.url})
+    provider = bulk_provider(Octopush, simulator, client)
+    batch = french(3)
+
+    results = await provider.send(batch)
+
+    accepted = [result for result in results if isinstance(result, SendAccepted)]
+    assert len(accepted) == 3
+    [ticket] = {a.provider_message_id for a in accepted}
+    assert re.fullmatch(r"sms_[0-9a-f]{13}", ticket)
+    assert [(s.phone, s.account, s.text, s.provider_message_id) for s in simulator.sends] == [
+        (sms.destination, OCTOPUSH_KEY, "Bonjour", ticket) for sms in batch
+    ]
+    await wait_for(lambda: len(receiver.received) == 6, 5, "six delivery reports")
+    seen: dict[str, list[str]] = {}
+    for _, payload in receiver.received:
+        [parsed] = Octopush.parse_callback(orjson.dumps(payload), "application/json")
+        assert parsed.occurred_at is not None
+        key = Octopush.correlation_key(OCTOPUSH_ACCOUNT, parsed.provider_message_id, parsed.number)
+        seen.setdefault(key, []).append(parsed.provider_status)
+    assert seen == {a.correlation_key: ["ACK", "DELIVERED"] for a in accepted}
+
+    # The same batch again (a retry after a lost answer) is refused by request_id: no double send.
+    again = await provider.send(batch)
+    assert all(isinstance(r, SendError) and not r.retryable for r in again)
+    assert all("duplicate request_id" in r.detail for r in again if isinstance(r, SendError))
+    assert len(simulator.sends) == 3
+    assert simulator.answers["octopush"] == {"201": 1, "400": 1}
+
+
+async def test_octopush_failures_low_cost_and_simulation_mode(
+    simulator: ProviderSimulator, receiver: Receiver, client: aiohttp.ClientSession
+) -> None:
+    simulator.configure(callback_urls={OCTOPUSH_LOGIN: receiver.url}, fail_rate=1.0)
+    body = {**OCTOPUSH_FIXTURES["send_request"], "request_id": "r-1"}
+    status, answer = await octopush_post(client, simulator, body)
+    assert status == 201
+    assert set(answer) == set(OCTOPUSH_FIXTURES["send_response"])
+    await wait_for(lambda: len(receiver.received) == 2, 5, "ACK and the final report")
+    _, final = receiver.received[1]
+    assert final["status"] == "NOT_DELIVERED"
+    [parsed] = Octopush.parse_callback(orjson.dumps(final), "application/json")
+    assert Octopush.canonical(parsed.provider_status) == ("failed", SubStatus.UNDELIVERABLE)
+
+    low_cost = {**body, "type": "sms_low_cost", "request_id": "r-2"}
+    assert (await octopush_post(client, simulator, low_cost))[0] == 201
+    simulated = {**body, "simulation_mode": True, "request_id": "r-3"}
+    status, answer = await octopush_post(client, simulator, simulated)
+    assert status == 201 and answer["sms_ticket"]
+    await simulator_quiet(simulator)
+    assert len(simulator.sends) == 2  # the simulation is not sent
+    assert len(receiver.received) == 2  # low cost has no delivery reports
+
+
+@pytest.mark.parametrize(
+    ("headers", "changes", "status", "code", "message"),
+    [
+        ({}, {}, 401, 101, "api-key"),
+        ({"api-key": OCTOPUSH_KEY}, {}, 401, 101, "api-login"),
+        (None, {"recipients": []}, 400, 103, "recipients"),
+        (None, {"recipients": [{"phone_number": "+33600000000"}] * 501}, 400, None, "500"),
+        (None, {"recipients": [{"phone_number": "0600000000"}]}, 400, None, "phone_number"),
+        (None, {"recipients": ["+33600000000"]}, 400, None, "phone_number"),
+        (None, {"text": ""}, 400, 107, "text"),
+        (None, {"text": "x" * 1225}, 400, None, "1224"),
+        (None, {"type": "sms_standard"}, 400, None, "type"),
+        (None, {"sender": "A"}, 400, 106, "sender"),
+        (None, {"purpose": "spam"}, 400, None, "purpose"),
+        (None, {"with_replies": "yes"}, 400, None, "with_replies"),
+        (None, {"request_id": 7}, 400, None, "request_id"),
+    ],
+)
+async def test_octopush_refuses_invalid_sends(
+    simulator: ProviderSimulator,
+    client: aiohttp.ClientSession,
+    headers: dict[str, str] | None,
+    changes: dict[str, Any],
+    status: int,
+    code: int | None,
+    message: str,
+) -> None:
+    body = {**OCTOPUSH_FIXTURES["send_request"], **changes}
+    answered, answer = await octopush_post(client, simulator, body, headers)
+    assert answered == status
+    assert answer.get("code") == code
+    assert message in answer["message"]
+    assert simulator.sends == []
+
+
+async def test_octopush_invalid_number_reads_as_invalid_number_in_our_client(
+    simulator: ProviderSimulator, client: aiohttp.ClientSession
+) -> None:
+    [result] = await bulk_provider(Octopush, simulator, client).send(
+        [OutboundSms("m-1", "+33", "hi", "ACME")]
+    )
+    assert isinstance(result, SendError)
+    assert (result.retryable, result.sub_status) == (False, SubStatus.INVALID_NUMBER)
+
+
+# -- customer replies ----------------------------------------------------------------------------
+
+
+async def post_reply(
+    client: aiohttp.ClientSession, sim: ProviderSimulator, body: Any
+) -> tuple[int, Any]:
+    async with client.post(f"{sim.url}/_simulator/reply", json=body) as response:
+        return response.status, await response.json()
+
+
+async def test_reply_posts_inbound_and_stop_callbacks_our_parser_reads(
+    simulator: ProviderSimulator, receiver: Receiver, client: aiohttp.ClientSession
+) -> None:
+    simulator.configure(callback_urls={OCTOPUSH_KEY: receiver.url})
+    [sent, _] = await bulk_provider(Octopush, simulator, client).send(french(2))
+    assert isinstance(sent, SendAccepted)
+    await wait_for(lambda: len(receiver.received) == 4, 5, "the delivery reports")
+    receiver.received.clear()
+    reply = {"provider": "octopush", "account_key": OCTOPUSH_KEY, "number": "+33600000000"}
+
+    status, delivery = await post_reply(client, simulator, {**reply, "text": "Oui merci"})
+    assert status == 200
+    assert delivery["delivered"] is True
+    _, inbound = receiver.received[-1]
+    assert inbound == delivery["payload"]
+    assert set(inbound) == {"message_id", "number", "text", "sim_card_number", "reception_date"}
+    [parsed] = Octopush.parse_callback(orjson.dumps(inbound), "application/json")
+    assert (parsed.kind, parsed.text, parsed.number) == ("inbound", "Oui merci", "+33600000000")
+    # The reply names the campaign that reached that number, so it joins the dispatch.
+    key = Octopush.correlation_key(OCTOPUSH_ACCOUNT, parsed.provider_message_id, parsed.number)
+    assert key == sent.correlation_key
+
+    status, delivery = await post_reply(client, simulator, {**reply, "text": " stop "})
+    assert status == 200
+    [stop] = Octopush.parse_callback(orjson.dumps(delivery["payload"]), "application/json")
+    assert (stop.kind, stop.text, stop.provider_message_id) == (
+        "opt_out",
+        " stop ",
+        sent.provider_message_id,
+    )
+    assert "stop_date" in receiver.received[-1][1]
+
+    status, delivery = await post_reply(
+        client, simulator, {**reply, "number": "+33699999999", "text": "Qui est-ce ?"}
+    )
+    assert status == 200
+    assert "message_id" not in delivery["payload"]  # nothing was sent to that number
+    chosen = {**reply, "text": "Hi", "message_id": "sms_given"}
+    status, delivery = await post_reply(client, simulator, chosen)
+    assert delivery["payload"]["message_id"] == "sms_given"
+    assert len(receiver.received) == 4
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ({"provider": "opensms"}, "only octopush"),
+        ({"account_key": "unknown-key"}, "no callback URL"),
+        ({"number": "0600000000"}, "international"),
+        ({"text": None}, "required"),
+        ({"message_id": 5}, "required"),
+    ],
+)
+async def test_reply_refuses_what_no_provider_would_send(
+    simulator: ProviderSimulator,
+    receiver: Receiver,
+    client: aiohttp.ClientSession,
+    body: dict[str, Any],
+    message: str,
+) -> None:
+    simulator.configure(callback_urls={OCTOPUSH_KEY: receiver.url})
+    base = {"provider": "octopush", "account_key": OCTOPUSH_KEY, "number": "+33600000000"}
+    status, answer = await post_reply(client, simulator, {**base, "text": "hi", **body})
+    assert status == 400
+    assert message in answer["error"]
+    assert receiver.received == []
+
+
+# -- callback URLs -------------------------------------------------------------------------------
+
+
+async def test_callback_urls_are_configured_at_run_time_and_derived_from_the_config(
+    simulator: ProviderSimulator, client: aiohttp.ClientSession
+) -> None:
+    config_url = f"{simulator.url}/_simulator/config"
+    async with client.post(
+        config_url, json={"callback_urls": {"k1": "http://a/1", "k2": "https://b/2"}}
+    ) as response:
+        assert response.status == 200
+    async with client.post(config_url, json={"callback_urls": {"k1": None}}) as response:
+        assert (await response.json())["callback_urls"] == {"k2": "https://b/2"}
+    for bad in ({"k": "ftp://x"}, {"": "http://x"}, ["http://x"], {"k": 3}):
+        async with client.post(config_url, json={"callback_urls": bad}) as response:
+            assert response.status == 400, bad
+    async with client.get(config_url) as response:
+        assert (await response.json())["callback_urls"] == {"k2": "https://b/2"}
+
+    settings = bulk_provider_settings(simulator.url)
+    assert callback_urls_from_settings(settings) == {
+        OPENSMS_TOKEN: callback_url(settings, OPENSMS_ACCOUNT),
+        OCTOPUSH_KEY: callback_url(settings, OCTOPUSH_ACCOUNT),
+    }  # OTPIQ gives its URL in each request
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--callback-url", "a=http://x/1", "--callback-url", "b=http://y"])
+    assert callback_urls_from_args(args.callback_url) == {"a": "http://x/1", "b": "http://y"}
+    with pytest.raises(OptionsError):
+        callback_urls_from_args(["no-equals-sign"])

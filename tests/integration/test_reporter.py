@@ -1,4 +1,9 @@
-"""The reporter on a real broker against the simulated Optimove (decisions.md §4, §5, §7)."""
+"""The reporter on a real broker against the simulated Optimove (decisions.md §4, §5, §7).
+
+The simulator is switched into failure modes: a 503 outage that ends, timeouts, 429 with
+``Retry-After``, refusals (400, 401), an outage that never ends (given up), one tenant down while
+another keeps flowing, and parked reports that outlive the reporter that parked them.
+"""
 
 from __future__ import annotations
 
@@ -46,6 +51,13 @@ METADATA_JSON = (
     '{"appId": 7, "tenantId": 1234, "campaignId": "spring", "brandId": "",'
     ' "scheduledTime": 1700000000000, "extra": {"u": "caf\\u00e9 ☕", "n": [1, 2.50]}}'
 )
+# Short waits everywhere, so that outages of a few seconds are enough.
+FAST_RETRIES: dict[str, Any] = {
+    "max_backoff_s": 0.5,
+    "inline_retry_s": 0.5,
+    "parked_poll_interval_s": 0.1,
+    "request_timeout_s": 2.0,
+}
 
 
 def settings_for(
@@ -94,9 +106,17 @@ def status(
     )
 
 
+def campaign(prefix: str, messages: int, tenant: str = TENANT) -> list[StatusEvent]:
+    """Sent then Delivered for each message, all Sent first (as a campaign produces them)."""
+    ids = [f"{prefix}-{i:03d}" for i in range(messages)]
+    return [status(m, "sent", "Sent", tenant) for m in ids] + [
+        status(m, "delivered", "Delivered", tenant) for m in ids
+    ]
+
+
 def reply(index: int, tenant: str = TENANT) -> InboundMessage:
     return InboundMessage(
-        event_id=f"e-in-{index}",
+        event_id=f"e-in-{tenant}-{index}",
         tenant=tenant,
         to="ACME",
         from_number=f"4479111234{index:02d}",
@@ -126,8 +146,24 @@ def accepted(simulator: OptimoveSimulator, endpoint: str, tenant: str = TENANT) 
     ]
 
 
+def sequences(simulator: OptimoveSimulator, tenant: str) -> dict[str, list[str]]:
+    """Per message, the statuses Optimove accepted, in the order it accepted them."""
+    found: dict[str, list[str]] = defaultdict(list)
+    for body in accepted(simulator, "delivery-report", tenant):
+        found[body["messageId"]].append(body["type"]["status"])
+    return found
+
+
 def metric(name: str, **labels: str) -> float:
     return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+def parked(tenant: str, kind: str = "delivery") -> float:
+    return metric("smsbridge_reports_parked", tenant=tenant, kind=kind)
+
+
+async def no_dead_letters(settings: Settings) -> list[tuple[str | None, DeadLetter]]:
+    return await read_topic(settings, DEAD_LETTERS, DeadLetter, settle_s=0.3)
 
 
 async def test_reports_arrive_signed_with_metadata_unchanged_and_replies_batched(
@@ -143,7 +179,7 @@ async def test_reports_arrive_signed_with_metadata_unchanged_and_replies_batched
     ]
     replies = [reply(i) for i in range(6)]
     accepted_before = metric(
-        "smsbridge_reports_total", tenant=TENANT, kind="delivery", result="accepted"
+        "smsbridge_reports_total", tenant=TENANT, kind="delivery", status="sent", result="accepted"
     )
 
     await simulator.start()
@@ -165,7 +201,7 @@ async def test_reports_arrive_signed_with_metadata_unchanged_and_replies_batched
 
     reports = [r for r in recorded if r["endpoint"] == "delivery-report"]
     assert len(reports) == len(events)  # none twice, none refused
-    sequences: dict[str, list[str]] = defaultdict(list)
+    by_message: dict[str, list[str]] = defaultdict(list)
     for request in reports:
         raw = request["body"].encode("utf-8")
         assert request["status"] == 200
@@ -178,9 +214,9 @@ async def test_reports_arrive_signed_with_metadata_unchanged_and_replies_batched
         assert body["mobileNumber"] == f"07911 123 {message_id[-3:]}"
         assert body["customerId"] == f"cust-{message_id}"
         assert body["providerMessageId"] == f"p-{message_id}"
-        sequences[message_id].append(f"{body['type']['status']}/{body['type']['subStatus']}")
+        by_message[message_id].append(f"{body['type']['status']}/{body['type']['subStatus']}")
     # Per message, the order of the topic is kept.
-    assert sequences == {
+    assert by_message == {
         m: ["Sent/Sent", "Delivered/Delivered" if i % 3 else "Failed/Undeliverable"]
         for i, m in enumerate(message_ids)
     }
@@ -201,61 +237,132 @@ async def test_reports_arrive_signed_with_metadata_unchanged_and_replies_batched
         "sentAt": "2026-01-02T03:04:00Z",
     }
     accepted_after = metric(
-        "smsbridge_reports_total", tenant=TENANT, kind="delivery", result="accepted"
+        "smsbridge_reports_total", tenant=TENANT, kind="delivery", status="sent", result="accepted"
     )
-    assert accepted_after - accepted_before == len(events)
+    assert accepted_after - accepted_before == len(message_ids)
 
 
-async def test_transient_failures_are_retried_and_old_ones_given_up(
+async def test_an_outage_that_ends_loses_nothing_and_repeats_nothing(
     kafka: EmbeddedBroker,
 ) -> None:
     port = free_port()
-    settings = settings_for(
-        port, {"give_up_after_s": 2.0, "max_backoff_s": 0.2, "request_timeout_s": 2.0}
-    )
+    settings = settings_for(port, FAST_RETRIES)
     simulator = simulator_on(port)
-    simulator.set_mode(FailureMode(status=503, remaining=3, retry_after="0"), tenant=TENANT)
-    simulator.set_mode(FailureMode(status=503), tenant=OTHER)  # never recovers
-    events = [status(f"m-{i:03d}", "delivered", "Delivered") for i in range(4)]
-    doomed = status("m-900", "delivered", "Delivered", tenant=OTHER)
-    retried_before = metric(
-        "smsbridge_reports_total", tenant=TENANT, kind="delivery", result="retried"
+    simulator.set_mode(FailureMode(status=503), tenant=TENANT)
+    events = campaign("m", 30)
+    parked_before = metric(
+        "smsbridge_reports_total", tenant=TENANT, kind="delivery", status="sent", result="parked"
     )
 
     await simulator.start()
     try:
         async with running(build(settings)):
-            await publish(settings, statuses_of([*events, doomed]))
-            dead = await read_topic(settings, DEAD_LETTERS, DeadLetter, expect=1, timeout_s=30)
+            await publish(settings, statuses_of(events))
+            await wait_for(lambda: parked(TENANT) == 30, what="every message parked")
+            simulator.clear_modes(TENANT)  # Optimove is back
             await wait_for(
                 lambda: len(accepted(simulator, "delivery-report")) >= len(events),
-                what="acme's reports after the outage",
+                timeout_s=60,
+                what="every report after the outage",
             )
+            await wait_for(lambda: parked(TENANT) == 0, what="nothing parked any more")
+            dead = await no_dead_letters(settings)
         tally = simulator.tally(TENANT)[TENANT]
-        acme_statuses = [r["status"] for r in simulator.received(tenant=TENANT)]
-        beta_attempts = len(simulator.received(tenant=OTHER))
+        failed = sum(1 for r in simulator.received(tenant=TENANT) if r["status"] == 503)
     finally:
         await simulator.stop()
 
-    assert sorted(acme_statuses) == [200] * 4 + [503] * 3
-    assert tally["final"] == 4
-    assert tally["duplicates"] == 0
+    assert len(accepted(simulator, "delivery-report")) == len(events)  # none twice
+    assert (tally["final"], tally["duplicates"]) == (30, 0)
+    assert sequences(simulator, TENANT) == {
+        e.context.message_id: ["Sent", "Delivered"] for e in events
+    }
+    assert dead == []
+    assert failed >= 1
     assert (
-        metric("smsbridge_reports_total", tenant=TENANT, kind="delivery", result="retried")
-        - retried_before
-        == 3
+        metric(
+            "smsbridge_reports_total",
+            tenant=TENANT,
+            kind="delivery",
+            status="sent",
+            result="parked",
+        )
+        - parked_before
+        == 30
     )
 
-    assert len(dead) == 1
-    key, letter = dead[0]
-    assert key == "m-900"
-    assert letter.stage == "reporter"
-    assert letter.status_code == 503
-    assert letter.attempts == beta_attempts
-    assert letter.attempts >= 3
-    assert "gave up" in letter.reason
-    assert letter.source_topic == letter.redrive_topic == STATUSES.name
-    assert StatusEvent.model_validate_json(letter.payload) == doomed
+
+async def test_timeouts_are_retried(kafka: EmbeddedBroker) -> None:
+    port = free_port()
+    settings = settings_for(port, {**FAST_RETRIES, "request_timeout_s": 0.5})
+    simulator = simulator_on(port)
+    # Slower than the reporter waits; the simulator still takes them late, as a real peer may.
+    simulator.set_mode(FailureMode(delay_ms=1500, remaining=3), tenant=TENANT)
+    events = [status(f"m-{i:03d}", "delivered", "Delivered") for i in range(5)]
+    timeouts_before = metric(
+        "smsbridge_report_attempt_failures_total", tenant=TENANT, kind="delivery", code="timeout"
+    )
+
+    await simulator.start()
+    try:
+        async with running(build(settings)):
+            await publish(settings, statuses_of(events))
+            await wait_for(
+                lambda: simulator.tally(TENANT)[TENANT]["final"] == 5,
+                timeout_s=60,
+                what="every report despite the timeouts",
+            )
+            dead = await no_dead_letters(settings)
+        requests = simulator.received(tenant=TENANT)
+    finally:
+        await simulator.stop()
+
+    timeouts = (
+        metric(
+            "smsbridge_report_attempt_failures_total",
+            tenant=TENANT,
+            kind="delivery",
+            code="timeout",
+        )
+        - timeouts_before
+    )
+    assert timeouts == 3
+    assert dead == []
+    # Each timed-out request was sent again; a late answer may have counted it twice.
+    assert len(events) + 3 <= len(requests)
+
+
+async def test_429_retry_after_is_honoured_for_the_whole_tenant(kafka: EmbeddedBroker) -> None:
+    port = free_port()
+    settings = settings_for(port, {**FAST_RETRIES, "max_backoff_s": 10.0})
+    simulator = simulator_on(port)
+    simulator.set_mode(FailureMode(status=429, remaining=1, retry_after="2"), tenant=TENANT)
+    first, *later = [status(f"m-{i:03d}", "sent", "Sent") for i in range(3)]
+
+    await simulator.start()
+    try:
+        async with running(build(settings)):
+            await publish(settings, statuses_of([first]))
+            await wait_for(
+                lambda: len(simulator.received(tenant=TENANT)) == 1, what="the first request"
+            )
+            # Published after the 429: they must wait for the Retry-After as well.
+            await publish(settings, statuses_of(later))
+            await wait_for(
+                lambda: len(accepted(simulator, "delivery-report")) == 3,
+                timeout_s=30,
+                what="every report after the Retry-After",
+            )
+        requests = simulator.received(tenant=TENANT)
+    finally:
+        await simulator.stop()
+
+    limited, *rest = requests
+    assert limited["status"] == 429
+    assert [r["status"] for r in rest] == [200, 200, 200]
+    limited_at = datetime.fromisoformat(limited["received_at"])
+    waited = [(datetime.fromisoformat(r["received_at"]) - limited_at).total_seconds() for r in rest]
+    assert min(waited) >= 1.9
 
 
 async def test_refused_reports_are_dead_lettered_at_once(kafka: EmbeddedBroker) -> None:
@@ -268,6 +375,13 @@ async def test_refused_reports_are_dead_lettered_at_once(kafka: EmbeddedBroker) 
     unauthorized = status("m-401", "sent", "Sent", tenant=OTHER)
     stranger = status("m-404", "sent", "Sent", tenant="ghost")
     unauthorized_before = metric("smsbridge_optimove_unauthorized_total", tenant=OTHER)
+    dead_before = metric(
+        "smsbridge_reports_total",
+        tenant=OTHER,
+        kind="incoming",
+        status="reply",
+        result="dead_lettered",
+    )
 
     await simulator.start()
     try:
@@ -296,6 +410,17 @@ async def test_refused_reports_are_dead_lettered_at_once(kafka: EmbeddedBroker) 
     assert letters[OTHER].redrive_topic == INBOUND.name
     assert InboundMessage.model_validate_json(letters[OTHER].payload) == reply(1, OTHER)
     assert metric("smsbridge_optimove_unauthorized_total", tenant=OTHER) - unauthorized_before == 2
+    assert (
+        metric(
+            "smsbridge_reports_total",
+            tenant=OTHER,
+            kind="incoming",
+            status="reply",
+            result="dead_lettered",
+        )
+        - dead_before
+        == 1
+    )
 
     assert "unknown tenant 'ghost'" in letters["m-404"].reason
     assert letters["m-404"].attempts == 0
@@ -306,3 +431,136 @@ async def test_refused_reports_are_dead_lettered_at_once(kafka: EmbeddedBroker) 
         (OTHER, "delivery-report", 401),
         (OTHER, "incoming-message", 401),
     ]
+
+
+async def test_reports_older_than_the_give_up_age_are_dead_lettered(
+    kafka: EmbeddedBroker,
+) -> None:
+    port = free_port()
+    settings = settings_for(port, {**FAST_RETRIES, "give_up_after_s": 2.0})
+    simulator = simulator_on(port)
+    simulator.set_mode(FailureMode(status=503), tenant=OTHER)  # never recovers
+    doomed = status("m-900", "delivered", "Delivered", tenant=OTHER)
+
+    await simulator.start()
+    try:
+        async with running(build(settings)):
+            await publish(settings, statuses_of([doomed]))
+            dead = await read_topic(settings, DEAD_LETTERS, DeadLetter, expect=1, timeout_s=30)
+            await wait_for(lambda: parked(OTHER) == 0, what="the parked report gone")
+        beta_attempts = len(simulator.received(tenant=OTHER))
+    finally:
+        await simulator.stop()
+
+    assert len(dead) == 1
+    key, letter = dead[0]
+    assert key == "m-900"
+    assert letter.stage == "reporter"
+    assert letter.status_code == 503
+    assert "simulated failure" in letter.response_excerpt
+    assert letter.attempts == beta_attempts
+    assert letter.attempts >= 2
+    assert "gave up" in letter.reason
+    assert letter.source_topic == letter.redrive_topic == STATUSES.name
+    assert StatusEvent.model_validate_json(letter.payload) == doomed
+
+
+async def test_one_tenant_down_does_not_slow_the_others(kafka: EmbeddedBroker) -> None:
+    port = free_port()
+    # Few slots, so that reports held for their tenant's outage would stall everything.
+    settings = settings_for(
+        port,
+        {
+            **FAST_RETRIES,
+            "inline_retry_s": 3.0,
+            "request_timeout_s": 1.0,
+            "runner": {"max_in_flight": 10},
+        },
+    )
+    simulator = simulator_on(port)
+    simulator.set_mode(FailureMode(status=503), tenant=OTHER)
+    down = campaign("b", 50, tenant=OTHER)
+    up = campaign("a", 50)
+
+    await simulator.start()
+    try:
+        async with running(build(settings)):
+            # The failing tenant's reports come first in the topic.
+            await publish(settings, statuses_of(down))
+            await publish(settings, statuses_of(up))
+            await wait_for(
+                lambda: len(accepted(simulator, "delivery-report")) == len(up),
+                timeout_s=60,
+                what="the healthy tenant's reports",
+            )
+            assert simulator.modes() == {OTHER: simulator.modes()[OTHER]}  # beta still down
+            assert accepted(simulator, "delivery-report", OTHER) == []
+            await wait_for(lambda: parked(OTHER) == 50, what="beta's messages parked")
+            # Probed one request at a time: far fewer requests than reports.
+            assert len(simulator.received(tenant=OTHER)) < len(down)
+
+            simulator.clear_modes(OTHER)
+            await wait_for(
+                lambda: len(accepted(simulator, "delivery-report", OTHER)) >= len(down),
+                timeout_s=60,
+                what="beta's reports once it is back",
+            )
+            await wait_for(lambda: parked(OTHER) == 0, what="nothing parked any more")
+    finally:
+        await simulator.stop()
+
+    assert len(accepted(simulator, "delivery-report", OTHER)) == len(down)  # none twice
+    for tenant, events in ((TENANT, up), (OTHER, down)):
+        assert sequences(simulator, tenant) == {
+            e.context.message_id: ["Sent", "Delivered"] for e in events
+        }
+
+
+async def test_parked_reports_and_replies_outlive_the_reporter(kafka: EmbeddedBroker) -> None:
+    port = free_port()
+    settings = settings_for(port, {**FAST_RETRIES, "inbound_batch_delay_s": 0.05})
+    simulator = simulator_on(port)
+    simulator.set_mode(FailureMode(status=503), tenant=OTHER)
+    events = campaign("b", 10, tenant=OTHER)
+    replies = [reply(i, OTHER) for i in range(5)]
+
+    await simulator.start()
+    try:
+        async with running(build(settings)):
+            await publish(settings, statuses_of(events))
+            await publish(settings, [(INBOUND, OTHER, r) for r in replies])
+            await wait_for(
+                lambda: parked(OTHER) == 10 and parked(OTHER, "incoming") == 5,
+                what="everything parked",
+            )
+        # A new reporter restores them from sms.reporter-state, and sends them once back.
+        async with running(build(settings)):
+            await wait_for(
+                lambda: parked(OTHER) == 10 and parked(OTHER, "incoming") == 5,
+                what="everything restored",
+            )
+            simulator.clear_modes(OTHER)
+            await wait_for(
+                lambda: (
+                    len(accepted(simulator, "delivery-report", OTHER)) >= len(events)
+                    and simulator.tally(OTHER)[OTHER]["incoming_messages"] >= len(replies)
+                ),
+                timeout_s=60,
+                what="every report after the restart",
+            )
+            await wait_for(
+                lambda: parked(OTHER) + parked(OTHER, "incoming") == 0, what="nothing parked"
+            )
+            dead = await no_dead_letters(settings)
+    finally:
+        await simulator.stop()
+
+    assert dead == []
+    assert len(accepted(simulator, "delivery-report", OTHER)) == len(events)
+    assert sequences(simulator, OTHER) == {
+        e.context.message_id: ["Sent", "Delivered"] for e in events
+    }
+    texts = [
+        m["message"] for b in accepted(simulator, "incoming-message", OTHER) for m in b["messages"]
+    ]
+    assert sorted(texts) == sorted(r.text for r in replies)

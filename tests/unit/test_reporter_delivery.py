@@ -9,6 +9,7 @@ from datetime import UTC, datetime
 import aiohttp
 import pytest
 
+from services.reporter.batching import InboundBatcher
 from services.reporter.delivery import (
     Action,
     AttemptResult,
@@ -19,7 +20,6 @@ from services.reporter.delivery import (
     is_retryable_status,
     parse_retry_after,
 )
-from services.reporter.handler import InboundBatcher
 from shared.config import ReporterSettings
 from shared.events import InboundMessage
 from shared.optimove import SignedRequest
@@ -216,6 +216,74 @@ async def test_deliver_gives_up_after_the_give_up_age() -> None:
     # 1 + 2 + 4 + 8 + 8 = 23, then the wait is cut to the 7 s left, then the last attempt.
     assert sender.sleeps == [1, 2, 4, 8, 8, 7]
     assert outcome.attempts == 7
+
+
+class Gate:
+    """A gate that lets ``allowed`` requests through, then none; remembers what it was told."""
+
+    def __init__(self, allowed: int, next_attempt_at: float = 42.0) -> None:
+        self.allowed = allowed
+        self.released: list[tuple[object, int | None]] = []
+        self._next = next_attempt_at
+
+    def acquire(self) -> object | None:
+        if self.allowed == 0:
+            return None
+        self.allowed -= 1
+        return "permit"
+
+    def release(self, permit: object, result: AttemptResult | None) -> None:
+        self.released.append((permit, result.status_code if result is not None else None))
+
+    def next_attempt_at(self) -> float:
+        return self._next
+
+
+async def test_a_closed_gate_stops_before_any_attempt() -> None:
+    sender = ScriptedSender([answer(200)])
+
+    outcome = await sender.deliver(REQUEST, gate=Gate(allowed=0, next_attempt_at=30.0))
+
+    assert outcome.decision.action is Action.RETRY
+    assert outcome.decision.delay_s == 30.0  # the gate's next turn, on the sender's clock
+    assert outcome.attempts == 0
+    assert outcome.last.status_code is None
+    assert "not attempted" in outcome.decision.reason
+    assert sender.requests == []
+
+
+async def test_the_gate_sees_every_result_and_can_stop_the_loop() -> None:
+    sender = ScriptedSender([answer(503), answer(502), answer(200)])
+    gate = Gate(allowed=2)
+
+    outcome = await sender.deliver(REQUEST, gate=gate)
+
+    assert outcome.decision.action is Action.RETRY
+    assert outcome.attempts == 2
+    assert outcome.last.status_code == 502
+    assert gate.released == [("permit", 503), ("permit", 502)]
+
+
+async def test_the_budget_ends_the_loop_before_a_wait_that_would_overrun_it() -> None:
+    # Waits are 1, 2, 4 s (jitter 1.0): after 1 + 2 = 3 s, the next wait of 4 s overruns 5 s.
+    sender = ScriptedSender([answer(503)])
+
+    outcome = await sender.deliver(REQUEST, budget_s=5.0)
+
+    assert outcome.decision.action is Action.RETRY
+    assert outcome.decision.delay_s == 4.0
+    assert outcome.attempts == 3
+    assert sender.sleeps == [1.0, 2.0]
+
+
+async def test_the_give_up_age_counts_from_an_earlier_first_attempt() -> None:
+    sender = ScriptedSender([answer(503)], RetryPolicy(give_up_after_s=30, max_backoff_s=8))
+    sender.now = 100.0
+
+    outcome = await sender.deliver(REQUEST, first_attempt_at=60.0)
+
+    assert outcome.decision.action is Action.GIVE_UP
+    assert outcome.attempts == 1
 
 
 async def test_attempt_reports_network_errors_without_raising() -> None:

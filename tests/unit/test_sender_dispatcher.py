@@ -1,25 +1,33 @@
-"""The sender's decisions, with a scripted provider and a fake clock (no network, no broker)."""
+"""The sender's dispatcher with scripted providers, a recording publisher and a local store.
+
+No broker, no network: the state store is loaded empty (or from changelog records), the publisher
+records what would go to Kafka, and the clocks are fakes, so every decision can be checked
+exactly: what is written before the provider is called, what a crash leaves behind, what is
+never sent.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from datetime import UTC, datetime, timedelta
+import asyncio
+from collections.abc import Callable, Iterable, Mapping
+from datetime import UTC, datetime
 from typing import Any, ClassVar
 
 import pytest
 from aiokafka.structs import ConsumerRecord
 
-from services.sender.dispatcher import (
-    Dispatcher,
-    RetryPolicy,
-    due_at,
-    is_expired,
-    routes_for,
-    scrub,
-    send_with_retries,
-)
+from services.sender.dispatcher import Dispatcher
+from services.sender.state import SendState
 from shared import topics
-from shared.events import CanonicalStatus, MessageContext, RecipientMessage
+from shared.events import (
+    CanonicalStatus,
+    DeadLetter,
+    DispatchRecord,
+    MessageContext,
+    RecipientMessage,
+    StateChange,
+)
+from shared.kafka import KafkaUnavailable, OutRecord, Publisher
 from shared.providers.base import (
     CallbackRejected,
     OutboundSms,
@@ -33,276 +41,642 @@ from shared.runner import PoisonRecord
 from shared.statuses import SubStatus
 from tests.support import TENANT, make_settings
 
-ACCOUNT = "otpiq-main"
-START = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
+PRIMARY, BACKUP = "otpiq-main", "otpiq-backup"
+NOW = 1_800_000_000.0
+NUMBER = "+447700900123"
+
+Script = Callable[[OutboundSms], SendResult]
 
 
-class FakeTime:
-    def __init__(self) -> None:
-        self.now = START
-        self.slept: list[float] = []
+class Clock:
+    def __init__(self, now: float) -> None:
+        self.now = now
 
-    def clock(self) -> datetime:
+    def __call__(self) -> float:
         return self.now
 
-    async def sleep(self, seconds: float) -> None:
-        self.slept.append(seconds)
-        self.now += timedelta(seconds=seconds)
+
+class RecordingPublisher(Publisher):
+    """Records what would be published; ``fail`` makes the next publishes fail."""
+
+    def __init__(self) -> None:
+        self.records: list[OutRecord] = []
+        self.fail = 0
+
+    async def publish(self, records: Iterable[OutRecord]) -> None:
+        batch = list(records)
+        if self.fail:
+            self.fail -= 1
+            raise KafkaUnavailable("broker down")
+        self.records.extend(batch)
+        await asyncio.sleep(0.001)  # the acknowledgement takes a moment: others run meanwhile
+
+    def on(self, topic: topics.Topic) -> list[OutRecord]:
+        return [record for record in self.records if record.topic == topic]
+
+    def dispatches(self) -> list[DispatchRecord]:
+        return [r.value for r in self.on(topics.DISPATCHES) if isinstance(r.value, DispatchRecord)]
+
+    def states(self, message_id: str) -> list[SendState]:
+        return [
+            SendState.from_value(r.value.value)
+            for r in self.on(topics.SENDER_STATE)
+            if r.key == message_id and isinstance(r.value, StateChange)
+        ]
 
 
 class ScriptedProvider(Provider):
-    """Answers each send with the next scripted result and notes when it was called."""
+    """Answers each message with ``script(sms)``; remembers every call and what Kafka held."""
 
     kind = "otpiq"
     status_map: ClassVar[Mapping[str, tuple[CanonicalStatus, str]]] = {}
 
-    def __init__(self, results: list[SendResult], time: FakeTime | None = None) -> None:
-        self.account = ACCOUNT
-        self.results = results
-        self.time = time
-        self.calls: list[tuple[OutboundSms, datetime | None]] = []
+    def __init__(self, account: str, script: Script, publisher: RecordingPublisher) -> None:
+        self.account = account
+        self.script = script
+        self.publisher = publisher
+        self.calls: list[list[OutboundSms]] = []
+        self.states_at_call: list[list[SendState]] = []
+        self.called = asyncio.Event()
+        self.release = asyncio.Event()
+        self.release.set()
 
     async def send(self, batch: list[OutboundSms]) -> list[SendResult]:
-        [sms] = batch
-        self.calls.append((sms, self.time.now if self.time else None))
-        return [self.results.pop(0)]
+        self.calls.append(batch)
+        self.called.set()
+        self.states_at_call.append(
+            [s for sms in batch for s in self.publisher.states(sms.message_id)]
+        )
+        await self.release.wait()
+        return [self.script(sms) for sms in batch]
 
     @classmethod
     def parse_callback(cls, body: bytes, content_type: str) -> list[ParsedCallback]:
         raise CallbackRejected("not used")
 
 
-def accepted(provider_message_id: str = "sms-1") -> SendAccepted:
-    return SendAccepted("m-1", provider_message_id, f"{ACCOUNT}:{provider_message_id}")
+class DeduplicatingProvider(ScriptedProvider):
+    deduplicates_resends = True
 
 
-def retryable(retry_after_s: float | None = None) -> SendError:
-    return SendError("HTTP 503", retryable=True, retry_after_s=retry_after_s, status_code=503)
+class BulkProvider(ScriptedProvider):
+    max_batch = 3
+
+
+def accept(account: str) -> Script:
+    return lambda sms: SendAccepted(
+        sms.message_id, f"sms-{sms.message_id}", f"{account}:sms-{sms.message_id}"
+    )
+
+
+def fail_503(sms: OutboundSms) -> SendResult:
+    return SendError("HTTP 503", retryable=True, status_code=503)
+
+
+def in_turn(*scripts: Script) -> Script:
+    remaining = list(scripts)
+    return lambda sms: remaining.pop(0)(sms)
 
 
 def message(
+    index: int = 1,
     *,
+    destination: str = NUMBER,
+    text: str = "hello",
     tenant: str = TENANT,
-    destination: str = "+447700900123",
-    sender_id: str = "SHOP",
-    scheduled_at: datetime | None = None,
-    accepted_at: datetime = START,
+    scheduled_at: float | None = None,
+    accepted_at: float = NOW,
 ) -> RecipientMessage:
     return RecipientMessage(
         context=MessageContext(
             tenant=tenant,
-            message_id="m-1",
+            message_id=f"m-{index}",
             batch_id="b-1",
             mobile_number=destination.lstrip("+"),
             metadata_json="{}",
         ),
         destination=destination,
-        text="hello",
-        sender_id=sender_id,
-        scheduled_at=scheduled_at,
-        accepted_at=accepted_at,
+        text=text,
+        sender_id="SHOP",
+        scheduled_at=datetime.fromtimestamp(scheduled_at, UTC) if scheduled_at else None,
+        accepted_at=datetime.fromtimestamp(accepted_at, UTC),
     )
 
 
-def dispatcher(
-    provider: ScriptedProvider, time: FakeTime, overrides: dict[str, Any] | None = None
-) -> Dispatcher:
-    return Dispatcher(
-        make_settings(overrides=overrides),
-        retry_policy=RetryPolicy(max_attempts=3, base_delay_s=0.5, max_wait_s=120),
-        clock=time.clock,
-        sleep=time.sleep,
-        providers={ACCOUNT: provider},
-    )
-
-
-# -- routing, due time, expiry ---------------------------------------------------------------
-
-
-def test_routes_serve_matching_prefixes_lowest_priority_first() -> None:
-    settings = make_settings(
-        overrides={
-            "providers": {
-                "second": {
-                    "kind": "otpiq",
-                    "base_url": "http://127.0.0.1:9",
-                    "api_key": "k",
-                    "callback_token": "t",
-                }
-            },
-            "tenants": {
-                TENANT: {
-                    "routes": [
-                        {"provider": "otpiq-main", "priority": 200},
-                        {"provider": "second", "prefixes": ["964"], "priority": 10},
-                    ]
-                }
-            },
+class Harness:
+    def __init__(
+        self,
+        scripts: dict[str, Script] | None = None,
+        *,
+        opt_outs: dict[str, dict[str, Any]] | None = None,
+        provider_class: type[ScriptedProvider] = ScriptedProvider,
+        overrides: dict[str, Any] | None = None,
+    ) -> None:
+        scripts = scripts if scripts is not None else {PRIMARY: accept(PRIMARY)}
+        provider_settings = {
+            account: {
+                "kind": "otpiq",
+                "base_url": "http://127.0.0.1:9",
+                "api_key": f"key-{account}",
+                "callback_token": "token",
+                "circuit_min_calls": 2,
+                "circuit_cool_down_s": 30,
+            }
+            for account in scripts
         }
+        settings = make_settings(
+            overrides={
+                "providers": provider_settings,
+                "tenants": {TENANT: {"routes": [{"provider": a} for a in scripts]}},
+                "sender": {
+                    "max_attempts_per_route": 2,
+                    "retry_base_delay_s": 1.0,
+                    "retry_max_delay_s": 10.0,
+                },
+                **(overrides or {}),
+            }
+        )
+        self.publisher = RecordingPublisher()
+        self.wall = Clock(NOW)
+        self.monotonic = Clock(500.0)
+        self.providers = {
+            account: provider_class(account, script, self.publisher)
+            for account, script in scripts.items()
+        }
+        self.dispatcher = Dispatcher(
+            settings,
+            providers=self.providers,
+            opt_outs=opt_outs if opt_outs is not None else {},
+            clock=self.wall,
+            monotonic=self.monotonic,
+        )
+        self.dispatcher.publisher = self.publisher
+        self.dispatcher.store.load(0, [])
+
+    def calls(self, account: str = PRIMARY) -> list[list[OutboundSms]]:
+        return self.providers[account].calls
+
+    def only_dispatch(self) -> DispatchRecord:
+        [dispatch] = self.publisher.dispatches()
+        return dispatch
+
+    def entry(self, message_id: str = "m-1") -> SendState | None:
+        value = self.dispatcher.store.get(0, message_id)
+        return SendState.from_value(value) if value is not None else None
+
+    def parked(self, reason: str) -> int:
+        return self.dispatcher.store.count_prefix(0, f"parked:{reason}:")
+
+
+# -- sent once ---------------------------------------------------------------------------------
+
+
+async def test_the_intent_is_on_kafka_before_the_call_and_the_outcome_before_the_dispatch() -> None:
+    harness = Harness()
+    await harness.dispatcher.process(0, message())
+
+    [[sms]] = harness.calls()
+    assert (sms.message_id, sms.destination, sms.text, sms.sender_id) == (
+        "m-1",
+        NUMBER,
+        "hello",
+        "SHOP",
     )
-    tenant = settings.tenants[TENANT]
-    assert [r.provider for r in routes_for(tenant, "+9647501234567")] == ["second", "otpiq-main"]
-    assert [r.provider for r in routes_for(tenant, "+447700900123")] == ["otpiq-main"]
+    # What Kafka held when the provider was called: the intent, naming this call.
+    [[intent]] = harness.providers[PRIMARY].states_at_call
+    assert (intent.phase, intent.account, intent.attempt, intent.call) == (
+        "sending",
+        PRIMARY,
+        1,
+        ["m-1"],
+    )
+    kinds = [
+        (r.topic.name, SendState.from_value(r.value.value).phase)
+        if isinstance(r.value, StateChange)
+        else (r.topic.name, "")
+        for r in harness.publisher.records
+    ]
+    assert kinds == [
+        (topics.SENDER_STATE.name, "sending"),
+        (topics.SENDER_STATE.name, "done"),
+        (topics.DISPATCHES.name, ""),
+    ]
+    dispatch = harness.only_dispatch()
+    assert (dispatch.outcome, dispatch.sub_status) == ("accepted", SubStatus.SENT)
+    assert dispatch.correlation_key == f"{PRIMARY}:sms-m-1"
+    assert dispatch.provider_message_id == "sms-m-1"
+    assert dispatch.sender_id == "SHOP"
+    assert dispatch.segments == 1
+    stored = harness.entry()
+    assert stored is not None and stored.phase == "done" and stored.dispatch == dispatch
+    assert stored.message is None  # an outcome does not keep the message text around
 
 
-def test_due_time_and_expiry_use_the_schedule_when_there_is_one() -> None:
-    scheduled = START + timedelta(hours=30)
-    assert due_at(message(scheduled_at=scheduled)) == scheduled
-    assert due_at(message()) == START
-    # Naive times are read as UTC rather than failing the comparison.
-    assert due_at(message(accepted_at=START.replace(tzinfo=None))) == START
+async def test_a_settled_message_seen_again_is_not_sent_again_and_its_dispatch_is_republished() -> (
+    None
+):
+    harness = Harness()
+    await harness.dispatcher.process(0, message())
+    await harness.dispatcher.process(0, message())  # redelivered after a crash, or a replay
+
+    assert len(harness.calls()) == 1
+    first, second = harness.publisher.dispatches()
+    assert first == second
+
+
+async def test_an_outcome_is_forgotten_once_its_message_could_no_longer_be_sent() -> None:
+    harness = Harness()
+    await harness.dispatcher.process(0, message())
+    entry = harness.dispatcher.store.get_entry(0, "m-1")
     day = 24 * 3600.0
-    assert not is_expired(message(), day, START + timedelta(hours=24))
-    assert is_expired(message(), day, START + timedelta(hours=24, seconds=1))
-    assert not is_expired(message(scheduled_at=scheduled), day, START + timedelta(hours=40))
+    # The message's validity (a day after it was due) plus keep_outcome_s (a day by default).
+    assert entry is not None and entry.due_at == pytest.approx(NOW + day + day)
+
+    harness.wall.now = NOW + 2 * day
+    assert await harness.dispatcher.run_due(harness.wall.now) == 1
+    assert harness.entry() is None
+    assert harness.publisher.records[-1].key == "m-1"
+    assert harness.publisher.records[-1].value is None  # a tombstone on the changelog
+    # A replay this late finds the message expired: still not sent.
+    await harness.dispatcher.process(0, message())
+    assert len(harness.calls()) == 1
+    assert harness.publisher.dispatches()[-1].sub_status == SubStatus.EXPIRED
 
 
-def test_scrub_masks_long_digit_runs_only() -> None:
-    assert scrub("bad number +447700900123 (code 1001)") == "bad number +4477******23 (code 1001)"
+async def test_an_orphaned_intent_is_reported_unknown_and_never_sent_again() -> None:
+    harness = Harness()
+    orphan = SendState(phase="sending", message=message(), account=PRIMARY, attempt=1)
+    orphan.call = ["m-1"]
+    record = OutRecord(topics.SENDER_STATE, "m-1", StateChange(value=orphan.to_value()), 0)
+    harness.dispatcher.store.load(0, [record.encoded])  # what a restart restores
+
+    await harness.dispatcher.process(0, message())
+
+    assert harness.calls() == []
+    dispatch = harness.only_dispatch()
+    assert (dispatch.outcome, dispatch.sub_status) == ("failed", SubStatus.PROVIDER_ERROR)
+    assert dispatch.detail.startswith("outcome unknown after restart")
+    assert dispatch.correlation_key == "message:m-1"
+    assert dispatch.provider_account == PRIMARY
 
 
-def test_retry_delays_grow_with_full_jitter_up_to_the_cap() -> None:
-    policy = RetryPolicy(base_delay_s=0.5, max_delay_s=4.0)
-    delays = policy.delays()
-    caps = [0.5, 1.0, 2.0, 4.0, 4.0, 4.0]
-    for cap in caps:
-        assert 0.0 <= next(delays) <= cap
+async def test_an_intent_whose_record_was_committed_long_ago_is_found_by_its_lease() -> None:
+    """A parked message sent by the timer has no record to be redelivered: the lease finds it."""
+    harness = Harness()
+    orphan = SendState(phase="sending", message=message(), account=PRIMARY, attempt=1)
+    lease = NOW + harness.dispatcher.lease_s
+    change = StateChange(value=orphan.to_value(), due_at=lease)
+    harness.dispatcher.store.load(0, [OutRecord(topics.SENDER_STATE, "m-1", change, 0).encoded])
+
+    assert await harness.dispatcher.run_due(lease - 1) == 0
+    harness.wall.now = lease
+    assert await harness.dispatcher.run_due(lease) == 1
+
+    assert harness.calls() == []
+    assert harness.only_dispatch().detail.startswith("outcome unknown after restart")
+    stored = harness.entry()
+    assert stored is not None and stored.phase == "done"
 
 
-# -- sending and retries -----------------------------------------------------------------------
+@pytest.mark.parametrize(("call", "resent"), [(["m-1"], True), (["m-1", "m-2"], False)])
+async def test_an_orphaned_call_is_resent_only_when_the_provider_would_recognise_it(
+    call: list[str], resent: bool
+) -> None:
+    harness = Harness(provider_class=DeduplicatingProvider)
+    orphan = SendState(phase="sending", message=message(), account=PRIMARY, attempt=1, call=call)
+    record = OutRecord(topics.SENDER_STATE, "m-1", StateChange(value=orphan.to_value()), 0)
+    harness.dispatcher.store.load(0, [record.encoded])
+
+    await harness.dispatcher.process(0, message())
+
+    dispatch = harness.only_dispatch()
+    if resent:
+        [[sms]] = harness.calls()
+        assert sms.message_id == "m-1"
+        assert dispatch.outcome == "accepted"
+        [[intent]] = harness.providers[PRIMARY].states_at_call
+        assert intent.attempt == 2  # the same route, the identical call
+    else:
+        assert harness.calls() == []
+        assert dispatch.detail.startswith("outcome unknown after restart")
 
 
-async def test_retryable_failure_is_retried_then_accepted() -> None:
-    time = FakeTime()
-    provider = ScriptedProvider([retryable(), accepted()], time)
-    sms = OutboundSms("m-1", "+447700900123", "hi", "SHOP")
-    result, attempts = await send_with_retries(
-        provider, sms, RetryPolicy(max_attempts=3, base_delay_s=0.5), time.sleep
+async def test_a_call_whose_outcome_is_unknown_is_not_retried() -> None:
+    timeout = SendError("TimeoutError: ", retryable=True, maybe_accepted=True)
+    harness = Harness({PRIMARY: lambda sms: timeout, BACKUP: accept(BACKUP)})
+    await harness.dispatcher.process(0, message())
+
+    assert len(harness.calls(PRIMARY)) == 1
+    assert harness.calls(BACKUP) == []  # another route could send it a second time
+    dispatch = harness.only_dispatch()
+    assert (dispatch.outcome, dispatch.sub_status) == ("failed", SubStatus.PROVIDER_ERROR)
+    assert dispatch.detail.startswith("outcome unknown: TimeoutError")
+
+
+async def test_an_intent_kafka_did_not_take_means_nothing_is_sent() -> None:
+    harness = Harness()
+    harness.publisher.fail = 1
+    with pytest.raises(KafkaUnavailable):
+        await harness.dispatcher.process(0, message())
+    assert harness.calls() == []
+    assert harness.entry() is None  # the runner retries the record from scratch
+
+    await harness.dispatcher.process(0, message())
+    assert len(harness.calls()) == 1
+    assert harness.only_dispatch().outcome == "accepted"
+
+
+# -- not sent --------------------------------------------------------------------------------
+
+
+async def test_an_opted_out_recipient_never_reaches_a_provider() -> None:
+    opt_outs = {f"{TENANT}:{NUMBER}": {"opted_out": True}, f"{TENANT}:+447700900999": {}}
+    harness = Harness(opt_outs=opt_outs)
+    await harness.dispatcher.process(0, message())
+    opted_back_in = {"opted_out": False}
+    opt_outs[f"{TENANT}:+447700900124"] = opted_back_in
+    await harness.dispatcher.process(0, message(2, destination="+447700900124"))
+
+    [[sms]] = harness.calls()
+    assert sms.message_id == "m-2"
+    first, second = harness.publisher.dispatches()
+    assert (first.outcome, first.sub_status) == ("failed", SubStatus.OPTED_OUT)
+    assert first.correlation_key == "message:m-1"
+    assert second.outcome == "accepted"
+    assert harness.publisher.on(topics.DEAD_LETTERS) == []
+
+
+async def test_an_expired_message_is_failed_expired_without_a_send() -> None:
+    harness = Harness()
+    day = 24 * 3600.0
+    await harness.dispatcher.process(0, message(accepted_at=NOW - day - 1))
+    assert harness.calls() == []
+    dispatch = harness.only_dispatch()
+    assert (dispatch.outcome, dispatch.sub_status) == ("failed", SubStatus.EXPIRED)
+
+
+async def test_unknown_tenants_and_unserved_destinations_are_dead_lettered() -> None:
+    harness = Harness(
+        overrides={"tenants": {TENANT: {"routes": [{"provider": PRIMARY, "prefixes": ["964"]}]}}}
     )
-    assert result == accepted()
-    assert attempts == 2
-    assert len(time.slept) == 1
-    assert 0.0 <= time.slept[0] <= 0.5
+    await harness.dispatcher.process(0, message(1, tenant="globex"))
+    await harness.dispatcher.process(0, message(2))
+
+    assert harness.calls() == []
+    first, second = harness.publisher.dispatches()
+    assert (first.sub_status, second.sub_status) == (SubStatus.NO_ROUTE, SubStatus.NO_ROUTE)
+    assert "globex" in first.detail
+    letters = [r.value for r in harness.publisher.on(topics.DEAD_LETTERS)]
+    assert [letter.reason for letter in letters if isinstance(letter, DeadLetter)] == [
+        "NoRoute: unknown tenant 'globex'",
+        "NoRoute: no route serves this destination",
+    ]
 
 
-async def test_retry_after_is_honoured_and_an_excessive_one_ends_the_retries() -> None:
-    time = FakeTime()
-    provider = ScriptedProvider([retryable(retry_after_s=60), accepted()], time)
-    sms = OutboundSms("m-1", "+447700900123", "hi", "SHOP")
-    policy = RetryPolicy(max_attempts=3, max_wait_s=120)
-    _, attempts = await send_with_retries(provider, sms, policy, time.sleep)
-    assert attempts == 2
-    assert time.slept[0] >= 60
+async def test_a_terminal_error_is_reported_with_its_sub_status_and_not_retried() -> None:
+    invalid = SendError("bad phone", retryable=False, sub_status=SubStatus.INVALID_NUMBER)
+    harness = Harness({PRIMARY: lambda sms: invalid, BACKUP: accept(BACKUP)})
+    await harness.dispatcher.process(0, message())
 
-    time = FakeTime()
-    provider = ScriptedProvider([retryable(retry_after_s=600), accepted()], time)
-    result, attempts = await send_with_retries(provider, sms, policy, time.sleep)
-    assert isinstance(result, SendError)
-    assert attempts == 1
-    assert time.slept == []
-
-
-async def test_exhausted_retries_become_a_provider_error_dispatch() -> None:
-    time = FakeTime()
-    provider = ScriptedProvider([retryable(), retryable(), retryable()], time)
-    record = await dispatcher(provider, time).dispatch(message())
-    assert (record.outcome, record.sub_status) == ("failed", SubStatus.PROVIDER_ERROR)
-    assert record.correlation_key == "message:m-1"
-    assert "gave up after 3 attempt(s)" in record.detail
-    assert len(provider.calls) == 3
-    assert len(time.slept) == 2
-
-
-async def test_terminal_error_keeps_its_sub_status_and_is_not_retried() -> None:
-    time = FakeTime()
-    error = SendError("bad phone", retryable=False, sub_status=SubStatus.INVALID_NUMBER)
-    provider = ScriptedProvider([error], time)
-    record = await dispatcher(provider, time).dispatch(message())
-    assert (record.outcome, record.sub_status, record.detail) == (
+    assert len(harness.calls(PRIMARY)) == 1
+    assert harness.calls(BACKUP) == []
+    dispatch = harness.only_dispatch()
+    assert (dispatch.outcome, dispatch.sub_status, dispatch.detail) == (
         "failed",
         SubStatus.INVALID_NUMBER,
         "bad phone",
     )
-    assert (record.provider_kind, record.provider_account) == ("otpiq", ACCOUNT)
-    assert len(provider.calls) == 1
+    assert dispatch.provider_account == PRIMARY
 
 
-async def test_accepted_send_is_dispatched_under_the_correlation_key() -> None:
-    time = FakeTime()
-    provider = ScriptedProvider([accepted("sms-abc")], time)
-    record = await dispatcher(provider, time).dispatch(message(sender_id=""))
-    assert record.outcome == "accepted"
-    assert record.sub_status == SubStatus.SENT
-    assert record.correlation_key == f"{ACCOUNT}:sms-abc"
-    assert record.provider_message_id == "sms-abc"
-    assert record.segments == 1
-    [(sms, _)] = provider.calls
-    assert sms.sender_id == "ACME"  # the tenant's default when the message has none
-    assert sms.destination == "+447700900123"
+# -- later: schedule, retries, failover, circuits --------------------------------------------------
 
 
-# -- schedule, expiry, routing failures --------------------------------------------------------
+async def test_a_scheduled_message_is_parked_and_sent_by_the_timer_once_due() -> None:
+    harness = Harness()
+    due = NOW + 3600
+    await harness.dispatcher.process(0, message(scheduled_at=due))
+
+    assert harness.calls() == []
+    assert harness.publisher.dispatches() == []
+    entry = harness.dispatcher.store.get_entry(0, "m-1")
+    assert entry is not None and entry.due_at == due
+    assert harness.parked("scheduled") == 1
+
+    assert await harness.dispatcher.run_due(due - 1) == 0
+    assert harness.calls() == []
+    harness.wall.now = due
+    assert await harness.dispatcher.run_due(due) == 1
+    assert len(harness.calls()) == 1
+    assert harness.only_dispatch().outcome == "accepted"
+    assert harness.parked("scheduled") == 0
+    # The marker left Kafka in the same batch as the intent that replaced it.
+    tombstones = [r for r in harness.publisher.on(topics.SENDER_STATE) if r.value is None]
+    assert [r.key for r in tombstones] == ["parked:scheduled:m-1"]
 
 
-async def test_scheduled_message_is_held_until_due_and_never_sent_before() -> None:
-    time = FakeTime()
-    provider = ScriptedProvider([accepted()], time)
-    due = START + timedelta(seconds=150)
-    record = await dispatcher(provider, time).dispatch(message(scheduled_at=due))
-    assert record.outcome == "accepted"
-    [(_, sent_at)] = provider.calls
-    assert sent_at is not None and sent_at >= due
-    assert time.slept == [60.0, 60.0, 30.0]  # the wall clock is re-read while holding
+async def test_a_retryable_error_parks_the_message_for_a_backed_off_retry() -> None:
+    harness = Harness({PRIMARY: in_turn(fail_503, accept(PRIMARY))})
+    await harness.dispatcher.process(0, message())
+
+    assert len(harness.calls()) == 1
+    assert harness.publisher.dispatches() == []
+    entry = harness.dispatcher.store.get_entry(0, "m-1")
+    assert entry is not None and entry.due_at is not None
+    assert NOW <= entry.due_at <= NOW + 1.0  # full jitter under the first ceiling
+    state = harness.entry()
+    assert state is not None and (state.phase, state.park_reason, state.attempt) == (
+        "parked",
+        "retry",
+        1,
+    )
+    assert state.last_error == "HTTP 503"
+
+    harness.wall.now = entry.due_at
+    await harness.dispatcher.run_due(entry.due_at)
+    assert len(harness.calls()) == 2
+    assert harness.only_dispatch().outcome == "accepted"
 
 
-async def test_expired_message_is_failed_without_a_send() -> None:
-    time = FakeTime()
-    time.now = START + timedelta(hours=25)
-    provider = ScriptedProvider([accepted()], time)
-    record = await dispatcher(provider, time).dispatch(message())
-    assert (record.outcome, record.sub_status) == ("failed", SubStatus.EXPIRED)
-    assert record.correlation_key == "message:m-1"
-    assert provider.calls == []
+async def test_retries_used_up_on_one_route_fail_over_to_the_next() -> None:
+    harness = Harness({PRIMARY: fail_503, BACKUP: accept(BACKUP)})
+    await harness.dispatcher.process(0, message())
+    harness.wall.now += 20
+    await harness.dispatcher.run_due(harness.wall.now)
+
+    assert len(harness.calls(PRIMARY)) == 2  # max_attempts_per_route
+    assert len(harness.calls(BACKUP)) == 1
+    dispatch = harness.only_dispatch()
+    assert (dispatch.outcome, dispatch.provider_account) == ("accepted", BACKUP)
+    assert dispatch.correlation_key == f"{BACKUP}:sms-m-1"
 
 
-async def test_unknown_tenant_and_unserved_destination_are_no_route() -> None:
-    time = FakeTime()
-    provider = ScriptedProvider([], time)
-    record = await dispatcher(provider, time).dispatch(message(tenant="globex"))
-    assert (record.outcome, record.sub_status) == ("failed", SubStatus.NO_ROUTE)
+async def test_when_every_route_fails_the_message_is_dead_lettered_and_reported() -> None:
+    harness = Harness({PRIMARY: fail_503, BACKUP: fail_503})
+    await harness.dispatcher.process(0, message())
+    for _ in range(3):
+        harness.wall.now += 20
+        await harness.dispatcher.run_due(harness.wall.now)
 
-    only_iraq = {"tenants": {TENANT: {"routes": [{"provider": ACCOUNT, "prefixes": ["964"]}]}}}
-    record = await dispatcher(provider, time, only_iraq).dispatch(message())
-    assert (record.outcome, record.sub_status) == ("failed", SubStatus.NO_ROUTE)
-    assert record.correlation_key == "message:m-1"
-    assert provider.calls == []
+    assert [len(harness.calls(a)) for a in (PRIMARY, BACKUP)] == [2, 2]
+    dispatch = harness.only_dispatch()
+    assert (dispatch.outcome, dispatch.sub_status) == ("failed", SubStatus.PROVIDER_ERROR)
+    assert f"tried {PRIMARY}, {BACKUP}" in dispatch.detail
+    [letter_record] = harness.publisher.on(topics.DEAD_LETTERS)
+    letter = letter_record.value
+    assert isinstance(letter, DeadLetter)
+    assert letter.stage == "sender"
+    assert letter.source_topic == letter.redrive_topic == topics.RECIPIENTS.name
+    assert letter.key == f"{TENANT}:{NUMBER}"
+    assert letter.attempts == 4
+    assert letter.status_code == 503
+    assert RecipientMessage.model_validate_json(letter.payload).context.message_id == "m-1"
 
 
-async def test_undecodable_record_is_poison() -> None:
-    time = FakeTime()
+async def test_an_open_circuit_is_routed_around_and_waited_for_when_nothing_is_left() -> None:
+    harness = Harness({PRIMARY: accept(PRIMARY), BACKUP: accept(BACKUP)})
+    breaker = harness.dispatcher._breakers[PRIMARY]
+    breaker.record(False)
+    breaker.record(False)
+    assert breaker.state == "open"
+    await harness.dispatcher.process(0, message(1))
+    assert harness.calls(PRIMARY) == []
+    assert harness.only_dispatch().provider_account == BACKUP
+
+    harness.dispatcher._breakers[BACKUP].record(False)
+    harness.dispatcher._breakers[BACKUP].record(False)
+    await harness.dispatcher.process(0, message(2, destination="+447700900124"))
+    assert harness.parked("circuit") == 1
+    entry = harness.dispatcher.store.get_entry(0, "m-2")
+    assert entry is not None and entry.due_at == pytest.approx(NOW + 30)  # the cool-down
+
+    harness.monotonic.now += 30
+    harness.wall.now += 30
+    await harness.dispatcher.run_due(harness.wall.now)
+    assert [d.context.message_id for d in harness.publisher.dispatches()] == ["m-1", "m-2"]
+    assert harness.parked("circuit") == 0
+
+
+async def test_a_bulk_provider_gets_one_call_per_text_and_sender() -> None:
+    harness = Harness(provider_class=BulkProvider, overrides={"sender": {"batch_window_s": 0.05}})
+    messages = [
+        message(1, destination="+447700900001"),
+        message(2, destination="+447700900002"),
+        message(3, destination="+447700900003", text="other text"),
+        message(4, destination="+447700900004"),
+    ]
+    await asyncio.gather(*(harness.dispatcher.process(0, m) for m in messages))
+
+    calls = sorted([sorted(s.message_id for s in call) for call in harness.calls()])
+    assert calls == [["m-1", "m-2", "m-4"], ["m-3"]]
+    [intents, _] = sorted(harness.providers[PRIMARY].states_at_call, key=len, reverse=True)
+    assert {tuple(state.call) for state in intents} == {("m-1", "m-2", "m-4")}
+    assert len(harness.publisher.dispatches()) == 4
+
+
+async def test_a_call_keeps_its_slot_until_its_outcome_is_recorded() -> None:
+    """So that a crash can never catch more than max_in_flight calls between intent and outcome."""
+    one_slot = {"kind": "otpiq", "base_url": "http://127.0.0.1:9", "api_key": "k"}
+    harness = Harness(
+        overrides={"providers": {PRIMARY: {**one_slot, "callback_token": "t", "max_in_flight": 1}}}
+    )
+    await asyncio.gather(
+        harness.dispatcher.process(0, message(1)),
+        harness.dispatcher.process(0, message(2, destination="+447700900124")),
+    )
+    order = [
+        (record.key, SendState.from_value(record.value.value).phase)
+        if isinstance(record.value, StateChange)
+        else (record.value.context.message_id, "dispatch")
+        for record in harness.publisher.records
+        if isinstance(record.value, StateChange | DispatchRecord)
+    ]
+    first = order[0][0]
+    second = "m-2" if first == "m-1" else "m-1"
+    assert order == [
+        (first, "sending"),
+        (first, "done"),
+        (first, "dispatch"),
+        (second, "sending"),
+        (second, "done"),
+        (second, "dispatch"),
+    ]
+
+
+async def test_each_instance_takes_the_share_of_the_limit_its_partitions_stand_for() -> None:
+    limited = {"kind": "otpiq", "base_url": "http://127.0.0.1:9", "api_key": "k"}
+    harness = Harness(
+        overrides={
+            "providers": {PRIMARY: {**limited, "callback_token": "t", "rate_limit_per_s": 1200}}
+        }
+    )
+    limiter = harness.dispatcher._limiters[PRIMARY]
+    assert limiter.limit == 0  # nothing owned, nothing sent
+    harness.dispatcher.take_partitions(range(6))  # 6 of 12 partitions of sms.recipients
+    assert limiter.limit == 0  # raised only once a window has passed...
+    harness.monotonic.now += limiter.window_s
+    assert limiter.limit == 600  # ...to half the account's limit
+    harness.dispatcher.release_partitions([0, 1, 2])
+    assert limiter.limit == 300  # lowered at once
+
+
+# -- cancellation (drain, stop) ------------------------------------------------------------
+
+
+async def test_a_cancelled_caller_still_gets_its_outcome_recorded_once_the_intent_is_out() -> None:
+    harness = Harness()
+    provider = harness.providers[PRIMARY]
+    provider.release.clear()  # the provider takes its time
+    task = asyncio.create_task(harness.dispatcher.process(0, message()))
+    await provider.called.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    provider.release.set()
+    await harness.dispatcher._settle_work(None)
+
+    assert harness.only_dispatch().outcome == "accepted"
+    stored = harness.entry()
+    assert stored is not None and stored.phase == "done"
+
+
+async def test_a_caller_cancelled_before_its_intent_leaves_nothing_behind() -> None:
+    harness = Harness(
+        overrides={
+            "providers": {
+                PRIMARY: {
+                    "kind": "otpiq",
+                    "base_url": "http://127.0.0.1:9",
+                    "api_key": "k",
+                    "callback_token": "t",
+                    "max_in_flight": 1,
+                }
+            }
+        }
+    )
+    provider = harness.providers[PRIMARY]
+    provider.release.clear()
+    first = asyncio.create_task(harness.dispatcher.process(0, message(1)))
+    await provider.called.wait()
+    second = asyncio.create_task(
+        harness.dispatcher.process(0, message(2, destination="+447700900124"))
+    )
+    await asyncio.sleep(0.01)  # waiting for the account's only slot
+    second.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await second
+    provider.release.set()
+    await first
+
+    assert [call[0].message_id for call in provider.calls] == ["m-1"]
+    assert harness.publisher.states("m-2") == []
+    assert harness.entry("m-2") is None
+
+
+async def test_an_undecodable_record_is_poison() -> None:
+    harness = Harness()
     record: ConsumerRecord[bytes, bytes] = ConsumerRecord(
-        topic=topics.RECIPIENTS.name,
-        partition=0,
-        offset=0,
-        timestamp=0,
-        timestamp_type=0,
-        key=b"acme:+447700900123",
-        value=b'{"destination": "+447700900123"}',
-        checksum=None,
-        serialized_key_size=0,
-        serialized_value_size=0,
-        headers=[],
+        topics.RECIPIENTS.name, 0, 0, 0, 0, b"acme:+44", b'{"destination": 1}', None, 0, 0, []
     )
     with pytest.raises(PoisonRecord, match="RecipientMessage"):
-        await dispatcher(ScriptedProvider([], time), time).handle(record)
-
-
-async def test_handle_publishes_the_dispatch_keyed_by_its_correlation_key() -> None:
-    time = FakeTime()
-    value = message().to_bytes()
-    record: ConsumerRecord[bytes, bytes] = ConsumerRecord(
-        topics.RECIPIENTS.name, 0, 0, 0, 0, b"k", value, None, 0, 0, []
-    )
-    [out] = await dispatcher(ScriptedProvider([accepted("sms-9")], time), time).handle(record)
-    assert out.topic == topics.DISPATCHES
-    assert out.key == f"{ACCOUNT}:sms-9"
+        await harness.dispatcher.handle(record)

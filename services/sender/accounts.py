@@ -1,0 +1,325 @@
+"""One provider account as the sender uses it: calls in flight, rate limit, circuit, bulk calls.
+
+``AccountSender.send(job)`` sends one message and returns its ``SendResult``. On the way:
+
+1. a slot among the account's ``max_in_flight`` calls;
+2. the circuit breaker's permission (``CircuitOpen`` when it refuses: nothing happened);
+3. a send time from the rate limiter, for the call's cost (messages or segments), booked
+   ``intent_lead_s`` ahead;
+4. the intent: each job's ``prepare_intent`` writes its local state and returns its changelog
+   records, and all of the call's records are published together and acknowledged by Kafka
+   (``KafkaUnavailable`` when they are not: each job's ``undo_intent`` runs, nothing was sent);
+5. at the booked time, the provider call; then the breaker learns the outcome.
+
+The slot stays taken until the caller has recorded every message's outcome
+(``SendJob.outcome_recorded``): at most ``max_in_flight`` calls are ever between intent and
+outcome, which bounds what a crash can leave unknown.
+
+Recording the intent while the booked time approaches keeps Kafka's latency out of the send
+schedule, so the provider sees the even flow the limiter planned.
+
+A job is ``committed`` from step 4 on: from then on its outcome must be recorded, so it must not
+be cancelled. Before that, cancelling it is harmless.
+
+For a provider with ``max_batch > 1`` due jobs with the same text and sender are gathered for
+``batch_window_s`` (or until the batch is full) and go out in one call; a call never names the
+same destination twice (``shared.providers.bulk``). A job marked ``alone`` is always a call of its
+own, so that a resend is the identical call a de-duplicating provider recognises.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+
+from services.sender import metrics
+from shared.circuit import CircuitBreaker
+from shared.kafka import OutRecord
+from shared.providers.base import OutboundSms, Provider, SendAccepted, SendError, SendResult
+from shared.ratelimit import SlidingWindowLimiter
+
+log = logging.getLogger(__name__)
+
+Publish = Callable[[Sequence[OutRecord]], Awaitable[None]]
+
+
+class CircuitOpen(Exception):
+    """The account's circuit breaker refused the call; nothing was sent."""
+
+
+class CallSlot:
+    """One of the account's ``max_in_flight`` slots, held by a call until every message in it
+    has its outcome recorded: so that no more than ``max_in_flight`` calls can ever be caught
+    between intent and outcome by a crash."""
+
+    def __init__(self, slots: asyncio.Semaphore, holders: int) -> None:
+        self._slots = slots
+        self._holders = holders
+        if holders <= 0:
+            slots.release()
+
+    def release_one(self) -> None:
+        self._holders -= 1
+        if self._holders == 0:
+            self._slots.release()
+
+
+@dataclass(eq=False)
+class SendJob:
+    sms: OutboundSms
+    cost: float
+    # Writes the local ``sending`` state for a call carrying these message ids and returns the
+    # changelog records to publish; ``undo_intent`` puts the previous state back.
+    prepare_intent: Callable[[list[str]], list[OutRecord]]
+    undo_intent: Callable[[], None]
+    alone: bool = False
+    committed: bool = False
+    slot: CallSlot | None = None
+    outcome_done: bool = False
+    result: asyncio.Future[SendResult] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
+
+    def outcome_recorded(self) -> None:
+        """The caller recorded this message's outcome (or gave up on it): its share of the
+        call's slot goes back."""
+        if self.outcome_done:
+            return
+        self.outcome_done = True
+        if self.slot is not None:
+            self.slot.release_one()
+
+
+class AccountSender:
+    def __init__(
+        self,
+        account: str,
+        provider: Provider,
+        *,
+        max_in_flight: int,
+        publish: Publish,
+        breaker: CircuitBreaker,
+        limiter: SlidingWindowLimiter | None = None,
+        batch_window_s: float = 0.02,
+        # How early a rate-limited call is woken before its send time to record its intent;
+        # longer than Kafka's usual acknowledgement, short enough to keep the crash window small.
+        intent_lead_s: float = 0.25,
+    ) -> None:
+        self.account = account
+        self.intent_lead_s = intent_lead_s
+        self.provider = provider
+        self.publish = publish
+        self.breaker = breaker
+        self.limiter = limiter
+        self.batch_window_s = batch_window_s
+        self._slots = asyncio.Semaphore(max_in_flight)
+        self._gathering: dict[tuple[str, str], list[SendJob]] = {}
+        self._flushers: set[asyncio.Task[None]] = set()
+        # Label lookups cost more than the increments: done once per account.
+        self._throttled = metrics.THROTTLED.labels(account)
+        self._throttle_wait = metrics.THROTTLE_WAIT.labels(account)
+        self._late = metrics.LATE.labels(account)
+        self._duration = metrics.PROVIDER_SEND_DURATION.labels(account)
+        self._batch_size = metrics.PROVIDER_BATCH_SIZE.labels(account)
+        self._results = {
+            label: metrics.PROVIDER_SENDS.labels(account, label)
+            for label in ("accepted", "rejected", "retryable", "unknown")
+        }
+
+    @property
+    def max_batch(self) -> int:
+        size = max(1, int(self.provider.max_batch))
+        if self.limiter is not None:
+            # A call costing more than this instance's limit could only go into an empty window.
+            size = min(size, max(1, int(self.limiter.limit)))
+        return size
+
+    async def send(self, job: SendJob) -> SendResult:
+        if self.max_batch == 1 or job.alone:
+            [result] = await self._call([job])
+            return result
+        self._gather(job)
+        try:
+            return await asyncio.shield(job.result)
+        except asyncio.CancelledError:
+            if not job.committed:
+                self._withdraw(job)
+                job.result.cancel()  # a call already formed leaves it out
+            raise
+
+    async def close(self) -> None:
+        """Send what is being gathered now and wait for those calls."""
+        for key in list(self._gathering):
+            self._flush(key)
+        if self._flushers:
+            await asyncio.gather(*self._flushers, return_exceptions=True)
+
+    # -- gathering (bulk providers) ----------------------------------------------------------
+
+    def _gather(self, job: SendJob) -> None:
+        key = (job.sms.text, job.sms.sender_id)
+        waiting = self._gathering.setdefault(key, [])
+        waiting.append(job)
+        if len(waiting) >= self.max_batch:
+            self._flush(key)
+        elif len(waiting) == 1:
+            loop = asyncio.get_running_loop()
+            loop.call_later(self.batch_window_s, self._flush_if_waiting, key, job)
+
+    def _flush_if_waiting(self, key: tuple[str, str], first: SendJob) -> None:
+        waiting = self._gathering.get(key)
+        if waiting and waiting[0] is first:
+            self._flush(key)
+
+    def _flush(self, key: tuple[str, str]) -> None:
+        jobs = self._gathering.pop(key, [])
+        while jobs:
+            batch, jobs = jobs[: self.max_batch], jobs[self.max_batch :]
+            task = asyncio.create_task(self._call_for(batch), name=f"send-{self.account}")
+            self._flushers.add(task)
+            task.add_done_callback(self._flushers.discard)
+
+    def _withdraw(self, job: SendJob) -> None:
+        key = (job.sms.text, job.sms.sender_id)
+        waiting = self._gathering.get(key)
+        if waiting is not None and job in waiting:
+            waiting.remove(job)
+            if not waiting:
+                del self._gathering[key]
+
+    async def _call_for(self, jobs: list[SendJob]) -> None:
+        """Run one gathered call and hand each job its result (or the reason there is none)."""
+        try:
+            results = await self._call(jobs)
+        except BaseException as exc:
+            for job in jobs:
+                if not job.result.done():
+                    job.result.set_exception(exc)
+            if not isinstance(exc, Exception):
+                raise
+            return
+        for job, result in zip(jobs, results, strict=True):
+            if not job.result.done():
+                job.result.set_result(result)
+
+    # -- one provider call --------------------------------------------------------------------
+
+    async def _call(self, jobs: list[SendJob]) -> list[SendResult]:
+        await self._slots.acquire()
+        handed_over = False
+        try:
+            if not self.breaker.allow():
+                raise CircuitOpen(self.account)
+            try:
+                send_at = await self._book(sum(job.cost for job in jobs))
+                await self._publish_intents(jobs)
+            except BaseException:
+                self.breaker.release()
+                raise
+            if not jobs:
+                self.breaker.release()
+                return []
+            if send_at is not None and self.limiter is not None:
+                send_at = await self._keep(send_at, sum(job.cost for job in jobs))
+            results = await self._provider_call([job.sms for job in jobs])
+            slot = CallSlot(self._slots, sum(1 for job in jobs if not job.outcome_done))
+            for job in jobs:
+                job.slot = slot
+            handed_over = True
+        finally:
+            if not handed_over:
+                self._slots.release()
+        self.breaker.record(healthy(results))
+        return results
+
+    async def _book(self, cost: float) -> float | None:
+        """The time the rate limit gives this call; returns early enough to record the intent."""
+        if self.limiter is None:
+            return None
+        asked = self.limiter.clock()
+        send_at = await self.limiter.acquire(cost, lead_s=self.intent_lead_s)
+        waited = send_at - asked
+        if waited > 0:
+            self._throttled.inc()
+            self._throttle_wait.inc(waited)
+        return send_at
+
+    async def _keep(self, send_at: float, cost: float) -> float:
+        assert self.limiter is not None
+        sent_at = await self.limiter.keep(send_at, cost)
+        if sent_at - send_at > self.limiter.quantum_s:
+            self._late.inc()
+        return sent_at
+
+    async def _publish_intents(self, jobs: list[SendJob]) -> None:
+        # A job withdrawn while it waited for its turn is not part of the call any more.
+        jobs[:] = [job for job in jobs if not job.result.done()]
+        call = [job.sms.message_id for job in jobs]
+        prepared: list[SendJob] = []
+        try:
+            records: list[OutRecord] = []
+            for job in jobs:
+                job.committed = True
+                records.extend(job.prepare_intent(call))
+                prepared.append(job)
+            await self.publish(records)
+        except BaseException:
+            for job in prepared:
+                with contextlib.suppress(Exception):
+                    job.undo_intent()
+                job.committed = False
+            raise
+
+    async def _provider_call(self, batch: list[OutboundSms]) -> list[SendResult]:
+        started = time.perf_counter()
+        try:
+            results = await self.provider.send(batch)
+        except Exception as exc:
+            # Provider modules return failures; an exception here is a bug in one. The request
+            # may have gone out, so the outcome is unknown rather than retryable.
+            log.exception("%s.send raised instead of returning results", self.provider.kind)
+            results = [
+                SendError(f"{type(exc).__name__}: {exc}", retryable=False, maybe_accepted=True)
+                for _ in batch
+            ]
+        finally:
+            self._duration.observe(time.perf_counter() - started)
+            self._batch_size.observe(len(batch))
+        if len(results) != len(batch):
+            log.error(
+                "%s.send returned %d results for %d messages",
+                self.provider.kind,
+                len(results),
+                len(batch),
+            )
+            results = [
+                SendError(
+                    f"{self.provider.kind} answered {len(results)} results for {len(batch)}",
+                    retryable=False,
+                    maybe_accepted=True,
+                )
+                for _ in batch
+            ]
+        for result in results:
+            self._results[result_label(result)].inc()
+        return results
+
+
+def result_label(result: SendResult) -> str:
+    if isinstance(result, SendAccepted):
+        return "accepted"
+    if result.maybe_accepted:
+        return "unknown"
+    return "retryable" if result.retryable else "rejected"
+
+
+def healthy(results: Sequence[SendResult]) -> bool:
+    """Did the provider answer like a working provider (whatever it thought of the messages)?"""
+    return not any(
+        isinstance(result, SendError) and (result.retryable or result.maybe_accepted)
+        for result in results
+    )

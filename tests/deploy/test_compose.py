@@ -1,0 +1,190 @@
+"""docker-compose.yml cannot run here (no Docker engine): check what can be checked without one.
+
+The file parses; every sms-bridge container runs a command the CLI accepts; its configuration
+loads; the ports the services listen on, publish, health-check and get scraped on agree; the
+Kafka address is the broker's; stop grace periods exceed the shutdown deadline.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from services.cli import build_parser
+from shared.config import Settings, load_settings, split_listen
+from tests.deploy.promql import DEPLOY, ROOT
+
+COMPOSE = ROOT / "docker-compose.yml"
+CONFIG_IN_CONTAINER = "/etc/smsbridge/smsbridge.toml"
+SERVICES = ("ingress", "callbacks", "sender", "normalizer", "reporter")
+SIMULATORS = ("sim-optimove", "sim-providers")
+
+
+def compose() -> dict[str, Any]:
+    document: dict[str, Any] = yaml.safe_load(COMPOSE.read_text())
+    return document
+
+
+def services() -> dict[str, Any]:
+    found: dict[str, Any] = compose()["services"]
+    return found
+
+
+def expand(value: str) -> str:
+    """Compose's ``${NAME:-default}`` with the default, as in a clean environment."""
+    return re.sub(r"\$\{[A-Z0-9_]+:-([^}]*)\}", r"\1", value)
+
+
+@pytest.fixture
+def settings(monkeypatch: pytest.MonkeyPatch) -> Settings:
+    """deploy/compose/smsbridge.toml loaded with the environment compose gives the containers."""
+    [config_mount] = [
+        volume
+        for volume in services()["ingress"]["volumes"]
+        if volume.split(":")[1] == CONFIG_IN_CONTAINER
+    ]
+    environment = services()["ingress"]["environment"]
+    for name, value in environment.items():
+        monkeypatch.setenv(name, expand(str(value)))
+    monkeypatch.delenv("SMSBRIDGE_EMBEDDED_BOOTSTRAP", raising=False)
+    assert environment["SMSBRIDGE_CONFIG"] == CONFIG_IN_CONTAINER
+    return load_settings(ROOT / config_mount.split(":")[0])
+
+
+def listen_port(settings: Settings, service: str) -> int:
+    listen = {
+        "ingress": settings.ingress.listen,
+        "callbacks": settings.callbacks.listen,
+        "sender": settings.sender.metrics_listen,
+        "normalizer": settings.normalizer.metrics_listen,
+        "reporter": settings.reporter.metrics_listen,
+    }[service]
+    host, port = split_listen(listen)
+    assert host == "0.0.0.0", f"{service} must listen on every interface in a container"
+    return port
+
+
+def test_every_container_runs_a_command_the_cli_accepts() -> None:
+    parser = build_parser()
+    for name, spec in services().items():
+        if spec.get("image", "").startswith(("apache/", "prom/", "grafana/", "danielqsj/")):
+            continue
+        assert spec["build"] == ".", name
+        args = parser.parse_args(["--config", CONFIG_IN_CONTAINER, *spec["command"]])
+        assert callable(args.func), name
+        if name in SERVICES:
+            assert spec["command"] == ["run", name]
+    assert set(SERVICES) | {"topics", *SIMULATORS} <= set(services())
+
+
+def test_kafka_is_apache_kafka_in_kraft_mode_and_topics_are_created_first(
+    settings: Settings,
+) -> None:
+    kafka = services()["kafka"]
+    assert kafka["image"].startswith("apache/kafka:")
+    environment = kafka["environment"]
+    assert "controller" in environment["KAFKA_PROCESS_ROLES"]
+    assert "KAFKA_ZOOKEEPER_CONNECT" not in environment
+    advertised = environment["KAFKA_ADVERTISED_LISTENERS"].split("//")[1]
+    assert settings.kafka.bootstrap_servers == advertised
+    assert settings.kafka.enable_idempotence  # Apache Kafka has InitProducerId
+
+    topics = services()["topics"]
+    assert topics["command"] == ["topics", "ensure"]
+    assert topics["depends_on"]["kafka"]["condition"] == "service_healthy"
+    for name in SERVICES:
+        assert services()[name]["depends_on"]["topics"]["condition"] == (
+            "service_completed_successfully"
+        )
+
+
+def test_ports_agree_between_config_compose_and_prometheus(settings: Settings) -> None:
+    scrape = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
+    jobs = {job["job_name"]: job for job in scrape["scrape_configs"]}
+    for name in SERVICES:
+        port = listen_port(settings, name)
+        spec = services()[name]
+        assert f":{port}/healthz" in " ".join(spec["healthcheck"]["test"]), name
+        [discovery] = jobs[f"smsbridge-{name}"]["dns_sd_configs"]
+        assert discovery["names"] == [name] and discovery["port"] == port, name
+        for published in spec.get("ports", []):
+            assert published.endswith(f":{port}"), name
+    for simulator, base_url in (
+        ("sim-optimove", next(iter(settings.tenants.values())).optimove_base_url),
+        ("sim-providers", next(iter(settings.providers.values())).base_url),
+    ):
+        spec = services()[simulator]
+        assert spec["profiles"] == ["simulators"]
+        listen = spec["command"][spec["command"].index("--listen") + 1]
+        assert base_url.startswith(f"http://{simulator}:{split_listen(listen)[1]}/")
+    assert settings.callbacks.public_url == f"http://callbacks:{listen_port(settings, 'callbacks')}"
+    exporter = jobs["kafka-exporter"]["static_configs"][0]["targets"]
+    assert exporter == ["kafka-exporter:9308"]
+    assert (
+        f"--kafka.server={settings.kafka.bootstrap_servers}"
+        in (services()["kafka-exporter"]["command"])
+    )
+
+
+def test_consumers_scale_by_replicas_and_stop_gracefully(settings: Settings) -> None:
+    deadlines = {
+        "sender": settings.sender.runner.shutdown_deadline_s,
+        "normalizer": settings.normalizer.runner.shutdown_deadline_s,
+        "reporter": settings.reporter.runner.shutdown_deadline_s,
+    }
+    for name, deadline in deadlines.items():
+        spec = services()[name]
+        assert re.fullmatch(rf"\$\{{{name.upper()}_REPLICAS:-1\}}", str(spec["deploy"]["replicas"]))
+        assert "ports" not in spec  # replicas would fight over a host port
+        grace = int(spec["stop_grace_period"].rstrip("s"))
+        assert grace > deadline, f"{name}: grace {grace}s <= shutdown deadline {deadline}s"
+
+
+def test_every_secret_is_an_env_reference_that_compose_provides() -> None:
+    text = (DEPLOY / "compose" / "smsbridge.toml").read_text()
+    references = set(re.findall(r'"env:([A-Z0-9_]+)"', text))
+    assert references
+    provided = set(services()["ingress"]["environment"])
+    assert references <= provided
+    for key in ("api_token", "secret_key", "aggregator_api_key", "api_key", "callback_token"):
+        for line in text.splitlines():
+            if line.startswith(f"{key} ="):
+                assert '"env:' in line, line
+
+
+def test_prometheus_and_grafana_are_provisioned() -> None:
+    prometheus = services()["prometheus"]
+    assert "./deploy/prometheus:/etc/prometheus:ro" in prometheus["volumes"]
+    grafana = services()["grafana"]
+    mounts = {volume.split(":")[0]: volume.split(":")[1] for volume in grafana["volumes"]}
+    assert mounts["./deploy/grafana/provisioning"] == "/etc/grafana/provisioning"
+    dashboards_in_container = mounts["./deploy/grafana/dashboards"]
+    provider = yaml.safe_load(
+        (DEPLOY / "grafana" / "provisioning" / "dashboards" / "smsbridge.yml").read_text()
+    )
+    assert provider["providers"][0]["options"]["path"] == dashboards_in_container
+    home = Path(grafana["environment"]["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"])
+    assert (DEPLOY / "grafana" / "dashboards" / home.name).exists()
+    assert str(home.parent) == dashboards_in_container
+    datasource = yaml.safe_load(
+        (DEPLOY / "grafana" / "provisioning" / "datasources" / "prometheus.yml").read_text()
+    )
+    assert datasource["datasources"][0]["url"] == "http://prometheus:9090"
+
+
+def test_the_image_holds_only_what_the_services_need() -> None:
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert 'ENTRYPOINT ["smsbridge"]' in dockerfile
+    assert "STOPSIGNAL SIGTERM" in dockerfile
+    assert re.search(r"^USER \S+", dockerfile, re.MULTILINE)
+    copied = set(re.findall(r"^COPY (?!--from)(\S+)", dockerfile, re.MULTILINE))
+    allowed = {
+        line[1:].rstrip("/")
+        for line in (ROOT / ".dockerignore").read_text().splitlines()
+        if line.startswith("!")
+    }
+    assert copied <= allowed

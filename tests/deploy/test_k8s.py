@@ -1,0 +1,139 @@
+"""deploy/k8s: the manifests parse, agree with the configuration and the CLI, and every consumer
+group is scaled by KEDA on its own topics' lag, never past their partition count."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import yaml
+
+from services.cli import build_parser
+from services.normalizer.app import build as build_normalizer
+from services.reporter.app import build as build_reporter
+from services.sender.app import build as build_sender
+from shared.config import Settings, load_settings, split_listen
+from shared.service import ConsumerService
+from shared.topics import ALL_TOPICS
+from tests.deploy.promql import DEPLOY
+
+K8S = DEPLOY / "k8s"
+CONSUMERS = {"sender": build_sender, "normalizer": build_normalizer, "reporter": build_reporter}
+SERVICES = ("ingress", "callbacks", *CONSUMERS)
+PARTITIONS = {topic.name: topic.partitions for topic in ALL_TOPICS}
+
+
+def documents() -> list[dict[str, Any]]:
+    found = []
+    for path in sorted(K8S.glob("*.yaml")):
+        for document in yaml.safe_load_all(path.read_text()):
+            if document:
+                document["_file"] = path.name
+                found.append(document)
+    return found
+
+
+def of_kind(kind: str) -> dict[str, dict[str, Any]]:
+    return {d["metadata"]["name"]: d for d in documents() if d["kind"] == kind}
+
+
+@pytest.fixture
+def settings(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> Settings:
+    """The ConfigMap's smsbridge.toml, loaded with the example Secret's variables."""
+    [config_map] = of_kind("ConfigMap").values()
+    [secret] = of_kind("Secret").values()
+    for name, value in secret["stringData"].items():
+        monkeypatch.setenv(name, value)
+    path = tmp_path / "smsbridge.toml"
+    path.write_text(config_map["data"]["smsbridge.toml"])
+    return load_settings(path)
+
+
+def port_of(settings: Settings, service: str) -> int:
+    return split_listen(
+        {
+            "ingress": settings.ingress.listen,
+            "callbacks": settings.callbacks.listen,
+            "sender": settings.sender.metrics_listen,
+            "normalizer": settings.normalizer.metrics_listen,
+            "reporter": settings.reporter.metrics_listen,
+        }[service]
+    )[1]
+
+
+def test_kustomization_lists_every_manifest_but_the_example_secret() -> None:
+    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    manifests = {path.name for path in K8S.glob("*.yaml")} - {"kustomization.yaml"}
+    assert set(kustomization["resources"]) == manifests - {"secret.example.yaml"}
+
+
+def test_each_service_has_a_deployment_running_it_and_a_service(settings: Settings) -> None:
+    parser = build_parser()
+    deployments = of_kind("Deployment")
+    services = of_kind("Service")
+    assert set(deployments) == set(SERVICES)
+    for name in SERVICES:
+        pod = deployments[name]["spec"]["template"]
+        [container] = pod["spec"]["containers"]
+        args = parser.parse_args(container["args"])
+        assert args.command == "run" and args.service == name
+        [port] = container["ports"]
+        assert port["containerPort"] == port_of(settings, name)
+        assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+        assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+        assert pod["metadata"]["annotations"]["prometheus.io/port"] == str(port["containerPort"])
+        labels = pod["metadata"]["labels"]
+        assert deployments[name]["spec"]["selector"]["matchLabels"].items() <= labels.items()
+        assert services[name]["spec"]["selector"].items() <= labels.items()
+        assert services[name]["spec"]["ports"][0]["port"] == port["containerPort"]
+    job_pod = of_kind("Job")["smsbridge-topics"]["spec"]["template"]["spec"]
+    assert parser.parse_args(job_pod["containers"][0]["args"]).command == "topics"
+
+
+def test_consumers_stop_within_their_grace_period(settings: Settings) -> None:
+    deadlines = {
+        "sender": settings.sender.runner.shutdown_deadline_s,
+        "normalizer": settings.normalizer.runner.shutdown_deadline_s,
+        "reporter": settings.reporter.runner.shutdown_deadline_s,
+    }
+    deployments = of_kind("Deployment")
+    for name, deadline in deadlines.items():
+        grace = deployments[name]["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+        assert grace > deadline, name
+
+
+async def test_keda_scales_each_consumer_group_on_its_topics_capped_by_partitions(
+    settings: Settings,
+) -> None:
+    scaled = of_kind("ScaledObject")
+    assert set(scaled) == set(CONSUMERS)
+    deployments = of_kind("Deployment")
+    for name, build in CONSUMERS.items():
+        service = build(settings)
+        assert isinstance(service, ConsumerService)
+        spec = scaled[name]["spec"]
+        assert spec["scaleTargetRef"]["name"] == name
+        assert "replicas" not in deployments[name]["spec"]  # the HPA owns the count
+        triggers = spec["triggers"]
+        assert {t["type"] for t in triggers} == {"kafka"}
+        assert {t["metadata"]["consumerGroup"] for t in triggers} == {service.group_id}
+        assert {t["metadata"]["topic"] for t in triggers} == set(service.topics)
+        assert all(t["metadata"]["allowIdleConsumers"] == "false" for t in triggers)
+        assert int(triggers[0]["metadata"]["lagThreshold"]) > 0
+        cap = min(PARTITIONS[topic] for topic in service.topics)
+        assert 1 <= spec["minReplicaCount"] <= spec["maxReplicaCount"] == cap
+        bootstrap = {t["metadata"]["bootstrapServers"] for t in triggers}
+        assert bootstrap == {settings.kafka.bootstrap_servers}
+
+
+def test_secrets_reach_the_pods_only_through_the_secret() -> None:
+    text = (K8S / "configmap.yaml").read_text()
+    [secret] = of_kind("Secret").values()
+    for line in text.splitlines():
+        key = line.strip().split(" = ")[0]
+        if key in {"api_token", "secret_key", "aggregator_api_key", "api_key", "callback_token"}:
+            assert '"env:' in line, line
+            assert line.split('"env:')[1].rstrip('"') in secret["stringData"]
+    for deployment in of_kind("Deployment").values():
+        [container] = deployment["spec"]["template"]["spec"]["containers"]
+        assert container["envFrom"] == [{"secretRef": {"name": secret["metadata"]["name"]}}]

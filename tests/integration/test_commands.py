@@ -1,0 +1,415 @@
+"""Operator commands: the handshake, the tenants check, and dead letters listed and re-driven.
+
+The commands run as plain functions where the test needs their output in detail, and as
+``python -m services.cli ...`` processes where the exit code and the wiring are the point.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+import sys
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import aiohttp
+import orjson
+import pytest
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from services.admin import (
+    EndpointUnreachable,
+    campaign_send_url,
+    check_campaign_endpoint,
+    dlq_list_command,
+    dlq_redrive_command,
+    handshake_command,
+    mask_key,
+    parse_since,
+)
+from services.ingress.app import build as build_ingress
+from services.simulators.optimove import OptimoveSimulator
+from shared.broker import EmbeddedBroker, free_port
+from shared.config import Settings
+from shared.events import DeadLetter, InboundMessage, MessageContext, StatusEvent
+from shared.kafka import OutRecord, Publisher, bootstrap, make_producer
+from shared.signing import SIGNATURE_HEADER, verify
+from shared.topics import DEAD_LETTERS, INBOUND, RECIPIENTS, STATUSES, Topic
+from tests.support import (
+    AGGREGATOR_API_KEY,
+    TENANT,
+    TENANT_API_TOKEN,
+    TENANT_SECRET,
+    make_settings,
+    running,
+)
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+async def smsbridge(*argv: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
+    """Run the command line in its own process; (exit code, stdout, stderr)."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "services.cli",
+        *argv,
+        cwd=REPO,
+        env={**os.environ, **(env or {})},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(process.communicate(), 120)
+    assert process.returncode is not None
+    return process.returncode, out.decode(), err.decode()
+
+
+# -- handshake -----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def optimove() -> AsyncIterator[OptimoveSimulator]:
+    simulator = OptimoveSimulator(
+        "127.0.0.1", free_port(), {TENANT: (TENANT_API_TOKEN, TENANT_SECRET)}
+    )
+    await simulator.start()
+    yield simulator
+    await simulator.stop()
+
+
+def handshake_settings(optimove: OptimoveSimulator, ingress_port: int) -> Settings:
+    listen = f"127.0.0.1:{ingress_port}"
+    return make_settings(
+        optimove_url=optimove.url,
+        overrides={
+            "ingress": {"listen": listen, "public_url": f"http://{listen}/"},
+            # A field name switched by configuration (decisions.md §8).
+            "optimove": {"handshake_api_key_field": "aggregatorApiKey"},
+        },
+    )
+
+
+async def test_handshake_registers_the_campaign_endpoint_signed(
+    kafka: EmbeddedBroker, optimove: OptimoveSimulator
+) -> None:
+    settings = handshake_settings(optimove, free_port())
+    out, err = io.StringIO(), io.StringIO()
+
+    async with running(build_ingress(settings)):
+        code = await handshake_command(settings, TENANT, out, err)
+        async with aiohttp.ClientSession() as session:
+            with pytest.raises(EndpointUnreachable, match="404"):
+                await check_campaign_endpoint(session, settings, "ghost")
+
+    assert code == 0, err.getvalue()
+    (request,) = optimove.received(endpoint="handshake", tenant=TENANT)
+    assert request["status"] == 200  # the simulator checked the API token and the signature
+    raw = request["body"].encode("utf-8")
+    assert verify(raw, request["headers"][SIGNATURE_HEADER], TENANT_SECRET) is None
+    url = f"http://{settings.ingress.listen}/optimove/{TENANT}/campaigns"
+    assert campaign_send_url(settings, TENANT) == url
+    assert orjson.loads(raw) == {
+        "campaignSendUrl": url,
+        "aggregatorApiKey": AGGREGATOR_API_KEY,
+        "senderId": "ACME",
+    }
+    assert "Optimove answered 200" in out.getvalue()
+    assert '{"success":true}' in out.getvalue()
+    assert AGGREGATOR_API_KEY not in out.getvalue() + err.getvalue()
+
+
+async def test_handshake_refuses_while_the_campaign_endpoint_is_unreachable(
+    optimove: OptimoveSimulator, tmp_path: Path
+) -> None:
+    closed = free_port()  # nothing listens there
+    config = tmp_path / "smsbridge.toml"
+    config.write_text(
+        f"""
+[ingress]
+public_url = "http://127.0.0.1:{closed}"
+
+[tenants.{TENANT}]
+optimove_base_url = "{optimove.base_url(TENANT)}"
+api_token = "{TENANT_API_TOKEN}"
+secret_key = "{TENANT_SECRET}"
+aggregator_api_key = "{AGGREGATOR_API_KEY}"
+routes = [{{ provider = "otpiq-main" }}]
+
+[providers.otpiq-main]
+kind = "otpiq"
+base_url = "http://127.0.0.1:9/otpiq/api"
+api_key = "sk_test"
+callback_token = "cb"
+""",
+        encoding="utf-8",
+    )
+
+    code, _, err = await smsbridge("--config", str(config), "handshake", "--tenant", TENANT)
+    unknown, _, unknown_err = await smsbridge(
+        "--config", str(config), "handshake", "--tenant", "ghost"
+    )
+
+    assert code == 1
+    assert f"refusing the handshake for {TENANT}" in err
+    assert f"127.0.0.1:{closed} is not reachable" in err
+    assert optimove.received() == []  # Optimove was never asked
+    assert (unknown, "unknown tenant 'ghost'") == (2, unknown_err.strip().split(" (")[0])
+
+
+# -- tenants check ---------------------------------------------------------------------------------
+
+INLINE_SECRET = "inline-secret-never-printed"
+ENV_SECRET = "env-secret-never-printed"
+
+
+def tenants_config(path: Path) -> Path:
+    path.write_text(
+        f"""
+[tenants.acme]
+optimove_base_url = "https://optimove.example/acme"
+api_token = "env:CHECK_ACME_TOKEN"
+secret_key = "{INLINE_SECRET}"
+aggregator_api_key = "file:{path.parent / "acme-key"}"
+default_sender_id = "ACME"
+routes = [{{ provider = "otpiq-main" }}]
+
+[tenants.beta]
+optimove_base_url = "https://optimove.example/beta"
+api_token = "env:CHECK_BETA_TOKEN_MISSING"
+secret_key = "{INLINE_SECRET}"
+aggregator_api_key = "file:{path.parent / "missing-key"}"
+routes = [{{ provider = "nowhere" }}, {{ provider = "octo" }}]
+
+[providers.otpiq-main]
+kind = "otpiq"
+base_url = "https://otpiq.example/api"
+api_key = "{INLINE_SECRET}"
+callback_token = "env:CHECK_ACME_TOKEN"
+
+[providers.octo]
+kind = "octopush"
+base_url = "https://octopush.example/api"
+api_key = "env:CHECK_OCTO_KEY_MISSING"
+callback_token = "{INLINE_SECRET}"
+""",
+        encoding="utf-8",
+    )
+    (path.parent / "acme-key").write_text("file-secret-never-printed\n", encoding="utf-8")
+    return path
+
+
+async def test_tenants_check_names_each_missing_secret_and_prints_none(tmp_path: Path) -> None:
+    config = tenants_config(tmp_path / "smsbridge.toml")
+
+    code, out, err = await smsbridge(
+        "--config", str(config), "tenants", "check", env={"CHECK_ACME_TOKEN": ENV_SECRET}
+    )
+
+    assert code == 1, err
+    lines = out.splitlines()
+    assert lines[0].startswith("tenant acme: ok (api_token, secret_key, aggregator_api_key")
+    assert "routes: otpiq-main" in lines[0]
+    beta = out[out.index("tenant beta") : out.index("\nprovider ")]
+    assert "tenant beta: 4 problems" in beta
+    assert "api_token: environment variable CHECK_BETA_TOKEN_MISSING is not set" in beta
+    assert "aggregator_api_key: cannot read secret file" in beta
+    assert "routes.0.provider: unknown provider 'nowhere' (known: octo, otpiq-main)" in beta
+    assert "routes.1.provider: provider 'octo' has problems (see below)" in beta
+    assert "provider octo: 1 problem" in out
+    assert "api_key: environment variable CHECK_OCTO_KEY_MISSING is not set" in out
+    assert "provider otpiq-main: ok" in out
+    assert out.rstrip().endswith("5 problems found")
+    for secret in (INLINE_SECRET, ENV_SECRET, "file-secret-never-printed"):
+        assert secret not in out + err
+
+
+async def test_tenants_check_passes_a_complete_configuration(tmp_path: Path) -> None:
+    config = tenants_config(tmp_path / "smsbridge.toml")
+    text = config.read_text(encoding="utf-8")
+    config.write_text(text[: text.index("[tenants.beta]")] + text[text.index("[providers.") :])
+
+    code, out, _ = await smsbridge(
+        "--config",
+        str(config),
+        "tenants",
+        "check",
+        env={"CHECK_ACME_TOKEN": ENV_SECRET, "CHECK_OCTO_KEY_MISSING": "x" * 12},
+    )
+
+    assert code == 0, out
+    assert "tenant acme: ok" in out
+    assert out.rstrip().endswith("1 tenant ready")
+    assert ENV_SECRET not in out
+
+
+# -- dead letters ----------------------------------------------------------------------------------
+
+OLD = datetime(2026, 1, 1, tzinfo=UTC)
+NEW = datetime(2026, 3, 1, tzinfo=UTC)
+
+
+def status_event(message_id: str) -> StatusEvent:
+    return StatusEvent(
+        event_id=f"e-{message_id}",
+        context=MessageContext(
+            tenant=TENANT,
+            message_id=message_id,
+            batch_id="b",
+            mobile_number="+447911123456",
+            metadata_json="{}",
+        ),
+        status="delivered",
+        sub_status="Delivered",
+    )
+
+
+def letter(
+    source: Topic, key: str | None, payload: str, at: datetime, status_code: int | None = None
+) -> DeadLetter:
+    return DeadLetter(
+        source_topic=source.name,
+        stage="reporter" if source in (STATUSES, INBOUND) else "sender",
+        reason=f"gave up after 9 attempts in 86400s; last: HTTP {status_code or 503}",
+        key=key,
+        payload=payload,
+        attempts=9,
+        status_code=status_code,
+        redrive_topic=source.name,
+        at=at,
+    )
+
+
+async def publish_letters(settings: Settings, letters: list[DeadLetter]) -> None:
+    producer = make_producer(settings.kafka, "test")
+    await producer.start()
+    try:
+        await Publisher(producer, 10).publish(
+            OutRecord(DEAD_LETTERS, d.key or "none", d) for d in letters
+        )
+    finally:
+        await producer.stop()
+
+
+async def read_raw(settings: Settings, topic: Topic) -> list[tuple[bytes | None, bytes | None]]:
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap(settings.kafka))
+    await consumer.start()
+    try:
+        partitions = [TopicPartition(topic.name, p) for p in range(topic.partitions)]
+        consumer.assign(partitions)
+        await consumer.seek_to_beginning(*partitions)
+        found: list[tuple[bytes | None, bytes | None]] = []
+        quiet = 0
+        while quiet < 5:
+            batches = await consumer.getmany(timeout_ms=100)
+            quiet = 0 if batches else quiet + 1
+            found += [(r.key, r.value) for records in batches.values() for r in records]
+        return found
+    finally:
+        await consumer.stop()
+
+
+def test_keys_holding_a_number_are_masked() -> None:
+    assert mask_key("acme:+447911123456") == "acme:+4479******56"
+    assert mask_key("octo:ticket-9:33612345678") == "octo:ticket-9:3361*****78"
+    assert mask_key("m-1a2b3c") == "m-1a2b3c"
+    assert mask_key("acme") == "acme"
+    assert mask_key(None) == "-"
+    assert parse_since("2026-02-01") == datetime(2026, 2, 1, tzinfo=UTC)
+    with pytest.raises(ValueError, match="ISO 8601"):
+        parse_since("yesterday")
+
+
+async def test_dead_letters_are_listed_and_re_driven_once(kafka: EmbeddedBroker) -> None:
+    settings = make_settings()
+    statuses = [status_event(f"m-{i}") for i in range(3)]
+    reply = InboundMessage(
+        event_id="e-in",
+        tenant=TENANT,
+        to="ACME",
+        from_number="447911123456",
+        text="STOP",
+        sent_at=OLD,
+    )
+    await publish_letters(
+        settings,
+        [
+            letter(STATUSES, "m-0", statuses[0].model_dump_json(), OLD, 503),
+            letter(STATUSES, "m-1", statuses[1].model_dump_json(), OLD, 503),
+            letter(STATUSES, "m-2", statuses[2].model_dump_json(), NEW, 400),
+            letter(RECIPIENTS, f"{TENANT}:+447911123456", '{"not": "checked"}', NEW),
+            letter(INBOUND, TENANT, reply.model_dump_json(), NEW, 401),
+        ],
+    )
+
+    listed = io.StringIO()
+    assert (
+        await dlq_list_command(settings, source_topic=None, since=None, limit=50, out=listed) == 0
+    )
+    table = listed.getvalue().splitlines()
+    assert table[0].split() == [
+        "ID", "TIME", "STAGE", "SOURCE", "TOPIC", "REASON", "ATTEMPTS", "STATUS", "KEY", "REDRIVEN"
+    ]  # fmt: skip
+    assert len(table) == 6
+    assert "2026-01-01T00:00:00Z" in table[1]
+    recipients_row = next(line for line in table if RECIPIENTS.name in line)
+    assert "acme:+4479******56" in recipients_row
+    assert "447911123456" not in listed.getvalue()
+
+    only_new = io.StringIO()
+    await dlq_list_command(
+        settings,
+        source_topic=STATUSES.name,
+        since=parse_since("2026-02-01"),
+        limit=50,
+        out=only_new,
+    )
+    assert [line.split()[-2] for line in only_new.getvalue().splitlines()[1:]] == ["m-2"]
+    newest = io.StringIO()
+    await dlq_list_command(settings, source_topic=None, since=None, limit=2, out=newest)
+    assert "(the newest 2 of 5; see --limit)" in newest.getvalue()
+
+    # A dry run counts and publishes nothing.
+    dry = io.StringIO()
+    await dlq_redrive_command(
+        settings, source_topic=STATUSES.name, since=None, dry_run=True, out=dry, err=io.StringIO()
+    )
+    assert dry.getvalue().startswith("would re-drive 3; already re-driven 0")
+    assert await read_raw(settings, STATUSES) == []
+
+    # --since first, then the rest; a third run finds nothing left to send.
+    progress = io.StringIO()
+    for since, expected in (
+        ("2026-02-01", "re-drove 1;"),
+        (None, "re-drove 2; already re-driven 1"),
+    ):
+        done = io.StringIO()
+        await dlq_redrive_command(
+            settings,
+            source_topic=STATUSES.name,
+            since=parse_since(since) if since else None,
+            dry_run=False,
+            out=done,
+            err=progress,
+        )
+        assert done.getvalue().startswith(expected)
+    assert "redrive sms.statuses [" in progress.getvalue()
+    assert "2/2" in progress.getvalue()
+    code, out, err = await smsbridge("dlq", "redrive", "--topic", STATUSES.name)
+    assert code == 0, err
+    assert out.startswith("re-drove 0; already re-driven 3")
+
+    redriven = await read_raw(settings, STATUSES)
+    assert sorted(redriven) == sorted(
+        (s.context.message_id.encode(), s.model_dump_json().encode()) for s in statuses
+    )
+    assert await read_raw(settings, INBOUND) == []  # only the topic asked for
+
+    code, out, err = await smsbridge("dlq", "list", "--topic", STATUSES.name)
+    assert code == 0, err
+    rows = out.splitlines()[1:]
+    assert len(rows) == 3
+    assert all(row.split()[-1] == "yes" for row in rows)

@@ -1,0 +1,324 @@
+"""Test support for operations tests: config files for service subprocesses, topic tails, groups.
+
+Used by the shutdown, replay and scale-out tests; nothing here mocks Kafka.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Iterable, Mapping
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Generic
+
+import orjson
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from services.replay import committed_offsets, live_members, offsets_consumer
+from shared.broker import free_port
+from shared.config import Settings, load_settings
+from shared.events import (
+    DispatchRecord,
+    E,
+    MessageContext,
+    ProviderEvent,
+    StatusEvent,
+    decode,
+    utcnow,
+)
+from shared.kafka import OutRecord, Publisher, bootstrap, make_admin, make_producer
+from shared.providers.otpiq import FIXTURES, Otpiq
+from shared.topics import DISPATCHES, PROVIDER_EVENTS, STATUSES, Topic
+from tests.support import (
+    AGGREGATOR_API_KEY,
+    CALLBACK_TOKEN,
+    OTPIQ_WEBHOOK_SECRET,
+    TENANT,
+    TENANT_API_TOKEN,
+    TENANT_SECRET,
+    _deep_merge,
+    wait_for,
+)
+
+ACCOUNT = "otpiq-main"
+# Short sessions: a member that vanished without leaving is replaced quickly.
+QUICK_GROUP = {"session_timeout_ms": 6000, "heartbeat_interval_ms": 1000}
+
+
+def config_data(
+    *, optimove_url: str = "http://127.0.0.1:9", overrides: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """The configuration of tests.support.make_settings as TOML-ready data (inline secrets)."""
+    data: dict[str, Any] = {
+        "log_level": "INFO",
+        "kafka": {"bootstrap_servers": "embedded"},
+        "ingress": {"listen": f"127.0.0.1:{free_port()}"},
+        "callbacks": {"listen": f"127.0.0.1:{free_port()}"},
+        "sender": {"metrics_listen": f"127.0.0.1:{free_port()}"},
+        "normalizer": {"metrics_listen": f"127.0.0.1:{free_port()}"},
+        "reporter": {"metrics_listen": f"127.0.0.1:{free_port()}"},
+        "tenants": {
+            TENANT: {
+                "optimove_base_url": f"{optimove_url.rstrip('/')}/{TENANT}",
+                "api_token": TENANT_API_TOKEN,
+                "secret_key": TENANT_SECRET,
+                "aggregator_api_key": AGGREGATOR_API_KEY,
+                "default_sender_id": "ACME",
+                "default_region": "GB",
+                "routes": [{"provider": ACCOUNT}],
+            }
+        },
+        "providers": {
+            ACCOUNT: {
+                "kind": "otpiq",
+                "base_url": "http://127.0.0.1:9/otpiq/api",
+                "api_key": "sk_test_otpiq",
+                "callback_token": CALLBACK_TOKEN,
+                "webhook_secret": OTPIQ_WEBHOOK_SECRET,
+            }
+        },
+    }
+    _deep_merge(data, dict(overrides or {}))
+    return data
+
+
+def to_toml(data: Mapping[str, Any]) -> str:
+    """TOML for the shapes a configuration has: tables, scalars, lists of scalars or tables."""
+    lines: list[str] = []
+    _write_table(lines, [], data)
+    return "\n".join(lines) + "\n"
+
+
+def _write_table(lines: list[str], path: list[str], table: Mapping[str, Any]) -> None:
+    scalars = {k: v for k, v in table.items() if not isinstance(v, Mapping)}
+    tables = {k: v for k, v in table.items() if isinstance(v, Mapping)}
+    if path and scalars:
+        lines.append(f"[{'.'.join(_key(p) for p in path)}]")
+    for key, value in scalars.items():
+        lines.append(f"{_key(key)} = {_value(value)}")
+    for key, value in tables.items():
+        _write_table(lines, [*path, key], value)
+
+
+def _key(key: str) -> str:
+    return key if key.replace("-", "").replace("_", "").isalnum() else orjson.dumps(key).decode()
+
+
+def _value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        return orjson.dumps(value).decode()
+    if isinstance(value, list):
+        return "[" + ", ".join(_value(item) for item in value) + "]"
+    if isinstance(value, Mapping):
+        return "{ " + ", ".join(f"{_key(k)} = {_value(v)}" for k, v in value.items()) + " }"
+    raise TypeError(f"no TOML for {type(value).__name__}")
+
+
+def write_config(path: Path, data: Mapping[str, Any]) -> Settings:
+    """Write ``data`` as a TOML file and load it the way ``smsbridge --config`` does."""
+    path.write_text(to_toml(data), encoding="utf-8")
+    return load_settings(path)
+
+
+# -- records ---------------------------------------------------------------------------------------
+
+
+def context(message_id: str, campaign: str = "spring") -> MessageContext:
+    return MessageContext(
+        tenant=TENANT,
+        message_id=message_id,
+        batch_id="batch-1",
+        campaign_id=campaign,
+        customer_id=f"cust-{message_id}",
+        mobile_number="447700900123",
+        metadata_json=orjson.dumps({"campaignId": campaign}).decode(),
+    )
+
+
+def accepted_dispatch(message_id: str, sms_id: str) -> DispatchRecord:
+    return DispatchRecord(
+        context=context(message_id),
+        correlation_key=Otpiq.correlation_key(ACCOUNT, sms_id, ""),
+        outcome="accepted",
+        sub_status="Sent",
+        provider_kind="otpiq",
+        provider_account=ACCOUNT,
+        provider_message_id=sms_id,
+        destination="+447700900123",
+    )
+
+
+def delivered_callback(sms_id: str) -> ProviderEvent:
+    """The event the callbacks service stores for OTPIQ's delivered callback."""
+    from services.callbacks.app import provider_events
+
+    body = orjson.dumps({**FIXTURES["callback_delivered"], "smsId": sms_id})
+    [event] = provider_events(
+        Otpiq, ACCOUNT, body, Otpiq.parse_callback(body, "application/json"), utcnow()
+    )
+    return event
+
+
+def status_event(message_id: str, status: str, sub_status: str) -> StatusEvent:
+    return StatusEvent(
+        event_id=f"e-{message_id}-{status}",
+        context=context(message_id),
+        status=status,  # type: ignore[arg-type]
+        sub_status=sub_status,
+        provider_message_id=f"p-{message_id}",
+    )
+
+
+def dispatch_records(items: Iterable[DispatchRecord | ProviderEvent]) -> list[OutRecord]:
+    return [
+        OutRecord(
+            DISPATCHES if isinstance(item, DispatchRecord) else PROVIDER_EVENTS,
+            item.correlation_key,
+            item,
+        )
+        for item in items
+    ]
+
+
+def status_records(events: Iterable[StatusEvent]) -> list[OutRecord]:
+    return [OutRecord(STATUSES, e.context.message_id, e) for e in events]
+
+
+@contextlib.asynccontextmanager
+async def publisher(settings: Settings) -> AsyncIterator[Publisher]:
+    producer = make_producer(settings.kafka, "test")
+    await producer.start()
+    try:
+        yield Publisher(producer, 10.0)
+    finally:
+        await producer.stop()
+
+
+# -- reading ---------------------------------------------------------------------------------------
+
+
+class TopicTail(Generic[E]):
+    """Reads a whole topic from the beginning in the background while the test goes on."""
+
+    def __init__(self, settings: Settings, topic: Topic, model: type[E]) -> None:
+        self.settings = settings
+        self.topic = topic
+        self.model = model
+        self.records: list[tuple[str | None, E]] = []
+        self._task: asyncio.Task[None] | None = None
+        self._consumer: AIOKafkaConsumer | None = None
+
+    async def __aenter__(self) -> TopicTail[E]:
+        self._consumer = AIOKafkaConsumer(
+            bootstrap_servers=bootstrap(self.settings.kafka), enable_auto_commit=False
+        )
+        await self._consumer.start()
+        partitions = [TopicPartition(self.topic.name, p) for p in range(self.topic.partitions)]
+        self._consumer.assign(partitions)
+        await self._consumer.seek_to_beginning(*partitions)
+        self._task = asyncio.create_task(self._read(self._consumer))
+        return self
+
+    async def _read(self, consumer: AIOKafkaConsumer) -> None:
+        while True:
+            batches = await consumer.getmany(timeout_ms=100)
+            for records in batches.values():
+                for record in records:
+                    key = record.key.decode() if record.key is not None else None
+                    self.records.append((key, decode(self.model, record.value)))
+
+    async def wait_count(self, count: int, timeout_s: float = 60.0) -> None:
+        await wait_for(
+            lambda: len(self.records) >= count,
+            timeout_s,
+            f"{count} records on {self.topic.name} (have {len(self.records)})",
+        )
+
+    async def settle(self, quiet_s: float = 1.0, timeout_s: float = 30.0) -> None:
+        """Wait until nothing new arrived for ``quiet_s``."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        seen, since = len(self.records), loop.time()
+        while loop.time() - since < quiet_s:
+            if loop.time() > deadline:
+                raise AssertionError(f"{self.topic.name} still growing after {timeout_s}s")
+            await asyncio.sleep(0.1)
+            if len(self.records) != seen:
+                seen, since = len(self.records), loop.time()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self._consumer is not None:
+            await self._consumer.stop()
+
+
+# -- consumer groups -------------------------------------------------------------------------------
+
+
+async def group_members(settings: Settings, group: str) -> list[str]:
+    admin = make_admin(settings.kafka)
+    await admin.start()
+    try:
+        _, members = await live_members(admin, group)
+        return members
+    finally:
+        await admin.close()
+
+
+async def wait_group_empty(settings: Settings, group: str, timeout_s: float = 30.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while members := await group_members(settings, group):
+        if loop.time() > deadline:
+            raise AssertionError(f"group {group} still has members after {timeout_s}s: {members}")
+        await asyncio.sleep(0.2)
+
+
+async def committed(settings: Settings, group: str, topic: Topic) -> dict[int, int | None]:
+    """The group's committed offset per partition of ``topic`` (the group must not be running)."""
+    consumer = offsets_consumer(settings.kafka, group)
+    await consumer.start()
+    try:
+        partitions = [TopicPartition(topic.name, p) for p in range(topic.partitions)]
+        consumer.assign(partitions)
+        found = await committed_offsets(consumer, partitions)
+        return {tp.partition: offset for tp, offset in found.items()}
+    finally:
+        await consumer.stop()
+
+
+def total(offsets: Mapping[int, int | None]) -> int:
+    return sum(offset or 0 for offset in offsets.values())
+
+
+__all__ = [
+    "ACCOUNT",
+    "QUICK_GROUP",
+    "TopicTail",
+    "accepted_dispatch",
+    "committed",
+    "config_data",
+    "delivered_callback",
+    "dispatch_records",
+    "group_members",
+    "publisher",
+    "status_event",
+    "status_records",
+    "to_toml",
+    "total",
+    "wait_group_empty",
+    "write_config",
+]

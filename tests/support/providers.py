@@ -1,0 +1,51 @@
+"""Settings with an OpenSMS and an Octopush account beside the default OTPIQ one."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from shared.config import Settings
+from tests.support import make_settings
+
+OPENSMS_ACCOUNT = "opensms-ke"
+OPENSMS_TOKEN = "opensms-api-token"
+OPENSMS_CALLBACK_TOKEN = "cb-token-opensms"
+OCTOPUSH_ACCOUNT = "octopush-fr"
+OCTOPUSH_KEY = "octopush-api-key"
+OCTOPUSH_LOGIN = "ops@example.com"
+OCTOPUSH_CALLBACK_TOKEN = "cb-token-octopush"
+
+
+def bulk_provider_settings(
+    provider_url: str = "http://127.0.0.1:9",
+    *,
+    callbacks_url: str | None = None,
+    octopush: dict[str, Any] | None = None,
+) -> Settings:
+    """``make_settings`` plus accounts ``opensms-ke`` and ``octopush-fr`` at ``provider_url``.
+
+    The base URLs are where the provider simulator serves each API.
+    """
+    base = provider_url.rstrip("/")
+    return make_settings(
+        provider_url=provider_url,
+        callbacks_url=callbacks_url,
+        overrides={
+            "providers": {
+                OPENSMS_ACCOUNT: {
+                    "kind": "opensms",
+                    "base_url": f"{base}/opensms/api/v3",
+                    "api_key": OPENSMS_TOKEN,
+                    "callback_token": OPENSMS_CALLBACK_TOKEN,
+                },
+                OCTOPUSH_ACCOUNT: {
+                    "kind": "octopush",
+                    "base_url": f"{base}/octopush/v1/public",
+                    "api_key": OCTOPUSH_KEY,
+                    "api_login": OCTOPUSH_LOGIN,
+                    "callback_token": OCTOPUSH_CALLBACK_TOKEN,
+                    **(octopush or {}),
+                },
+            }
+        },
+    )

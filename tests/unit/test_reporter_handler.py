@@ -1,0 +1,359 @@
+"""The reporter's handler, driven record by record with a hand-moved clock.
+
+Optimove is the simulator on a loopback port (real HTTP); Kafka is replaced by a publisher that
+records what it is given, and the store's partitions are loaded empty, so that every step of
+parking, queueing behind, probing, rescheduling and giving up can be watched exactly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterable, Sequence
+from datetime import UTC, datetime
+
+import orjson
+import pytest
+from aiokafka.structs import ConsumerRecord
+from prometheus_client import REGISTRY
+
+from services.reporter.handler import ReporterHandler
+from services.simulators.optimove import FailureMode, OptimoveSimulator
+from shared.broker import free_port
+from shared.config import Settings
+from shared.events import (
+    CanonicalStatus,
+    DeadLetter,
+    Event,
+    InboundMessage,
+    MessageContext,
+    StateChange,
+    StatusEvent,
+    decode,
+)
+from shared.kafka import OutRecord, Publisher
+from shared.runner import Record
+from shared.topics import DEAD_LETTERS, INBOUND, REPORTER_STATE, STATUSES
+from tests.support import TENANT, TENANT_API_TOKEN, TENANT_SECRET, make_settings, wait_for
+
+OTHER = "beta"
+OTHER_TOKEN = "beta-api-token"
+OTHER_SECRET = "beta-shared-secret"
+PARTITION = 3
+START = 1_700_000_000.0
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = START
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class RecordingPublisher(Publisher):
+    """Takes every record at once, as Kafka would acknowledge it."""
+
+    def __init__(self) -> None:
+        self.published: list[OutRecord] = []
+
+    async def publish(self, records: Iterable[OutRecord]) -> None:
+        self.published.extend(records)
+
+    def changelog(self) -> list[tuple[bytes, bytes | None]]:
+        return [r.encoded for r in self.published if r.topic == REPORTER_STATE]
+
+    def dead_letters(self) -> list[DeadLetter]:
+        return [decode(DeadLetter, r.encoded[1]) for r in self.published if r.topic == DEAD_LETTERS]
+
+
+def settings_for(port: int, tenants: Sequence[str] = (TENANT, OTHER)) -> Settings:
+    url = f"http://127.0.0.1:{port}"
+    settings = make_settings(
+        optimove_url=url,
+        overrides={
+            "tenants": {
+                OTHER: {
+                    "optimove_base_url": f"{url}/{OTHER}",
+                    "api_token": OTHER_TOKEN,
+                    "secret_key": OTHER_SECRET,
+                    "aggregator_api_key": "beta-aggregator-key",
+                    "routes": [{"provider": "otpiq-main"}],
+                }
+            },
+            "reporter": {
+                # No in-memory retries and no timer of its own: every step is the test's.
+                "inline_retry_s": 0,
+                "parked_poll_interval_s": 3600,
+                "circuit_failure_threshold": 1,
+                "give_up_after_s": 600,
+                "max_backoff_s": 60,
+                "inbound_batch_delay_s": 0.05,
+            },
+        },
+    )
+    settings.tenants = {slug: settings.tenants[slug] for slug in tenants}
+    return settings
+
+
+@pytest.fixture
+async def simulator() -> AsyncIterator[OptimoveSimulator]:
+    started = OptimoveSimulator(
+        "127.0.0.1",
+        free_port(),
+        {TENANT: (TENANT_API_TOKEN, TENANT_SECRET), OTHER: (OTHER_TOKEN, OTHER_SECRET)},
+    )
+    await started.start()
+    yield started
+    await started.stop()
+
+
+class Harness:
+    def __init__(self, settings: Settings) -> None:
+        self.clock = Clock()
+        self.handler = ReporterHandler(settings, clock=self.clock, jitter=lambda: 1.0)
+        self.publisher = RecordingPublisher()
+        self.offsets = 0
+
+    async def __aenter__(self) -> Harness:
+        self.handler.store.load(PARTITION, [])
+        await self.handler.start(self.publisher)
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        await self.handler.stop()
+
+    def record(self, topic: str, key: str, event: Event, offset: int | None = None) -> Record:
+        if offset is None:
+            self.offsets += 1
+            offset = self.offsets
+        value = event.to_bytes()
+        return ConsumerRecord(
+            topic=topic,
+            partition=PARTITION,
+            offset=offset,
+            timestamp=0,
+            timestamp_type=0,
+            key=key.encode(),
+            value=value,
+            checksum=None,
+            serialized_key_size=len(key),
+            serialized_value_size=len(value),
+            headers=[],
+        )
+
+    async def handle(self, record: Record) -> Sequence[OutRecord]:
+        return await self.handler.handle(record)
+
+    async def pass_at(self, seconds_later: float) -> int:
+        """Move the clock, run one timer pass and wait for the retries it started."""
+        self.clock.now += seconds_later
+        touched = await self.handler.fire_due(self.clock.now)
+        await wait_for(lambda: self.handler.retrying == 0, what="retries of the pass")
+        return touched
+
+    def parked(self, key: str) -> StateChange | None:
+        entry = self.handler.store.get_entry(PARTITION, key)
+        return StateChange(value=entry.value, due_at=entry.due_at) if entry else None
+
+    def queue(self, key: str) -> list[str]:
+        entry = self.handler.store.get(PARTITION, key)
+        return [report["source"] for report in entry["reports"]] if entry else []
+
+
+def status(message_id: str, canonical: CanonicalStatus, tenant: str = TENANT) -> StatusEvent:
+    return StatusEvent(
+        event_id=f"e-{message_id}-{canonical}",
+        context=MessageContext(
+            tenant=tenant,
+            message_id=message_id,
+            batch_id="b",
+            mobile_number="+447911123456",
+            metadata_json='{"campaignId": "c"}',
+        ),
+        status=canonical,
+        sub_status=canonical.capitalize(),
+    )
+
+
+def reply(index: int, tenant: str = OTHER) -> InboundMessage:
+    return InboundMessage(
+        event_id=f"e-in-{index}",
+        tenant=tenant,
+        to="ACME",
+        from_number=f"4479111234{index:02d}",
+        text=f"reply {index}",
+        sent_at=datetime(2026, 1, 2, tzinfo=UTC),
+    )
+
+
+def bodies(simulator: OptimoveSimulator, tenant: str, endpoint: str) -> list[tuple[int, object]]:
+    return [
+        (r["status"], orjson.loads(r["body"]))
+        for r in simulator.received(endpoint=endpoint, tenant=tenant)
+    ]
+
+
+def gauge(tenant: str, kind: str = "delivery") -> float | None:
+    return REGISTRY.get_sample_value("smsbridge_reports_parked", {"tenant": tenant, "kind": kind})
+
+
+async def test_a_newer_report_queues_behind_a_parked_one_and_order_is_kept(
+    simulator: OptimoveSimulator,
+) -> None:
+    simulator.set_mode(FailureMode(status=503, remaining=1), tenant=TENANT)
+    async with Harness(settings_for(simulator.port)) as h:
+        sent = h.record(STATUSES.name, "m-1", status("m-1", "sent"))
+        delivered = h.record(STATUSES.name, "m-1", status("m-1", "delivered"))
+
+        assert await h.handle(sent) == []
+        assert await h.handle(delivered) == []  # Optimove is fine again, but order comes first
+
+        key = f"delivery/{TENANT}/m-1"
+        assert h.queue(key) == [f"sms.statuses:{PARTITION}:1", f"sms.statuses:{PARTITION}:2"]
+        assert len(simulator.received(tenant=TENANT)) == 1
+        assert gauge(TENANT) == 1
+        parked = h.parked(key)
+        assert parked is not None and parked.due_at == pytest.approx(START + 1.0)
+
+        assert await h.pass_at(0.5) == 0  # not due yet
+        await h.pass_at(0.5)
+        assert h.queue(key) == [f"sms.statuses:{PARTITION}:2"]
+        await h.pass_at(0.0)  # the next report of the message goes on the next pass
+
+        assert h.parked(key) is None
+        assert gauge(TENANT) == 0
+        assert h.publisher.changelog()[-1] == (key.encode(), None)  # a tombstone
+    statuses = [
+        (code, body["type"]["status"])  # type: ignore[index]
+        for code, body in bodies(simulator, TENANT, "delivery-report")
+    ]
+    assert statuses == [(503, "Sent"), (200, "Sent"), (200, "Delivered")]
+
+
+async def test_a_failing_tenant_parks_new_reports_without_asking_while_others_flow(
+    simulator: OptimoveSimulator,
+) -> None:
+    simulator.set_mode(FailureMode(status=503), tenant=OTHER)
+    async with Harness(settings_for(simulator.port)) as h:
+        await h.handle(h.record(STATUSES.name, "m-b1", status("m-b1", "sent", OTHER)))
+        await h.handle(h.record(STATUSES.name, "m-b2", status("m-b2", "sent", OTHER)))
+        await h.handle(h.record(STATUSES.name, "m-a1", status("m-a1", "sent")))
+
+        # beta was asked once: its circuit opened, and its second report parked unasked.
+        assert len(simulator.received(tenant=OTHER)) == 1
+        assert [c for c, _ in bodies(simulator, TENANT, "delivery-report")] == [200]
+        second = h.handler.store.get(PARTITION, f"delivery/{OTHER}/m-b2")
+        assert second is not None
+        assert second["reports"][0]["attempts"] == 0
+        assert gauge(OTHER) == 2
+
+        # Its turn comes: one probe goes, the other report waits for a later turn.
+        assert await h.pass_at(1.0) == 2
+        assert len(simulator.received(tenant=OTHER)) == 2
+        waits = sorted(
+            report["waits"]
+            for key in (f"delivery/{OTHER}/m-b1", f"delivery/{OTHER}/m-b2")
+            for report in h.handler.store.get(PARTITION, key)["reports"]  # type: ignore[index]
+        )
+        assert waits == [0, 1]
+
+        # Past the give-up age both are dead-lettered with what was last heard.
+        await h.pass_at(600.0)
+        await h.pass_at(0.0)
+        letters = h.publisher.dead_letters()
+        assert sorted(letter.key for letter in letters) == ["m-b1", "m-b2"]  # type: ignore[type-var]
+        for letter in letters:
+            assert letter.source_topic == letter.redrive_topic == STATUSES.name
+            assert "gave up" in letter.reason
+            assert letter.stage == "reporter"
+        attempted = [letter for letter in letters if letter.attempts]
+        assert attempted and all(letter.status_code == 503 for letter in attempted)
+        assert all("simulated failure" in letter.response_excerpt for letter in attempted)
+        assert gauge(OTHER) == 0
+        assert h.handler.store.count(PARTITION) == 0
+
+
+async def test_a_record_read_twice_is_parked_once(simulator: OptimoveSimulator) -> None:
+    simulator.set_mode(FailureMode(status=503), tenant=OTHER)
+    async with Harness(settings_for(simulator.port)) as h:
+        report = h.record(STATUSES.name, "m-b1", status("m-b1", "sent", OTHER), offset=7)
+        await h.handle(report)
+        await h.handle(report)
+        assert h.queue(f"delivery/{OTHER}/m-b1") == [f"sms.statuses:{PARTITION}:7"]
+
+        incoming = h.record(INBOUND.name, OTHER, reply(1), offset=8)
+        await h.handle(incoming)
+        requests = len(simulator.received(tenant=OTHER))
+        await h.handle(incoming)
+        assert len(simulator.received(tenant=OTHER)) == requests
+        assert h.handler.store.count(PARTITION) == 2
+
+
+async def test_parked_replies_of_a_tenant_go_in_one_request(
+    simulator: OptimoveSimulator,
+) -> None:
+    simulator.set_mode(FailureMode(status=503, remaining=1), tenant=OTHER)
+    async with Harness(settings_for(simulator.port)) as h:
+        results = await asyncio.gather(
+            *(h.handle(h.record(INBOUND.name, OTHER, reply(i))) for i in range(3))
+        )
+        assert list(results) == [[], [], []]
+        assert gauge(OTHER, "incoming") == 3
+
+        await h.pass_at(1.0)
+
+        assert gauge(OTHER, "incoming") == 0
+        assert h.handler.store.count(PARTITION) == 0
+    requests = bodies(simulator, OTHER, "incoming-message")
+    assert [(code, len(body["messages"])) for code, body in requests] == [(503, 3), (200, 3)]  # type: ignore[index]
+
+
+async def test_refusals_are_dead_lettered_at_once_and_not_parked(
+    simulator: OptimoveSimulator,
+) -> None:
+    simulator.set_mode(FailureMode(status=400, remaining=1), tenant=TENANT)
+    async with Harness(settings_for(simulator.port)) as h:
+        outputs = await h.handle(h.record(STATUSES.name, "m-1", status("m-1", "sent")))
+
+        assert [o.topic for o in outputs] == [DEAD_LETTERS]
+        letter = outputs[0].value
+        assert isinstance(letter, DeadLetter)
+        assert (letter.status_code, letter.attempts) == (400, 1)
+        assert h.handler.store.count(PARTITION) == 0
+        assert h.publisher.published == []
+
+
+async def test_a_parked_report_of_a_tenant_no_longer_configured_is_dead_lettered(
+    simulator: OptimoveSimulator,
+) -> None:
+    simulator.set_mode(FailureMode(status=503), tenant=OTHER)
+    async with Harness(settings_for(simulator.port)) as before:
+        await before.handle(before.record(STATUSES.name, "m-b1", status("m-b1", "sent", OTHER)))
+        changelog = before.publisher.changelog()
+
+    async with Harness(settings_for(simulator.port, tenants=[TENANT])) as after:
+        after.handler.store.load(PARTITION, changelog)
+        await after.pass_at(3600.0)
+
+        (letter,) = after.publisher.dead_letters()
+        assert letter.key == "m-b1"
+        assert "no longer" in letter.reason
+        assert after.handler.store.count(PARTITION) == 0
+
+
+async def test_a_retry_that_ends_before_its_request_returns_the_probe(
+    simulator: OptimoveSimulator,
+) -> None:
+    simulator.set_mode(FailureMode(status=503), tenant=OTHER)
+    async with Harness(settings_for(simulator.port)) as h:
+        await h.handle(h.record(STATUSES.name, "m-b1", status("m-b1", "sent", OTHER)))
+        circuit = h.handler.circuits.get(OTHER)
+        assert circuit.is_open
+
+        h.clock.now += 1.0
+        assert await h.handler.fire_due(h.clock.now) == 1  # the probe's task is started...
+        h.handler.store.drop([PARTITION])  # ...and its partition is taken away before it runs
+        await wait_for(lambda: h.handler.retrying == 0, what="the retry to end")
+
+        assert len(simulator.received(tenant=OTHER)) == 1  # no request went
+        assert circuit.acquire() is not None  # the probe's place is free again
