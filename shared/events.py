@@ -214,4 +214,3 @@ class RedriveMarker(Event):
     dead_letter_at: datetime
     redrive_topic: str
     redriven_at: datetime = Field(default_factory=utcnow)
-

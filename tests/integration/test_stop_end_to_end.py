@@ -95,9 +95,10 @@ async def test_stop_reply_opts_out_reaches_optimove_and_blocks_the_next_campaign
             "X-API-Key": AGGREGATOR_API_KEY,
             "x-hub-signature": sign(body, TENANT_SECRET),
         }
-        async with aiohttp.ClientSession() as client, client.post(
-            url, data=body, headers=headers
-        ) as response:
+        async with (
+            aiohttp.ClientSession() as client,
+            client.post(url, data=body, headers=headers) as response,
+        ):
             assert response.status == 202, await response.text()
 
     async with contextlib.AsyncExitStack() as stack:
