@@ -8,7 +8,7 @@ provider's documentation, used by the tests and by the provider simulator.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, ClassVar
@@ -120,6 +120,25 @@ class Provider(ABC):
 
         Network failures and timeouts come back as retryable ``SendError``s, never raised.
         """
+
+    async def post_call(
+        self,
+        url: str,
+        body: bytes,
+        headers: Mapping[str, str],
+        size: int,
+        read: Callable[[int, bytes, Mapping[str, str]], list[SendResult]],
+    ) -> list[SendResult]:
+        """POST one send call; ``read`` turns the answer into one result per message.
+
+        Network failures come back as results (``network_error``) for every message of the call.
+        """
+        try:
+            async with self.session.post(url, data=body, headers=headers) as response:
+                raw = await response.read()
+                return read(response.status, raw, response.headers)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            return [network_error(exc) for _ in range(size)]
 
     @classmethod
     def correlation_key(cls, account: str, provider_message_id: str, number: str) -> str:

@@ -35,7 +35,6 @@ from datetime import UTC, datetime
 from typing import Any, ClassVar
 from zoneinfo import ZoneInfo
 
-import aiohttp
 import orjson
 from multidict import CIMultiDict
 
@@ -51,7 +50,6 @@ from shared.providers.base import (
     SendError,
     SendResult,
     http_error,
-    network_error,
     retry_after_seconds,
 )
 from shared.providers.bulk import send_in_calls
@@ -213,14 +211,15 @@ class Octopush(Provider):
             "Content-Type": "application/json",
             "cache-control": "no-cache",
         }
-        try:
-            async with self.session.post(
-                self.send_url, data=orjson.dumps(self.request_body(call)), headers=headers
-            ) as response:
-                raw = await response.read()
-                return self.read_send_response(call, response.status, raw, response.headers)
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            return [network_error(exc) for _ in call]
+        return await self.post_call(
+            self.send_url,
+            orjson.dumps(self.request_body(call)),
+            headers,
+            len(call),
+            lambda status, raw, answer_headers: self.read_send_response(
+                call, status, raw, answer_headers
+            ),
+        )
 
     def read_send_response(
         self,

@@ -41,7 +41,6 @@ from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, ClassVar
 
-import aiohttp
 import orjson
 from multidict import CIMultiDict
 
@@ -56,7 +55,6 @@ from shared.providers.base import (
     SendError,
     SendResult,
     http_error,
-    network_error,
     retry_after_seconds,
 )
 from shared.providers.bulk import send_in_calls
@@ -177,14 +175,15 @@ class OpenSms(Provider):
             "Accept": "application/json",
             "Content-Type": "application/json",
         }
-        try:
-            async with self.session.post(
-                self.send_url, data=orjson.dumps(self.request_body(call)), headers=headers
-            ) as response:
-                raw = await response.read()
-                return self.read_send_response(call, response.status, raw, response.headers)
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            return [network_error(exc) for _ in call]
+        return await self.post_call(
+            self.send_url,
+            orjson.dumps(self.request_body(call)),
+            headers,
+            len(call),
+            lambda status, raw, answer_headers: self.read_send_response(
+                call, status, raw, answer_headers
+            ),
+        )
 
     def read_send_response(
         self,

@@ -11,7 +11,6 @@ import asyncio
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
-import aiohttp
 import orjson
 
 from shared.config import ProviderSettings
@@ -26,7 +25,6 @@ from shared.providers.base import (
     SendError,
     SendResult,
     http_error,
-    network_error,
     retry_after_seconds,
 )
 from shared.signing import constant_time_equals
@@ -134,18 +132,16 @@ class Otpiq(Provider):
             "Authorization": f"Bearer {self.settings.api_key.get_secret_value()}",
             "Content-Type": "application/json",
         }
-        try:
-            async with self.session.post(
-                f"{self.settings.base_url.rstrip('/')}/sms",
-                data=orjson.dumps(self.request_body(sms)),
-                headers=headers,
-            ) as response:
-                raw = await response.read()
-                return self.read_send_response(
-                    sms, response.status, raw, response.headers.get("Retry-After")
-                )
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            return network_error(exc)
+        [result] = await self.post_call(
+            f"{self.settings.base_url.rstrip('/')}/sms",
+            orjson.dumps(self.request_body(sms)),
+            headers,
+            1,
+            lambda status, raw, answer_headers: [
+                self.read_send_response(sms, status, raw, answer_headers.get("Retry-After"))
+            ],
+        )
+        return result
 
     def read_send_response(
         self, sms: OutboundSms, status: int, raw: bytes, retry_after: str | None = None
