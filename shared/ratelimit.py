@@ -119,7 +119,7 @@ class SlidingWindowLimiter:
         *,
         window_s: float = 1.0,
         burst_fraction: float = 0.01,
-        catch_up_fraction: float = 0.02,
+        catch_up_fraction: float = 0.03,
         quantum_s: float = 0.005,
         share: float = 1.0,
         clock: Clock = time.monotonic,
@@ -232,27 +232,26 @@ class SlidingWindowLimiter:
     # -- sending -----------------------------------------------------------------------------
 
     async def keep(self, moment: float, cost: float) -> float:
-        """Wait for a booked time, then until the send fits the log of actual sends; record the
-        send and return when it goes (``moment`` unless it came late and had to wait)."""
+        """Wait for a booked time, then until the send fits the log of actual sends and its
+        pace; record the send and return when it goes (``moment`` unless it came late)."""
         while True:
             now = self.clock()
-            if now < moment:
-                await self.sleep(moment - now)
-                continue
             self._sends.expire(now, self.window_s)
             limit = self.limit_at(now) or self._last_limit
-            room = max(
+            ready = max(
+                moment,
                 self._sends.room_from(cost, limit, self.window_s),
                 self._sends_theoretical_arrival - self.catch_up_fraction * self.window_s,
             )
-            if room <= now:
+            if ready <= now:
                 self._sends.add(now, cost)
                 interval = self.window_s / limit
                 self._sends_theoretical_arrival = (
                     max(self._sends_theoretical_arrival, now) + cost * interval
                 )
                 return now
-            await self.sleep(room - now)
+            # Others may send meanwhile (which only moves it later): look again then.
+            await self.sleep(self._on_grid(ready) - now)
 
     def sent(self, start: float, end: float) -> float:
         """Units sent in the window (start, end]."""

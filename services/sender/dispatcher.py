@@ -61,6 +61,7 @@ from aiokafka import TopicPartition
 
 from services.sender import metrics
 from services.sender.accounts import AccountSender, CircuitOpen, SendJob
+from services.sender.outbox import Outbox
 from services.sender.routing import (
     Exhausted,
     RetrySchedule,
@@ -164,7 +165,7 @@ class Dispatcher:
         self.clock = clock
         self.monotonic = monotonic
         self.lease_s = sender.request_timeout_s + _LEASE_MARGIN_S
-        self.publisher: Publisher | None = None
+        self._outbox: Outbox | None = None
         self._given_providers = dict(providers or {})
         self._opt_outs = opt_outs
         self._opt_out_table: GlobalTable | None = None
@@ -195,8 +196,12 @@ class Dispatcher:
 
     # -- lifecycle (ConsumerService) -----------------------------------------------------------
 
+    def attach(self, publisher: Publisher) -> None:
+        """Where outputs go (``start`` does it; tests attach a recording publisher)."""
+        self._outbox = Outbox(publisher)
+
     async def start(self, publisher: Publisher) -> None:
-        self.publisher = publisher
+        self.attach(publisher)
         timeout = aiohttp.ClientTimeout(total=self.settings.sender.request_timeout_s)
         # Calls in flight are bounded per account (max_in_flight), not by the connection pool.
         connector = aiohttp.TCPConnector(limit=0)
@@ -752,9 +757,9 @@ class Dispatcher:
             self.store.put(partition, parked_key(reason, message_id), {})
 
     async def _publish(self, records: Sequence[OutRecord]) -> None:
-        if self.publisher is None:
+        if self._outbox is None:
             raise RuntimeError(f"{NAME} handler used before start()")
-        await self.publisher.publish(records)
+        await self._outbox.publish(records)
 
     async def _publish_persistently(self, records: list[OutRecord]) -> None:
         """Publish until Kafka acknowledges: what these records say has already happened."""

@@ -313,6 +313,13 @@ async def test_timeouts_are_retried(kafka: EmbeddedBroker) -> None:
                 what="every report despite the timeouts",
             )
             dead = await no_dead_letters(settings)
+            # The timed-out requests finish at the simulator 1.5 s after they began, maybe after
+            # their retries did: wait for them rather than race them.
+            await wait_for(
+                lambda: len(simulator.received(tenant=TENANT)) >= len(events) + 3,
+                timeout_s=10,
+                what="the late answers to the timed-out requests",
+            )
         requests = simulator.received(tenant=TENANT)
     finally:
         await simulator.stop()

@@ -210,7 +210,7 @@ class Harness:
             clock=self.wall,
             monotonic=self.monotonic,
         )
-        self.dispatcher.publisher = self.publisher
+        self.dispatcher.attach(self.publisher)
         self.dispatcher.store.load(0, [])
 
     def calls(self, account: str = PRIMARY) -> list[list[OutboundSms]]:

@@ -1,0 +1,59 @@
+"""The sender's way to Kafka: the records of every caller in one turn of the event loop go out
+together, and each caller waits for the acknowledgement of its own.
+
+The sender writes three times per message (intent, outcome, dispatch record), from hundreds of
+concurrent tasks. One ``Publisher.publish`` per write would wait on hundreds of small gathers a
+second; coalescing them costs one future per caller instead. Records keep their order (callers
+in the order they asked, each caller's records in its order), so a key's changelog records keep
+theirs. A flush that Kafka does not acknowledge fails every caller in it (``KafkaUnavailable``):
+each retries, as with a publisher of its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+
+from shared.kafka import KafkaUnavailable, OutRecord, Publisher
+
+
+class Outbox:
+    def __init__(self, publisher: Publisher) -> None:
+        self.publisher = publisher
+        self._waiting: list[tuple[Sequence[OutRecord], asyncio.Future[None]]] = []
+        self._flushes: set[asyncio.Task[None]] = set()
+
+    async def publish(self, records: Sequence[OutRecord]) -> None:
+        if not records:
+            return
+        loop = asyncio.get_running_loop()
+        acknowledged: asyncio.Future[None] = loop.create_future()
+        if not self._waiting:
+            loop.call_soon(self._flush)
+        self._waiting.append((records, acknowledged))
+        await acknowledged
+
+    def _flush(self) -> None:
+        waiting, self._waiting = self._waiting, []
+        task = asyncio.create_task(self._send(waiting), name="sender-outbox")
+        self._flushes.add(task)
+        task.add_done_callback(self._flushes.discard)
+
+    async def _send(self, waiting: list[tuple[Sequence[OutRecord], asyncio.Future[None]]]) -> None:
+        try:
+            await self.publisher.publish([record for records, _ in waiting for record in records])
+        except BaseException as exc:
+            failure = (
+                exc
+                if isinstance(exc, KafkaUnavailable)
+                else KafkaUnavailable(f"{type(exc).__name__}: {exc}")
+            )
+            for _, acknowledged in waiting:
+                if not acknowledged.done():
+                    acknowledged.set_exception(failure)
+            if not isinstance(exc, Exception):
+                raise
+            return
+        for _, acknowledged in waiting:
+            if not acknowledged.done():
+                acknowledged.set_result(None)
