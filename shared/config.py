@@ -221,6 +221,15 @@ class ReporterSettings(ConsumerServiceSettings):
     state_dir: str = ""  # empty = a private temporary directory per process
 
 
+class CampaignsSettings(ConsumerServiceSettings):
+    """The campaigns service: live counts per campaign, and the admin API (pause, resume,
+    cancel) on ``listen`` beside /metrics, /healthz and /readyz."""
+
+    listen: ListenAddress = "127.0.0.1:8085"
+    # Bearer token of the admin API; without one every admin call is 401.
+    admin_token: Secret | None = None
+
+
 class OptimoveContractSettings(Section):
     """Every guess at an undocumented Optimove field; see ``shared/optimove.py``."""
 
@@ -255,6 +264,18 @@ class TenantSettings(Section):
     default_region: str = "GB"
     routes: list[Route] = Field(min_length=1)
     validity_s: float = 24 * 3600.0
+    # Everything runs except the provider call, simulated with this outcome mix (sub-status ->
+    # weight, shared/campaigns.py); reports carry the mark in subStatus. Wires a new Optimove
+    # tenant, handshake included, before any SMS costs money.
+    dry_run: bool = False
+    dry_run_outcomes: dict[str, float] = {"Delivered": 0.95, "Undeliverable": 0.05}
+
+    @field_validator("dry_run_outcomes")
+    @classmethod
+    def _outcome_mix(cls, value: dict[str, float]) -> dict[str, float]:
+        if any(weight < 0 for weight in value.values()) or sum(value.values()) <= 0:
+            raise ValueError("weights must be >= 0 with a positive sum")
+        return value
 
     @field_validator("optimove_base_url")
     @classmethod
@@ -305,6 +326,7 @@ class Settings(BaseSettings):
     sender: SenderSettings = SenderSettings()
     normalizer: NormalizerSettings = NormalizerSettings()
     reporter: ReporterSettings = ReporterSettings()
+    campaigns: CampaignsSettings = CampaignsSettings()
     optimove: OptimoveContractSettings = OptimoveContractSettings()
     tenants: dict[str, TenantSettings] = {}
     providers: dict[str, ProviderSettings] = {}

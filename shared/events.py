@@ -178,6 +178,7 @@ class IngressRequestAccepted(Event):
 
     tenant: str
     request_key: str
+    campaign_id: str = ""  # metadata.campaignId; "" for auto replies
     accepted: int
     rejected: list[dict[str, Any]] = []
     at: datetime = Field(default_factory=utcnow)
@@ -206,6 +207,22 @@ class StateChange(Event):
 
     value: dict[str, Any]
     due_at: float | None = None
+
+
+ControlAction = Literal["pause", "resume", "cancel"]
+
+
+class CampaignControl(Event):
+    """Compacted, keyed by ``shared.campaigns.control_key``: the operator's latest word on one
+    campaign, or on every campaign of a tenant (``campaign_id`` None). ``shared.campaigns`` says
+    what a message does under it."""
+
+    tenant: str
+    campaign_id: str | None = None  # None: the whole tenant, auto replies included
+    action: ControlAction
+    reason: str = ""
+    requested_by: str = ""
+    at: datetime = Field(default_factory=utcnow)
 
 
 class RedriveMarker(Event):

@@ -80,6 +80,23 @@ DEAD_LETTERS_REDRIVEN = Topic(
     purpose="dead letters already re-driven, keyed by their partition and offset",
 )
 
+CAMPAIGN_CONTROL = Topic(
+    "sms.campaign-control",
+    partitions=1,
+    compacted=True,
+    purpose="pause / resume / cancel, keyed by tenant or tenant+campaign: the latest word wins",
+)
+CAMPAIGN_COUNTS = Topic(
+    "sms.campaign-counts",
+    partitions=6,
+    compacted=True,
+    purpose="per-campaign counters of each input partition the campaigns service read",
+)
+REPORT_OUTCOMES = Topic(
+    "sms.report-outcomes",
+    purpose="reports Optimove acknowledged, counted per tenant and campaign, keyed by tenant",
+)
+
 ALL_TOPICS: tuple[Topic, ...] = (
     RECIPIENTS,
     DISPATCHES,
@@ -94,6 +111,9 @@ ALL_TOPICS: tuple[Topic, ...] = (
     DEAD_LETTERS,
     REPORTER_STATE,
     DEAD_LETTERS_REDRIVEN,
+    CAMPAIGN_CONTROL,
+    CAMPAIGN_COUNTS,
+    REPORT_OUTCOMES,
 )
 
 
