@@ -12,7 +12,7 @@ from shared.config import ConfigError, Settings, load_settings
 from shared.kafka import KafkaUnavailable
 from shared.logs import configure_logging
 
-SERVICES = ("ingress", "sender", "callbacks", "normalizer", "reporter")
+SERVICES = ("ingress", "sender", "callbacks", "normalizer", "reporter", "campaigns")
 
 
 def _load(args: argparse.Namespace) -> Settings:
@@ -65,6 +65,12 @@ def _cmd_dlq(args: argparse.Namespace) -> int:
 
 def _cmd_replay(args: argparse.Namespace) -> int:
     from services.replay import cli
+
+    return cli(args)
+
+
+def _cmd_campaign(args: argparse.Namespace) -> int:
+    from services.campaigns.client import cli
 
     return cli(args)
 
@@ -136,6 +142,15 @@ def build_parser() -> argparse.ArgumentParser:
     replay = commands.add_parser("replay", help="move a stopped consumer group's offsets")
     add_replay_arguments(replay)
     replay.set_defaults(func=_cmd_replay)
+
+    from services.campaigns.client import add_arguments as add_campaign_arguments
+
+    # `smsbridge campaign ...` (the admin API) beside `smsbridge simulate campaign` (a test load).
+    campaign = commands.add_parser(
+        "campaign", help="campaign status (live with --follow), pause, resume, cancel"
+    )
+    add_campaign_arguments(campaign)
+    campaign.set_defaults(func=_cmd_campaign)
 
     simulate = commands.add_parser("simulate", help="simulated peers and campaigns")
     simulated = simulate.add_subparsers(dest="what", required=True)

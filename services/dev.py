@@ -1,7 +1,7 @@
 """``smsbridge dev``: the whole pipeline on one machine, in one process group.
 
 Starts the embedded broker (when ``kafka.bootstrap_servers = "embedded"``), creates the topics,
-then runs the five services and the two simulators as child processes of their own, exactly as
+then runs the six services and the two simulators as child processes of their own, exactly as
 they run in production, with every log line prefixed by its service. Ctrl-C (or SIGTERM) stops the
 children with SIGTERM, waits for them, and stops the broker.
 """
@@ -22,7 +22,7 @@ from shared.config import EMBEDDED_BROKER, Settings, load_settings
 from shared.kafka import EMBEDDED_BOOTSTRAP_ENV, make_admin
 from shared.topics import ensure_topics
 
-SERVICES = ("ingress", "sender", "callbacks", "normalizer", "reporter")
+SERVICES = ("ingress", "sender", "callbacks", "normalizer", "reporter", "campaigns")
 SIMULATORS = ("optimove", "providers")
 _COLOURS = ("36", "32", "33", "35", "34", "31", "37")
 
@@ -123,7 +123,8 @@ def run_dev(args: argparse.Namespace) -> int:
         children = child_commands(config_path, with_simulators=not args.no_simulators)
         print(
             f"ingress on http://{settings.ingress.listen}, callbacks on "
-            f"http://{settings.callbacks.listen}; Ctrl-C stops everything",
+            f"http://{settings.callbacks.listen}, campaigns admin API on "
+            f"http://{settings.campaigns.listen}; Ctrl-C stops everything",
             flush=True,
         )
         return asyncio.run(run_children(children, env))

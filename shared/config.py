@@ -228,6 +228,12 @@ class CampaignsSettings(ConsumerServiceSettings):
     listen: ListenAddress = "127.0.0.1:8085"
     # Bearer token of the admin API; without one every admin call is 401.
     admin_token: Secret | None = None
+    # A campaign with no activity (no record of it read) for this long is forgotten: its
+    # counters are deleted from sms.campaign-counts, so that the state stays bounded.
+    expire_after_s: float = Field(default=30 * 24 * 3600.0, gt=0)
+    # How long changed counters are gathered before they are written in one batch; every input
+    # offset waits for the write that covers it before it may be committed.
+    flush_linger_s: float = Field(default=0.005, ge=0)
 
 
 class OptimoveContractSettings(Section):

@@ -225,6 +225,48 @@ class CampaignControl(Event):
     at: datetime = Field(default_factory=utcnow)
 
 
+ReportKind = Literal["delivery", "incoming"]
+
+
+class ReportOutcome(Event):
+    """reporter -> campaigns (``sms.report-outcomes``, keyed by tenant): one request to Optimove
+    that Optimove accepted, counted in messages per campaign id.
+
+    A delivery report counts one message under its ``metadata.campaignId`` ("" for auto
+    replies); an incoming-message request counts its replies under "" (a reply belongs to no
+    campaign)."""
+
+    tenant: str
+    kind: ReportKind
+    counts: dict[str, int]
+    at: datetime = Field(default_factory=utcnow)
+
+
+class CampaignCounts(Event):
+    """Compacted ``sms.campaign-counts``, keyed by tenant, campaign group and input partition
+    (``services/campaigns/counts.py``): what the campaigns service counted of one campaign in one
+    partition of one input topic, every record up to and including input ``offset``."""
+
+    tenant: str
+    campaign: str  # shared.campaigns.campaign_group: auto replies under AUTO_REPLIES
+    source_topic: str
+    source_partition: int
+    offset: int
+    accepted: int = 0
+    rejected: int = 0
+    # Recipients scheduled for later: (Unix second of their scheduled time, recipients); "held
+    # for schedule" is what is still in the future when asked.
+    scheduled: list[tuple[int, int]] = []
+    sent: int = 0
+    delivered: int = 0
+    failed: dict[str, int] = {}  # sub-status -> messages
+    dead_lettered: int = 0
+    reports_acknowledged: int = 0  # delivery reports Optimove accepted
+    replies_acknowledged: int = 0  # replies Optimove accepted (incoming messages)
+    first_at: datetime
+    last_at: datetime
+
+
 class RedriveMarker(Event):
     """A dead letter already sent back (compacted, keyed by its partition and offset)."""
 

@@ -26,7 +26,7 @@ import shutil
 import sqlite3
 import tempfile
 import time
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import count
 from pathlib import Path
@@ -104,6 +104,8 @@ class ChangelogStore:
         self._epochs: dict[int, int] = {}
         # A fresh file per restore: an abandoned restore may still be writing its own.
         self._file_numbers = count()
+        # The end of this loop turn's write transactions (see ``_writable``).
+        self._commit_pending: asyncio.AbstractEventLoop | None = None
 
     # -- reading and writing -------------------------------------------------------------------
 
@@ -131,7 +133,7 @@ class ChangelogStore:
         self, partition: int, key: str, value: dict[str, Any] | None, due_at: float | None = None
     ) -> OutRecord:
         """Store ``value`` (None deletes) and return the changelog record to publish."""
-        connection = self._connection(partition)
+        connection = self._writable(partition)
         if value is None:
             connection.execute("DELETE FROM entries WHERE key = ?", (key,))
             return OutRecord(self.changelog, key, None, partition=partition)
@@ -166,15 +168,59 @@ class ChangelogStore:
         """How many keys start with ``prefix``: a range over the key index, not a scan."""
         if not prefix:
             return self.count(partition)
-        # Every key starting with ``prefix`` sorts before it with its last character bumped
-        # (SQLite compares TEXT as UTF-8 bytes, which keeps code point order).
-        upper = prefix[:-1] + chr(ord(prefix[-1]) + 1)
         row = (
             self._connection(partition)
-            .execute("SELECT COUNT(*) FROM entries WHERE key >= ? AND key < ?", (prefix, upper))
+            .execute(
+                "SELECT COUNT(*) FROM entries WHERE key >= ? AND key < ?",
+                (prefix, _prefix_end(prefix)),
+            )
             .fetchone()
         )
         return int(row[0])
+
+    def scan_prefix(
+        self, partition: int, prefix: str, *, after: str = "", limit: int = 1000
+    ) -> list[tuple[str, dict[str, Any]]]:
+        """Up to ``limit`` entries whose key starts with ``prefix`` and sorts after ``after``,
+        in key order: page through them by passing the last key seen as ``after``."""
+        rows = (
+            self._connection(partition)
+            .execute(
+                "SELECT key, value FROM entries WHERE key >= ? AND key > ? AND key < ? "
+                "ORDER BY key LIMIT ?",
+                (prefix, after, _prefix_end(prefix), limit),
+            )
+            .fetchall()
+        )
+        return [(key, orjson.loads(value)) for key, value in rows]
+
+    def _writable(self, partition: int) -> sqlite3.Connection:
+        """The partition's connection, in a transaction that ends with this turn of the loop.
+
+        A commit per write cost more than the write itself (a WAL frame and index update each
+        time). Nothing but this connection ever reads the file (and it reads its own uncommitted
+        writes), and a file is never trusted after a restart, so when the commit happens changes
+        nothing but the cost: the writes of one event loop turn share one.
+        """
+        connection = self._connection(partition)
+        if connection.in_transaction:
+            return connection
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return connection  # outside an event loop: every write commits at once
+        connection.execute("BEGIN")
+        if self._commit_pending is not loop:
+            loop.call_soon(self.commit)
+            self._commit_pending = loop
+        return connection
+
+    def commit(self) -> None:
+        """End every open write transaction (run once per event loop turn that wrote)."""
+        self._commit_pending = None
+        for database in self._ready.values():
+            if database.connection.in_transaction:
+                database.connection.execute("COMMIT")
 
     def _connection(self, partition: int) -> sqlite3.Connection:
         database = self._ready.get(partition)
@@ -344,6 +390,12 @@ class ChangelogStore:
             database.close_and_remove()
 
 
+def _prefix_end(prefix: str) -> str:
+    """Every key starting with ``prefix`` sorts before this (``prefix`` with its last character
+    bumped; SQLite compares TEXT as UTF-8 bytes, which keeps code point order)."""
+    return prefix[:-1] + chr(ord(prefix[-1]) + 1)
+
+
 def _read_state_change(raw: bytes) -> tuple[bytes, float | None]:
     """The stored value (JSON bytes) and due time of one changelog record."""
     try:
@@ -416,12 +468,24 @@ class GlobalTable:
     every send, the number formats Optimove used): each instance holds the whole table, on disk,
     so memory stays flat however many keys there are. Values are the topic's JSON records; a
     tombstone deletes. Writes by others become visible within about one poll (~100 ms).
+
+    ``on_change`` is called with the keys of every batch of records applied (the catch-up
+    included), right after they became visible to ``get``: for owners that must act when an
+    entry changes, not only read it when they need it.
     """
 
-    def __init__(self, kafka: KafkaSettings, topic: Topic, *, name: str) -> None:
+    def __init__(
+        self,
+        kafka: KafkaSettings,
+        topic: Topic,
+        *,
+        name: str,
+        on_change: Callable[[Sequence[str]], None] | None = None,
+    ) -> None:
         self.kafka = kafka
         self.topic = topic
         self.name = name
+        self.on_change = on_change
         self._directory = Path(tempfile.mkdtemp(prefix=f"smsbridge-{name}-"))
         self._connection = sqlite3.connect(
             self._directory / "table.sqlite3", isolation_level=None, check_same_thread=False
@@ -470,12 +534,15 @@ class GlobalTable:
         self._connection.close()
         shutil.rmtree(self._directory, ignore_errors=True)
 
-    def apply(self, records: Iterable[tuple[bytes | None, bytes | None]]) -> None:
+    def apply(self, records: Iterable[tuple[bytes | None, bytes | None]]) -> list[str]:
+        """Apply records (key, value; None deletes); returns the keys they changed."""
+        keys: list[str] = []
         with _transaction(self._connection):
             for raw_key, raw_value in records:
                 if raw_key is None:
                     continue
                 key = raw_key.decode("utf-8")
+                keys.append(key)
                 if raw_value is None:
                     self._connection.execute("DELETE FROM entries WHERE key = ?", (key,))
                 else:
@@ -483,6 +550,16 @@ class GlobalTable:
                         "INSERT OR REPLACE INTO entries (key, value) VALUES (?, ?)",
                         (key, raw_value),
                     )
+        return keys
+
+    def _changed(self, keys: Sequence[str]) -> None:
+        if not keys or self.on_change is None:
+            return
+        try:
+            self.on_change(keys)
+        except Exception:
+            # The owner's reaction failed; the table itself is fine and must keep following.
+            log.exception("%s: on_change failed", self.name)
 
     async def _follow(self) -> None:
         consumer = make_consumer(self.kafka, None, role=f"{self.name}-table")
@@ -498,7 +575,7 @@ class GlobalTable:
             while True:
                 batches = await consumer.getmany(timeout_ms=100, max_records=10_000)
                 for records in batches.values():
-                    self.apply((r.key, r.value) for r in records)
+                    self._changed(self.apply((r.key, r.value) for r in records))
                 if behind:
                     for tp in list(behind):
                         highwater = consumer.highwater(tp)

@@ -23,6 +23,10 @@ a request through are sent (at most ``parked_max_in_flight`` at once; due replie
 one request); the others are moved to a later turn, or dead-lettered once too old. A tenant whose
 Optimove fails thus costs one request at a time, and the other tenants' reports flow at full speed.
 
+Every request Optimove accepts is counted on ``sms.report-outcomes`` (``ReportOutcome``: messages
+per campaign id, for the campaigns service), published with the outputs of the record or of the
+parked entry's change it concludes, so before their offsets can be committed.
+
 Records of ``sms.statuses`` are keyed by message id and the runner runs one key's records in
 order; records of ``sms.inbound`` (keyed by tenant) run unchained so that several wait in one
 batch, and ``InboundBatcher`` sends one tenant's batches one after another. Replies are separate
@@ -82,13 +86,22 @@ from services.reporter.parking import (
 )
 from shared import metrics
 from shared.config import Settings, TenantSettings
-from shared.events import DeadLetter, E, InboundMessage, SchemaError, StatusEvent, decode
+from shared.events import (
+    DeadLetter,
+    E,
+    InboundMessage,
+    ReportKind,
+    ReportOutcome,
+    SchemaError,
+    StatusEvent,
+    decode,
+)
 from shared.kafka import KafkaUnavailable, OutRecord, Publisher
 from shared.logs import mask_number
 from shared.optimove import OptimoveContract
 from shared.runner import PoisonRecord, Record
 from shared.store import ChangelogStore, Entry, KeyLocks, PartitionNotReady
-from shared.topics import DEAD_LETTERS, INBOUND, REPORTER_STATE, STATUSES
+from shared.topics import DEAD_LETTERS, INBOUND, REPORT_OUTCOMES, REPORTER_STATE, STATUSES
 
 log = logging.getLogger(__name__)
 
@@ -281,9 +294,12 @@ class ReporterHandler:
             budget_s=self.options.inline_retry_s,
             first_attempt_at=report.since,
         )
-        return await self._conclude(
+        outputs = await self._conclude(
             record, key, KIND_DELIVERY, slug, event.status, report, outcome, extra
         )
+        if outcome.accepted:
+            return [*outputs, acknowledged(slug, KIND_DELIVERY, {context.campaign_id: 1})]
+        return outputs
 
     async def _queue_behind(
         self, partition: int, key: str, report: ParkedReport, status: str, extra: dict[str, Any]
@@ -337,6 +353,10 @@ class ReporterHandler:
         )
         if outcome.accepted:
             log.debug("incoming messages accepted", extra={**extra, "attempts": outcome.attempts})
+            # On Kafka before any of the batch's records is done, so before their commit.
+            await self._publish_until_acknowledged(
+                [acknowledged(slug, KIND_INCOMING, {"": len(messages)})]
+            )
         elif outcome.decision.action is not Action.RETRY:
             # Logged once for the batch; each record dead-letters itself.
             self._log_not_delivered(KIND_INCOMING, outcome.decision, outcome.attempts, extra)
@@ -566,8 +586,18 @@ class ReporterHandler:
         attempts = head.attempts + 1
         decision = self.policy.decide(result, attempts, now - head.since, self.jitter)
         self._observer(parked.tenant, KIND_DELIVERY, 1, extra)(result, decision)
+        outcomes = (
+            [acknowledged(parked.tenant, KIND_DELIVERY, {event.context.campaign_id: 1})]
+            if result.accepted
+            else []
+        )
         await self._settle(
-            partition, {key: (head.after(attempts, result), decision)}, now, event.status, extra
+            partition,
+            {key: (head.after(attempts, result), decision)},
+            now,
+            event.status,
+            extra,
+            also=outcomes,
         )
 
     async def _retry_incoming(self, partition: int, keys: list[str], permit: _HeldPermit) -> None:
@@ -604,7 +634,10 @@ class ReporterHandler:
             settled[key] = (head.after(attempts, result), decision)
         _, first = next(iter(settled.values()))
         self._observer(slug, KIND_INCOMING, len(messages), extra)(result, first)
-        await self._settle(partition, settled, now, STATUS_REPLY, extra)
+        outcomes = []
+        if result.accepted:
+            outcomes.append(acknowledged(slug, KIND_INCOMING, {"": len(messages)}))
+        await self._settle(partition, settled, now, STATUS_REPLY, extra, also=outcomes)
 
     async def _settle(
         self,
@@ -613,8 +646,10 @@ class ReporterHandler:
         now: float,
         status: str,
         extra: dict[str, Any] | None = None,
+        also: Sequence[OutRecord] = (),
     ) -> None:
-        """Record what one attempt decided for the heads of these entries (their newer state)."""
+        """Record what one attempt decided for the heads of these entries (their newer state),
+        publishing ``also`` with it."""
         async with contextlib.AsyncExitStack() as held:
             for key in sorted(settled):
                 await held.enter_async_context(self.locks.hold(partition, key))
@@ -631,7 +666,7 @@ class ReporterHandler:
                         parked.kind, decision, head.attempts, {**(extra or {}), "key": key}
                     )
                 changes.append(self._settled(key, previous, parked, head, decision, now, status))
-            await self._write(partition, changes)
+            await self._write(partition, changes, also)
 
     def _settled(
         self,
@@ -751,13 +786,15 @@ class ReporterHandler:
                     },
                 )
 
-    async def _write(self, partition: int, changes: Sequence[_Change]) -> None:
-        """Store and publish the changes (entries, dead letters) or undo them."""
-        if not changes:
+    async def _write(
+        self, partition: int, changes: Sequence[_Change], also: Sequence[OutRecord] = ()
+    ) -> None:
+        """Store and publish the changes (entries, dead letters) and ``also``, or undo them."""
+        if not changes and not also:
             return
         if self._publisher is None:
             raise RuntimeError(f"{STAGE} handler used before start()")
-        outputs: list[OutRecord] = []
+        outputs: list[OutRecord] = list(also)
         for change in changes:
             outputs.extend(change.dead_letters)
             value = change.entry.to_value() if change.entry is not None else None
@@ -795,6 +832,20 @@ class ReporterHandler:
             return
         delta = 1 if entry is not None else -1
         self.parked.change(partition, parked.tenant, parked.kind, sign * delta)
+
+    async def _publish_until_acknowledged(self, records: Sequence[OutRecord]) -> None:
+        """Publish ``records``, waiting for Kafka as long as it takes (as the runner does)."""
+        if self._publisher is None:
+            raise RuntimeError(f"{STAGE} handler used before start()")
+        attempt = 0
+        while True:
+            try:
+                await self._publisher.publish(records)
+                return
+            except KafkaUnavailable as exc:
+                attempt += 1
+                log.warning("%s: report outcome not published (%s); retrying", STAGE, exc)
+                await asyncio.sleep(min(30.0, 0.5 * 2 ** min(attempt, 6)))
 
     # -- shared ----------------------------------------------------------------------------------
 
@@ -856,6 +907,11 @@ class ReporterHandler:
             attempts=0,
             result=None,
         )
+
+
+def acknowledged(slug: str, kind: ReportKind, counts: dict[str, int]) -> OutRecord:
+    """What the campaigns service counts of a request Optimove accepted (``ReportOutcome``)."""
+    return OutRecord(REPORT_OUTCOMES, slug, ReportOutcome(tenant=slug, kind=kind, counts=counts))
 
 
 def _state_partitions(partitions: Iterable[TopicPartition]) -> set[int]:

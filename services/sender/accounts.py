@@ -11,6 +11,14 @@
    (``KafkaUnavailable`` when they are not: each job's ``undo_intent`` runs, nothing was sent);
 5. at the booked time, the provider call; then the breaker learns the outcome.
 
+Before step 4 and again right before step 5, each job is asked whether it may still go
+(``SendJob.withheld``: the operator paused or cancelled its campaign while it waited for its
+turn). One that may not is left out of the call and answered ``Withheld``; no provider sees it.
+
+A job of a dry-run tenant (``SendJob.dry_run``) goes through all of it, but its call is made to
+the account's ``DryRun`` stand-in (``shared/providers/dryrun.py``) instead of the provider; it is
+never gathered with real sends.
+
 The slot stays taken until the caller has recorded every message's outcome
 (``SendJob.outcome_recorded``): at most ``max_in_flight`` calls are ever between intent and
 outcome, which bounds what a crash can leave unknown.
@@ -51,6 +59,14 @@ class CircuitOpen(Exception):
     """The account's circuit breaker refused the call; nothing was sent."""
 
 
+@dataclass(frozen=True)
+class Withheld:
+    """The job was left out of its call because it may no longer go; nothing was sent.
+    ``after_intent``: its intent was already on Kafka (its outcome must still be recorded)."""
+
+    after_intent: bool
+
+
 class CallSlot:
     """One of the account's ``max_in_flight`` slots, held by a call until every message in it
     has its outcome recorded: so that no more than ``max_in_flight`` calls can ever be caught
@@ -77,10 +93,14 @@ class SendJob:
     prepare_intent: Callable[[list[str]], list[OutRecord]]
     undo_intent: Callable[[], None]
     alone: bool = False
+    # Asked at the call's turn, before the intent and right before the provider call: True
+    # when the message may not go any more (its campaign was paused or cancelled meanwhile).
+    withheld: Callable[[], bool] = lambda: False
+    dry_run: bool = False
     committed: bool = False
     slot: CallSlot | None = None
     outcome_done: bool = False
-    result: asyncio.Future[SendResult] = field(
+    result: asyncio.Future[SendResult | Withheld] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
 
@@ -104,6 +124,8 @@ class AccountSender:
         publish: Publish,
         breaker: CircuitBreaker,
         limiter: SlidingWindowLimiter | None = None,
+        # Called instead of ``provider`` for dry-run jobs (``shared.providers.dryrun``).
+        dry_run: Provider,
         batch_window_s: float = 0.02,
         # How early a rate-limited call is woken before its send time to record its intent;
         # longer than Kafka's usual acknowledgement, short enough to keep the crash window small.
@@ -112,12 +134,13 @@ class AccountSender:
         self.account = account
         self.intent_lead_s = intent_lead_s
         self.provider = provider
+        self.dry_run = dry_run
         self.publish = publish
         self.breaker = breaker
         self.limiter = limiter
         self.batch_window_s = batch_window_s
         self._slots = asyncio.Semaphore(max_in_flight)
-        self._gathering: dict[tuple[str, str], list[SendJob]] = {}
+        self._gathering: dict[tuple[bool, str, str], list[SendJob]] = {}
         self._flushers: set[asyncio.Task[None]] = set()
         # Label lookups cost more than the increments: done once per account.
         self._throttled = metrics.THROTTLED.labels(account)
@@ -138,10 +161,10 @@ class AccountSender:
             size = min(size, max(1, int(self.limiter.limit)))
         return size
 
-    async def send(self, job: SendJob) -> SendResult:
+    async def send(self, job: SendJob) -> SendResult | Withheld:
         if self.max_batch == 1 or job.alone:
-            [result] = await self._call([job])
-            return result
+            results = await self._call([job])
+            return results[0] if results else job.result.result()
         self._gather(job)
         try:
             return await asyncio.shield(job.result)
@@ -161,7 +184,7 @@ class AccountSender:
     # -- gathering (bulk providers) ----------------------------------------------------------
 
     def _gather(self, job: SendJob) -> None:
-        key = (job.sms.text, job.sms.sender_id)
+        key = _gathering_key(job)
         waiting = self._gathering.setdefault(key, [])
         waiting.append(job)
         if len(waiting) >= self.max_batch:
@@ -170,12 +193,12 @@ class AccountSender:
             loop = asyncio.get_running_loop()
             loop.call_later(self.batch_window_s, self._flush_if_waiting, key, job)
 
-    def _flush_if_waiting(self, key: tuple[str, str], first: SendJob) -> None:
+    def _flush_if_waiting(self, key: tuple[bool, str, str], first: SendJob) -> None:
         waiting = self._gathering.get(key)
         if waiting and waiting[0] is first:
             self._flush(key)
 
-    def _flush(self, key: tuple[str, str]) -> None:
+    def _flush(self, key: tuple[bool, str, str]) -> None:
         jobs = self._gathering.pop(key, [])
         while jobs:
             batch, jobs = jobs[: self.max_batch], jobs[self.max_batch :]
@@ -184,7 +207,7 @@ class AccountSender:
             task.add_done_callback(self._flushers.discard)
 
     def _withdraw(self, job: SendJob) -> None:
-        key = (job.sms.text, job.sms.sender_id)
+        key = _gathering_key(job)
         waiting = self._gathering.get(key)
         if waiting is not None and job in waiting:
             waiting.remove(job)
@@ -209,6 +232,8 @@ class AccountSender:
     # -- one provider call --------------------------------------------------------------------
 
     async def _call(self, jobs: list[SendJob]) -> list[SendResult]:
+        """One provider call for ``jobs``; the list is left holding the jobs sent, in the order
+        of the results. A job left out has its ``result`` set (``Withheld``) or cancelled."""
         await self._slots.acquire()
         handed_over = False
         try:
@@ -216,6 +241,7 @@ class AccountSender:
                 raise CircuitOpen(self.account)
             try:
                 send_at = await self._book(sum(job.cost for job in jobs))
+                _withhold(jobs, after_intent=False)
                 await self._publish_intents(jobs)
             except BaseException:
                 self.breaker.release()
@@ -225,15 +251,24 @@ class AccountSender:
                 return []
             if send_at is not None and self.limiter is not None:
                 send_at = await self._keep(send_at, sum(job.cost for job in jobs))
-            results = await self._provider_call([job.sms for job in jobs])
-            slot = CallSlot(self._slots, sum(1 for job in jobs if not job.outcome_done))
-            for job in jobs:
+            # The last look: nothing but the call itself comes after it.
+            withheld = _withhold(jobs, after_intent=True)
+            if jobs:
+                results = await self._provider_call([job.sms for job in jobs], jobs[0].dry_run)
+            else:
+                self.breaker.release()
+                results = []
+            # Withheld jobs wrote an intent too: they keep the slot until it is answered.
+            recorded_later = [job for job in (*jobs, *withheld) if not job.outcome_done]
+            slot = CallSlot(self._slots, len(recorded_later))
+            for job in recorded_later:
                 job.slot = slot
             handed_over = True
         finally:
             if not handed_over:
                 self._slots.release()
-        self.breaker.record(healthy(results))
+        if results:
+            self.breaker.record(healthy(results))
         return results
 
     async def _book(self, cost: float) -> float | None:
@@ -274,14 +309,15 @@ class AccountSender:
                 job.committed = False
             raise
 
-    async def _provider_call(self, batch: list[OutboundSms]) -> list[SendResult]:
+    async def _provider_call(self, batch: list[OutboundSms], dry_run: bool) -> list[SendResult]:
+        provider = self.dry_run if dry_run else self.provider
         started = time.perf_counter()
         try:
-            results = await self.provider.send(batch)
+            results = await provider.send(batch)
         except Exception as exc:
             # Provider modules return failures; an exception here is a bug in one. The request
             # may have gone out, so the outcome is unknown rather than retryable.
-            log.exception("%s.send raised instead of returning results", self.provider.kind)
+            log.exception("%s.send raised instead of returning results", provider.kind)
             results = [
                 SendError(f"{type(exc).__name__}: {exc}", retryable=False, maybe_accepted=True)
                 for _ in batch
@@ -292,13 +328,13 @@ class AccountSender:
         if len(results) != len(batch):
             log.error(
                 "%s.send returned %d results for %d messages",
-                self.provider.kind,
+                provider.kind,
                 len(results),
                 len(batch),
             )
             results = [
                 SendError(
-                    f"{self.provider.kind} answered {len(results)} results for {len(batch)}",
+                    f"{provider.kind} answered {len(results)} results for {len(batch)}",
                     retryable=False,
                     maybe_accepted=True,
                 )
@@ -307,6 +343,22 @@ class AccountSender:
         for result in results:
             self._results[result_label(result)].inc()
         return results
+
+
+def _gathering_key(job: SendJob) -> tuple[bool, str, str]:
+    """Jobs that may share a call: same text and sender, and all dry or all real."""
+    return job.dry_run, job.sms.text, job.sms.sender_id
+
+
+def _withhold(jobs: list[SendJob], *, after_intent: bool) -> list[SendJob]:
+    """Take the jobs that may no longer go out of ``jobs`` (answering them ``Withheld``) and
+    return them. A job already answered (withdrawn by its caller) is left for the caller."""
+    withheld = [job for job in jobs if not job.result.done() and job.withheld()]
+    if withheld:
+        jobs[:] = [job for job in jobs if job not in withheld]
+        for job in withheld:
+            job.result.set_result(Withheld(after_intent=after_intent))
+    return withheld
 
 
 def result_label(result: SendResult) -> str:

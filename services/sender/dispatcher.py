@@ -44,6 +44,30 @@ Scheduling and retries never block a partition: a message that is not due yet, w
 retry, or waits for a circuit breaker is parked in the store with its ``due_at`` and its input
 offset is committed; the timer task sends it when due. Opt-outs (``sms.opt-outs``, mirrored by a
 ``GlobalTable``) are consulted right before every send attempt, scheduled ones included.
+
+Campaign controls
+-----------------
+The operator's pause / resume / cancel (``sms.campaign-control``, mirrored by a ``GlobalTable``
+on every instance; ``shared/campaigns.py`` for their meaning, ``controls.py`` for the gate) are
+consulted beside the opt-outs before every send attempt, and again when the call's turn has come,
+right before the provider is called (``accounts.py``). So a message is never sent once its
+instance's table holds the control, which it does within one poll (~100 ms) of the control
+reaching Kafka.
+
+- **Paused**: the message is parked as ``held`` (with its validity's end as due time), its offset
+  committed; nothing else waits for it. When the controls change, and when partitions are
+  assigned, the parked messages of this instance are looked at (their markers name their
+  campaign): held ones whose campaign was resumed are released to the timer and sent under the
+  rate limit like any other.
+- **Cancelled**: a message not sent yet, new or parked for any reason, is reported ``Failed`` /
+  ``Cancelled`` (a ``failed`` dispatch record, as for an opt-out) and never sent.
+
+Dry run
+-------
+A tenant with ``dry_run = true`` goes through all of the above; its calls go to the account's
+``DryRun`` stand-in (``shared/providers/dryrun.py``) instead of the provider, and each accepted
+dispatch record is published together with the delivery report the stand-in makes up, on
+``sms.provider-events``, for the normalizer to join as any provider's.
 """
 
 from __future__ import annotations
@@ -60,7 +84,8 @@ import aiohttp
 from aiokafka import TopicPartition
 
 from services.sender import metrics
-from services.sender.accounts import AccountSender, CircuitOpen, SendJob
+from services.sender.accounts import AccountSender, CircuitOpen, SendJob, Withheld
+from services.sender.controls import ControlGate, released_by
 from services.sender.outbox import Outbox
 from services.sender.routing import (
     Exhausted,
@@ -73,8 +98,17 @@ from services.sender.routing import (
     routes_for,
     scrub,
 )
-from services.sender.state import PARK_REASONS, PARKED_PREFIX, ParkReason, SendState, parked_key
+from services.sender.state import (
+    PARK_REASONS,
+    PARKED_PREFIX,
+    ParkedMarker,
+    ParkReason,
+    SendState,
+    parked_key,
+    parse_parked_key,
+)
 from shared import metrics as shared_metrics
+from shared.campaigns import Effect
 from shared.circuit import CircuitBreaker, CircuitState
 from shared.config import ProviderSettings, Route, Settings, TenantSettings
 from shared.events import (
@@ -89,14 +123,23 @@ from shared.events import (
 from shared.ids import unsent_correlation_key
 from shared.kafka import KafkaUnavailable, OutRecord, Publisher
 from shared.logs import mask_number
-from shared.providers import PROVIDER_KINDS, callback_url, provider_class
+from shared.providers import PROVIDER_KINDS, callback_url, dryrun, provider_class
 from shared.providers.base import OutboundSms, Provider, SendAccepted, SendError, SendResult
+from shared.providers.dryrun import DryRun
 from shared.ratelimit import SlidingWindowLimiter
 from shared.runner import PoisonRecord, Record
 from shared.segments import count_segments
 from shared.statuses import SubStatus
 from shared.store import ChangelogStore, GlobalTable, KeyLocks, PartitionNotReady
-from shared.topics import DEAD_LETTERS, DISPATCHES, OPT_OUTS, RECIPIENTS, SENDER_STATE
+from shared.topics import (
+    CAMPAIGN_CONTROL,
+    DEAD_LETTERS,
+    DISPATCHES,
+    OPT_OUTS,
+    PROVIDER_EVENTS,
+    RECIPIENTS,
+    SENDER_STATE,
+)
 
 log = logging.getLogger(__name__)
 
@@ -108,13 +151,24 @@ _DEFAULT_VALIDITY_S = 24 * 3600.0
 _LEASE_MARGIN_S = 60.0
 # Parked entries looked at per partition per timer pass.
 _TIMER_BATCH = 500
-_EXPECTED_FAILURES = frozenset({SubStatus.OPTED_OUT, SubStatus.EXPIRED})
+# Parked markers read at a time when the campaign controls change.
+_SCAN_PAGE = 1000
+_EXPECTED_FAILURES = frozenset({SubStatus.OPTED_OUT, SubStatus.EXPIRED, SubStatus.CANCELLED})
+_DEFAULT_DRY_RUN_OUTCOMES: dict[str, float] = TenantSettings.model_fields[
+    "dry_run_outcomes"
+].default
 # Moved once per accepted message: label lookups done once.
 _ACCEPTED = metrics.DISPATCHES.labels("accepted", SubStatus.SENT)
+_DRY_RUN_SENT = dryrun.marked(SubStatus.SENT)
+_HELD = metrics.CAMPAIGN_CONTROL.labels("held")
+_RELEASED = metrics.CAMPAIGN_CONTROL.labels("released")
+_CANCELLED = metrics.CAMPAIGN_CONTROL.labels("cancelled")
 _SEGMENTS = {encoding: metrics.SEGMENTS.labels(encoding) for encoding in ("gsm7", "ucs2")}
 
 
-class OptOutLookup(Protocol):
+class TableLookup(Protocol):
+    """A mirror of a compacted topic (``GlobalTable``, or a dict in tests)."""
+
     def get(self, key: str) -> dict[str, Any] | None: ...
 
 
@@ -145,12 +199,15 @@ class Dispatcher:
         settings: Settings,
         *,
         providers: Mapping[str, Provider] | None = None,
-        opt_outs: OptOutLookup | None = None,
+        opt_outs: TableLookup | None = None,
+        controls: TableLookup | None = None,
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         """``providers``: ready clients by account (others are built on first use);
-        ``opt_outs``: the opt-out list (else a ``GlobalTable`` on ``sms.opt-outs`` is started)."""
+        ``opt_outs``: the opt-out list (else a ``GlobalTable`` on ``sms.opt-outs`` is started);
+        ``controls``: the campaign controls (else one on ``sms.campaign-control``; a caller
+        that gives its own calls ``controls_changed`` when they change)."""
         self.settings = settings
         sender = settings.sender
         self.schedule = RetrySchedule(
@@ -169,6 +226,13 @@ class Dispatcher:
         self._given_providers = dict(providers or {})
         self._opt_outs = opt_outs
         self._opt_out_table: GlobalTable | None = None
+        self._gate = ControlGate(controls.get) if controls is not None else None
+        self._control_table: GlobalTable | None = None
+        # Partitions whose parked messages must be looked at again (the controls changed, or
+        # they were assigned), the scan doing it, and the messages it released.
+        self._rescan: set[int] = set()
+        self._scan_task: asyncio.Task[None] | None = None
+        self._releases: dict[tuple[int, str], None] = {}
         self._session: aiohttp.ClientSession | None = None
         self._accounts: dict[str, AccountSender] = {}
         self._breakers = {
@@ -214,6 +278,17 @@ class Dispatcher:
             # fails the start.
             await self._opt_out_table.start()
             self._opt_outs = self._opt_out_table
+        if self._gate is None:
+            self._control_table = GlobalTable(
+                self.settings.kafka,
+                CAMPAIGN_CONTROL,
+                name=f"{NAME}-campaign-control",
+                on_change=self.controls_changed,
+            )
+            self._gate = ControlGate(self._control_table.get)
+            # Nothing is sent before the operator's controls are known: a paused campaign
+            # stays paused for an instance that starts now.
+            await self._control_table.start()
         for account, provider in self.settings.providers.items():
             if provider.kind not in PROVIDER_KINDS:
                 log.error("provider account %s: kind %s is not supported", account, provider.kind)
@@ -225,6 +300,11 @@ class Dispatcher:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._timer_task
             self._timer_task = None
+        if self._scan_task is not None:
+            self._scan_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._scan_task
+            self._scan_task = None
         await self._settle_work(None)
         for sender in self._accounts.values():
             await sender.close()
@@ -240,6 +320,10 @@ class Dispatcher:
             await self._opt_out_table.stop()
             self._opt_out_table = None
             self._opt_outs = None
+        if self._control_table is not None:
+            await self._control_table.stop()
+            self._control_table = None
+            self._gate = None
         self.store.close()
 
     async def on_assigned(self, partitions: set[TopicPartition]) -> None:
@@ -250,6 +334,8 @@ class Dispatcher:
         except KafkaUnavailable as exc:
             # Not fatal: ``handle`` restores a partition before touching it and retries.
             log.warning("%s: restoring state failed (%s); will retry on first use", NAME, exc)
+        # Held messages of campaigns resumed (or cancelled) while nobody owned them.
+        self._rescan |= numbers
         self.refresh_gauges()
 
     async def on_revoked(self, partitions: set[TopicPartition]) -> None:
@@ -336,9 +422,7 @@ class Dispatcher:
             if state.phase == "done":
                 metrics.DUPLICATE_RECORDS.inc()
                 if state.dispatch is not None:
-                    await self._publish_persistently(
-                        [OutRecord(DISPATCHES, state.dispatch.correlation_key, state.dispatch)]
-                    )
+                    await self._publish_persistently(self._dispatch_outputs(state.dispatch))
             elif state.phase == "sending":
                 await self._recover(partition, state, cause="restart")
             # parked: its timer sends it
@@ -366,14 +450,29 @@ class Dispatcher:
                 detail = f"unknown tenant {message.context.tenant!r}"
                 await self._fail(partition, state, SubStatus.NO_ROUTE, detail, dead_letter=True)
                 return
-            if now > expires_at(message, tenant.validity_s).timestamp():
+            expiry = expires_at(message, tenant.validity_s).timestamp()
+            if now > expiry:
                 detail = f"older than the validity of {tenant.validity_s:g}s"
                 await self._fail(partition, state, SubStatus.EXPIRED, detail)
+                return
+            effect = self._effect(message)
+            if effect is Effect.CANCEL:
+                await self._cancel(partition, state)
                 return
             due = due_at(message).timestamp()
             if due > now:
                 await self._park(partition, state, due, "scheduled")
                 return
+            if effect is Effect.HOLD:
+                await self._hold(partition, state, expiry)
+                return
+            if state.park_reason == "held":
+                _RELEASED.inc()
+                log.debug(
+                    "released %s: campaign resumed",
+                    mask_number(message.destination),
+                    extra={"message_id": message.context.message_id},
+                )
             if self._opted_out(message):
                 await self._fail(partition, state, SubStatus.OPTED_OUT, "recipient opted out")
                 return
@@ -422,6 +521,11 @@ class Dispatcher:
         return provider is not None and (
             route.provider in self._given_providers or provider.kind in PROVIDER_KINDS
         )
+
+    def _effect(self, message: RecipientMessage) -> Effect:
+        if self._gate is None:
+            raise RuntimeError("Dispatcher.start() was not called (no campaign controls)")
+        return self._gate.effect(message.context.tenant, message.context.campaign_id)
 
     def _opted_out(self, message: RecipientMessage) -> bool:
         if self._opt_outs is None:
@@ -479,9 +583,17 @@ class Dispatcher:
 
         def undo_intent() -> None:
             if stored_reason is not None:
-                self._restore_marker(partition, message_id, stored_reason)
+                self._restore_marker(partition, message, stored_reason)
 
-        return SendJob(sms, cost, prepare_intent, undo_intent, alone=state.resend)
+        return SendJob(
+            sms,
+            cost,
+            prepare_intent,
+            undo_intent,
+            alone=state.resend,
+            withheld=lambda: self._effect(message) is not Effect.SEND,
+            dry_run=tenant.dry_run,
+        )
 
     async def _attempt(self, partition: int, state: SendState, job: SendJob) -> _Next:
         try:
@@ -489,18 +601,22 @@ class Dispatcher:
                 result = await self._account(state.account).send(job)
             except CircuitOpen:
                 return _Next(state)  # nothing was written: choose again
-            return await self._settle(partition, state, job.sms, result)
+            if isinstance(result, Withheld):
+                return _Next(_withheld(state, result))
+            return await self._settle(partition, state, job, result)
         finally:
             job.outcome_recorded()
 
     async def _settle(
-        self, partition: int, state: SendState, sms: OutboundSms, result: SendResult
+        self, partition: int, state: SendState, job: SendJob, result: SendResult
     ) -> _Next:
         """Record what the provider said; returns the state to go on with at once, if any."""
         account = state.account
+        sms = job.sms
         state.resend = False
         if isinstance(result, SendAccepted):
-            await self._finish(partition, state, self._accepted(state, sms, result))
+            dispatch = self._accepted(state, sms, result, dry_run=job.dry_run)
+            await self._finish(partition, state, dispatch)
             return _Next()
         error = result
         state.last_error = scrub(error.detail)[:300]
@@ -605,13 +721,17 @@ class Dispatcher:
     # -- outcomes ------------------------------------------------------------------------------
 
     def _accepted(
-        self, state: SendState, sms: OutboundSms, accepted: SendAccepted
+        self, state: SendState, sms: OutboundSms, accepted: SendAccepted, *, dry_run: bool
     ) -> DispatchRecord:
         message = _message(state)
         segments = count_segments(sms.text)
         _SEGMENTS[segments.encoding].inc(segments.segments)
-        _ACCEPTED.inc()
-        provider = self._account(state.account).provider
+        if dry_run:
+            kind, sub_status = DryRun.kind, _DRY_RUN_SENT
+            metrics.DISPATCHES.labels("accepted", sub_status).inc()
+        else:
+            kind, sub_status = self._account(state.account).provider.kind, SubStatus.SENT
+            _ACCEPTED.inc()
         log.debug(
             "sent %s via %s as %s",
             mask_number(message.destination),
@@ -623,8 +743,8 @@ class Dispatcher:
             context=message.context,
             correlation_key=accepted.correlation_key,
             outcome="accepted",
-            sub_status=SubStatus.SENT,
-            provider_kind=provider.kind,
+            sub_status=sub_status,
+            provider_kind=kind,
             provider_account=state.account,
             provider_message_id=accepted.provider_message_id,
             destination=message.destination,
@@ -704,10 +824,41 @@ class Dispatcher:
         state.phase, state.park_reason, state.call = "done", None, []
         state.dispatch, state.message = dispatch, None
         await self._publish_persistently(self._put(partition, state, forget_at, stored_reason))
-        outputs = [OutRecord(DISPATCHES, dispatch.correlation_key, dispatch)]
+        outputs = self._dispatch_outputs(dispatch)
         if dead_letter is not None:
             outputs.append(OutRecord(DEAD_LETTERS, dead_letter.key or "", dead_letter))
         await self._publish_persistently(outputs)
+
+    def _dispatch_outputs(self, dispatch: DispatchRecord) -> list[OutRecord]:
+        """A dispatch record, and for a dry run's accepted one the report the provider would
+        have called back with (the same every time, so a republished pair changes nothing)."""
+        outputs = [OutRecord(DISPATCHES, dispatch.correlation_key, dispatch)]
+        if dispatch.provider_kind == DryRun.kind and dispatch.outcome == "accepted":
+            tenant = self.settings.tenants.get(dispatch.context.tenant)
+            outcomes = tenant.dry_run_outcomes if tenant is not None else _DEFAULT_DRY_RUN_OUTCOMES
+            report = dryrun.delivery_report(dispatch, outcomes)
+            outputs.append(OutRecord(PROVIDER_EVENTS, report.correlation_key, report))
+        return outputs
+
+    async def _cancel(self, partition: int, state: SendState) -> None:
+        message = _message(state)
+        assert self._gate is not None  # _effect answered
+        detail = self._gate.cancel_detail(message.context.tenant, message.context.campaign_id)
+        _CANCELLED.inc()
+        await self._fail(partition, state, SubStatus.CANCELLED, detail)
+
+    async def _hold(self, partition: int, state: SendState, expiry: float) -> None:
+        """Park until the campaign is resumed or cancelled; its validity's end is the due time
+        (then it is reported expired, resumed or not)."""
+        if state.park_reason != "held":
+            _HELD.inc()
+            message = _message(state)
+            log.debug(
+                "held %s: campaign paused",
+                mask_number(message.destination),
+                extra={"message_id": message.context.message_id},
+            )
+        await self._park(partition, state, expiry + 0.001, "held")
 
     async def _park(self, partition: int, state: SendState, due: float, reason: ParkReason) -> None:
         stored_reason = state.park_reason
@@ -748,13 +899,19 @@ class Dispatcher:
                 marker = parked_key(stored_reason, message_id)
                 records.append(self.store.put(partition, marker, None))
             if reason is not None:
-                records.append(self.store.put(partition, parked_key(reason, message_id), {}))
+                marker_value = ParkedMarker.of(_message(state)).to_value()
+                records.append(
+                    self.store.put(partition, parked_key(reason, message_id), marker_value)
+                )
         return records
 
-    def _restore_marker(self, partition: int, message_id: str, reason: ParkReason) -> None:
+    def _restore_marker(
+        self, partition: int, message: RecipientMessage, reason: ParkReason
+    ) -> None:
         """Put back a parked marker an unpublished intent removed (Kafka never saw it go)."""
+        marker = parked_key(reason, message.context.message_id)
         with contextlib.suppress(PartitionNotReady):
-            self.store.put(partition, parked_key(reason, message_id), {})
+            self.store.put(partition, marker, ParkedMarker.of(message).to_value())
 
     async def _publish(self, records: Sequence[OutRecord]) -> None:
         if self._outbox is None:
@@ -810,6 +967,7 @@ class Dispatcher:
                 publish=self._publish,
                 breaker=self._breakers[account],
                 limiter=self._limiters.get(account),
+                dry_run=DryRun(account, settings),
                 batch_window_s=self.settings.sender.batch_window_s,
             )
             self._accounts[account] = sender
@@ -818,7 +976,8 @@ class Dispatcher:
     # -- timers --------------------------------------------------------------------------------
 
     def fire_timers(self, now: float) -> list[asyncio.Task[None]]:
-        """Start work on every parked entry due at ``now``; returns the tasks started."""
+        """Start work on every parked entry due at ``now``, then on the messages the campaign
+        controls released; returns the tasks started."""
         started: list[asyncio.Task[None]] = []
         for partition in self.store.partitions():
             if partition in self._closing:
@@ -826,16 +985,34 @@ class Dispatcher:
             for key, _ in self.store.due(partition, now, limit=_TIMER_BATCH):
                 if len(self._timer_work) >= self._max_timer_work:
                     return started
-                slot = (partition, key)
-                if slot in self._timer_work or key in self._attempts:
-                    continue
-                if self.locks.is_held(partition, key):
-                    continue  # a record of this message is being handled; next pass
-                task = asyncio.create_task(self._on_due(partition, key, now))
-                self._timer_work[slot] = task
-                task.add_done_callback(self._timer_work_done(slot))
+                task = self._start_timer_work(partition, key, now, released=False)
+                if task is not None:
+                    started.append(task)
+        for slot in list(self._releases):
+            if len(self._timer_work) >= self._max_timer_work:
+                break
+            partition, key = slot
+            if partition in self._closing or not self.store.is_ready(partition):
+                del self._releases[slot]  # revoked: its new owner looks at it
+                continue
+            task = self._start_timer_work(partition, key, now, released=True)
+            if task is not None:
+                del self._releases[slot]
                 started.append(task)
         return started
+
+    def _start_timer_work(
+        self, partition: int, key: str, now: float, *, released: bool
+    ) -> asyncio.Task[None] | None:
+        slot = (partition, key)
+        if slot in self._timer_work or key in self._attempts:
+            return None
+        if self.locks.is_held(partition, key):
+            return None  # a record of this message is being handled; next pass
+        task = asyncio.create_task(self._on_due(partition, key, now, released=released))
+        self._timer_work[slot] = task
+        task.add_done_callback(self._timer_work_done(slot))
+        return task
 
     def _timer_work_done(self, slot: tuple[int, str]) -> Callable[[asyncio.Task[None]], None]:
         def forget(finished: asyncio.Task[None]) -> None:
@@ -851,16 +1028,23 @@ class Dispatcher:
             await asyncio.wait(tasks)
         return len(tasks)
 
-    async def _on_due(self, partition: int, key: str, now: float) -> None:
+    async def _on_due(self, partition: int, key: str, now: float, *, released: bool) -> None:
+        """``released``: the campaign controls ended the wait of a parked message early."""
         try:
             async with self.locks.hold(partition, key):
                 await self._after_attempt(key)
                 entry = self.store.get_entry(partition, key)
-                if entry is None or entry.due_at is None or entry.due_at > now:
+                if entry is None or entry.due_at is None:
+                    return
+                if entry.due_at > now and not released:
                     return
                 state = SendState.from_value(entry.value)
+                if entry.due_at > now and not self._released(state):
+                    return  # the controls changed back meanwhile: it waits for its time
                 if state.phase == "parked":
                     await self._advance(partition, state)
+                elif released:
+                    return  # no longer parked: whatever it does is not the controls' business
                 elif state.phase == "sending":
                     await self._recover(partition, state, cause="lease")
                 else:
@@ -879,12 +1063,90 @@ class Dispatcher:
         while True:
             await asyncio.sleep(interval)
             try:
+                if self._rescan and (self._scan_task is None or self._scan_task.done()):
+                    self._scan_task = asyncio.create_task(
+                        self._rescan_and_fire(), name=f"{NAME}-control-scan"
+                    )
                 self.fire_timers(self.clock())
                 if self.monotonic() - last_gauges >= 5.0:
                     last_gauges = self.monotonic()
                     self.refresh_gauges()
             except Exception:
                 log.exception("%s: timer pass failed", NAME)
+
+    # -- campaign controls ---------------------------------------------------------------------
+
+    def controls_changed(self, keys: Sequence[str] = ()) -> None:
+        """The campaign controls changed (the control table's ``on_change``): every answer is
+        asked afresh, at once, and this instance's parked messages are looked at again."""
+        if self._gate is not None:
+            self._gate.changed()
+        self._rescan |= set(self.store.partitions())
+        # The catch-up at start is not news; what changes afterwards is worth a line.
+        if self._control_table is not None and self._control_table.ready:
+            for key in keys:
+                control = self._control_table.get(key)
+                action = control.get("action") if control is not None else "(removed)"
+                log.info("campaign control %s: %s", key, action)
+
+    async def _rescan_and_fire(self) -> None:
+        try:
+            if await self.rescan():
+                self.fire_timers(self.clock())
+        except Exception:
+            log.exception("%s: looking at parked messages after a control change failed", NAME)
+
+    async def rescan(self) -> int:
+        """Queue for the timer every parked message the controls now release (a resumed hold,
+        any wait of a cancelled campaign) on the partitions due for a look; returns how many."""
+        partitions, self._rescan = self._rescan, set()
+        queued = 0
+        for partition in sorted(partitions):
+            try:
+                queued += await self._scan_parked(partition)
+            except PartitionNotReady:
+                continue  # revoked meanwhile
+        if queued:
+            log.info("%s: %d parked message(s) released by campaign controls", NAME, queued)
+        return queued
+
+    async def _scan_parked(self, partition: int) -> int:
+        assert self._gate is not None, "scanned before start()"
+        queued = 0
+        after = ""
+        while True:
+            if partition in self._closing:
+                return queued
+            page = self.store.scan_prefix(partition, PARKED_PREFIX, after=after, limit=_SCAN_PAGE)
+            for key, value in page:
+                reason, message_id = parse_parked_key(key)
+                marker: ParkedMarker | None = ParkedMarker.model_validate(value)
+                if marker is not None and not marker.tenant:
+                    marker = self._marker_of(partition, message_id)
+                if marker is None:
+                    continue
+                effect = self._gate.effect(marker.tenant, marker.campaign_id)
+                if released_by(effect, reason) and (partition, message_id) not in self._releases:
+                    self._releases[(partition, message_id)] = None
+                    queued += 1
+            if len(page) < _SCAN_PAGE:
+                return queued
+            after = page[-1][0]
+            await asyncio.sleep(0)  # a long scan must not hold up the sends of others
+
+    def _released(self, state: SendState) -> bool:
+        """Do the controls in force end this parked message's wait now?"""
+        if state.phase != "parked" or state.message is None:
+            return False
+        return released_by(self._effect(state.message), state.park_reason or "")
+
+    def _marker_of(self, partition: int, message_id: str) -> ParkedMarker | None:
+        """Whose message it is, read from its state (a marker written without it)."""
+        value = self.store.get(partition, message_id)
+        if value is None:
+            return None
+        state = SendState.from_value(value)
+        return ParkedMarker.of(state.message) if state.message is not None else None
 
     def refresh_gauges(self) -> None:
         partitions = self.store.partitions()
@@ -896,6 +1158,16 @@ class Dispatcher:
         metrics.STATE_ENTRIES.set(sum(self.store.count(p) for p in partitions))
         for account, limiter in self._limiters.items():
             metrics.RATE_LIMIT.labels(account).set(limiter.limit / limiter.window_s)
+
+
+def _withheld(state: SendState, withheld: Withheld) -> SendState:
+    """The state to decide again with after the controls stopped its call: an intent already
+    written is undone in memory (the next decision writes the state that replaces it)."""
+    if withheld.after_intent:
+        state.attempt -= 1
+        state.attempts -= 1
+        state.call = []
+    return state
 
 
 def _message(state: SendState) -> RecipientMessage:

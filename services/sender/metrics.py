@@ -87,3 +87,9 @@ STATE_ENTRIES = Gauge(
     f"{PREFIX}_sender_state_entries",
     "Entries of sms.sender-state held by this instance (parked, in flight, remembered outcomes).",
 )
+CAMPAIGN_CONTROL = Counter(
+    f"{PREFIX}_sender_campaign_control_total",
+    "Messages the operator's campaign controls acted on: held (paused), released (resumed), "
+    "cancelled (reported Failed/Cancelled, never sent).",
+    ["effect"],
+)

@@ -2,17 +2,20 @@
 
 A message moves through three phases, each written to the changelog before what it allows:
 
-- ``parked``: waiting for its scheduled time, a retry, or a circuit to close; the entry's
-  ``due_at`` is when the timer looks at it again. The input offset is committed meanwhile.
+- ``parked``: waiting for its scheduled time, a retry, a circuit to close, or its campaign's
+  ``resume`` (``held``: paused by the operator, ``shared/campaigns.py``); the entry's ``due_at``
+  is when the timer looks at it again (for a held message: when its validity ends). The input
+  offset is committed meanwhile.
 - ``sending``: the intent. Written, and acknowledged by Kafka, before the provider is called;
   ``due_at`` is a lease after which an intent nobody here is working on is known to be orphaned
   (its sender died between the provider call and the outcome).
 - ``done``: the outcome and the dispatch record, written before the dispatch is published;
   ``due_at`` is when the entry may be forgotten (its message can no longer be sent anyway).
 
-Besides, a parked message has a marker key ``parked:<reason>:<message id>`` (no value worth
-reading), written in the same produce batch, so that parked messages can be counted by reason
-from the key index.
+Besides, a parked message has a marker key ``parked:<reason>:<message id>`` whose value names
+the message's tenant and campaign (``ParkedMarker``), written in the same produce batch, so that
+parked messages can be counted by reason from the key index, and those of one campaign found
+when its controls change without reading every message.
 """
 
 from __future__ import annotations
@@ -24,13 +27,35 @@ from pydantic import BaseModel, ConfigDict
 from shared.events import DispatchRecord, RecipientMessage
 
 Phase = Literal["parked", "sending", "done"]
-ParkReason = Literal["scheduled", "retry", "circuit"]
-PARK_REASONS: tuple[ParkReason, ...] = ("scheduled", "retry", "circuit")
+ParkReason = Literal["scheduled", "retry", "circuit", "held"]
+PARK_REASONS: tuple[ParkReason, ...] = ("scheduled", "retry", "circuit", "held")
 PARKED_PREFIX = "parked:"
 
 
 def parked_key(reason: str, message_id: str) -> str:
     return f"{PARKED_PREFIX}{reason}:{message_id}"
+
+
+def parse_parked_key(key: str) -> tuple[str, str]:
+    """(reason, message id) of a marker key."""
+    reason, _, message_id = key.removeprefix(PARKED_PREFIX).partition(":")
+    return reason, message_id
+
+
+class ParkedMarker(BaseModel):
+    """The value of a parked marker: whose message it is (empty in markers of older versions)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    tenant: str = ""
+    campaign_id: str = ""
+
+    @classmethod
+    def of(cls, message: RecipientMessage) -> ParkedMarker:
+        return cls(tenant=message.context.tenant, campaign_id=message.context.campaign_id)
+
+    def to_value(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
 
 
 class SendState(BaseModel):

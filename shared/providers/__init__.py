@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from shared.config import Settings
 from shared.providers.base import Provider
+from shared.providers.dryrun import DryRun
 from shared.providers.octopush import Octopush
 from shared.providers.opensms import OpenSms
 from shared.providers.otpiq import Otpiq
@@ -12,6 +13,9 @@ PROVIDER_KINDS: dict[str, type[Provider]] = {
     Otpiq.kind: Otpiq,
     OpenSms.kind: OpenSms,
     Octopush.kind: Octopush,
+    # Never configured as an account (``ProviderSettings.kind``): it stands in for the route's
+    # account when the tenant runs dry, and the normalizer reads its reports through this map.
+    DryRun.kind: DryRun,
 }
 
 

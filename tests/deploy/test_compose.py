@@ -20,7 +20,7 @@ from tests.deploy.promql import DEPLOY, ROOT
 
 COMPOSE = ROOT / "docker-compose.yml"
 CONFIG_IN_CONTAINER = "/etc/smsbridge/smsbridge.toml"
-SERVICES = ("ingress", "callbacks", "sender", "normalizer", "reporter")
+SERVICES = ("ingress", "callbacks", "sender", "normalizer", "reporter", "campaigns")
 SIMULATORS = ("sim-optimove", "sim-providers")
 
 
@@ -62,6 +62,7 @@ def listen_port(settings: Settings, service: str) -> int:
         "sender": settings.sender.metrics_listen,
         "normalizer": settings.normalizer.metrics_listen,
         "reporter": settings.reporter.metrics_listen,
+        "campaigns": settings.campaigns.listen,
     }[service]
     host, port = split_listen(listen)
     assert host == "0.0.0.0", f"{service} must listen on every interface in a container"
@@ -150,7 +151,8 @@ def test_every_secret_is_an_env_reference_that_compose_provides() -> None:
     assert references
     provided = set(services()["ingress"]["environment"])
     assert references <= provided
-    for key in ("api_token", "secret_key", "aggregator_api_key", "api_key", "callback_token"):
+    keys = ("api_token", "secret_key", "aggregator_api_key", "api_key", "callback_token")
+    for key in (*keys, "admin_token"):
         for line in text.splitlines():
             if line.startswith(f"{key} ="):
                 assert '"env:' in line, line
@@ -188,3 +190,11 @@ def test_the_image_holds_only_what_the_services_need() -> None:
         if line.startswith("!")
     }
     assert copied <= allowed
+
+
+def test_the_admin_api_has_a_token_and_is_published_on_the_hosts_loopback_only(
+    settings: Settings,
+) -> None:
+    assert settings.campaigns.admin_token is not None
+    port = listen_port(settings, "campaigns")
+    assert services()["campaigns"]["ports"] == [f"127.0.0.1:{port}:{port}"]

@@ -19,7 +19,7 @@ from tests.deploy.promql import DEPLOY
 
 K8S = DEPLOY / "k8s"
 CONSUMERS = {"sender": build_sender, "normalizer": build_normalizer, "reporter": build_reporter}
-SERVICES = ("ingress", "callbacks", *CONSUMERS)
+SERVICES = ("ingress", "callbacks", "campaigns", *CONSUMERS)
 PARTITIONS = {topic.name: topic.partitions for topic in ALL_TOPICS}
 
 
@@ -54,6 +54,7 @@ def port_of(settings: Settings, service: str) -> int:
         {
             "ingress": settings.ingress.listen,
             "callbacks": settings.callbacks.listen,
+            "campaigns": settings.campaigns.listen,
             "sender": settings.sender.metrics_listen,
             "normalizer": settings.normalizer.metrics_listen,
             "reporter": settings.reporter.metrics_listen,
@@ -131,7 +132,8 @@ def test_secrets_reach_the_pods_only_through_the_secret() -> None:
     [secret] = of_kind("Secret").values()
     for line in text.splitlines():
         key = line.strip().split(" = ")[0]
-        if key in {"api_token", "secret_key", "aggregator_api_key", "api_key", "callback_token"}:
+        secrets = {"api_token", "secret_key", "aggregator_api_key", "api_key", "callback_token"}
+        if key in secrets | {"webhook_secret", "admin_token"}:
             assert '"env:' in line, line
             assert line.split('"env:')[1].rstrip('"') in secret["stringData"]
     for deployment in of_kind("Deployment").values():

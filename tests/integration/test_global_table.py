@@ -44,7 +44,13 @@ async def test_table_catches_up_then_follows_later_writes_and_tombstones(
                 ),
             ]
         )
-        table = GlobalTable(settings.kafka, OPT_OUTS, name="opt-outs")
+        changes: list[list[str]] = []
+        table = GlobalTable(
+            settings.kafka,
+            OPT_OUTS,
+            name="opt-outs",
+            on_change=lambda keys: changes.append(list(keys)),
+        )
         await table.start()
         try:
             assert table.ready
@@ -69,6 +75,15 @@ async def test_table_catches_up_then_follows_later_writes_and_tombstones(
             await wait_for(lambda: table.get("other:+447700900003") is not None, 10, "follow")
             assert table.get("acme:+447700900002") is None
             assert len(table) == 2
+            # The owner heard of every key changed, in order, the catch-up included.
+            seen = [key for batch in changes for key in batch]
+            assert seen == [
+                "acme:+447700900001",
+                "acme:+447700900002",
+                "acme:+447700900001",
+                "acme:+447700900002",
+                "other:+447700900003",
+            ]
         finally:
             await table.stop()
     finally:

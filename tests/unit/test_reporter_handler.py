@@ -26,13 +26,14 @@ from shared.events import (
     Event,
     InboundMessage,
     MessageContext,
+    ReportOutcome,
     StateChange,
     StatusEvent,
     decode,
 )
 from shared.kafka import OutRecord, Publisher
 from shared.runner import Record
-from shared.topics import DEAD_LETTERS, INBOUND, REPORTER_STATE, STATUSES
+from shared.topics import DEAD_LETTERS, INBOUND, REPORT_OUTCOMES, REPORTER_STATE, STATUSES
 from tests.support import TENANT, TENANT_API_TOKEN, TENANT_SECRET, make_settings, wait_for
 
 OTHER = "beta"
@@ -357,3 +358,41 @@ async def test_a_retry_that_ends_before_its_request_returns_the_probe(
 
         assert len(simulator.received(tenant=OTHER)) == 1  # no request went
         assert circuit.acquire() is not None  # the probe's place is free again
+
+
+def outcomes(records: Iterable[OutRecord]) -> list[tuple[str, str, dict[str, int]]]:
+    return [
+        (r.value.tenant, r.value.kind, r.value.counts)
+        for r in records
+        if r.topic == REPORT_OUTCOMES and isinstance(r.value, ReportOutcome)
+    ]
+
+
+async def test_every_request_optimove_accepts_is_counted_once_on_report_outcomes(
+    simulator: OptimoveSimulator,
+) -> None:
+    simulator.set_mode(FailureMode(status=503, remaining=1), tenant=OTHER)
+    async with Harness(settings_for(simulator.port)) as h:
+        # Accepted at once: counted with the record's own outputs (before its commit).
+        outputs = await h.handle(h.record(STATUSES.name, "m-a1", status("m-a1", "sent")))
+        assert outcomes(outputs) == [(TENANT, "delivery", {"": 1})]
+        # Refused once (503): parked, nothing counted; accepted on retry: counted then.
+        parked = await h.handle(h.record(STATUSES.name, "m-b1", status("m-b1", "sent", OTHER)))
+        assert outcomes(parked) == []
+        replies = await asyncio.gather(
+            *(h.handle(h.record(INBOUND.name, OTHER, reply(i))) for i in range(3))
+        )
+        assert all(outcomes(r) == [] for r in replies)
+        assert outcomes(h.publisher.published) == []
+        for _ in range(5):  # the circuit probes with one request, then lets the rest go
+            await h.pass_at(10.0)
+        assert h.handler.store.count(PARTITION) == 0
+        assert sorted(outcomes(h.publisher.published)) == [
+            (OTHER, "delivery", {"": 1}),
+            (OTHER, "incoming", {"": 3}),
+        ]
+        # Replies accepted at once: one record per request, published before they are done.
+        await asyncio.gather(
+            *(h.handle(h.record(INBOUND.name, TENANT, reply(i, TENANT))) for i in (7, 8))
+        )
+        assert outcomes(h.publisher.published)[-1] == (TENANT, "incoming", {"": 2})

@@ -169,6 +169,7 @@ class Harness:
         scripts: dict[str, Script] | None = None,
         *,
         opt_outs: dict[str, dict[str, Any]] | None = None,
+        controls: dict[str, dict[str, Any]] | None = None,
         provider_class: type[ScriptedProvider] = ScriptedProvider,
         overrides: dict[str, Any] | None = None,
     ) -> None:
@@ -207,6 +208,7 @@ class Harness:
             settings,
             providers=self.providers,
             opt_outs=opt_outs if opt_outs is not None else {},
+            controls=controls if controls is not None else {},
             clock=self.wall,
             monotonic=self.monotonic,
         )

@@ -1,0 +1,98 @@
+"""The campaigns service: live counts per campaign and the admin API (pause, resume, cancel).
+
+``tracker.py`` keeps the counts (its docstring says how they stay exact and bounded),
+``admin.py`` serves them and publishes the operator's controls; this module only wires them: a
+consumer group on the pipeline's topics, a copy of ``sms.campaign-control`` for the controls in
+force, and one HTTP server on ``[campaigns] listen`` with ``/metrics``, ``/healthz``, ``/readyz``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+from aiohttp import web
+
+from services.campaigns.admin import AdminApi
+from services.campaigns.counts import INPUT_TOPICS
+from services.campaigns.tracker import NAME, CountsTracker
+from shared.config import Settings
+from shared.service import ConsumerService, add_ops_routes, run_service, serve
+from shared.store import GlobalTable
+from shared.topics import CAMPAIGN_CONTROL
+
+log = logging.getLogger(__name__)
+
+
+class CampaignsService:
+    name = NAME
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        group_id: str | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        """``group_id`` other than the default only for replays and tests."""
+        self.settings = settings
+        self.tracker = CountsTracker(settings, clock=clock)
+        self.consumer = ConsumerService(
+            name=NAME,
+            settings=settings,
+            runner_settings=settings.campaigns.runner,
+            topics=[topic.name for topic in INPUT_TOPICS],
+            handler=self.tracker,
+            group_id=group_id,
+        )
+        self.controls = GlobalTable(settings.kafka, CAMPAIGN_CONTROL, name=f"{NAME}-controls")
+        self.admin = AdminApi(
+            settings,
+            counts=self.tracker.mirror,
+            controls=self.controls.get,
+            publisher=self.consumer.publisher,
+            clock=clock,
+        )
+        self.app = web.Application(middlewares=self.admin.middlewares)
+        self.admin.add_routes(self.app)
+        add_ops_routes(self.app, self.ready)
+        self._http: web.AppRunner | None = None
+        self._started: list[str] = []
+
+    async def start(self) -> None:
+        try:
+            await self.controls.start()
+            self._started.append("controls")
+            # Starts the producer, the tracker (its counts mirror caught up) and the runner.
+            await self.consumer.start()
+            self._started.append("consumer")
+            self._http = await serve(self.app, self.settings.campaigns.listen)
+        except BaseException:
+            await self.stop()
+            raise
+        log.info("campaigns admin API on %s", self.settings.campaigns.listen)
+
+    async def wait(self) -> None:
+        await self.consumer.wait()
+
+    async def stop(self) -> None:
+        if self._http is not None:
+            await self._http.cleanup()  # no control accepted once the producer is going
+            self._http = None
+        if "consumer" in self._started:
+            await self.consumer.stop()
+        if "controls" in self._started:
+            await self.controls.stop()
+        self._started.clear()
+
+    def ready(self) -> bool:
+        return self.consumer.ready() and self.tracker.ready and self.controls.ready
+
+
+def build(settings: Settings, *, group_id: str | None = None) -> CampaignsService:
+    return CampaignsService(settings, group_id=group_id)
+
+
+async def main(settings: Settings) -> None:
+    await run_service(build(settings))

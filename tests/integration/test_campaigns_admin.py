@@ -1,0 +1,185 @@
+"""The campaigns service's admin API on a real broker: bearer token or 401, controls on
+sms.campaign-control with the right key before the 202, counts and controls in force served."""
+
+from __future__ import annotations
+
+import aiohttp
+import pytest
+from prometheus_client import REGISTRY
+
+from services.campaigns.app import build as build_campaigns
+from shared.broker import EmbeddedBroker
+from shared.campaigns import AUTO_REPLIES
+from shared.config import Settings
+from shared.events import CampaignControl, MessageContext, StatusEvent
+from shared.kafka import OutRecord
+from shared.topics import CAMPAIGN_CONTROL, STATUSES
+from tests.support import TENANT, make_settings, read_topic, running, wait_for
+from tests.support.campaigns import (
+    ADMIN_TOKEN,
+    admin_call,
+    campaign_status,
+    campaigns_section,
+    wait_until,
+)
+from tests.support.ops import publisher
+
+pytestmark = pytest.mark.integration
+
+
+def campaigns_settings(token: str | None = ADMIN_TOKEN) -> Settings:
+    return make_settings(overrides={"campaigns": campaigns_section(token)})
+
+
+call = admin_call
+
+
+def unauthorized(reason: str) -> float:
+    value = REGISTRY.get_sample_value("smsbridge_admin_unauthorized_total", {"reason": reason})
+    return value or 0.0
+
+
+async def test_every_admin_call_needs_the_bearer_token(kafka: EmbeddedBroker) -> None:
+    settings = campaigns_settings()
+    async with running(build_campaigns(settings)) as service:
+        await wait_for(service.ready, what="the campaigns service ready")
+        before = unauthorized("missing"), unauthorized("mismatch")
+        for method, path in (
+            ("GET", "/admin/campaigns"),
+            ("GET", f"/admin/campaigns/{TENANT}/spring"),
+            ("POST", f"/admin/campaigns/{TENANT}/pause"),
+            ("POST", f"/admin/campaigns/{TENANT}/spring/cancel"),
+            ("GET", "/admin/no-such-thing"),
+        ):
+            status, answer, headers = await call(settings, method, path, token=None)
+            assert status == 401, (method, path, answer)
+            assert headers["WWW-Authenticate"].startswith("Bearer")
+            status, answer, _ = await call(settings, method, path, token="wrong-token")
+            assert status == 401 and answer["error"] == "wrong admin token", (method, path)
+        status, _, _ = await call(
+            settings, "GET", "/admin/campaigns", authorization=f"Basic {ADMIN_TOKEN}"
+        )
+        assert status == 401
+        assert unauthorized("missing") - before[0] == 6
+        assert unauthorized("mismatch") - before[1] == 5
+
+        status, answer, _ = await call(settings, "GET", "/admin/campaigns")
+        assert status == 200 and answer["campaigns"] == []
+        # The ops endpoints stay open, for probes and Prometheus.
+        async with aiohttp.ClientSession() as session:
+            for path in ("/healthz", "/readyz", "/metrics"):
+                url = f"http://{settings.campaigns.listen}{path}"
+                async with session.get(url) as response:
+                    assert response.status == 200, path
+        # Nothing was published by the refused calls.
+        assert await read_topic(settings, CAMPAIGN_CONTROL, CampaignControl, settle_s=0.3) == []
+
+
+async def test_without_a_configured_token_every_admin_call_is_401(kafka: EmbeddedBroker) -> None:
+    settings = campaigns_settings(token=None)
+    async with running(build_campaigns(settings)):
+        before = unauthorized("not_configured")
+        for token in (None, "", "anything", ADMIN_TOKEN):
+            status, answer, _ = await call(settings, "GET", "/admin/campaigns", token=token)
+            assert status == 401, token
+            assert "admin_token" in answer["error"]
+        status, _, _ = await call(settings, "POST", f"/admin/campaigns/{TENANT}/pause")
+        assert status == 401
+        assert unauthorized("not_configured") - before == 5
+
+
+def status_event(campaign_id: str, status: str = "sent") -> StatusEvent:
+    return StatusEvent(
+        event_id=f"e-{campaign_id}-{status}",
+        context=MessageContext(
+            tenant=TENANT,
+            message_id=f"m-{campaign_id}",
+            batch_id="b",
+            campaign_id=campaign_id,
+            mobile_number="07911 123456",
+            metadata_json="{}",
+        ),
+        status=status,  # type: ignore[arg-type]
+        sub_status=status.capitalize(),
+    )
+
+
+async def test_controls_reach_the_control_topic_with_their_key_and_show_in_the_status(
+    kafka: EmbeddedBroker,
+) -> None:
+    settings = campaigns_settings()
+    async with running(build_campaigns(settings)):
+        status, answer, _ = await call(
+            settings,
+            "POST",
+            f"/admin/campaigns/{TENANT}/spring/pause",
+            body=b'{"reason": "wrong text", "requested_by": "ops@example.com"}',
+        )
+        assert status == 202, answer
+        assert (answer["key"], answer["scope"], answer["campaign"]) == (
+            f"{TENANT}|spring",
+            "campaign",
+            "spring",
+        )
+        status, answer, _ = await call(settings, "POST", f"/admin/campaigns/{TENANT}/cancel")
+        assert status == 202 and answer["key"] == TENANT
+        auto_replies = f"/admin/campaigns/{TENANT}/%28auto%20replies%29/resume"
+        status, answer, _ = await call(settings, "POST", auto_replies)
+        assert status == 202 and answer["key"] == f"{TENANT}|{AUTO_REPLIES}"
+
+        # 202 means it is on Kafka already: read it back.
+        found = await read_topic(settings, CAMPAIGN_CONTROL, CampaignControl, expect=3)
+        assert [(key, c.campaign_id, c.action) for key, c in found] == [
+            (f"{TENANT}|spring", "spring", "pause"),
+            (TENANT, None, "cancel"),
+            (f"{TENANT}|{AUTO_REPLIES}", "", "resume"),
+        ]
+        paused = found[0][1]
+        assert (paused.reason, paused.requested_by) == ("wrong text", "ops@example.com")
+
+        for method, path, body, expected in (
+            ("POST", "/admin/campaigns/nobody/pause", None, 404),
+            ("POST", "/admin/campaigns/nobody/spring/pause", None, 404),
+            ("POST", f"/admin/campaigns/{TENANT}/spring/pause", b"{not json", 400),
+            ("POST", f"/admin/campaigns/{TENANT}/spring/pause", b'{"reason": 7}', 400),
+            ("POST", f"/admin/campaigns/{TENANT}/%28replies%29/pause", None, 400),
+            ("POST", f"/admin/campaigns/{TENANT}/spring/explode", None, 404),
+            ("GET", f"/admin/campaigns/{TENANT}/spring", None, 404),  # nothing counted yet
+            ("DELETE", "/admin/campaigns", None, 405),
+        ):
+            status, answer, _ = await call(settings, method, path, body=body)
+            assert status == expected, (method, path, answer)
+            assert isinstance(answer["error"], str) and answer["error"]
+
+        async with publisher(settings) as out:
+            await out.publish(
+                [
+                    OutRecord(STATUSES, "m-spring", status_event("spring")),
+                    OutRecord(STATUSES, "m-auto", status_event("", "delivered")),
+                ]
+            )
+
+        async def counted() -> bool:
+            return await campaign_status(settings, TENANT, "spring") is not None
+
+        await wait_until(counted, "the spring campaign counted")
+        spring = await campaign_status(settings, TENANT, "spring")
+        assert spring is not None
+        assert spring["sent"] == 1 and spring["delivered"] == 0
+        control = spring["control"]
+        assert control["campaign"]["action"] == "pause"
+        assert control["tenant"]["action"] == "cancel"
+        assert control["effect"] == "cancel"  # cancel outranks pause, whatever its scope
+        auto = await campaign_status(settings, TENANT, "%28auto%20replies%29")
+        assert auto is not None and auto["delivered"] == 1
+        assert auto["control"]["campaign"]["action"] == "resume"
+
+        status, listed, _ = await call(settings, "GET", f"/admin/campaigns?tenant={TENANT}")
+        assert [(c["tenant"], c["campaign"]) for c in listed["campaigns"]] == [
+            (TENANT, AUTO_REPLIES),
+            (TENANT, "spring"),
+        ]
+        published = REGISTRY.get_sample_value(
+            "smsbridge_campaign_controls_published_total", {"action": "cancel", "scope": "tenant"}
+        )
+        assert published is not None and published >= 1
