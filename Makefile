@@ -49,8 +49,17 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check shared services tests bench
 	$(BIN)/mypy
 
+# All benchmarks, or some: make bench BENCH="ingress e2e" BENCH_ARGS="--recipients 20000".
+# Not part of `make test`. Results in bench/results/ and README.md (bench/__main__.py).
+BENCH ?=
+BENCH_ARGS ?=
 bench: $(STAMP)
-	$(BIN)/python -m bench
+	$(BIN)/python -m bench $(BENCH) $(BENCH_ARGS)
+
+# The reliability suite in its full form (chaos on a 20,000-recipient campaign, 50 clients for
+# 60 s, long property runs); `make test` runs the same tests in their short form.
+reliability: $(STAMP)
+	$(BIN)/pytest tests/reliability --reliability-full $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,23 +1,94 @@
-"""``make bench``: the benchmark suite. Each benchmark prints its own table."""
+"""``make bench``: the benchmark suite. Each benchmark prints its own table.
+
+``python -m bench [NAME ...] [--recipients N] [--profile]`` runs every benchmark, or those named;
+the results (with the machine's details) go to ``bench/results/`` and the README's table. The
+campaign sizes of ``e2e`` and ``memory`` can also come from ``BENCH_E2E_RECIPIENTS`` and
+``BENCH_MEMORY_RECIPIENTS``. Exit status 1 when a check failed, 2 for an unknown name.
+"""
 
 from __future__ import annotations
 
+import argparse
 import sys
+import time
+import traceback
+from collections.abc import Callable, Sequence
 
-from bench import callbacks, sender
+from bench import callbacks, e2e, ingress, memory, sender, stages
+from bench.results import Options, Report, machine, record, render_latest, run_markdown
 
-BENCHMARKS = {"sender": sender.main, "callbacks": callbacks.main}
+BENCHMARKS: dict[str, Callable[[Options], Report]] = {
+    "sender": sender.bench,
+    "callbacks": callbacks.bench,
+    "ingress": ingress.bench,
+    "e2e": e2e.bench,
+    "memory": memory.bench,
+}
+# Run only when named.
+EXTRA: dict[str, Callable[[Options], Report]] = {"stages": stages.bench}
 
 
-def main(argv: list[str]) -> int:
-    """Run every benchmark, or those named on the command line; non-zero if any check failed."""
-    chosen = argv or list(BENCHMARKS)
-    unknown = [name for name in chosen if name not in BENCHMARKS]
+def parse(argv: Sequence[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("names", nargs="*", metavar="NAME", help=", ".join([*BENCHMARKS, *EXTRA]))
+    parser.add_argument(
+        "--recipients", type=int, help="campaign size of e2e and memory (defaults: theirs)"
+    )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="e2e: record py-spy profiles of the services (needs py-spy and ptrace rights)",
+    )
+    parser.add_argument(
+        "--no-record", action="store_true", help="print only; write nothing to bench/results"
+    )
+    parser.add_argument(
+        "--render",
+        action="store_true",
+        help="run nothing: rewrite bench/results/latest.md and README's table from latest.json",
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str]) -> int:
+    args = parse(argv)
+    if args.render:
+        render_latest()
+        return 0
+    chosen = args.names or list(BENCHMARKS)
+    known = {**BENCHMARKS, **EXTRA}
+    unknown = [name for name in chosen if name not in known]
     if unknown:
-        print(f"unknown benchmark(s): {', '.join(unknown)}; known: {', '.join(BENCHMARKS)}")
+        print(f"unknown benchmark(s): {', '.join(unknown)}; known: {', '.join(known)}")
         return 2
-    failed = [name for name in chosen if BENCHMARKS[name]() != 0]
-    return 1 if failed else 0
+    options = Options(recipients=args.recipients, profile=args.profile)
+    reports: list[Report] = []
+    for name in chosen:
+        started = time.monotonic()
+        details = machine()  # the load average before this benchmark started
+        try:
+            report = known[name](options)
+        except Exception as exc:
+            traceback.print_exc()
+            report = Report(name, [], "", {}, failures=[f"{type(exc).__name__}: {exc}"])
+            report.duration_s = time.monotonic() - started
+        report.machine = details
+        reports.append(report)
+        print(f"\n{name}: {'PASS' if report.ok else 'FAIL'} in {report.duration_s:.0f} s\n")
+        for failure in report.failures:
+            print(f"FAILED {name}: {failure}", file=sys.stderr)
+    if not args.no_record:
+        recorded = [report for report in reports if report.summary]
+        if recorded:
+            try:
+                path = record(recorded)
+            except (OSError, TypeError, ValueError):
+                # The figures took minutes to measure: show them even when they cannot be kept.
+                traceback.print_exc()
+                print(run_markdown(recorded))
+                return 1
+            print(f"results: {path}.json, {path}.md, bench/results/latest.md, README.md")
+    return 0 if all(report.ok for report in reports) else 1
 
 
 if __name__ == "__main__":

@@ -27,30 +27,26 @@ import asyncio
 import gc
 import logging
 import math
-import os
-import signal
 import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-import aiohttp
 import orjson
 from aiokafka import AIOKafkaConsumer
 
+from bench.results import Options, Report, markdown_table, text_table
+from bench.stack import PROVIDER, TENANT, Stack
 from services.simulators.providers import ProviderSimulator
-from shared.broker import EmbeddedBroker, free_port
 from shared.config import Settings
 from shared.events import MessageContext, RecipientMessage
-from shared.kafka import EMBEDDED_BOOTSTRAP_ENV, OutRecord, Publisher, make_admin, make_producer
+from shared.kafka import OutRecord, bootstrap
 from shared.service import serve_until_signalled
-from shared.topics import DISPATCHES, RECIPIENTS, ensure_topics
+from shared.topics import DISPATCHES, RECIPIENTS
 
-ACCOUNT = "otpiq-bench"
-TENANT = "bench"
 RATE_LIMIT = 1000.0
 REQUIRED_SHARE_OF_LIMIT = 0.98
 ALLOWED_WINDOW_EXCESS = 0.02
@@ -84,41 +80,17 @@ class Result:
         return self.rate / self.scenario.instances
 
 
-def config_toml(scenario: Scenario, simulator_url: str, state_dir: Path, ops_port: int) -> str:
-    return f"""
-log_level = "WARNING"
-
-[kafka]
-bootstrap_servers = "embedded"
-
-[callbacks]
-listen = "127.0.0.1:{free_port()}"
-public_url = "http://127.0.0.1:9"
-
-[sender]
-metrics_listen = "127.0.0.1:{ops_port}"
-state_dir = "{state_dir}"
-
-[sender.runner]
-max_in_flight = 400
-max_poll_records = 500
-
-[tenants.{TENANT}]
-optimove_base_url = "http://127.0.0.1:9/{TENANT}"
-api_token = "bench-token"
-secret_key = "bench-secret"
-aggregator_api_key = "bench-key"
-default_sender_id = "BENCH"
-routes = [{{ provider = "{ACCOUNT}" }}]
-
-[providers.{ACCOUNT}]
-kind = "otpiq"
-base_url = "{simulator_url}/otpiq/api"
-api_key = "sk_bench"
-callback_token = "bench-callback-token"
-rate_limit_per_s = {scenario.rate_limit_per_s}
-max_in_flight = {scenario.max_in_flight}
-"""
+def overrides(scenario: Scenario) -> dict[str, object]:
+    """The scenario's settings over the stack's configuration."""
+    return {
+        "sender": {"runner": {"max_in_flight": 400, "max_poll_records": 500}},
+        "providers": {
+            PROVIDER: {
+                "rate_limit_per_s": scenario.rate_limit_per_s,
+                "max_in_flight": scenario.max_in_flight,
+            }
+        },
+    }
 
 
 def campaign(count: int, prefix: str = MEASURED_PREFIX) -> list[RecipientMessage]:
@@ -142,25 +114,11 @@ def campaign(count: int, prefix: str = MEASURED_PREFIX) -> list[RecipientMessage
     ]
 
 
-async def publish(settings: Settings, messages: Sequence[RecipientMessage]) -> None:
-    producer = make_producer(settings.kafka, "bench")
-    await producer.start()
-    try:
-        publisher = Publisher(producer, 30.0)
-        for start in range(0, len(messages), 5000):
-            await publisher.publish(
-                OutRecord(RECIPIENTS, f"{m.context.tenant}:{m.destination}", m)
-                for m in messages[start : start + 5000]
-            )
-    finally:
-        await producer.stop()
-
-
 async def wait_for_dispatches(settings: Settings, expected: int, timeout_s: float) -> int:
     """Distinct messages with a dispatch record, once ``expected`` arrived (or the time ran out)."""
     consumer = AIOKafkaConsumer(
         DISPATCHES.name,
-        bootstrap_servers=os.environ[EMBEDDED_BOOTSTRAP_ENV],
+        bootstrap_servers=bootstrap(settings.kafka),
         auto_offset_reset="earliest",
         enable_auto_commit=False,
     )
@@ -177,23 +135,6 @@ async def wait_for_dispatches(settings: Settings, expected: int, timeout_s: floa
     finally:
         await consumer.stop()
     return len(seen)
-
-
-async def wait_until_ready(ops_ports: Sequence[int], timeout_s: float) -> None:
-    """Until every sender's /readyz answers 200 (it holds partitions)."""
-    deadline = time.monotonic() + timeout_s
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as session:
-        for port in ops_ports:
-            while True:
-                try:
-                    async with session.get(f"http://127.0.0.1:{port}/readyz") as response:
-                        if response.status == 200:
-                            break
-                except (aiohttp.ClientError, TimeoutError):
-                    pass
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"the sender on port {port} did not become ready")
-                await asyncio.sleep(0.25)
 
 
 def busiest_window(timestamps: Sequence[float], window_s: float = 1.0) -> int:
@@ -214,130 +155,53 @@ def middle_rate(timestamps: Sequence[float]) -> float:
     return (high - low) / span if span > 0 else float("inf")
 
 
-class Simulator:
-    """The provider simulator as a child process."""
-
-    def __init__(self, workdir: Path) -> None:
-        self.port = free_port()
-        self.workdir = workdir
-        self.process: asyncio.subprocess.Process | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    async def start(self, latency_ms: float) -> None:
-        with (self.workdir / "simulator.log").open("ab") as log:
-            self.process = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "bench.sender",
-                "simulator",
-                str(self.port),
-                str(latency_ms),
-                stdout=asyncio.subprocess.DEVNULL,
-                stderr=log,
-            )
-        async with aiohttp.ClientSession() as session:
-            deadline = time.monotonic() + 30
-            while True:
-                try:
-                    async with session.get(f"{self.url}/_simulator/config") as response:
-                        if response.status == 200:
-                            return
-                except aiohttp.ClientError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise RuntimeError("provider simulator did not start")
-                await asyncio.sleep(0.2)
-
-    async def receive_times(self) -> tuple[dict[str, list[float]], int]:
-        """Receive timestamps of every accepted send by number prefix (measured, warm-up), and
-        how many sends repeated a number."""
-        timeout = aiohttp.ClientTimeout(total=120)
-        async with (
-            aiohttp.ClientSession(timeout=timeout) as session,
-            session.get(f"{self.url}/_simulator/sends") as response,
-        ):
-            body = await response.json()
-        times: dict[str, list[float]] = {MEASURED_PREFIX: [], WARM_UP_PREFIX: []}
-        for send in body["sends"]:
-            moment = datetime.fromisoformat(send["at"]).timestamp()
-            times.setdefault(send["phone"][: len(MEASURED_PREFIX)], []).append(moment)
-        duplicates = sum(count["count"] - 1 for count in body["counts"])
-        return times, duplicates
-
-    async def stop(self) -> None:
-        await stop_process(self.process)
+def publish_campaign(messages: Sequence[RecipientMessage]) -> list[OutRecord]:
+    return [OutRecord(RECIPIENTS, f"{m.context.tenant}:{m.destination}", m) for m in messages]
 
 
-async def stop_process(process: asyncio.subprocess.Process | None) -> None:
-    if process is None or process.returncode is not None:
-        return
-    process.send_signal(signal.SIGTERM)
-    try:
-        await asyncio.wait_for(process.wait(), 30)
-    except TimeoutError:
-        process.kill()
-        await process.wait()
+async def receive_times(stack: Stack) -> tuple[dict[str, list[float]], int]:
+    """Receive timestamps of every accepted send by number prefix (measured, warm-up), and how
+    many sends repeated a number."""
+    body = await stack.provider_sends()
+    times: dict[str, list[float]] = {MEASURED_PREFIX: [], WARM_UP_PREFIX: []}
+    for send in body["sends"]:
+        moment = datetime.fromisoformat(send["at"]).timestamp()
+        times.setdefault(send["phone"][: len(MEASURED_PREFIX)], []).append(moment)
+    duplicates = sum(count["count"] - 1 for count in body["counts"])
+    return times, duplicates
 
 
 async def run_scenario(scenario: Scenario, workdir: Path) -> Result:
-    scenario_dir = workdir / scenario.name.replace(" ", "-")
-    scenario_dir.mkdir()
-    with EmbeddedBroker() as broker:
-        os.environ[EMBEDDED_BOOTSTRAP_ENV] = broker.bootstrap_servers
-        settings = Settings()
-        admin = make_admin(settings.kafka)
-        await admin.start()
-        try:
-            await ensure_topics(admin)
-        finally:
-            await admin.close()
-        simulator = Simulator(scenario_dir)
-        senders: list[asyncio.subprocess.Process] = []
-        try:
-            await simulator.start(scenario.latency_ms)
-            ops_ports = [free_port() for _ in range(scenario.instances)]
-            for index, ops_port in enumerate(ops_ports):
-                state_dir = scenario_dir / f"state-{index}"
-                config = scenario_dir / f"sender-{index}.toml"
-                config.write_text(config_toml(scenario, simulator.url, state_dir, ops_port))
-                with (scenario_dir / f"sender-{index}.log").open("ab") as log:
-                    senders.append(
-                        await asyncio.create_subprocess_exec(
-                            sys.executable,
-                            "-m",
-                            "services.cli",
-                            "--config",
-                            str(config),
-                            "run",
-                            "sender",
-                            stdout=asyncio.subprocess.DEVNULL,
-                            stderr=log,
-                            env={**os.environ, "TMPDIR": str(scenario_dir)},
-                        )
-                    )
-            # The campaign starts once every instance holds its partitions (and its share of
-            # the rate limit, given one window after the assignment), as in a running service.
-            await wait_until_ready(ops_ports, timeout_s=120)
-            await asyncio.sleep(2.0)
-            # A warm-up first, kept out of the figures: new connections and first-time code paths
-            # on both sides delay the first sends unevenly (its busiest window is printed apart).
-            warm_up = max(1, scenario.messages // 5)
-            await publish(settings, campaign(warm_up, WARM_UP_PREFIX))
-            await wait_for_dispatches(settings, warm_up, timeout_s=600)
-            await asyncio.sleep(1.5)  # no window holds both
-            await publish(settings, campaign(scenario.messages))
-            expected = warm_up + scenario.messages
-            done = await wait_for_dispatches(settings, expected, timeout_s=600)
-            if done < expected:
-                raise RuntimeError(f"{scenario.name}: only {done} of {expected} done")
-            times, duplicates = await simulator.receive_times()
-        finally:
-            for process in senders:
-                await stop_process(process)
-            await simulator.stop()
+    async with Stack(workdir / scenario.name.replace(" ", "-"), overrides=overrides(scenario)) as s:
+        # The tuned simulator below, in place of `smsbridge simulate providers`.
+        port = s.providers_url.rsplit(":", 1)[1]
+        await s.start_child(
+            "sim-providers",
+            [sys.executable, "-m", "bench.sender", "simulator", port, str(scenario.latency_ms)],
+            ready_url=f"{s.providers_url}/_simulator/config",
+        )
+        # The campaign starts once every instance holds its partitions (and its share of the
+        # rate limit, given one window after the assignment), as in a running service.
+        await asyncio.gather(
+            *(
+                s.start_service("sender", instance=f"sender-{index}" if index else None)
+                for index in range(scenario.instances)
+            )
+        )
+        await asyncio.sleep(2.0)
+        # A warm-up first, kept out of the figures: new connections and first-time code paths
+        # on both sides delay the first sends unevenly (its busiest window is printed apart).
+        warm_up = max(1, scenario.messages // 5)
+        await s.publish(publish_campaign(campaign(warm_up, WARM_UP_PREFIX)))
+        await wait_for_dispatches(s.settings, warm_up, timeout_s=600)
+        await asyncio.sleep(1.5)  # no window holds both
+        await s.publish(publish_campaign(campaign(scenario.messages)))
+        expected = warm_up + scenario.messages
+        done = await wait_for_dispatches(s.settings, expected, timeout_s=600)
+        s.check_alive()
+        if done < expected:
+            raise RuntimeError(f"{scenario.name}: only {done} of {expected} done")
+        times, duplicates = await receive_times(s)
     measured = times[MEASURED_PREFIX]
     return Result(
         scenario=scenario,
@@ -359,40 +223,65 @@ SCENARIOS = (
 )
 
 
-def report(results: dict[str, Result]) -> list[str]:
-    """Print the table and return the checks that failed."""
-    print()
-    print(
-        f"{'scenario':<12} {'inst':>4} {'latency':>8} {'limit/s':>8} {'in flight':>9} "
-        f"{'sent':>7} {'dups':>5} {'msg/s':>8} {'per inst':>9} {'max 1s':>7}"
-    )
+HEADER = (
+    "scenario",
+    "instances",
+    "latency",
+    "limit/s",
+    "in flight",
+    "sent",
+    "dups",
+    "msg/s",
+    "per instance",
+    "max 1 s",
+)
+
+
+def rows(results: dict[str, Result]) -> list[list[object]]:
+    table: list[list[object]] = []
     for result in results.values():
         s = result.scenario
-        limit = f"{s.rate_limit_per_s:g}" if s.rate_limit_per_s else "-"
-        print(
-            f"{s.name:<12} {s.instances:>4} {s.latency_ms:>6.0f}ms {limit:>8} "
-            f"{s.max_in_flight:>9} {result.sent:>7} {result.duplicates:>5} {result.rate:>8.1f} "
-            f"{result.per_instance:>9.1f} {result.busiest_window:>7}"
+        table.append(
+            [
+                s.name,
+                s.instances,
+                f"{s.latency_ms:.0f} ms",
+                f"{s.rate_limit_per_s:g}" if s.rate_limit_per_s else "-",
+                s.max_in_flight,
+                result.sent,
+                result.duplicates,
+                f"{result.rate:.1f}",
+                f"{result.per_instance:.1f}",
+                result.busiest_window,
+            ]
         )
+    return table
+
+
+def report(results: dict[str, Result], duration_s: float) -> Report:
+    """Print the table; the figures, the README's rows and the checks that failed."""
+    print()
+    print(text_table(HEADER, rows(results)))
     failures: list[str] = []
     limited = results["limited"]
     share = limited.rate / RATE_LIMIT
     excess = limited.busiest_window / RATE_LIMIT - 1
+    cold_excess = limited.cold_busiest_window / RATE_LIMIT - 1
     allowed_window = math.floor(RATE_LIMIT * (1 + ALLOWED_WINDOW_EXCESS) + 1e-9)
-    scaling = results["latency x2"].rate / results["latency x1"].rate
-    print()
-    print(f"limited: {share:.1%} of the limit (need >= {REQUIRED_SHARE_OF_LIMIT:.0%})")
-    print(
-        f"limited: busiest one-second window {limited.busiest_window} "
-        f"= {excess:+.1%} over the limit (allowed {ALLOWED_WINDOW_EXCESS:+.0%}); "
-        f"from cold, during the warm-up: {limited.cold_busiest_window} "
-        f"= {limited.cold_busiest_window / RATE_LIMIT - 1:+.1%}"
-    )
-    print(f"unlimited: {results['unlimited'].per_instance:.0f} msg/s per instance")
-    print(
+    one, two = results["latency x1"], results["latency x2"]
+    scaling = two.rate / one.rate
+    unlimited = results["unlimited"].per_instance
+    lines = [
+        f"limited: {share:.1%} of the limit (need >= {REQUIRED_SHARE_OF_LIMIT:.0%})",
+        f"limited: busiest one-second window {limited.busiest_window} = {excess:+.1%} over the "
+        f"limit (allowed {ALLOWED_WINDOW_EXCESS:+.0%}); from cold, during the warm-up: "
+        f"{limited.cold_busiest_window} = {cold_excess:+.1%}",
+        f"unlimited: {unlimited:.0f} msg/s per instance",
         f"two instances / one on a latency-bound provider: {scaling:.2f}x "
-        f"(need >= {REQUIRED_SCALING}x)"
-    )
+        f"(need >= {REQUIRED_SCALING}x)",
+    ]
+    print()
+    print("\n".join(lines))
     if share < REQUIRED_SHARE_OF_LIMIT:
         failures.append(f"limited run reached only {share:.1%} of the limit")
     if limited.busiest_window > allowed_window:
@@ -404,28 +293,57 @@ def report(results: dict[str, Result]) -> list[str]:
         for r in results.values()
         if r.duplicates
     ]
-    return failures
+    duplicates = sum(r.duplicates for r in results.values())
+    return Report(
+        benchmark="sender",
+        summary=[
+            (
+                "limited: 1 instance, 100 ms provider latency, account limit 1,000 msg/s",
+                f"{limited.rate:,.0f} msg/s = {share:.1%} of the limit; busiest 1 s window "
+                f"{limited.busiest_window:,} = {excess:+.1%} (allowed "
+                f"{ALLOWED_WINDOW_EXCESS:+.0%}); {duplicates} duplicates",
+            ),
+            ("unlimited: 1 instance, 100 ms latency", f"{unlimited:,.0f} msg/s per instance"),
+            (
+                "scale-out: latency-bound provider (20 calls in flight per instance)",
+                f"2 instances = {scaling:.2f}x one ({two.rate:,.0f} vs {one.rate:,.0f} msg/s)",
+            ),
+        ],
+        details=markdown_table(HEADER, rows(results)) + "\n\n" + "\n".join(f"- {x}" for x in lines),
+        figures={
+            "scenarios": {
+                name: {
+                    **asdict(result.scenario),
+                    "sent": result.sent,
+                    "duplicates": result.duplicates,
+                    "rate_per_s": round(result.rate, 1),
+                    "per_instance_per_s": round(result.per_instance, 1),
+                    "busiest_window": result.busiest_window,
+                    "cold_busiest_window": result.cold_busiest_window,
+                }
+                for name, result in results.items()
+            },
+            "limited_share_of_limit": round(share, 4),
+            "limited_window_excess": round(excess, 4),
+            "scaling_two_over_one": round(scaling, 3),
+        },
+        failures=failures,
+        duration_s=duration_s,
+    )
 
 
-async def run(scenarios: Sequence[Scenario] = SCENARIOS) -> int:
+async def run(scenarios: Sequence[Scenario] = SCENARIOS) -> Report:
     started = time.monotonic()
     results: dict[str, Result] = {}
-    previous = os.environ.get(EMBEDDED_BOOTSTRAP_ENV)
     with tempfile.TemporaryDirectory(prefix="smsbridge-bench-sender-") as workdir:
-        try:
-            for scenario in scenarios:
-                print(f"sender bench: {scenario.name} ...", flush=True)
-                results[scenario.name] = await run_scenario(scenario, Path(workdir))
-        finally:
-            if previous is None:
-                os.environ.pop(EMBEDDED_BOOTSTRAP_ENV, None)
-            else:
-                os.environ[EMBEDDED_BOOTSTRAP_ENV] = previous
-    failures = report(results)
-    print(f"\nsender bench took {time.monotonic() - started:.0f}s")
-    for failure in failures:
-        print(f"FAILED: {failure}", file=sys.stderr)
-    return 1 if failures else 0
+        for scenario in scenarios:
+            print(f"sender bench: {scenario.name} ...", flush=True)
+            results[scenario.name] = await run_scenario(scenario, Path(workdir))
+    return report(results, time.monotonic() - started)
+
+
+def bench(_: Options) -> Report:
+    return asyncio.run(run())
 
 
 async def serve_simulator(port: int, latency_ms: float) -> None:
@@ -445,12 +363,6 @@ async def serve_simulator(port: int, latency_ms: float) -> None:
     await serve_until_signalled(simulator)
 
 
-def main(argv: Sequence[str] = ()) -> int:
-    if argv and argv[0] == "simulator":
-        asyncio.run(serve_simulator(int(argv[1]), float(argv[2])))
-        return 0
-    return asyncio.run(run())
-
-
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    # `python -m bench.sender simulator PORT LATENCY_MS`: the tuned simulator of run_scenario.
+    asyncio.run(serve_simulator(int(sys.argv[2]), float(sys.argv[3])))

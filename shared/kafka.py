@@ -110,7 +110,7 @@ class Publisher:
         )
 
     async def publish_raw(self, topic: str, items: Sequence[tuple[bytes, bytes]]) -> None:
-        """Records already encoded (tests use it to publish what no model would produce)."""
+        """Records already encoded (callbacks encodes first, to refuse what cannot be stored)."""
         await self._send_all((topic, key, value, None) for key, value in items)
 
     async def _send_all(self, items: Iterable[tuple[str, bytes, bytes | None, int | None]]) -> None:

@@ -68,4 +68,8 @@ def verify(body: bytes, header: str | None, secret: str) -> SignatureFailure | N
 
 
 def constant_time_equals(given: str | None, expected: str) -> bool:
-    return hmac.compare_digest((given or "").encode("utf-8"), expected.encode("utf-8"))
+    # aiohttp reads header bytes that are not UTF-8 as lone surrogates ("surrogateescape"):
+    # such a header is simply not equal, never an encoding error.
+    return hmac.compare_digest(
+        (given or "").encode("utf-8", "surrogatepass"), expected.encode("utf-8", "surrogatepass")
+    )

@@ -9,6 +9,21 @@ from shared.broker import EmbeddedBroker
 from shared.config import Settings
 from shared.kafka import make_admin
 from shared.topics import ensure_topics
+from tests.reliability.profile import FULL_ENV, FULL_OPTION
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        FULL_OPTION,
+        action="store_true",
+        help="run tests/reliability in its full form (make reliability); default: the short form",
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Before collection: hypothesis settings in the reliability modules read it at import time.
+    if config.getoption(FULL_OPTION):
+        os.environ[FULL_ENV] = "1"
 
 
 @pytest.fixture

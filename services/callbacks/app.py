@@ -24,7 +24,7 @@ from shared import ids
 from shared import metrics as shared_metrics
 from shared.config import ProviderSettings, Settings
 from shared.events import ProviderEvent, utcnow
-from shared.kafka import KafkaUnavailable, OutRecord, Publisher, make_producer
+from shared.kafka import KafkaUnavailable, Publisher, make_producer
 from shared.providers import PROVIDER_KINDS
 from shared.providers.base import CallbackRejected, ParsedCallback, Provider
 from shared.service import Service, add_ops_routes, run_service, serve
@@ -89,6 +89,35 @@ def provider_events(
     ]
 
 
+# Provider callbacks nest two or three levels. Far deeper bodies are refused: orjson writes at most
+# 254 levels and pydantic reads about 200, so the normalizer could not read the stored event back.
+MAX_NESTING = 32
+
+
+def nesting(value: object) -> int:
+    """How many arrays and objects deep ``value`` goes (without recursion: the input decides)."""
+    deepest, stack = 0, [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            stack.extend((child, depth + 1) for child in item.values())
+        elif isinstance(item, list):
+            stack.extend((child, depth + 1) for child in item)
+        else:
+            deepest = max(deepest, depth)
+            continue
+        deepest = max(deepest, depth + 1)
+    return deepest
+
+
+def encode_events(events: Sequence[ProviderEvent]) -> list[tuple[bytes, bytes]]:
+    """Each event as the (key, value) Kafka will hold, all encoded before any is stored;
+    CallbackRejected for a body too deeply nested to be stored and read back."""
+    if any(nesting(event.raw) > MAX_NESTING for event in events):
+        raise CallbackRejected(f"callback nested deeper than {MAX_NESTING} levels")
+    return [(event.correlation_key.encode(), event.to_bytes()) for event in events]
+
+
 class CallbackEndpoint:
     """The request handler; plain so that it can be mounted on any aiohttp application."""
 
@@ -135,9 +164,11 @@ class CallbackEndpoint:
         body = await self._read_body(request)
         parsed = _parse(provider, body, request)
         events = _build_events(provider, account, body, parsed)
-        await self.publisher.publish(
-            OutRecord(PROVIDER_EVENTS, event.correlation_key, event) for event in events
-        )
+        try:
+            records = encode_events(events)
+        except CallbackRejected as exc:
+            raise Refused(400, "malformed", str(exc)) from None
+        await self.publisher.publish_raw(PROVIDER_EVENTS.name, records)
         for event in events:
             metrics.CALLBACKS_RECEIVED.labels(provider.kind, event.kind).inc()
         reply = provider.callback_reply
@@ -160,6 +191,9 @@ class CallbackEndpoint:
             return await request.read()
         except web.HTTPRequestEntityTooLarge:
             raise too_large from None
+        except web.RequestPayloadError:
+            # Content-Encoding that does not decode (or a broken chunked encoding).
+            raise Refused(400, "malformed", "body cannot be decoded") from None
 
 
 def _parse(provider: type[Provider], body: bytes, request: web.Request) -> list[ParsedCallback]:

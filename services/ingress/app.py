@@ -1,10 +1,11 @@
 """Ingress: Optimove's Campaign Transmission webhook, ``POST /optimove/{tenant}/campaigns``.
 
-Checks, in order: tenant (404), body size (413), ``X-API-Key`` (401), ``x-hub-signature`` (401),
-JSON (400), schema (400). A valid request becomes one record per recipient on ``sms.recipients``
-(a failed dispatch record on ``sms.dispatches`` for a recipient that cannot be sent), then one
-entry on ``sms.ingress-requests``; only when Kafka acknowledged all of them is the answer 202.
-A request already in that ledger is answered 202 again and publishes nothing.
+Checks, in order: tenant (404), body size (413) and encoding (400), ``X-API-Key`` (401),
+``x-hub-signature`` (401), JSON (400), schema (400). A valid request becomes one record per
+recipient on ``sms.recipients`` (a failed dispatch record on ``sms.dispatches`` for a recipient
+that cannot be sent), then one entry on ``sms.ingress-requests``; only when Kafka acknowledged
+all of them is the answer 202. A request already in that ledger is answered 202 again and
+publishes nothing.
 """
 
 from __future__ import annotations
@@ -105,7 +106,11 @@ class CampaignEndpoint:
     async def _answer(
         self, request: web.Request, slug: str, tenant: TenantSettings
     ) -> tuple[web.Response, str]:
-        body = await self._read_body(request)
+        try:
+            body = await self._read_body(request)
+        except web.RequestPayloadError:
+            # Content-Encoding that does not decode (or a broken chunked encoding).
+            return error_response(400, "body cannot be decoded"), "invalid_json"
         if body is None:
             limit = self.settings.ingress.max_body_bytes
             return error_response(413, "body too large", limit_bytes=limit), "too_large"
@@ -154,7 +159,9 @@ class CampaignEndpoint:
                 accepted_at=utcnow(),
             )
             try:
-                entry = await self._publish(slug, key, records)
+                entry = await self._publish(
+                    slug, key, records, campaign.request.metadata.campaign_id or ""
+                )
             except KafkaUnavailable as exc:
                 log.warning(
                     "campaign request not stored: Kafka unavailable (%s)",
@@ -209,7 +216,9 @@ class CampaignEndpoint:
         )
         return error_response(401, error, reason=reason)
 
-    async def _publish(self, slug: str, key: str, records: CampaignRecords) -> LedgerEntry:
+    async def _publish(
+        self, slug: str, key: str, records: CampaignRecords, campaign_id: str
+    ) -> LedgerEntry:
         await self.batches.publish(
             [(RECIPIENTS, records.recipients), (DISPATCHES, records.dispatches)]
         )
@@ -217,6 +226,7 @@ class CampaignEndpoint:
         accepted = IngressRequestAccepted(
             tenant=slug,
             request_key=records.request_key,
+            campaign_id=campaign_id,
             accepted=records.accepted,
             rejected=[rejection.as_json() for rejection in records.rejections],
         )

@@ -107,10 +107,15 @@ def parse_campaign(raw: bytes) -> ParsedCampaign:
             value = recipient.get(name)
             if value is not None and not isinstance(value, str):
                 raise SchemaViolation(f"recipients.{index}.{name}", "must be a string")
+    try:
+        metadata_json = metadata_text(raw.decode("utf-8"), document["metadata"])
+    except RecursionError:
+        # orjson reads 1,024 levels, Python's json (which finds the exact text) fewer.
+        raise SchemaViolation("(root)", "nested too deeply") from None
     return ParsedCampaign(
         request=request,
         request_key=request_key(request.batch_id, request.request_id, raw),
-        metadata_json=metadata_text(raw.decode("utf-8"), document["metadata"]),
+        metadata_json=metadata_json,
         scheduled_at=scheduled_at(request.metadata.scheduled_time),
     )
 

@@ -11,9 +11,16 @@ Control endpoints, for tests and for watching a campaign:
 - ``GET /_simulator/received[?endpoint=&tenant=]``: the recorded requests; ``DELETE`` forgets them.
 - ``GET /_simulator/tally[?tenant=&campaign_id=]``: per tenant, what the accepted reports add up to
   (final status per ``messageId``, duplicates, incoming messages).
+- ``GET /_simulator/report-times?tenant=T[&campaign_id=]``: per ``messageId``, when (Unix seconds)
+  its first accepted report and its first final report arrived (latency benchmarks).
 - ``POST /_simulator/mode`` ``{"status": 503, "count": N | "seconds": S, "retry_after": s,
   "delay_ms": d, "tenant": slug}``: answer the next N report requests (or those of the next S
   seconds) with that status, or slowly; ``GET`` lists the modes, ``DELETE`` ends them.
+
+With ``--record PATH`` every accepted request is appended to PATH (JSON lines: tenant, endpoint,
+Unix time, body) before it is answered, and the file is read back at start: the tally survives a
+restart, even a SIGKILL (a line is written before its answer, so a request recorded by a
+simulator killed before answering is counted, and counted again when the client repeats it).
 """
 
 from __future__ import annotations
@@ -26,7 +33,8 @@ from collections import Counter, deque
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from pathlib import Path
+from typing import Any, BinaryIO
 
 import orjson
 from aiohttp import web
@@ -140,20 +148,23 @@ class _ReportTally:
     """Accepted delivery reports of one tenant and one campaign."""
 
     reports: int = 0
-    message_ids: set[str] = field(default_factory=set)
+    # When (Unix seconds) each message's first report, and its first final report, arrived.
+    first_report_at: dict[str, float] = field(default_factory=dict)
+    first_final_at: dict[str, float] = field(default_factory=dict)
     final_reports: Counter[str] = field(default_factory=Counter)
     # The first final report per message decides its outcome; later ones are duplicates.
     outcomes: Counter[tuple[str, str]] = field(default_factory=Counter)
     duplicates: int = 0
 
-    def add(self, message_id: str, status: str, sub_status: str, final: bool) -> None:
+    def add(self, message_id: str, status: str, sub_status: str, final: bool, at: float) -> None:
         self.reports += 1
-        self.message_ids.add(message_id)
+        self.first_report_at.setdefault(message_id, at)
         if not final:
             return
         self.final_reports[message_id] += 1
         seen = self.final_reports[message_id]
         if seen == 1:
+            self.first_final_at[message_id] = at
             self.outcomes[(status, sub_status)] += 1
         elif seen == 2:
             self.duplicates += 1
@@ -242,6 +253,7 @@ class OptimoveSimulator:
         *,
         status_names: Mapping[str, str] | None = None,
         max_recorded: int = DEFAULT_MAX_RECORDED,
+        record_path: Path | None = None,
     ) -> None:
         self.host = host
         self.port = port
@@ -256,6 +268,8 @@ class OptimoveSimulator:
         self._counters: dict[str, _TenantCounters] = {}
         self._modes: dict[str | None, FailureMode] = {}
         self._runner: web.AppRunner | None = None
+        self.record_path = record_path
+        self._record_file: BinaryIO | None = None
         self.app = self._build_app()
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -269,6 +283,11 @@ class OptimoveSimulator:
         return f"{self.url}/{tenant}"
 
     async def start(self) -> None:
+        if self.record_path is not None:
+            self._replay(self.record_path)
+            self._record_file = self.record_path.open("ab")
+            if self._record_file.tell() and not _ends_with_newline(self.record_path):
+                self._record_file.write(b"\n")  # end a line cut short by a kill
         self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
         await self._runner.setup()
         await web.TCPSite(self._runner, self.host, self.port, reuse_address=True).start()
@@ -278,6 +297,34 @@ class OptimoveSimulator:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+        if self._record_file is not None:
+            self._record_file.close()
+            self._record_file = None
+
+    def _replay(self, path: Path) -> None:
+        """Count the requests recorded by earlier runs (a line cut short by a kill is skipped)."""
+        if not path.exists():
+            return
+        replayed = 0
+        with path.open("rb") as lines:
+            for line in lines:
+                try:
+                    entry = orjson.loads(line)
+                    self._count(
+                        entry["tenant"], entry["endpoint"], orjson.loads(entry["body"]), entry["at"]
+                    )
+                except (orjson.JSONDecodeError, KeyError, TypeError):
+                    continue
+                replayed += 1
+        log.info("replayed %d recorded request(s) from %s", replayed, path)
+
+    def _persist(self, slug: str, endpoint: str, raw: bytes, at: float) -> None:
+        if self._record_file is None:
+            return
+        entry = {"tenant": slug, "endpoint": endpoint, "at": at, "body": raw.decode("utf-8")}
+        # Written through to the OS before the answer: a SIGKILL after this loses nothing.
+        self._record_file.write(orjson.dumps(entry) + b"\n")
+        self._record_file.flush()
 
     # -- in-process accessors ---------------------------------------------------------------------
 
@@ -293,9 +340,11 @@ class OptimoveSimulator:
         ]
 
     def reset(self) -> None:
-        """Forget recorded requests and tallies (failure modes stay)."""
+        """Forget recorded requests and tallies (failure modes stay), the record file's too."""
         self._received.clear()
         self._counters.clear()
+        if self._record_file is not None:
+            self._record_file.truncate(0)
 
     def set_mode(self, mode: FailureMode, tenant: str | None = None) -> None:
         """Apply ``mode`` to one tenant's report requests, or (None) to every tenant's."""
@@ -334,7 +383,7 @@ class OptimoveSimulator:
         outcomes: Counter[tuple[str, str]] = Counter()
         for campaign in campaigns:
             reports += campaign.reports
-            messages += len(campaign.message_ids)
+            messages += len(campaign.first_report_at)
             duplicates += campaign.duplicates
             outcomes.update(campaign.outcomes)
         by_status: dict[str, dict[str, int]] = {}
@@ -356,6 +405,21 @@ class OptimoveSimulator:
             "rejected_requests": counters.rejected_requests,
         }
 
+    def report_times(self, tenant: str, campaign_id: str | None = None) -> dict[str, Any]:
+        """Per message id: when its first report and its first final report arrived."""
+        counters = self._counters.get(tenant, _TenantCounters())
+        campaigns: Iterable[_ReportTally] = (
+            counters.campaigns.values()
+            if campaign_id is None
+            else [counters.campaigns.get(campaign_id, _ReportTally())]
+        )
+        first: dict[str, float] = {}
+        final: dict[str, float] = {}
+        for campaign in campaigns:
+            first.update(campaign.first_report_at)
+            final.update(campaign.first_final_at)
+        return {"first_report": first, "first_final": final}
+
     # -- HTTP ------------------------------------------------------------------------------------
 
     def _build_app(self) -> web.Application:
@@ -367,6 +431,7 @@ class OptimoveSimulator:
         app.router.add_get("/_simulator/received", self._get_received)
         app.router.add_delete("/_simulator/received", self._delete_received)
         app.router.add_get("/_simulator/tally", self._get_tally)
+        app.router.add_get("/_simulator/report-times", self._get_report_times)
         app.router.add_get("/_simulator/mode", self._get_modes)
         app.router.add_post("/_simulator/mode", self._post_mode)
         app.router.add_delete("/_simulator/mode", self._delete_modes)
@@ -411,7 +476,9 @@ class OptimoveSimulator:
         except orjson.JSONDecodeError:
             raise RejectedRequest(400, "body is not JSON") from None
         check_body(endpoint, parsed)
-        self._count(slug, endpoint, parsed)
+        at = time.time()
+        self._persist(slug, endpoint, raw, at)
+        self._count(slug, endpoint, parsed, at)
 
     def _mode_for(self, slug: str) -> FailureMode | None:
         now = time.monotonic()
@@ -424,7 +491,7 @@ class OptimoveSimulator:
             del self._modes[key]  # used up or out of time
         return None
 
-    def _count(self, slug: str, endpoint: str, parsed: dict[str, Any]) -> None:
+    def _count(self, slug: str, endpoint: str, parsed: dict[str, Any], at: float) -> None:
         counters = self._counters.setdefault(slug, _TenantCounters())
         if endpoint == HANDSHAKE:
             counters.handshakes += 1
@@ -441,6 +508,7 @@ class OptimoveSimulator:
                 status,
                 parsed["type"]["subStatus"],
                 final=status in self.final_statuses,
+                at=at,
             )
 
     def _record(
@@ -492,6 +560,12 @@ class OptimoveSimulator:
             return _error(404, f"unknown tenant {tenant!r}")
         return _json(self.tally(tenant=tenant, campaign_id=request.query.get("campaign_id")))
 
+    async def _get_report_times(self, request: web.Request) -> web.Response:
+        tenant = request.query.get("tenant", "")
+        if tenant not in self.tenants:
+            return _error(404, f"unknown tenant {tenant!r}")
+        return _json(self.report_times(tenant, request.query.get("campaign_id")))
+
     async def _get_modes(self, _: web.Request) -> web.Response:
         return _json(self.modes())
 
@@ -509,6 +583,12 @@ class OptimoveSimulator:
     async def _delete_modes(self, request: web.Request) -> web.Response:
         self.clear_modes(request.query.get("tenant"))
         return _json(self.modes())
+
+
+def _ends_with_newline(path: Path) -> bool:
+    with path.open("rb") as file:
+        file.seek(-1, 2)
+        return file.read(1) == b"\n"
 
 
 def _json(data: Any, status: int = 200) -> web.Response:
@@ -547,6 +627,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=DEFAULT_MAX_RECORDED,
         help="requests kept for /_simulator/received (the tally counts all)",
     )
+    parser.add_argument(
+        "--record",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="append every accepted request to PATH (JSON lines) and read it back at start, "
+        "so that the tally survives a restart",
+    )
 
 
 def cli(args: argparse.Namespace) -> int:
@@ -562,6 +650,7 @@ def cli(args: argparse.Namespace) -> int:
         },
         status_names=settings.optimove.status_names,
         max_recorded=args.max_recorded,
+        record_path=args.record,
     )
     asyncio.run(serve_until_signalled(simulator))
     return 0

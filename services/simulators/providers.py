@@ -771,7 +771,12 @@ class ProviderSimulator:
         return app
 
     async def start(self) -> None:
-        self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5.0))
+        # Per attempt: connecting and each read may take 5 s; waiting for one of the pool's
+        # connections does not count, or a burst of callbacks (a provider's delivery queue)
+        # would time out in the queue and be given up without ever being sent.
+        self._session = aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=5.0, sock_read=5.0)
+        )
         self._runner = web.AppRunner(self.build_app(), access_log=None, handle_signals=False)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port, reuse_address=True)
@@ -1090,10 +1095,13 @@ def cli(args: argparse.Namespace) -> int:
     urls: dict[str, str] = {}
     if config_path:
         try:
-            urls.update(callback_urls_from_settings(load_settings(config_path)))
+            settings = load_settings(config_path)
         except ConfigError as exc:
             log.error("cannot derive callback URLs from the configuration: %s", exc)
             return 2
+        # A line per send is too many under a benchmark's load: the configured level decides.
+        configure_logging("simulator-providers", settings.log_level)
+        urls.update(callback_urls_from_settings(settings))
     try:
         urls.update(callback_urls_from_args(args.callback_url))
         host, port = split_listen(args.listen)

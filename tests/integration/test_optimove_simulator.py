@@ -7,6 +7,7 @@ the simulator to the same shapes.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
@@ -305,6 +306,33 @@ async def test_tally_counts_final_reports_per_message(
         autumn = (await response.json())[TENANT]
     assert (autumn["reports"], autumn["final"], autumn["delivered"]) == (1, 1, 1)
     async with client.get(f"{simulator.url}/_simulator/tally?tenant=ghost") as response:
+        assert response.status == 404
+
+
+async def test_report_times_give_each_message_its_first_and_first_final_arrival(
+    simulator: OptimoveSimulator, client: aiohttp.ClientSession
+) -> None:
+    settings = settings_for(simulator)
+    before = time.time()
+    assert await deliver(client, settings, report("m-1", "sent", "Sent")) == 200
+    assert await deliver(client, settings, report("m-1", "delivered", "Delivered")) == 200
+    first_final_answered = time.time()
+    await asyncio.sleep(0.02)
+    assert await deliver(client, settings, report("m-1", "delivered", "Delivered")) == 200
+    assert await deliver(client, settings, report("m-2", "sent", "Sent")) == 200
+    assert await deliver(client, settings, report("m-3", "sent", "Sent", campaign_id="o")) == 200
+    after = time.time()
+
+    url = f"{simulator.url}/_simulator/report-times"
+    async with client.get(url, params={"tenant": TENANT, "campaign_id": "spring"}) as response:
+        times = await response.json()
+    assert set(times["first_report"]) == {"m-1", "m-2"}
+    assert set(times["first_final"]) == {"m-1"}  # m-2 has no final report yet
+    first, final = times["first_report"]["m-1"], times["first_final"]["m-1"]
+    assert before <= first <= final <= first_final_answered <= after  # not the duplicate's time
+    async with client.get(url, params={"tenant": TENANT}) as response:
+        assert set((await response.json())["first_report"]) == {"m-1", "m-2", "m-3"}
+    async with client.get(url, params={"tenant": "ghost"}) as response:
         assert response.status == 404
 
 

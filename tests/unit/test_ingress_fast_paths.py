@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import random
+from datetime import UTC, datetime
 
+import orjson
 import phonenumbers
 import pytest
 from aiokafka.partitioner import DefaultPartitioner
@@ -12,8 +14,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from phonenumbers.phonenumberutil import COUNTRY_CODE_TO_REGION_CODE, SUPPORTED_REGIONS
 
+from services.ingress.campaign import build_records, parse_campaign
 from services.ingress.e164 import fast_to_e164
 from services.ingress.produce import murmur2, partition_for
+from shared.config import TenantSettings
+from shared.events import MessageContext, RecipientMessage
+from shared.ids import message_id
 from shared.numbers import InvalidNumber, to_e164
 
 REGIONS = sorted(SUPPORTED_REGIONS)
@@ -125,3 +131,73 @@ def test_murmur2_matches_aiokafka(data: bytes) -> None:
 def test_partition_matches_the_default_partitioner(key: bytes, count: int) -> None:
     partitions = list(range(count))
     assert partition_for(key, partitions) == DefaultPartitioner()(key, partitions, partitions)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    texts=st.lists(st.text(min_size=1), min_size=1, max_size=5),
+    customer_id=st.text(),
+    request_field=st.text(),
+    scheduled=st.booleans(),
+)
+def test_recipient_values_are_exactly_the_models_bytes(
+    texts: list[str], customer_id: str, request_field: str, scheduled: bool
+) -> None:
+    """build_records fills a template; each value must be what RecipientMessage would write."""
+    metadata = {"appId": 7, "campaignId": request_field, "scheduledTime": 1767225600123}
+    if not scheduled:
+        del metadata["scheduledTime"]
+    recipients = [
+        {"message": text, "mobileNumber": f"+4474000000{i:02d}", "customerId": customer_id}
+        for i, text in enumerate(texts)
+    ]
+    body = orjson.dumps(
+        {
+            "batchId": request_field,
+            "metadata": metadata,
+            "recipients": recipients,
+            "requestId": request_field or "r",
+            "senderId": request_field[:11] or None,
+        }
+    )
+    campaign = parse_campaign(body)
+    settings_ = TenantSettings(
+        optimove_base_url="http://127.0.0.1:9/t",
+        api_token="t",
+        secret_key="s",
+        aggregator_api_key="k",
+        default_sender_id="ACME",
+        routes=[{"provider": "p"}],
+    )
+    accepted_at = datetime(2026, 11, 23, 12, 0, 0, 123456, tzinfo=UTC)
+    records = build_records(
+        tenant="acme",
+        settings=settings_,
+        campaign=campaign,
+        normalise=lambda raw: to_e164(raw, "GB"),
+        accepted_at=accepted_at,
+    )
+    sendable = [(i, r) for i, r in enumerate(recipients) if r["message"].strip()]
+    assert len(records.recipients) == len(sendable)
+    for (key, value), (index, recipient) in zip(records.recipients, sendable, strict=True):
+        expected = RecipientMessage(
+            context=MessageContext(
+                tenant="acme",
+                message_id=message_id(
+                    "acme", campaign.request_key, index, recipient["mobileNumber"]
+                ),
+                batch_id=request_field,
+                request_id=request_field or "r",
+                campaign_id=request_field,
+                customer_id=customer_id,
+                mobile_number=recipient["mobileNumber"],
+                metadata_json=campaign.metadata_json,
+            ),
+            destination=recipient["mobileNumber"],
+            text=recipient["message"],
+            sender_id=request_field[:11] or "ACME",
+            scheduled_at=campaign.scheduled_at,
+            accepted_at=accepted_at,
+        )
+        assert value == expected.to_bytes()
+        assert key == f"acme:{recipient['mobileNumber']}".encode()

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -187,3 +189,32 @@ async def test_key_locks_serialise_one_key_and_not_others() -> None:
     assert order.index("c+") < order.index("a-")  # another key: not held up
     assert not locks.is_held(0, "k")
     assert not locks.is_held(0, "other")
+
+
+def _committed_keys(path: Path) -> list[str]:
+    """The keys another connection sees in a store's file: only committed writes."""
+    with contextlib.closing(sqlite3.connect(path)) as reader:
+        return [key for (key,) in reader.execute("SELECT key FROM entries ORDER BY key")]
+
+
+async def test_writes_of_one_event_loop_turn_share_one_commit(tmp_path: Path) -> None:
+    store = make_store(str(tmp_path))
+    store.load(1, [])
+    store.load(2, [])
+    try:
+        store.put(1, "a", {"v": 1}, due_at=5.0)
+        store.put(2, "b", {"v": 2})
+        # The store reads its own writes at once...
+        assert store.get(1, "a") == {"v": 1}
+        assert [key for key, _ in store.due(1, 10.0)] == ["a"]
+        files = {p: next(store.directory.glob(f"{p}.*.sqlite3")) for p in (1, 2)}
+        # ...and commits them together once this turn of the loop is over.
+        assert _committed_keys(files[1]) == []
+        await asyncio.sleep(0)
+        assert _committed_keys(files[1]) == ["a"]
+        assert _committed_keys(files[2]) == ["b"]
+        store.put(1, "c", {"v": 3})
+        await asyncio.sleep(0)
+        assert _committed_keys(files[1]) == ["a", "c"]
+    finally:
+        store.close()

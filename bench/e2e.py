@@ -1,0 +1,417 @@
+"""End-to-end benchmark: a campaign through every service and both simulators.
+
+Every service of ``services.dev.SERVICES`` and both simulators run as processes of their own
+(``bench.stack``), on a fresh embedded broker; the provider simulator answers at once and sends
+its delivery reports at once (zero latency), OTPIQ style: a ``sent`` and a final ``delivered``
+callback per message. Two phases, one after the other:
+
+1. **Throughput**: ``recipients`` (default 100,000) posted as signed batches of ``BATCH_SIZE`` by
+   ``CLIENTS`` concurrent clients as fast as ingress accepts them. The figure is messages per
+   second from the first post to the last final report at the Optimove simulator (its receive
+   times, ``/_simulator/report-times``). The CPU time every process used meanwhile is printed per
+   1,000 messages: the busiest service is the bottleneck on a machine with few cores.
+2. **Latency at a steady rate**: for ``STEADY_S`` seconds, recipients posted at a steady rate
+   (batches of 100, one every 100 ms at 1,000/s): first at ``STEADY_RATE`` (1,000 msg/s), then
+   at half the rate the throughput phase reached (what the machine sustains with room to spare).
+   Per message, the time from ingress's 202 for its batch (acceptance: every record on Kafka) to
+   its first report (``Sent``) and to its final report (``Delivered``) at the Optimove simulator;
+   p50/p99 over all but the first ``SETTLE_S`` seconds. When the pipeline cannot keep up with a
+   rate, its final reports fall behind the posts, latencies grow with the run's length, and the
+   table says so: that rate is beyond this machine.
+
+Both simulators and this process share the machine with the services, as in ``make dev``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import statistics
+import tempfile
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from bench import load
+from bench.profiling import Profiler, hot_spots
+from bench.results import RESULTS_DIR, Options, Report, markdown_table, percentile, text_table
+from bench.stack import (
+    OPTIMOVE_SIMULATOR,
+    PROVIDER_SIMULATOR,
+    SERVICES,
+    SIMULATORS,
+    ProviderSimulatorOptions,
+    Stack,
+    process_cpu_seconds,
+)
+
+DEFAULT_RECIPIENTS = 100_000
+BATCH_SIZE = 1_000
+CLIENTS = 4
+STEADY_RATE = 1_000.0
+STEADY_BATCH = 100
+STEADY_S = 20.0
+WARM_UP = 2_000
+SETTLE_S = 5.0  # of the latency phase, left out of its percentiles
+PROFILED = ("ingress", "sender", "callbacks", "normalizer", "reporter")
+
+# The OTPIQ account may send as fast as the simulator answers; the consumers keep their defaults.
+OVERRIDES: dict[str, Any] = {}
+
+
+@dataclass(frozen=True)
+class Throughput:
+    recipients: int
+    first_post: float
+    all_accepted: float
+    last_final: float
+    cpu: dict[str, float]  # CPU seconds per process during the phase
+    tally: dict[str, Any]
+    errors: int
+
+    @property
+    def seconds(self) -> float:
+        return self.last_final - self.first_post
+
+    @property
+    def rate(self) -> float:
+        return self.recipients / self.seconds
+
+    @property
+    def accept_rate(self) -> float:
+        return self.recipients / (self.all_accepted - self.first_post)
+
+
+@dataclass(frozen=True)
+class Latency:
+    rate: float  # the rate asked for
+    recipients: int
+    posted_rate: float  # recipients/s actually posted
+    final_rate: float  # final reports/s over the same stretch
+    to_first: list[float]  # seconds, sorted
+    to_final: list[float]
+    tally: dict[str, Any]
+    errors: int
+
+    @property
+    def keeps_up(self) -> bool:
+        return self.final_rate >= 0.97 * self.posted_rate
+
+
+def cpu_now(stack: Stack) -> dict[str, float]:
+    names = [*stack.children]
+    now = {name: stack.cpu_seconds(name) for name in names}
+    if stack.broker_pid is not None:
+        now["broker"] = process_cpu_seconds(stack.broker_pid)
+    now["bench"] = time.process_time()
+    return now
+
+
+async def post_all(
+    stack: Stack, batches: Sequence[load.Batch], clients: int
+) -> tuple[list[load.Posted], int]:
+    """Post every batch with ``clients`` concurrent clients; a 503 is retried after a pause, as
+    Optimove would; (answers, batches refused for good)."""
+    queue: asyncio.Queue[load.Batch] = asyncio.Queue()
+    for batch in batches:
+        queue.put_nowait(batch)
+    answers: list[load.Posted] = []
+    errors = 0
+    timeout = aiohttp.ClientTimeout(total=120)
+
+    async def client(session: aiohttp.ClientSession) -> None:
+        nonlocal errors
+        while not queue.empty():
+            batch = queue.get_nowait()
+            for _ in range(10):
+                posted = await load.post(session, stack.campaign_url, batch)
+                if posted.accepted:
+                    answers.append(posted)
+                    break
+                print(f"  ingress answered {posted.status}: {posted.detail}")
+                await asyncio.sleep(1.0)
+            else:
+                errors += 1
+
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+        await asyncio.gather(*(client(session) for _ in range(clients)))
+    return answers, errors
+
+
+def _progress(label: str, expected: int) -> Any:
+    last = [0.0]
+
+    def show(tally: Any) -> None:
+        if time.monotonic() - last[0] >= 10:
+            last[0] = time.monotonic()
+            print(f"  {label}: {tally['final']:,} of {expected:,} final reports", flush=True)
+
+    return show
+
+
+async def throughput(
+    stack: Stack, recipients: int, profile_dir: Path | None
+) -> tuple[Throughput, dict[str, str]]:
+    campaign = f"e2e-{uuid.uuid4().hex[:8]}"
+    batches = load.build_batches(campaign, recipients, BATCH_SIZE, first_index=WARM_UP)
+    profiler = Profiler(stack, PROFILED, profile_dir) if profile_dir is not None else None
+    if profiler is not None:
+        await profiler.start()
+    before = cpu_now(stack)
+    started = time.time()
+    answers, errors = await post_all(stack, batches, CLIENTS)
+    all_accepted = time.time()
+    print(
+        f"  accepted {recipients:,} recipients in {all_accepted - started:.1f} s; "
+        "waiting for the final reports ...",
+        flush=True,
+    )
+    tally = await stack.wait_for_final_reports(
+        campaign,
+        recipients,
+        timeout_s=max(600.0, recipients / 50),
+        on_progress=_progress("throughput", recipients),
+    )
+    after = cpu_now(stack)
+    hot: dict[str, str] = {}
+    if profiler is not None:
+        for name, path in (await profiler.stop()).items():
+            hot[name] = hot_spots(path).describe()
+    times = await stack.optimove_report_times(campaign)
+    last_final = max(times["first_final"].values())
+    cpu = {name: round(after[name] - before.get(name, 0.0), 2) for name in after}
+    del answers
+    return Throughput(recipients, started, all_accepted, last_final, cpu, tally, errors), hot
+
+
+async def steady_latency(stack: Stack, rate: float, seconds: float, first_index: int) -> Latency:
+    campaign = f"e2e-steady-{uuid.uuid4().hex[:8]}"
+    recipients = max(STEADY_BATCH, round(rate * seconds / STEADY_BATCH) * STEADY_BATCH)
+    batches = load.build_batches(campaign, recipients, STEADY_BATCH, first_index=first_index)
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
+        answers = await load.post_paced(session, stack.campaign_url, batches, rate)
+    errors = sum(not posted.accepted for posted in answers)
+    tally = await stack.wait_for_final_reports(
+        campaign,
+        recipients - errors * STEADY_BATCH,
+        timeout_s=max(600.0, recipients / 20),
+        on_progress=_progress(f"latency at {rate:,.0f}/s", recipients),
+    )
+    times = await stack.optimove_report_times(campaign)
+    first, final = times["first_report"], times["first_final"]
+    began = answers[0].started
+    # A short run (a small --recipients) keeps three quarters of itself.
+    settle_s = min(SETTLE_S, seconds / 4)
+    to_first: list[float] = []
+    to_final: list[float] = []
+    for posted in answers:
+        if not posted.accepted or posted.started - began < settle_s:
+            continue
+        for message_id in posted.batch.message_ids:
+            if message_id in first:
+                to_first.append(first[message_id] - posted.answered)
+            if message_id in final:
+                to_final.append(final[message_id] - posted.answered)
+    measured = [p for p in answers if p.started - began >= settle_s]
+    span = measured[-1].started - measured[0].started
+    posted_rate = sum(p.batch.recipients for p in measured[:-1]) / span if span > 0 else 0.0
+    ids = {m for p in measured for m in p.batch.message_ids}
+    finals = sorted(final[m] for m in ids if m in final)
+    final_span = percentile(finals, 0.99) - percentile(finals, 0.01)
+    final_rate = 0.98 * len(finals) / final_span if final_span > 0 else 0.0
+    return Latency(
+        rate=rate,
+        recipients=recipients,
+        posted_rate=posted_rate,
+        final_rate=final_rate,
+        to_first=sorted(to_first),
+        to_final=sorted(to_final),
+        tally=tally,
+        errors=errors,
+    )
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1000:,.0f} ms"
+
+
+async def run(run_dir: Path, recipients: int, profile: bool) -> Report:
+    began = time.monotonic()
+    profile_dir: Path | None = None
+    if profile:
+        stamp = time.strftime("%Y%m%dT%H%M%S")
+        profile_dir = RESULTS_DIR / "profiles" / f"e2e-{stamp}"
+    stack = Stack(
+        run_dir,
+        overrides=OVERRIDES,
+        provider_options=ProviderSimulatorOptions(latency_ms=0, callback_delay_ms=0),
+        optimove_max_recorded=1_000,
+    )
+    async with stack:
+        await stack.start(*SERVICES, *SIMULATORS)
+        # A short warm-up, kept out of the figures: connections, first-time code paths.
+        warm_up = f"warm-{uuid.uuid4().hex[:6]}"
+        await post_all(stack, load.build_batches(warm_up, WARM_UP, 500), 2)
+        await stack.wait_for_final_reports(warm_up, WARM_UP, 300)
+        print(f"e2e bench: throughput, {recipients:,} recipients ...", flush=True)
+        phase1, hot = await throughput(stack, recipients, profile_dir)
+        # A short run (a small --recipients) keeps its steady phases short too.
+        seconds = min(STEADY_S, max(5.0, recipients / STEADY_RATE))
+        steady: list[Latency] = []
+        next_index = WARM_UP + recipients
+        for rate in (STEADY_RATE, max(10.0, round(phase1.rate / 2, -1))):
+            print(f"e2e bench: latency at {rate:,.0f}/s for {seconds:g} s ...", flush=True)
+            steady.append(await steady_latency(stack, rate, seconds, next_index))
+            next_index += steady[-1].recipients
+        stack.check_alive()
+        rss = {name: stack.rss(name) for name in stack.children}
+    return report(phase1, steady, hot, rss, profile_dir, time.monotonic() - began)
+
+
+def _latency_rows(lat: Latency) -> list[tuple[str, str]]:
+    at = f"at {lat.rate:,.0f}/s:"
+    verdict = "keeps up" if lat.keeps_up else "FALLS BEHIND: latencies grow with the run"
+    return [
+        (f"{at} posted", f"{lat.posted_rate:,.0f} recipients/s ({lat.recipients:,})"),
+        (f"{at} final reports", f"{lat.final_rate:,.0f}/s ({verdict})"),
+        (f"{at} acceptance -> Sent report p50 / p99", _p50_p99(lat.to_first)),
+        (f"{at} acceptance -> final report p50 / p99", _p50_p99(lat.to_final)),
+        (f"{at} acceptance -> final report max", _ms(lat.to_final[-1] if lat.to_final else 0.0)),
+    ]
+
+
+def _p50_p99(values: list[float]) -> str:
+    return f"{_ms(percentile(values, 0.5))} / {_ms(percentile(values, 0.99))}"
+
+
+def _latency_figures(lat: Latency) -> dict[str, Any]:
+    return {
+        "rate_per_s": lat.rate,
+        "recipients": lat.recipients,
+        "posted_per_s": round(lat.posted_rate, 1),
+        "final_reports_per_s": round(lat.final_rate, 1),
+        "keeps_up": lat.keeps_up,
+        "to_first_p50_ms": round(percentile(lat.to_first, 0.5) * 1000, 1),
+        "to_first_p99_ms": round(percentile(lat.to_first, 0.99) * 1000, 1),
+        "to_final_p50_ms": round(percentile(lat.to_final, 0.5) * 1000, 1),
+        "to_final_p99_ms": round(percentile(lat.to_final, 0.99) * 1000, 1),
+        "to_final_mean_ms": round(statistics.fmean(lat.to_final) * 1000, 1)
+        if lat.to_final
+        else None,
+    }
+
+
+def report(
+    phase1: Throughput,
+    steady: list[Latency],
+    hot: dict[str, str],
+    rss: dict[str, int],
+    profile_dir: Path | None,
+    duration_s: float,
+) -> Report:
+    failures: list[str] = []
+    phases = [("throughput", phase1.tally, phase1.recipients, phase1.errors)] + [
+        (f"latency at {lat.rate:,.0f}/s", lat.tally, lat.recipients, lat.errors) for lat in steady
+    ]
+    for label, tally, expected, errors in phases:
+        if tally["final"] != expected or tally["duplicates"] or errors:
+            failures.append(
+                f"{label}: {tally['final']:,} final reports for {expected:,} recipients, "
+                f"{tally['duplicates']} duplicates, {errors} batches refused"
+            )
+        if tally["delivered"] != tally["final"]:
+            failures.append(f"{label}: {tally['failed']} reported failed: {tally}")
+    per_k = 1000 / phase1.recipients
+    cpu_rows = [
+        [name, f"{seconds:.1f}", f"{seconds * per_k:.2f}", f"{seconds / phase1.seconds:.0%}"]
+        for name, seconds in sorted(phase1.cpu.items(), key=lambda item: -item[1])
+    ]
+    cpu_header = ("process", "CPU s", "CPU s per 1,000 msgs", "share of one core")
+    total_cpu = sum(phase1.cpu.values())
+    rows = [
+        ("recipients (throughput phase)", f"{phase1.recipients:,}"),
+        ("all accepted by ingress after", f"{phase1.all_accepted - phase1.first_post:.1f} s"),
+        ("ingress acceptance rate", f"{phase1.accept_rate:,.0f} recipients/s"),
+        ("last final report after", f"{phase1.seconds:.1f} s"),
+        ("end-to-end rate", f"{phase1.rate:,.0f} msg/s"),
+        ("CPU, all processes", f"{total_cpu:.0f} s = {total_cpu / phase1.seconds:.2f} cores"),
+        (
+            "CPU per message, all processes",
+            f"{total_cpu * per_k:.1f} ms: {os.cpu_count()} cores sustain "
+            f"~{(os.cpu_count() or 1) * 1000 / max(0.001, total_cpu * per_k):,.0f} msg/s",
+        ),
+    ]
+    for lat in steady:
+        rows += _latency_rows(lat)
+    print(f"\ne2e: all services + simulators, zero provider latency, {os.cpu_count()} cores")
+    print(text_table(("figure", "value"), rows))
+    print()
+    print(text_table(cpu_header, cpu_rows))
+    for name, text in hot.items():
+        print(f"\nprofile of {name} (py-spy, throughput phase):\n{text}")
+    details = (
+        markdown_table(("figure", "value"), rows)
+        + "\n\nCPU time per process during the throughput phase:\n\n"
+        + markdown_table(cpu_header, cpu_rows)
+    )
+    if profile_dir is not None:
+        details += f"\n\nProfiled with py-spy (its overhead included); stacks in {profile_dir}."
+    summary = [
+        (
+            f"{phase1.recipients:,}-recipient campaign, all services + simulators, zero "
+            "provider latency",
+            f"{phase1.rate:,.0f} msg/s from first post to last final report "
+            f"({phase1.seconds:.0f} s; ingress accepted all in "
+            f"{phase1.all_accepted - phase1.first_post:.0f} s); "
+            f"{total_cpu * per_k:.1f} CPU ms per message over all processes",
+        )
+    ]
+    for lat in steady:
+        behind = "" if lat.keeps_up else f"; falls behind: {lat.final_rate:,.0f} final reports/s"
+        summary.append(
+            (
+                f"latency at a steady {lat.rate:,.0f} msg/s ({lat.recipients:,} recipients)",
+                f"acceptance to final report p50 {_ms(percentile(lat.to_final, 0.5))}, p99 "
+                f"{_ms(percentile(lat.to_final, 0.99))} (to Sent: p50 "
+                f"{_ms(percentile(lat.to_first, 0.5))}, p99 "
+                f"{_ms(percentile(lat.to_first, 0.99))}){behind}",
+            )
+        )
+    return Report(
+        benchmark="e2e",
+        summary=summary,
+        details=details,
+        figures={
+            "recipients": phase1.recipients,
+            "batch_size": BATCH_SIZE,
+            "clients": CLIENTS,
+            "seconds_to_last_final": round(phase1.seconds, 2),
+            "seconds_to_all_accepted": round(phase1.all_accepted - phase1.first_post, 2),
+            "msgs_per_s": round(phase1.rate, 1),
+            "cpu_seconds": phase1.cpu,
+            "cpu_ms_per_message": round(total_cpu * per_k, 2),
+            "rss_bytes_at_end": rss,
+            "steady": [_latency_figures(lat) for lat in steady],
+            "profiled": profile_dir is not None,
+            "simulators": [OPTIMOVE_SIMULATOR, PROVIDER_SIMULATOR],
+        },
+        failures=failures,
+        duration_s=duration_s,
+    )
+
+
+def recipients_from(options: Options, env: str, default: int) -> int:
+    if options.recipients is not None:
+        return options.recipients
+    return int(os.environ.get(env, default))
+
+
+def bench(options: Options) -> Report:
+    recipients = recipients_from(options, "BENCH_E2E_RECIPIENTS", DEFAULT_RECIPIENTS)
+    with tempfile.TemporaryDirectory(prefix="smsbridge-bench-e2e-") as directory:
+        return asyncio.run(run(Path(directory), recipients, options.profile))

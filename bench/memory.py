@@ -1,0 +1,290 @@
+"""Memory benchmark: peak RSS per service during a 1,000,000-recipient campaign; it must stay flat.
+
+Every service and both simulators run as processes of their own (``bench.stack``), zero provider
+latency, as in the e2e benchmark. The campaign is posted in signed batches of ``BATCH_SIZE``,
+keeping at most ``WINDOW`` recipients between ingress and their final report, so the pipeline is
+busy all along without the whole campaign waiting in Kafka. The RSS of every service is sampled
+every ``INTERVAL_S`` seconds (``/proc``), with the campaign's progress (final reports at the
+Optimove simulator).
+
+The check, per service: the peak RSS over the whole campaign is at most ``GROWTH`` times the
+peak over its first half plus ``SLACK_MIB``. Every bounded structure fills early in a campaign:
+Kafka fetch buffers, batches in flight, SQLite page caches (2 MiB per partition file), the
+normalizer's directory of the 50,000 numbers it wrote last; with a million recipients the first
+half is 500,000 messages, ten times the largest of them. What still grows in the second half grows
+with the campaign: state kept in memory instead of on disk or in Kafka. For a service of ~130 MiB
+the allowance is ~45 MiB over 500,000 messages: a leak of more than about 100 bytes per message
+fails (with a smaller ``--recipients`` the check is coarser: fewer messages carry the same
+allowance, and the bounded caches may still be filling in the first half).
+
+The simulators and the broker are printed too but not checked: they keep every request, send and
+record on purpose. The embedded broker (Tansu, memory-only) holds about 16 KB per message in RAM
+(it keeps every record batch, and the pipeline writes about fifteen small ones per message; Kafka
+keeps its logs on disk): a million recipients need about 16 GB of RAM for it, checked before the
+run starts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from bench import load
+from bench.e2e import recipients_from
+from bench.results import Options, Report, markdown_table, text_table
+from bench.stack import (
+    BROKER,
+    SERVICES,
+    SIMULATORS,
+    ProviderSimulatorOptions,
+    ResourceSampler,
+    Sample,
+    Stack,
+)
+
+DEFAULT_RECIPIENTS = 1_000_000
+BATCH_SIZE = 5_000
+WINDOW = 40_000
+INTERVAL_S = 2.0
+GROWTH = 1.1
+SLACK_MIB = 32
+MARKS = (0.1, 0.5, 1.0)
+MIB = 2**20
+# What the memory-only embedded broker holds per message of the pipeline (measured: 15.5 KB).
+BROKER_BYTES_PER_MESSAGE = 16_000
+HEADROOM_BYTES = 2 * 2**30
+
+
+class Progress:
+    """The campaign's final reports so far, polled in the background."""
+
+    def __init__(self, stack: Stack, campaign: str, total: int) -> None:
+        self.stack = stack
+        self.campaign = campaign
+        self.total = total
+        self.final = 0
+        self._task: asyncio.Task[None] | None = None
+
+    def fraction(self) -> float:
+        return self.final / self.total
+
+    async def _poll(self) -> None:
+        while True:
+            tally = await self.stack.optimove_tally(self.campaign)
+            self.final = int(tally["final"])
+            await asyncio.sleep(1.0)
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._poll())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+
+async def feed(stack: Stack, progress: Progress, recipients: int) -> int:
+    """Post the campaign, never more than ``WINDOW`` ahead of the final reports; batches refused
+    for good."""
+    refused = 0
+    posted = 0
+    started = time.monotonic()
+    shown = started
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as session:
+        for start in range(0, recipients, BATCH_SIZE):
+            size = min(BATCH_SIZE, recipients - start)
+            # Built batch by batch: a million recipients' bodies at once would be the biggest
+            # thing in this process.
+            (batch,) = load.build_batches(
+                progress.campaign, size, size, first_index=start, first_batch=start // BATCH_SIZE
+            )
+            while posted - progress.final >= WINDOW:
+                stack.check_alive()
+                await asyncio.sleep(0.25)
+            for _ in range(10):
+                answer = await load.post(session, stack.campaign_url, batch)
+                if answer.accepted:
+                    break
+                await asyncio.sleep(1.0)
+            else:
+                refused += 1
+            posted += size
+            if time.monotonic() - shown >= 30:
+                shown = time.monotonic()
+                rate = progress.final / (shown - started)
+                left = (recipients - progress.final) / rate if rate else float("inf")
+                print(
+                    f"  {progress.final:,} of {recipients:,} final reports, {rate:,.0f}/s, "
+                    f"about {left / 60:.0f} min left",
+                    flush=True,
+                )
+    return refused
+
+
+def rss_at(samples: list[Sample], name: str, mark: float) -> int:
+    """RSS at the first sample taken once the progress reached ``mark`` (the last one for 1.0)."""
+    for sample in samples:
+        if sample.progress is not None and sample.progress >= mark:
+            return sample.rss.get(name, 0)
+    return samples[-1].rss.get(name, 0) if samples else 0
+
+
+def peak_until(samples: list[Sample], name: str, mark: float) -> int:
+    peak = 0
+    for sample in samples:
+        peak = max(peak, sample.rss.get(name, 0))
+        if sample.progress is not None and sample.progress >= mark:
+            break
+    return peak
+
+
+def available_memory() -> int:
+    """MemAvailable of /proc/meminfo, in bytes (0 when unknown)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+def too_big(recipients: int) -> str | None:
+    """Why this machine cannot run a campaign this size, if it cannot."""
+    needed = recipients * BROKER_BYTES_PER_MESSAGE + HEADROOM_BYTES
+    available = available_memory()
+    if available and needed > available:
+        fits = max(0, (available - HEADROOM_BYTES) // BROKER_BYTES_PER_MESSAGE)
+        return (
+            f"{recipients:,} recipients need about {needed / 2**30:.1f} GiB of RAM (the "
+            f"memory-only embedded broker keeps ~16 KB per message), {available / 2**30:.1f} GiB "
+            f"are available: run fewer (--recipients / BENCH_MEMORY_RECIPIENTS, at most "
+            f"~{fits:,} here)"
+        )
+    return None
+
+
+async def run(run_dir: Path, recipients: int) -> Report:
+    began = time.monotonic()
+    refusal = too_big(recipients)
+    if refusal is not None:
+        print(f"memory bench: {refusal}")
+        return Report("memory", [], "", {"recipients": recipients}, failures=[refusal])
+    stack = Stack(
+        run_dir,
+        provider_options=ProviderSimulatorOptions(latency_ms=0, callback_delay_ms=0),
+        optimove_max_recorded=1_000,
+    )
+    async with stack:
+        await stack.start(*SERVICES, *SIMULATORS)
+        campaign = f"memory-{uuid.uuid4().hex[:8]}"
+        progress = Progress(stack, campaign, recipients)
+        names = [*SERVICES, *(f"sim-{name}" for name in SIMULATORS), BROKER]
+        sampler = ResourceSampler(stack, names, INTERVAL_S, progress=progress.fraction)
+        progress.start()
+        sampler.start()
+        print(f"memory bench: {recipients:,} recipients ...", flush=True)
+        campaign_started = time.monotonic()
+        refused = await feed(stack, progress, recipients)
+        tally = await stack.wait_for_final_reports(campaign, recipients, timeout_s=3600)
+        campaign_s = time.monotonic() - campaign_started
+        await sampler.stop()
+        await progress.stop()
+        stack.check_alive()
+    return report(recipients, sampler.samples, names, tally, refused, campaign_s, began)
+
+
+def report(
+    recipients: int,
+    samples: list[Sample],
+    names: list[str],
+    tally: dict[str, Any],
+    refused: int,
+    campaign_s: float,
+    began: float,
+) -> Report:
+    header = ("process", "RSS at 10%", "at 50%", "at 100%", "peak", "peak / peak by 50%", "check")
+    rows: list[list[object]] = []
+    failures: list[str] = []
+    figures: dict[str, Any] = {
+        "recipients": recipients,
+        "campaign_seconds": round(campaign_s, 1),
+        "msgs_per_s": round(recipients / campaign_s, 1),
+        "rule": f"peak <= {GROWTH} x peak by 50% + {SLACK_MIB} MiB",
+        "services": {},
+    }
+    for name in names:
+        at = [rss_at(samples, name, mark) for mark in MARKS]
+        peak = peak_until(samples, name, 1.0)
+        early = peak_until(samples, name, 0.5)
+        checked = name in SERVICES
+        allowed = GROWTH * early + SLACK_MIB * MIB
+        ok = not checked or peak <= allowed
+        if not ok:
+            failures.append(
+                f"{name}: peak RSS {peak / MIB:.0f} MiB > {GROWTH} x {early / MIB:.0f} MiB "
+                f"+ {SLACK_MIB} MiB: it grows with the campaign"
+            )
+        rows.append(
+            [
+                name,
+                *(f"{value / MIB:.0f} MiB" for value in at),
+                f"{peak / MIB:.0f} MiB",
+                f"{peak / early:.2f}" if early else "-",
+                ("ok" if ok else "GROWS") if checked else "not checked",
+            ]
+        )
+        figures["services"][name] = {
+            "rss_mib_at": {
+                f"{mark:.0%}": round(value / MIB, 1) for mark, value in zip(MARKS, at, strict=True)
+            },
+            "peak_mib": round(peak / MIB, 1),
+            "peak_by_50pct_mib": round(early / MIB, 1),
+            "checked": checked,
+        }
+    if tally["final"] != recipients or tally["duplicates"] or refused:
+        failures.append(
+            f"{tally['final']:,} final reports for {recipients:,} recipients, "
+            f"{tally['duplicates']} duplicates, {refused} batches refused"
+        )
+    print(
+        f"\nmemory: {recipients:,} recipients in {campaign_s / 60:.1f} min "
+        f"({recipients / campaign_s:,.0f} msg/s), RSS sampled every {INTERVAL_S:g} s"
+    )
+    print(text_table(header, rows))
+    services = [n for n in names if n in SERVICES]
+    peaks = {n: figures["services"][n] for n in services}
+    described = ", ".join(
+        f"{n} {peaks[n]['peak_mib']:.0f} MiB "
+        f"({peaks[n]['peak_mib'] / max(1.0, peaks[n]['peak_by_50pct_mib']):.2f}x by 50%)"
+        for n in services
+    )
+    flat = "yes" if not failures else "NO"
+    return Report(
+        benchmark="memory",
+        summary=[
+            (
+                f"peak RSS per service, {recipients:,}-recipient campaign "
+                f"({campaign_s / 60:.0f} min on this machine)",
+                f"{described}; flat: {flat}",
+            )
+        ],
+        details=markdown_table(header, rows)
+        + f"\n\nCheck: {figures['rule']}, per service. {recipients:,} recipients took "
+        f"{campaign_s / 60:.1f} min ({recipients / campaign_s:,.0f} msg/s).",
+        figures=figures,
+        failures=failures,
+        duration_s=time.monotonic() - began,
+    )
+
+
+def bench(options: Options) -> Report:
+    recipients = recipients_from(options, "BENCH_MEMORY_RECIPIENTS", DEFAULT_RECIPIENTS)
+    with tempfile.TemporaryDirectory(prefix="smsbridge-bench-memory-") as directory:
+        return asyncio.run(run(Path(directory), recipients))

@@ -1,0 +1,128 @@
+"""The benchmark harness's plain parts: configuration it writes, results it records, profiles it
+reads. (Its processes are exercised by tests/reliability/test_chaos.py.)"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from bench.profiling import hot_spots
+from bench.results import (
+    README_BEGIN,
+    README_END,
+    Report,
+    _load_latest,
+    machine,
+    percentile,
+    record,
+)
+from bench.stack import (
+    PROVIDER,
+    TENANT,
+    base_config,
+    deep_merge,
+    instance_config,
+    ops_address,
+    to_toml,
+)
+from services.dev import SERVICES
+from shared.config import Settings
+
+
+def config() -> dict[str, object]:
+    return base_config(
+        bootstrap_servers="127.0.0.1:9092",
+        optimove_url="http://127.0.0.1:8090",
+        provider_url="http://127.0.0.1:8091",
+    )
+
+
+def test_the_written_configuration_reads_back_as_the_same_valid_settings() -> None:
+    data = deep_merge(config(), {"providers": {PROVIDER: {"rate_limit_per_s": 1000.0}}})
+    text = to_toml(data)
+
+    assert tomllib.loads(text) == data
+    settings = Settings(**tomllib.loads(text))
+    assert settings.kafka.bootstrap_servers == "127.0.0.1:9092"
+    assert settings.providers[PROVIDER].rate_limit_per_s == 1000.0
+    assert settings.tenants[TENANT].optimove_base_url == f"http://127.0.0.1:8090/{TENANT}"
+    # Every service answers /readyz on a port of its own.
+    addresses = [ops_address(settings, service) for service in SERVICES]
+    assert len(set(addresses)) == len(SERVICES)
+
+
+def test_toml_quotes_what_needs_quoting() -> None:
+    data = {"a-b": {'we"ird key': 'va"l\\ue\n', "list": [1, 2.5, True, {"x": "y"}]}}
+    assert tomllib.loads(to_toml(data)) == data
+
+
+def test_a_further_instance_gets_its_own_ports_and_state_directory(tmp_path: Path) -> None:
+    base = config()
+    first = instance_config(base, "sender", tmp_path / "sender", fresh_ports=False)
+    second = instance_config(base, "sender", tmp_path / "sender-2", fresh_ports=True)
+
+    assert first["sender"]["metrics_listen"] == base["sender"]["metrics_listen"]  # type: ignore[index]
+    assert second["sender"]["metrics_listen"] != base["sender"]["metrics_listen"]  # type: ignore[index]
+    assert first["sender"]["state_dir"] == str(tmp_path / "sender")  # type: ignore[index]
+    assert second["sender"]["state_dir"] == str(tmp_path / "sender-2")  # type: ignore[index]
+    assert "state_dir" not in base["sender"]  # type: ignore[operator]
+    # An HTTP service's public URL follows its own listen address.
+    ingress = Settings(**instance_config(base, "ingress", tmp_path / "i", fresh_ports=True))
+    assert ingress.ingress.public_url == f"http://{ingress.ingress.listen}"
+
+
+def test_hot_spots_count_self_and_total_samples_and_leave_out_the_wait_for_io(
+    tmp_path: Path,
+) -> None:
+    folded = tmp_path / "x.folded"
+    folded.write_text(
+        "main (app.py:1);handle (/work/main/services/x/app.py:10);"
+        "encode (site-packages/orjson.py:3) 6\n"
+        "main (app.py:1);handle (/work/main/services/x/app.py:12) 3\n"
+        "main (app.py:1);EpollSelector.select (lib/python3.11/selectors.py:468) 11\n"
+    )
+    spots = hot_spots(folded)
+
+    assert (spots.samples, spots.idle) == (20, 11)
+    assert spots.by_self[0] == ("encode (orjson.py)", 6)
+    assert dict(spots.by_total)["handle (services/x/app.py)"] == 9
+    assert dict(spots.by_total)["main (app.py)"] == 9
+
+
+@pytest.mark.parametrize(
+    ("share", "expected"), [(0.5, 50.0), (0.99, 99.0), (1.0, 100.0), (0.001, 1.0)]
+)
+def test_percentile_is_the_nearest_rank(share: float, expected: float) -> None:
+    assert percentile([float(v) for v in range(1, 101)], share) == expected
+
+
+def report(name: str, figure: str) -> Report:
+    return Report(name, [("what", figure)], "| a |", {"x": 1}, machine=machine())
+
+
+def test_record_keeps_the_latest_of_each_benchmark_and_rewrites_the_readme(
+    tmp_path: Path,
+) -> None:
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n\n{README_BEGIN}\nold table\n{README_END}\n\n## after\n")
+    results = tmp_path / "results"
+
+    record([report("ingress", "1"), report("e2e", "2")], results, readme)
+    run = record([report("ingress", "3")], results, readme)
+
+    latest = _load_latest(results / "latest.json")
+    assert {name: r.summary[0][1] for name, r in latest.items()} == {"ingress": "3", "e2e": "2"}
+    assert run.with_suffix(".json").exists() and run.with_suffix(".md").exists()
+    text = readme.read_text()
+    assert "old table" not in text
+    assert "| ingress: what | 3 |" in text and "| e2e: what | 2 |" in text
+    assert text.endswith(f"{README_END}\n\n## after\n")
+
+
+def test_figures_may_have_numbers_for_keys(tmp_path: Path) -> None:
+    figures = {"clients": {100: 32, 1_000: 16}}
+    readme = tmp_path / "README.md"
+    run = record([Report("ingress", [("w", "f")], "", figures)], tmp_path, readme)
+    assert '"100": 32' in run.with_suffix(".json").read_text()
