@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Protocol, cast
 
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 from aiokafka import AIOKafkaConsumer
 from aiokafka.client import AIOKafkaClient
 from aiokafka.protocol.group import LeaveGroupRequest
@@ -29,6 +30,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from shared.config import KafkaSettings, RunnerSettings, Settings, split_listen
 from shared.kafka import Publisher, bootstrap, client_id, make_consumer, make_producer
+from shared.metrics import HTTP_DURATION, HTTP_REQUESTS
 from shared.runner import ConsumerRunner, Handler, PartitionAware
 
 log = logging.getLogger(__name__)
@@ -46,6 +48,32 @@ class Service(Protocol):
     async def stop(self) -> None: ...
 
     def ready(self) -> bool: ...
+
+
+def http_metrics(service: str) -> Middleware:
+    """Counts and times every answer of an HTTP service by route pattern (never by path: paths
+    hold tenants and ids)."""
+
+    @web.middleware
+    async def count_and_time(
+        request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        started = time.perf_counter()
+        status = 500
+        try:
+            response = await handler(request)
+            status = response.status
+            return response
+        except web.HTTPException as exc:
+            status = exc.status
+            raise
+        finally:
+            resource = request.match_info.route.resource
+            route = resource.canonical if resource is not None else "unmatched"
+            HTTP_REQUESTS.labels(service, route, str(status)).inc()
+            HTTP_DURATION.labels(service, route).observe(time.perf_counter() - started)
+
+    return count_and_time
 
 
 def add_ops_routes(app: web.Application, ready: Callable[[], bool]) -> None:

@@ -39,7 +39,7 @@ from shared.campaigns import AUTO_REPLIES, CampaignControls, control_key
 from shared.config import Settings
 from shared.events import CampaignControl, ControlAction
 from shared.kafka import KafkaUnavailable, OutRecord, Publisher
-from shared.metrics import HTTP_DURATION, HTTP_REQUESTS
+from shared.service import http_metrics
 from shared.signing import constant_time_equals
 from shared.topics import CAMPAIGN_CONTROL
 
@@ -141,7 +141,7 @@ class AdminApi:
 
     @property
     def middlewares(self) -> list[Middleware]:
-        return [http_metrics, json_errors, self.authenticate]
+        return [http_metrics(SERVICE), json_errors, self.authenticate]
 
     def add_routes(self, app: web.Application) -> None:
         app.router.add_get(CAMPAIGNS_ROUTE, self.list_campaigns)
@@ -310,18 +310,3 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
         }.get(exc.status, exc.reason)
         headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else {}
         return error_response(exc.status, error, **headers)
-
-
-@web.middleware
-async def http_metrics(request: web.Request, handler: Handler) -> web.StreamResponse:
-    started = time.perf_counter()
-    status = 500
-    try:
-        response = await handler(request)
-        status = response.status
-        return response
-    finally:
-        resource = request.match_info.route.resource
-        route = resource.canonical if resource is not None else "unmatched"
-        HTTP_REQUESTS.labels(SERVICE, route, str(status)).inc()
-        HTTP_DURATION.labels(SERVICE, route).observe(time.perf_counter() - started)

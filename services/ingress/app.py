@@ -13,9 +13,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 import orjson
@@ -36,8 +35,8 @@ from services.ingress.produce import BatchPublisher
 from shared.config import Settings, TenantSettings
 from shared.events import IngressRequestAccepted, utcnow
 from shared.kafka import KafkaUnavailable, OutRecord, Publisher, make_consumer, make_producer
-from shared.metrics import HTTP_DURATION, HTTP_REQUESTS, SIGNATURE_FAILURES
-from shared.service import add_ops_routes, run_service, serve
+from shared.metrics import SIGNATURE_FAILURES
+from shared.service import add_ops_routes, http_metrics, run_service, serve
 from shared.signing import SIGNATURE_HEADER, constant_time_equals, verify
 from shared.statuses import SubStatus
 from shared.topics import DISPATCHES, INGRESS_REQUESTS, RECIPIENTS
@@ -54,8 +53,6 @@ _RECIPIENT_RESULTS: Mapping[str, str] = {
     SubStatus.INVALID_NUMBER: "invalid_number",
     SubStatus.EMPTY_MESSAGE: "empty_message",
 }
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def json_response(
@@ -266,28 +263,6 @@ def _accepted_body(campaign: ParsedCampaign, entry: LedgerEntry) -> dict[str, An
     }
 
 
-def _route_label(request: web.Request) -> str:
-    resource = request.match_info.route.resource
-    return resource.canonical if resource is not None else "unmatched"
-
-
-@web.middleware
-async def http_metrics(request: web.Request, handler: Handler) -> web.StreamResponse:
-    started = time.perf_counter()
-    status = 500
-    try:
-        response = await handler(request)
-        status = response.status
-        return response
-    except web.HTTPException as exc:
-        status = exc.status
-        raise
-    finally:
-        route = _route_label(request)
-        HTTP_REQUESTS.labels(SERVICE, route, str(status)).inc()
-        HTTP_DURATION.labels(SERVICE, route).observe(time.perf_counter() - started)
-
-
 class IngressService:
     """HTTP server, producer, and the ledger follower; ``/metrics`` etc. on the same listener."""
 
@@ -310,7 +285,7 @@ class IngressService:
         )
         # One byte more than our limit, so that a too-large body gets our JSON 413.
         self.app = web.Application(
-            client_max_size=settings.ingress.max_body_bytes + 1, middlewares=[http_metrics]
+            client_max_size=settings.ingress.max_body_bytes + 1, middlewares=[http_metrics(SERVICE)]
         )
         self.app.router.add_post(CAMPAIGN_ROUTE, self.endpoint.handle)
         add_ops_routes(self.app, self.ready)
