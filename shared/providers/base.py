@@ -7,13 +7,15 @@ provider's documentation, used by the tests and by the provider simulator.
 
 from __future__ import annotations
 
+import re
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, ClassVar
 
 import aiohttp
+import orjson
 
 from shared.config import ProviderSettings
 from shared.events import CanonicalStatus, ProviderEventKind
@@ -121,24 +123,27 @@ class Provider(ABC):
         Network failures and timeouts come back as retryable ``SendError``s, never raised.
         """
 
-    async def post_call(
+    async def post_json(
         self,
         url: str,
-        body: bytes,
+        body: Mapping[str, Any],
         headers: Mapping[str, str],
-        size: int,
-        read: Callable[[int, bytes, Mapping[str, str]], list[SendResult]],
+        call: Sequence[OutboundSms],
+        read: Callable[[Sequence[OutboundSms], int, bytes, Mapping[str, str]], list[SendResult]],
     ) -> list[SendResult]:
-        """POST one send call; ``read`` turns the answer into one result per message.
+        """POST ``body`` as JSON for the messages of ``call``; ``read(call, status, raw, headers)``
+        turns the answer into one result per message.
 
         Network failures come back as results (``network_error``) for every message of the call.
         """
+        data = orjson.dumps(body)
+        json_headers = {**headers, "Content-Type": "application/json"}
         try:
-            async with self.session.post(url, data=body, headers=headers) as response:
+            async with self.session.post(url, data=data, headers=json_headers) as response:
                 raw = await response.read()
-                return read(response.status, raw, response.headers)
+                return read(call, response.status, raw, response.headers)
         except (aiohttp.ClientError, TimeoutError) as exc:
-            return [network_error(exc) for _ in range(size)]
+            return [network_error(exc) for _ in call]
 
     @classmethod
     def correlation_key(cls, account: str, provider_message_id: str, number: str) -> str:
@@ -179,6 +184,40 @@ def http_error(status: int, detail: str, retry_after: str | None = None) -> Send
             status_code=status,
         )
     return SendError(detail, retryable=False, sub_status=SubStatus.REJECTED, status_code=status)
+
+
+def fallback_error(
+    status: int, message: str, retry_after_s: float | None, invalid_number: re.Pattern[str]
+) -> SendError:
+    """A refusal without an error code the provider documents: the HTTP status and text decide.
+
+    ``invalid_number`` is the provider's wording for a bad number; ``retry_after_s`` delays the
+    retryable cases.
+    """
+    text = message or f"HTTP {status}"
+    if status in (401, 403, 429) or status >= 500:
+        # 401/403: our credentials or account, not the message: retry later (and fail over),
+        # another route may work.
+        return SendError(text, retryable=True, retry_after_s=retry_after_s, status_code=status)
+    if invalid_number.search(text):
+        return SendError(
+            text, retryable=False, sub_status=SubStatus.INVALID_NUMBER, status_code=status
+        )
+    if status < 300:
+        # A refusal inside a 2xx answer.
+        return SendError(text, retryable=False, sub_status=SubStatus.REJECTED, status_code=status)
+    return http_error(status, text)
+
+
+def first_message(body: Mapping[str, Any], fields: Sequence[str]) -> str:
+    """The first non-blank text among ``fields`` of an answer (an object's own ``message``)."""
+    for name in fields:
+        value = body.get(name)
+        if isinstance(value, dict):
+            value = value.get("message")
+        if isinstance(value, str) and value.strip():
+            return value.strip()[:200]
+    return ""
 
 
 def network_error(exc: BaseException) -> SendError:

@@ -49,7 +49,8 @@ from shared.providers.base import (
     SendAccepted,
     SendError,
     SendResult,
-    http_error,
+    fallback_error,
+    first_message,
     retry_after_seconds,
 )
 from shared.providers.bulk import send_in_calls
@@ -147,6 +148,7 @@ ERROR_CODES: dict[int, tuple[bool, str, str]] = {
     501: (True, SubStatus.PROVIDER_ERROR, "connection error"),
 }
 _CODE_FIELDS = ("code", "error_code", "errorCode")
+_MESSAGE_FIELDS = ("message", "error", "error_message", "detail", "title")
 _DUPLICATE_TEXT = re.compile(r"request[_ ]?id.*(duplicat|already|exist|used)", re.I | re.S)
 _INVALID_NUMBER_TEXT = re.compile(r"\binvalid\b.*\b(phone|number|recipient)", re.I | re.S)
 
@@ -208,17 +210,10 @@ class Octopush(Provider):
         headers = {
             "api-key": self.settings.api_key.get_secret_value(),
             "api-login": self.settings.api_login,
-            "Content-Type": "application/json",
             "cache-control": "no-cache",
         }
-        return await self.post_call(
-            self.send_url,
-            orjson.dumps(self.request_body(call)),
-            headers,
-            len(call),
-            lambda status, raw, answer_headers: self.read_send_response(
-                call, status, raw, answer_headers
-            ),
+        return await self.post_json(
+            self.send_url, self.request_body(call), headers, call, self.read_send_response
         )
 
     def read_send_response(
@@ -296,7 +291,7 @@ def error_for(
     status: int, body: Mapping[str, Any], headers: Mapping[str, str], detail: str | None = None
 ) -> SendError:
     """A refused call: the legacy error code when there is one, else the HTTP status."""
-    message = detail or error_message(body)
+    message = detail or first_message(body, _MESSAGE_FIELDS)
     wait = retry_after_seconds(headers.get("Retry-After"))
     code = error_code(body)
     if code == DUPLICATE_REQUEST or (code is None and _DUPLICATE_TEXT.search(message)):
@@ -317,29 +312,8 @@ def error_for(
             retry_after_s=wait if retryable else None,
             status_code=status,
         )
-    text = message or f"HTTP {status}"
-    if status in (401, 403):
-        # Our key, login or account, not the message: retry later, another route may work.
-        return SendError(text, retryable=True, retry_after_s=wait, status_code=status)
-    if status == 429 or status >= 500:
-        return SendError(text, retryable=True, retry_after_s=wait, status_code=status)
-    if _INVALID_NUMBER_TEXT.search(text):
-        return SendError(
-            text, retryable=False, sub_status=SubStatus.INVALID_NUMBER, status_code=status
-        )
-    if status < 300:
-        return SendError(text, retryable=False, sub_status=SubStatus.REJECTED, status_code=status)
-    return http_error(status, text)
-
-
-def error_message(body: Mapping[str, Any]) -> str:
-    for name in ("message", "error", "error_message", "detail", "title"):
-        value = body.get(name)
-        if isinstance(value, dict):
-            value = value.get("message")
-        if isinstance(value, str) and value.strip():
-            return value.strip()[:200]
-    return ""
+    # 401/403 is our key, login or account.
+    return fallback_error(status, message, wait, _INVALID_NUMBER_TEXT)
 
 
 def error_code(body: Mapping[str, Any]) -> int | None:

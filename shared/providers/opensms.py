@@ -54,7 +54,8 @@ from shared.providers.base import (
     SendAccepted,
     SendError,
     SendResult,
-    http_error,
+    fallback_error,
+    first_message,
     retry_after_seconds,
 )
 from shared.providers.bulk import send_in_calls
@@ -120,6 +121,7 @@ ERROR_CODES: dict[int, tuple[bool, str, str]] = {
 }
 _CODE_IN_TEXT = re.compile(r"\b(100[1-8])\b")
 _CODE_FIELDS = ("code", "error_code", "errorCode")
+_MESSAGE_FIELDS = ("message", "error", "error_message", "detail")
 _ID_FIELDS = ("message_id", "uid", "messageId", "id")
 _NUMBER_FIELDS = ("recipient", "phone", "to", "number", "msisdn")
 _LIST_FIELDS = ("messages", "data", "reports", "recipients")
@@ -173,16 +175,9 @@ class OpenSms(Provider):
         headers = {
             "Authorization": f"Bearer {self.settings.api_key.get_secret_value()}",
             "Accept": "application/json",
-            "Content-Type": "application/json",
         }
-        return await self.post_call(
-            self.send_url,
-            orjson.dumps(self.request_body(call)),
-            headers,
-            len(call),
-            lambda status, raw, answer_headers: self.read_send_response(
-                call, status, raw, answer_headers
-            ),
+        return await self.post_json(
+            self.send_url, self.request_body(call), headers, call, self.read_send_response
         )
 
     def read_send_response(
@@ -285,7 +280,7 @@ def error_for(
     detail: str | None = None,
 ) -> SendError:
     """A refused send: the documented error code when there is one, else the HTTP status."""
-    message = detail or error_message(body)
+    message = detail or first_message(body, _MESSAGE_FIELDS)
     code = error_code(body)
     wait = retry_wait(status, headers, now)
     if code is not None:
@@ -299,30 +294,8 @@ def error_for(
             # The recent identical message may have been an earlier attempt of ours.
             maybe_accepted=code == DUPLICATE_MESSAGE,
         )
-    text = message or f"HTTP {status}"
-    if status in (401, 403):
-        # Our token or account, not the message: retry later, another route may work.
-        return SendError(text, retryable=True, retry_after_s=wait, status_code=status)
-    if status == 429 or status >= 500:
-        return SendError(text, retryable=True, retry_after_s=wait, status_code=status)
-    if _INVALID_NUMBER_TEXT.search(text):
-        return SendError(
-            text, retryable=False, sub_status=SubStatus.INVALID_NUMBER, status_code=status
-        )
-    if status < 300:
-        # A refusal inside a 200, without a code we know.
-        return SendError(text, retryable=False, sub_status=SubStatus.REJECTED, status_code=status)
-    return http_error(status, text)
-
-
-def error_message(body: Mapping[str, Any]) -> str:
-    for name in ("message", "error", "error_message", "detail"):
-        value = body.get(name)
-        if isinstance(value, dict):
-            value = value.get("message")
-        if isinstance(value, str) and value.strip():
-            return value.strip()[:200]
-    return ""
+    # 401/403 is our token or account; a 200 with ``"status": "error"`` is a refusal.
+    return fallback_error(status, message, wait, _INVALID_NUMBER_TEXT)
 
 
 def error_code(body: Mapping[str, Any]) -> int | None:
@@ -336,7 +309,7 @@ def error_code(body: Mapping[str, Any]) -> int | None:
             code = _as_int(place.get(name))
             if code in ERROR_CODES:
                 return code
-    found = _CODE_IN_TEXT.search(error_message(body))
+    found = _CODE_IN_TEXT.search(first_message(body, _MESSAGE_FIELDS))
     return int(found.group(1)) if found else None
 
 

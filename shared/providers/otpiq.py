@@ -128,16 +128,13 @@ class Otpiq(Provider):
         return list(await asyncio.gather(*(self._send_one(sms) for sms in batch)))
 
     async def _send_one(self, sms: OutboundSms) -> SendResult:
-        headers = {
-            "Authorization": f"Bearer {self.settings.api_key.get_secret_value()}",
-            "Content-Type": "application/json",
-        }
-        [result] = await self.post_call(
+        headers = {"Authorization": f"Bearer {self.settings.api_key.get_secret_value()}"}
+        [result] = await self.post_json(
             f"{self.settings.base_url.rstrip('/')}/sms",
-            orjson.dumps(self.request_body(sms)),
+            self.request_body(sms),
             headers,
-            1,
-            lambda status, raw, answer_headers: [
+            [sms],
+            lambda _call, status, raw, answer_headers: [
                 self.read_send_response(sms, status, raw, answer_headers.get("Retry-After"))
             ],
         )

@@ -6,12 +6,14 @@ import argparse
 import re
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any
 
 import aiohttp
 import orjson
 import pytest
 from aiohttp import web
+from multidict import CIMultiDict
 
 from services.simulators.providers import (
     OpenSmsProtocol,
@@ -716,3 +718,101 @@ async def test_callback_urls_are_configured_at_run_time_and_derived_from_the_con
     assert callback_urls_from_args(args.callback_url) == {"a": "http://x/1", "b": "http://y"}
     with pytest.raises(OptionsError):
         callback_urls_from_args(["no-equals-sign"])
+
+
+# -- what our send calls put on the wire ----------------------------------------------------------
+
+
+@dataclass
+class SentRequest:
+    url: str = ""
+    headers: CIMultiDict[str] = field(default_factory=CIMultiDict)
+    body: bytes = b""
+
+
+@dataclass
+class RequestTrace:
+    """Each request as a client session sent it; the trace context is per request, so
+    concurrent calls stay apart."""
+
+    requests: list[SentRequest] = field(default_factory=list)
+
+    async def on_start(
+        self, _: aiohttp.ClientSession, context: SimpleNamespace, __: object
+    ) -> None:
+        context.request = SentRequest()
+        self.requests.append(context.request)
+
+    async def on_chunk(
+        self,
+        _: aiohttp.ClientSession,
+        context: SimpleNamespace,
+        params: aiohttp.TraceRequestChunkSentParams,
+    ) -> None:
+        context.request.body += params.chunk
+
+    async def on_end(
+        self,
+        _: aiohttp.ClientSession,
+        context: SimpleNamespace,
+        params: aiohttp.TraceRequestEndParams,
+    ) -> None:
+        context.request.url = str(params.url)
+        context.request.headers = CIMultiDict(params.headers)
+
+
+@pytest.fixture
+async def traced_client() -> AsyncIterator[tuple[aiohttp.ClientSession, RequestTrace]]:
+    recorder = RequestTrace()
+    trace = aiohttp.TraceConfig()
+    trace.on_request_start.append(recorder.on_start)
+    trace.on_request_chunk_sent.append(recorder.on_chunk)
+    trace.on_request_end.append(recorder.on_end)
+    timeout = aiohttp.ClientTimeout(total=5)
+    async with aiohttp.ClientSession(timeout=timeout, trace_configs=[trace]) as session:
+        yield session, recorder
+
+
+@pytest.mark.parametrize(
+    ("kind", "path", "own_headers"),
+    [
+        (Otpiq, "/sms", {"Authorization": "Bearer sk_test_otpiq"}),
+        (
+            OpenSms,
+            "/sms/send",
+            {"Authorization": f"Bearer {OPENSMS_TOKEN}", "Accept": "application/json"},
+        ),
+        (
+            Octopush,
+            "/sms-campaign/send",
+            {"api-key": OCTOPUSH_KEY, "api-login": OCTOPUSH_LOGIN, "cache-control": "no-cache"},
+        ),
+    ],
+)
+async def test_send_posts_the_request_body_as_json_with_the_providers_own_headers(
+    simulator: ProviderSimulator,
+    traced_client: tuple[aiohttp.ClientSession, RequestTrace],
+    kind: type[Otpiq] | type[OpenSms] | type[Octopush],
+    path: str,
+    own_headers: dict[str, str],
+) -> None:
+    session, trace = traced_client
+    settings = bulk_provider_settings(simulator.url)
+    account = {Otpiq: "otpiq-main", OpenSms: OPENSMS_ACCOUNT, Octopush: OCTOPUSH_ACCOUNT}[kind]
+    provider = kind(account, settings.providers[account], session, callback_url(settings, account))
+    batch = french(2)
+
+    results = await provider.send(batch)
+
+    assert [r.message_id for r in results if isinstance(r, SendAccepted)] == ["m-fr-0", "m-fr-1"]
+    # OTPIQ takes one number per call; the bulk providers take the batch in one call.
+    if isinstance(provider, Otpiq):
+        wanted = [provider.request_body(sms) for sms in batch]
+    else:
+        wanted = [provider.request_body(batch)]
+    sent = [orjson.loads(request.body) for request in trace.requests]
+    assert sorted(sent, key=orjson.dumps) == sorted(wanted, key=orjson.dumps)
+    expected = {"Content-Type": "application/json", **own_headers}
+    for request in trace.requests:
+        assert request.url == provider.settings.base_url.rstrip("/") + path
+        assert {name: request.headers.get(name) for name in expected} == expected

@@ -1,0 +1,58 @@
+"""The HTTP-status fallback and message reading every provider module shares."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import pytest
+
+from shared.providers.base import fallback_error, first_message
+from shared.statuses import SubStatus
+
+INVALID_NUMBER = re.compile(r"\binvalid\b.*\bnumber\b", re.I)
+
+
+@pytest.mark.parametrize(
+    ("status", "message", "retryable", "sub_status", "detail"),
+    [
+        (401, "Unauthorized", True, SubStatus.PROVIDER_ERROR, "Unauthorized"),
+        (403, "", True, SubStatus.PROVIDER_ERROR, "HTTP 403"),
+        (429, "Too many requests", True, SubStatus.PROVIDER_ERROR, "Too many requests"),
+        (500, "", True, SubStatus.PROVIDER_ERROR, "HTTP 500"),
+        (503, "Invalid number", True, SubStatus.PROVIDER_ERROR, "Invalid number"),
+        (400, "invalid phone number", False, SubStatus.INVALID_NUMBER, "invalid phone number"),
+        (200, "Invalid number", False, SubStatus.INVALID_NUMBER, "Invalid number"),
+        (200, "Sender ID not approved", False, SubStatus.REJECTED, "Sender ID not approved"),
+        (404, "Not found", False, SubStatus.REJECTED, "Not found"),
+        (302, "", False, SubStatus.REJECTED, "HTTP 302"),
+    ],
+)
+def test_fallback_follows_the_status_then_the_text(
+    status: int, message: str, retryable: bool, sub_status: str, detail: str
+) -> None:
+    error = fallback_error(status, message, 7.0, INVALID_NUMBER)
+    assert error.retryable is retryable
+    assert error.sub_status == sub_status
+    assert error.detail == detail
+    assert error.status_code == status
+    # Only a retry waits; a terminal error has nothing to wait for.
+    assert error.retry_after_s == (7.0 if retryable else None)
+    assert not error.maybe_accepted
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        ({"message": "  first  ", "error": "second"}, "first"),
+        ({"message": " ", "error": "second"}, "second"),
+        ({"message": 42, "error": {"message": "nested"}}, "nested"),
+        ({"error": {"code": 1}, "detail": "detail"}, "detail"),
+        ({"title": "not one of the fields"}, ""),
+        ({"message": "x" * 250}, "x" * 200),
+    ],
+)
+def test_first_message_takes_the_first_text_among_the_fields(
+    body: dict[str, Any], expected: str
+) -> None:
+    assert first_message(body, ("message", "error", "detail")) == expected
