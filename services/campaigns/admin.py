@@ -32,7 +32,7 @@ import orjson
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
-from services.campaigns.counts import REPLIES, UNKNOWN, Counts, read_counts, summarize
+from services.campaigns.counts import REPLIES, UNKNOWN, Counts
 from services.campaigns.metrics import ADMIN_UNAUTHORIZED, CONTROLS_PUBLISHED
 from services.campaigns.mirror import CountsMirror
 from shared.campaigns import AUTO_REPLIES, CampaignControls, control_key
@@ -179,16 +179,10 @@ class AdminApi:
 
     def campaigns(self, tenant: str | None = None) -> list[dict[str, Any]]:
         """Every campaign with counters (of ``tenant`` only, if given), by tenant and campaign."""
-        prefix = f"{tenant}|" if tenant else ""
-        totals = summarize(
-            stored
-            for stored in read_counts(self.counts.values(prefix))
-            if tenant is None or stored.tenant == tenant
-        )
         now = self.clock()
         return [
             campaign_view(slug, campaign, counts, now, self.controls)
-            for (slug, campaign), counts in sorted(totals.items())
+            for (slug, campaign), counts in self.counts.totals.campaigns(tenant)
         ]
 
     async def list_campaigns(self, request: web.Request) -> web.Response:
@@ -197,13 +191,7 @@ class AdminApi:
 
     async def show_campaign(self, request: web.Request) -> web.Response:
         tenant, campaign = request.match_info["tenant"], request.match_info["campaign"]
-        prefix = f"{tenant}|{campaign}|"
-        totals = summarize(
-            stored
-            for stored in read_counts(self.counts.values(prefix))
-            if (stored.tenant, stored.campaign) == (tenant, campaign)
-        )
-        counts = totals.get((tenant, campaign))
+        counts = self.counts.totals.get(tenant, campaign)
         if counts is None:
             return error_response(404, f"nothing counted of campaign {campaign!r} of {tenant!r}")
         return json_response(

@@ -51,6 +51,8 @@ MAX_SCHEDULE_BUCKETS = 64
 OPTED_OUT = "OptedOut"
 _SEPARATOR = "|"
 
+Campaign = tuple[str, str]  # (tenant, campaign group)
+
 
 @dataclass
 class Counts:
@@ -295,6 +297,28 @@ def _timestamp(value: object) -> float | None:
 def counts_key(tenant: str, campaign: str, topic: str, partition: int) -> str:
     """Key of one campaign's counters of one input partition in ``sms.campaign-counts``."""
     return _SEPARATOR.join((tenant, campaign, topic, str(partition)))
+
+
+def campaign_prefix(tenant: str, campaign: str) -> str:
+    """What every ``counts_key`` of the campaign starts with (and maybe keys of others: a
+    campaign id may contain the separator)."""
+    return _SEPARATOR.join((tenant, campaign, ""))
+
+
+def campaigns_of_key(key: str) -> list[Campaign]:
+    """Every (tenant, campaign group) whose counters ``key`` may be: one, unless the tenant or
+    the campaign contains the separator, when each way of splitting them is (topic names and
+    partitions never contain it). Empty for a key that is not a ``counts_key``."""
+    parts = key.rsplit(_SEPARATOR, 2)
+    if len(parts) != 3:
+        return []
+    both = parts[0]
+    splits: list[Campaign] = []
+    at = both.find(_SEPARATOR)
+    while at >= 0:
+        splits.append((both[:at], both[at + 1 :]))
+        at = both.find(_SEPARATOR, at + 1)
+    return splits
 
 
 def to_event(

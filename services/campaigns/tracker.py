@@ -55,6 +55,7 @@ from aiokafka import TopicPartition
 
 from services.campaigns.counts import (
     INPUT_TOPICS,
+    Campaign,
     Counts,
     contributions,
     counts_key,
@@ -85,7 +86,6 @@ HOUSEKEEPING_INTERVAL_S = 10.0
 # How long a rebalance callback waits for the assigned partitions' counters; records wait longer.
 ASSIGN_WAIT_S = 30.0
 
-Campaign = tuple[str, str]  # (tenant, campaign group)
 _Dirty = tuple[TopicPartition, str, str]
 
 
