@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import signal
-import sys
 import time
 from collections import Counter, defaultdict
 from collections.abc import AsyncIterator, Sequence
@@ -43,16 +40,17 @@ from shared.events import (
 from shared.kafka import OutRecord, Publisher
 from shared.numbers import digits_only
 from shared.providers.dryrun import outcome_for
-from tests.integration.test_shutdown import wait_ready
-from tests.support import (
-    TENANT,
-    TENANT_API_TOKEN,
-    TENANT_SECRET,
-    make_settings,
-    running,
-    wait_for,
+from tests.support import TENANT, make_settings, running, wait_for
+from tests.support.ops import (
+    QUICK_GROUP,
+    config_data,
+    publisher,
+    start_service,
+    stop_service,
+    to_toml,
+    wait_ready,
 )
-from tests.support.ops import QUICK_GROUP, config_data, publisher, to_toml
+from tests.support.pipeline import pipeline, simulated_optimove, simulated_providers
 
 pytestmark = pytest.mark.integration
 
@@ -64,6 +62,9 @@ TEXTS = {SALE: "Spring sale: 20% off today", NEWS: "Our newsletter is out"}
 TAKES_EFFECT_WITHIN_S = 2.0
 # In-process services join their groups within a heartbeat.
 QUICK_GROUPS = {name: {"runner": QUICK_GROUP} for name in ("sender", "normalizer", "reporter")}
+# Without ingress and callbacks: the tests publish the recipients, and the provider calls back
+# nobody.
+CONSUMERS = (build_reporter, build_normalizer, build_sender)
 
 
 def recipient(campaign: str, index: int) -> RecipientMessage:
@@ -135,18 +136,6 @@ class Sends:
         return self.by_campaign[campaign]
 
 
-@contextlib.asynccontextmanager
-async def optimove_simulator() -> AsyncIterator[OptimoveSimulator]:
-    sim = OptimoveSimulator(
-        "127.0.0.1", free_port(), tenants={TENANT: (TENANT_API_TOKEN, TENANT_SECRET)}
-    )
-    await sim.start()
-    try:
-        yield sim
-    finally:
-        await sim.stop()
-
-
 def reports_by_message(optimove: OptimoveSimulator) -> dict[str, list[tuple[str, str]]]:
     """(type.status, type.subStatus) of every delivery report Optimove accepted, per message."""
     reports: dict[str, list[tuple[str, str]]] = defaultdict(list)
@@ -157,17 +146,9 @@ def reports_by_message(optimove: OptimoveSimulator) -> dict[str, list[tuple[str,
     return reports
 
 
-@contextlib.asynccontextmanager
-async def provider_simulator() -> AsyncIterator[ProviderSimulator]:
+def quiet_providers() -> ProviderSimulator:
     # Nobody listens for delivery reports here: they are planned far out and never sent.
-    sim = ProviderSimulator(
-        "127.0.0.1", free_port(), callback_attempts=1, callback_delay_ms=600_000, seed=3
-    )
-    await sim.start()
-    try:
-        yield sim
-    finally:
-        await sim.stop()
+    return simulated_providers(callback_attempts=1, callback_delay_ms=600_000, seed=3)
 
 
 def opensms_account(sim: ProviderSimulator, rate_limit_per_s: float) -> dict[str, Any]:
@@ -223,39 +204,17 @@ async def sender_processes(
     ops URLs once every one holds partitions."""
     ports = [free_port() for _ in range(count)]
     processes: list[asyncio.subprocess.Process] = []
-    with contextlib.ExitStack() as logs:
-        try:
-            for port in ports:
-                config = sender_config(directory / f"sender-{port}.toml", sim, port)
-                log = logs.enter_context((directory / f"sender-{port}.log").open("ab"))
-                processes.append(
-                    await asyncio.create_subprocess_exec(
-                        sys.executable,
-                        "-m",
-                        "services.cli",
-                        "--config",
-                        str(config),
-                        "run",
-                        "sender",
-                        stdout=asyncio.subprocess.DEVNULL,
-                        stderr=log,
-                        env={**os.environ, "TMPDIR": str(directory)},
-                    )
-                )
-            urls = [f"http://127.0.0.1:{port}" for port in ports]
-            for url, process in zip(urls, processes, strict=True):
-                await wait_ready(f"{url}/readyz", process, timeout_s=60)
-            yield urls
-        finally:
-            for process in processes:
-                if process.returncode is None:
-                    process.send_signal(signal.SIGTERM)
-            for process in processes:
-                try:
-                    await asyncio.wait_for(process.wait(), 40)
-                except TimeoutError:
-                    process.kill()
-                    await process.wait()
+    try:
+        for port in ports:
+            config = sender_config(directory / f"sender-{port}.toml", sim, port)
+            log = directory / f"sender-{port}.log"
+            processes.append(await start_service(config, "sender", log=log, tmp_dir=directory))
+        urls = [f"http://127.0.0.1:{port}" for port in ports]
+        for url, process in zip(urls, processes, strict=True):
+            await wait_ready(f"{url}/readyz", process, timeout_s=60)
+        yield urls
+    finally:
+        await asyncio.gather(*(stop_service(process) for process in processes))
 
 
 async def control_counts(urls: Sequence[str], effect: str) -> list[float]:
@@ -290,7 +249,8 @@ async def test_a_paused_campaign_stops_on_both_instances_within_2s_and_resumes_w
     """Two sender processes; the paused campaign interleaved with another on the topic."""
     sale_size, news_size = 20_000, 2_000
     started = time.monotonic()
-    async with provider_simulator() as sim, contextlib.AsyncExitStack() as stack:
+    sim = quiet_providers()
+    async with running(sim), contextlib.AsyncExitStack() as stack:
         settings = make_settings()  # where Kafka is
         out = await stack.enter_async_context(publisher(settings))
         sends = Sends(sim)
@@ -358,15 +318,12 @@ async def test_a_cancelled_campaign_reports_each_unsent_recipient_cancelled_once
 ) -> None:
     """Sender, normalizer and reporter: what Optimove hears is what the provider saw."""
     size = 2_000
+    sim, optimove = quiet_providers(), simulated_optimove()
+    settings = opensms_settings(sim, rate_limit_per_s=400, optimove_url=optimove.url)
     async with (
-        provider_simulator() as sim,
-        optimove_simulator() as optimove,
-        contextlib.AsyncExitStack() as stack,
+        pipeline(settings, sim, optimove, services=CONSUMERS),
+        publisher(settings) as out,
     ):
-        settings = opensms_settings(sim, rate_limit_per_s=400, optimove_url=optimove.url)
-        for build in (build_reporter, build_normalizer, build_sender):
-            await stack.enter_async_context(running(build(settings)))
-        out = await stack.enter_async_context(publisher(settings))
         sends = Sends(sim)
         sale = [recipient(SALE, i) for i in range(size)]
         await out.publish(interleaved(sale))
@@ -408,23 +365,20 @@ async def test_a_dry_run_tenant_is_reported_with_the_mix_and_never_reaches_the_p
     accepted = ("smsbridge_provider_send_total", {"provider": "otpiq-main", "result": "accepted"})
     throttled = ("smsbridge_sender_throttled_total", {"provider": "otpiq-main"})
     accepted_before, throttled_before = sample(*accepted), sample(*throttled)
+    sim, optimove = quiet_providers(), simulated_optimove()
+    settings = make_settings(
+        provider_url=sim.url,
+        optimove_url=optimove.url,
+        overrides={
+            "tenants": {TENANT: {"dry_run": True, "dry_run_outcomes": mix}},
+            "providers": {"otpiq-main": {"rate_limit_per_s": 500}},
+            **QUICK_GROUPS,
+        },
+    )
     async with (
-        provider_simulator() as sim,
-        optimove_simulator() as optimove,
-        contextlib.AsyncExitStack() as stack,
+        pipeline(settings, sim, optimove, services=CONSUMERS),
+        publisher(settings) as out,
     ):
-        settings = make_settings(
-            provider_url=sim.url,
-            optimove_url=optimove.url,
-            overrides={
-                "tenants": {TENANT: {"dry_run": True, "dry_run_outcomes": mix}},
-                "providers": {"otpiq-main": {"rate_limit_per_s": 500}},
-                **QUICK_GROUPS,
-            },
-        )
-        for build in (build_reporter, build_normalizer, build_sender):
-            await stack.enter_async_context(running(build(settings)))
-        out = await stack.enter_async_context(publisher(settings))
         campaign = [recipient(SALE, i) for i in range(size)]
         await out.publish(interleaved(campaign))
 

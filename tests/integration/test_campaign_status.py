@@ -12,9 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
-import os
 import signal
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -24,39 +22,24 @@ import orjson
 import pytest
 from prometheus_client import REGISTRY
 
-from services.callbacks.app import build as build_callbacks
 from services.campaigns.app import build as build_campaigns
 from services.campaigns.client import COLUMNS
 from services.cli import main as smsbridge
-from services.ingress.app import build as build_ingress
-from services.normalizer.app import build as build_normalizer
-from services.reporter.app import build as build_reporter
-from services.sender.app import build as build_sender
 from services.simulators.campaign import sample_numbers
 from services.simulators.optimove import OptimoveSimulator
-from services.simulators.providers import ProviderSimulator
-from shared.broker import EmbeddedBroker, free_port
+from shared.broker import EmbeddedBroker
 from shared.config import Settings
 from shared.events import OptOutChange
 from shared.kafka import OutRecord
 from shared.numbers import to_e164
-from shared.signing import sign
 from shared.topics import OPT_OUTS
-from tests.support import (
-    AGGREGATOR_API_KEY,
-    TENANT,
-    TENANT_API_TOKEN,
-    TENANT_SECRET,
-    make_settings,
-    running,
-    wait_for,
-)
-from tests.support.campaigns import ADMIN_TOKEN, campaign_status, campaigns_section, wait_until
-from tests.support.ops import config_data, publisher, write_config
+from tests.support import TENANT, make_settings, running, wait_for
+from tests.support.campaigns import ADMIN_TOKEN, campaign_status, campaigns_section
+from tests.support.ops import config_data, publisher, start_service, write_config
+from tests.support.pipeline import pipeline, post_campaign, simulated_optimove, simulated_providers
 
 pytestmark = pytest.mark.integration
 
-REPO = Path(__file__).resolve().parents[2]
 CAMPAIGN = "autumn-sale"
 BATCH = 150
 INVALID = [f"12{i}" for i in range(15)]  # no country's mobile numbers: rejected by ingress
@@ -95,27 +78,15 @@ def bodies(numbers: list[str]) -> list[bytes]:
     return found
 
 
-async def post(settings: Settings, body: bytes) -> None:
-    url = f"http://{settings.ingress.listen}/optimove/{TENANT}/campaigns"
-    headers = {
-        "content-type": "application/json",
-        "X-API-Key": AGGREGATOR_API_KEY,
-        "x-hub-signature": sign(body, TENANT_SECRET),
-    }
-    async with aiohttp.ClientSession() as client, client.post(url, data=body, headers=headers) as r:
-        assert r.status == 202, await r.text()
-
-
 @contextlib.asynccontextmanager
-async def pipeline(
-    settings: Settings, optimove_port: int, provider_port: int
-) -> AsyncIterator[OptimoveSimulator]:
+async def campaign_pipeline() -> AsyncIterator[tuple[Settings, OptimoveSimulator]]:
     """The simulators and every service but campaigns, running; the opt-outs recorded first."""
-    optimove = OptimoveSimulator(
-        "127.0.0.1", optimove_port, tenants={TENANT: (TENANT_API_TOKEN, TENANT_SECRET)}
-    )
-    providers = ProviderSimulator(
-        "127.0.0.1", provider_port, fail_rate=0.1, callback_delay_ms=5, seed=5
+    optimove = simulated_optimove()
+    providers = simulated_providers(fail_rate=0.1, callback_delay_ms=5, seed=5)
+    settings = make_settings(
+        optimove_url=optimove.url,
+        provider_url=providers.url,
+        overrides={"campaigns": campaigns_section()},
     )
     _, opted_out = recipients()
     async with publisher(settings) as out:
@@ -131,23 +102,8 @@ async def pipeline(
                 for number in opted_out
             ]
         )
-    async with contextlib.AsyncExitStack() as stack:
-        await optimove.start()
-        stack.push_async_callback(optimove.stop)
-        await providers.start()
-        stack.push_async_callback(providers.stop)
-        for build in (build_normalizer, build_reporter, build_sender, build_callbacks):
-            await stack.enter_async_context(running(build(settings)))
-        await stack.enter_async_context(running(build_ingress(settings)))
-        yield optimove
-
-
-def pipeline_settings(optimove_port: int, provider_port: int) -> Settings:
-    return make_settings(
-        optimove_url=f"http://127.0.0.1:{optimove_port}",
-        provider_url=f"http://127.0.0.1:{provider_port}",
-        overrides={"campaigns": campaigns_section()},
-    )
+    async with pipeline(settings, optimove, providers):
+        yield settings, optimove
 
 
 def tally(optimove: OptimoveSimulator) -> dict[str, Any]:
@@ -172,7 +128,7 @@ async def settled_status(settings: Settings, optimove: OptimoveSimulator) -> dic
         )
         return counted == wanted
 
-    await wait_until(caught_up, "the campaign's counts to catch up with Optimove")
+    await wait_for(caught_up, what="the campaign's counts to catch up with Optimove")
     await asyncio.sleep(1.0)
     status = await campaign_status(settings, TENANT, CAMPAIGN)
     assert status is not None
@@ -233,15 +189,10 @@ def table_row(table: str) -> dict[str, str]:
 async def test_campaign_status_agrees_with_the_optimove_tally(
     kafka: EmbeddedBroker, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    optimove_port, provider_port = free_port(), free_port()
-    settings = pipeline_settings(optimove_port, provider_port)
     numbers, _ = recipients()
-    async with (
-        pipeline(settings, optimove_port, provider_port) as optimove,
-        running(build_campaigns(settings)),
-    ):
+    async with campaign_pipeline() as (settings, optimove), running(build_campaigns(settings)):
         for body in bodies(numbers):
-            await post(settings, body)
+            await post_campaign(settings, body)
         status = await settled_status(settings, optimove)
         assert_agrees_with_optimove(status, optimove)
 
@@ -300,21 +251,13 @@ def already_counted() -> float:
 async def test_a_campaigns_service_killed_mid_campaign_is_replaced_without_double_counting(
     kafka: EmbeddedBroker, tmp_path: Path
 ) -> None:
-    optimove_port, provider_port = free_port(), free_port()
-    settings = pipeline_settings(optimove_port, provider_port)
-    config = write_campaigns_config(tmp_path, settings)
     numbers, _ = recipients()
     first, second = bodies(numbers)
-    async with pipeline(settings, optimove_port, provider_port) as optimove:
-        killed = await asyncio.create_subprocess_exec(
-            *(sys.executable, "-m", "services.cli", "--config", str(config), "run", "campaigns"),
-            cwd=REPO,
-            env=os.environ.copy(),
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.DEVNULL,
-        )
+    async with campaign_pipeline() as (settings, optimove):
+        config = write_campaigns_config(tmp_path, settings)
+        killed = await start_service(config, "campaigns")
         try:
-            await post(settings, first)
+            await post_campaign(settings, first)
 
             async def counting() -> bool:
                 with contextlib.suppress(aiohttp.ClientError):
@@ -322,14 +265,14 @@ async def test_a_campaigns_service_killed_mid_campaign_is_replaced_without_doubl
                     return status is not None and status["sent"] >= 40
                 return False
 
-            await wait_until(counting, "the first instance counting", timeout_s=45)
+            await wait_for(counting, 45, "the first instance counting")
         finally:
             killed.send_signal(signal.SIGKILL)
             await asyncio.wait_for(killed.wait(), 10)
 
         before = already_counted()
         async with running(build_campaigns(settings)):
-            await post(settings, second)
+            await post_campaign(settings, second)
             status = await settled_status(settings, optimove)
             assert_agrees_with_optimove(status, optimove)
         # The new instance read the killed one's uncommitted records again and skipped them.

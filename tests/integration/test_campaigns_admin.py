@@ -15,13 +15,7 @@ from shared.events import CampaignControl, MessageContext, StatusEvent
 from shared.kafka import OutRecord
 from shared.topics import CAMPAIGN_CONTROL, STATUSES
 from tests.support import TENANT, make_settings, read_topic, running, wait_for
-from tests.support.campaigns import (
-    ADMIN_TOKEN,
-    admin_call,
-    campaign_status,
-    campaigns_section,
-    wait_until,
-)
+from tests.support.campaigns import ADMIN_TOKEN, admin_call, campaign_status, campaigns_section
 from tests.support.ops import publisher
 
 pytestmark = pytest.mark.integration
@@ -162,7 +156,7 @@ async def test_controls_reach_the_control_topic_with_their_key_and_show_in_the_s
         async def counted() -> bool:
             return await campaign_status(settings, TENANT, "spring") is not None
 
-        await wait_until(counted, "the spring campaign counted")
+        await wait_for(counted, what="the spring campaign counted")
         spring = await campaign_status(settings, TENANT, "spring")
         assert spring is not None
         assert spring["sent"] == 1 and spring["delivered"] == 0

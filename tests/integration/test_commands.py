@@ -34,7 +34,7 @@ from services.simulators.optimove import OptimoveSimulator
 from shared.broker import EmbeddedBroker, free_port
 from shared.config import Settings
 from shared.events import DeadLetter, InboundMessage, MessageContext, StatusEvent
-from shared.kafka import OutRecord, Publisher, bootstrap, make_producer
+from shared.kafka import OutRecord, bootstrap
 from shared.signing import SIGNATURE_HEADER, verify
 from shared.topics import DEAD_LETTERS, INBOUND, RECIPIENTS, STATUSES, Topic
 from tests.support import (
@@ -45,6 +45,8 @@ from tests.support import (
     make_settings,
     running,
 )
+from tests.support.ops import publisher
+from tests.support.pipeline import simulated_optimove
 
 pytestmark = pytest.mark.integration
 
@@ -73,12 +75,9 @@ async def smsbridge(*argv: str, env: dict[str, str] | None = None) -> tuple[int,
 
 @pytest.fixture
 async def optimove() -> AsyncIterator[OptimoveSimulator]:
-    simulator = OptimoveSimulator(
-        "127.0.0.1", free_port(), {TENANT: (TENANT_API_TOKEN, TENANT_SECRET)}
-    )
-    await simulator.start()
-    yield simulator
-    await simulator.stop()
+    simulator = simulated_optimove()
+    async with running(simulator):
+        yield simulator
 
 
 def handshake_settings(optimove: OptimoveSimulator, ingress_port: int) -> Settings:
@@ -284,14 +283,8 @@ def letter(
 
 
 async def publish_letters(settings: Settings, letters: list[DeadLetter]) -> None:
-    producer = make_producer(settings.kafka, "test")
-    await producer.start()
-    try:
-        await Publisher(producer, 10).publish(
-            OutRecord(DEAD_LETTERS, d.key or "none", d) for d in letters
-        )
-    finally:
-        await producer.stop()
+    async with publisher(settings) as out:
+        await out.publish(OutRecord(DEAD_LETTERS, d.key or "none", d) for d in letters)
 
 
 async def read_raw(settings: Settings, topic: Topic) -> list[tuple[bytes | None, bytes | None]]:

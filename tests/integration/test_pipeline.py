@@ -3,33 +3,17 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections import Counter, defaultdict
 from typing import Any
 
-import aiohttp
 import orjson
 import pytest
 
-from services.callbacks.app import build as build_callbacks
-from services.ingress.app import build as build_ingress
-from services.normalizer.app import build as build_normalizer
-from services.reporter.app import build as build_reporter
-from services.sender.app import build as build_sender
 from services.simulators.campaign import sample_numbers
-from services.simulators.optimove import OptimoveSimulator
-from services.simulators.providers import ProviderSimulator
-from shared.broker import EmbeddedBroker, free_port
-from shared.signing import sign, verify
-from tests.support import (
-    AGGREGATOR_API_KEY,
-    TENANT,
-    TENANT_API_TOKEN,
-    TENANT_SECRET,
-    make_settings,
-    running,
-    wait_for,
-)
+from shared.broker import EmbeddedBroker
+from shared.signing import verify
+from tests.support import TENANT_SECRET, make_settings, wait_for
+from tests.support.pipeline import pipeline, post_campaign, simulated_optimove, simulated_providers
 
 pytestmark = pytest.mark.integration
 
@@ -74,17 +58,9 @@ def campaign_batches(numbers: list[str]) -> list[bytes]:
 async def test_signed_campaign_reaches_optimove_as_sent_then_final_reports(
     kafka: EmbeddedBroker,
 ) -> None:
-    optimove_port, provider_port = free_port(), free_port()
-    settings = make_settings(
-        optimove_url=f"http://127.0.0.1:{optimove_port}",
-        provider_url=f"http://127.0.0.1:{provider_port}",
-    )
-    optimove = OptimoveSimulator(
-        "127.0.0.1", optimove_port, tenants={TENANT: (TENANT_API_TOKEN, TENANT_SECRET)}
-    )
-    providers = ProviderSimulator(
-        "127.0.0.1", provider_port, fail_rate=0.1, callback_delay_ms=5, seed=7
-    )
+    optimove = simulated_optimove()
+    providers = simulated_providers(fail_rate=0.1, callback_delay_ms=5, seed=7)
+    settings = make_settings(optimove_url=optimove.url, provider_url=providers.url)
     numbers = sample_numbers(RECIPIENTS, seed=11)
     bodies = campaign_batches(numbers)
     posted: dict[str, dict[str, Any]] = {}  # customerId -> recipient as posted
@@ -95,33 +71,11 @@ async def test_signed_campaign_reaches_optimove_as_sent_then_final_reports(
         for recipient in parsed["recipients"]:
             posted[recipient["customerId"]] = recipient
 
-    async with contextlib.AsyncExitStack() as stack:
-        await optimove.start()
-        stack.push_async_callback(optimove.stop)
-        await providers.start()
-        stack.push_async_callback(providers.stop)
-        for build in (
-            build_normalizer,
-            build_reporter,
-            build_sender,
-            build_callbacks,
-            build_ingress,
-        ):
-            await stack.enter_async_context(running(build(settings)))
-
-        url = f"http://{settings.ingress.listen}/optimove/{TENANT}/campaigns"
-        async with aiohttp.ClientSession() as client:
-            for body in bodies:
-                headers = {
-                    "content-type": "application/json",
-                    "X-API-Key": AGGREGATOR_API_KEY,
-                    "x-hub-signature": sign(body, TENANT_SECRET),
-                }
-                async with client.post(url, data=body, headers=headers) as response:
-                    assert response.status == 202, await response.text()
-                    answer = await response.json()
-                    assert answer["accepted"] == BATCH_SIZE
-                    assert answer["rejected"] == []
+    async with pipeline(settings, optimove, providers):
+        for body in bodies:
+            answer = await post_campaign(settings, body)
+            assert answer["accepted"] == BATCH_SIZE
+            assert answer["rejected"] == []
 
         def final_reports() -> int:
             return sum(

@@ -11,9 +11,7 @@ in flight).
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -35,6 +33,7 @@ from tests.support import (
     TENANT_SECRET,
     wait_for,
 )
+from tests.support.ops import start_service, stop_service
 
 pytestmark = pytest.mark.integration
 
@@ -84,22 +83,6 @@ max_in_flight = {IN_FLIGHT}
     return path
 
 
-async def start_sender(config: Path, log: Path) -> asyncio.subprocess.Process:
-    return await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "services.cli",
-        "--config",
-        str(config),
-        "run",
-        "sender",
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=log.open("ab"),
-        # Private temporary files of a killed process land here, not in the machine's /tmp.
-        env={**os.environ, "TMPDIR": str(config.parent)},
-    )
-
-
 async def collect_dispatches(
     settings: Settings, expected: int, timeout_s: float
 ) -> dict[str, list[DispatchRecord]]:
@@ -134,16 +117,6 @@ async def collect_dispatches(
     return found
 
 
-async def stop(process: asyncio.subprocess.Process) -> None:
-    if process.returncode is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            await asyncio.wait_for(process.wait(), 40)
-        except TimeoutError:
-            process.kill()
-            await process.wait()
-
-
 async def test_a_sender_killed_mid_campaign_and_restarted_sends_every_message_at_most_once(
     kafka: EmbeddedBroker, tmp_path: Path
 ) -> None:
@@ -157,7 +130,9 @@ async def test_a_sender_killed_mid_campaign_and_restarted_sends_every_message_at
         messages = [recipient(index, f"+4477{index:08d}") for index in range(CAMPAIGN)]
         await publish(settings, messages)
 
-        first = await start_sender(config, tmp_path / "sender-first.log")
+        first = await start_service(
+            config, "sender", log=tmp_path / "sender-first.log", tmp_dir=tmp_path
+        )
         try:
             await wait_for(lambda: len(simulator.sends) >= CAMPAIGN // 2, 180, "half the sends")
         finally:
@@ -166,11 +141,13 @@ async def test_a_sender_killed_mid_campaign_and_restarted_sends_every_message_at
         sent_before_kill = len(simulator.sends)
         assert sent_before_kill < CAMPAIGN, "the kill came after the whole campaign"
 
-        second = await start_sender(config, tmp_path / "sender-second.log")
+        second = await start_service(
+            config, "sender", log=tmp_path / "sender-second.log", tmp_dir=tmp_path
+        )
         try:
             outcomes = await collect_dispatches(settings, CAMPAIGN, timeout_s=240)
         finally:
-            await stop(second)
+            await stop_service(second)
     finally:
         await simulator.stop()
 

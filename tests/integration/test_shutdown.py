@@ -4,15 +4,12 @@ within ``runner.shutdown_deadline_s``, and a successor continues from the commit
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import sys
 import time
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
-import aiohttp
 import pytest
 from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.admin import NewTopic
@@ -35,7 +32,9 @@ from tests.support.ops import (
     dispatch_records,
     group_members,
     publisher,
+    start_service,
     total,
+    wait_ready,
     write_config,
 )
 
@@ -43,25 +42,6 @@ pytestmark = pytest.mark.integration
 
 NORMALIZER_GROUP = "smsbridge-normalizer"
 DEADLINE_S = 10.0
-
-
-async def wait_ready(url: str, process: asyncio.subprocess.Process, timeout_s: float) -> None:
-    """Poll ``/readyz`` until 200 (partitions assigned), failing early if the process died."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    async with aiohttp.ClientSession() as session:
-        while True:
-            if process.returncode is not None:
-                raise AssertionError(f"service exited early with code {process.returncode}")
-            try:
-                async with session.get(url) as response:
-                    if response.status == 200:
-                        return
-            except aiohttp.ClientError:
-                pass
-            if loop.time() > deadline:
-                raise AssertionError(f"{url} not ready after {timeout_s}s")
-            await asyncio.sleep(0.2)
 
 
 async def publish_stream(settings: Settings, message_ids: Sequence[str], chunk: int) -> None:
@@ -88,32 +68,20 @@ async def test_sigterm_mid_stream_commits_and_a_successor_continues(
     log_path = tmp_path / "normalizer.log"
 
     async with TopicTail(settings, STATUSES, StatusEvent) as statuses:
-        with log_path.open("wb") as log_file:
-            process = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "services.cli",
-                "--config",
-                str(config),
-                "run",
-                "normalizer",
-                env=dict(os.environ),  # carries SMSBRIDGE_EMBEDDED_BOOTSTRAP
-                stdout=log_file,
-                stderr=log_file,
-            )
-            try:
-                ops = f"http://{settings.normalizer.metrics_listen}/readyz"
-                await wait_ready(ops, process, timeout_s=60)
-                stream = asyncio.create_task(publish_stream(settings, message_ids, chunk=100))
-                await statuses.wait_count(300)
-                process.send_signal(signal.SIGTERM)
-                signalled = time.monotonic()
-                code = await asyncio.wait_for(process.wait(), DEADLINE_S + 20)
-                took = time.monotonic() - signalled
-            finally:
-                if process.returncode is None:
-                    process.kill()
-                    await process.wait()
+        process = await start_service(config, "normalizer", log=log_path)
+        try:
+            ops = f"http://{settings.normalizer.metrics_listen}/readyz"
+            await wait_ready(ops, process, timeout_s=60)
+            stream = asyncio.create_task(publish_stream(settings, message_ids, chunk=100))
+            await statuses.wait_count(300)
+            process.send_signal(signal.SIGTERM)
+            signalled = time.monotonic()
+            code = await asyncio.wait_for(process.wait(), DEADLINE_S + 20)
+            took = time.monotonic() - signalled
+        finally:
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
         await stream
         logs = log_path.read_text(errors="replace")
         assert code == 0, logs[-3000:]

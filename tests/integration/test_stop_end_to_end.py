@@ -8,34 +8,19 @@ recipient of campaign two is sent as usual.
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any
 
-import aiohttp
 import orjson
 import pytest
 
-from services.callbacks.app import build as build_callbacks
-from services.ingress.app import build as build_ingress
-from services.normalizer.app import build as build_normalizer
-from services.reporter.app import build as build_reporter
-from services.sender.app import build as build_sender
 from services.simulators.optimove import OptimoveSimulator
-from services.simulators.providers import ProviderSimulator, callback_urls_from_settings
-from shared.broker import EmbeddedBroker, free_port
+from services.simulators.providers import callback_urls_from_settings
+from shared.broker import EmbeddedBroker
 from shared.config import Route
 from shared.events import OptOutChange
-from shared.signing import sign
 from shared.topics import OPT_OUTS
-from tests.support import (
-    AGGREGATOR_API_KEY,
-    TENANT,
-    TENANT_API_TOKEN,
-    TENANT_SECRET,
-    read_topic,
-    running,
-    wait_for,
-)
+from tests.support import TENANT, read_topic, wait_for
+from tests.support.pipeline import pipeline, post_campaign, simulated_optimove, simulated_providers
 from tests.support.providers import OCTOPUSH_ACCOUNT, OCTOPUSH_KEY, bulk_provider_settings
 
 pytestmark = pytest.mark.integration
@@ -74,43 +59,15 @@ def final_reports_for(optimove: OptimoveSimulator, campaign_id: str) -> list[dic
 async def test_stop_reply_opts_out_reaches_optimove_and_blocks_the_next_campaign(
     kafka: EmbeddedBroker,
 ) -> None:
-    optimove_port, provider_port = free_port(), free_port()
-    settings = bulk_provider_settings(f"http://127.0.0.1:{provider_port}")
-    settings.tenants[TENANT].optimove_base_url = f"http://127.0.0.1:{optimove_port}/{TENANT}"
+    optimove = simulated_optimove()
+    providers = simulated_providers(callback_delay_ms=5)
+    settings = bulk_provider_settings(providers.url)
+    settings.tenants[TENANT].optimove_base_url = optimove.base_url(TENANT)
     settings.tenants[TENANT].routes = [Route(provider=OCTOPUSH_ACCOUNT)]
-    optimove = OptimoveSimulator(
-        "127.0.0.1", optimove_port, tenants={TENANT: (TENANT_API_TOKEN, TENANT_SECRET)}
-    )
-    providers = ProviderSimulator(
-        "127.0.0.1",
-        provider_port,
-        callback_urls=callback_urls_from_settings(settings),
-        callback_delay_ms=5,
-    )
-    url = f"http://{settings.ingress.listen}/optimove/{TENANT}/campaigns"
+    providers.configure(callback_urls=callback_urls_from_settings(settings))
 
-    async def post(body: bytes) -> None:
-        headers = {
-            "content-type": "application/json",
-            "X-API-Key": AGGREGATOR_API_KEY,
-            "x-hub-signature": sign(body, TENANT_SECRET),
-        }
-        async with (
-            aiohttp.ClientSession() as client,
-            client.post(url, data=body, headers=headers) as response,
-        ):
-            assert response.status == 202, await response.text()
-
-    async with contextlib.AsyncExitStack() as stack:
-        await optimove.start()
-        stack.push_async_callback(optimove.stop)
-        await providers.start()
-        stack.push_async_callback(providers.stop)
-        for build in (build_normalizer, build_reporter, build_sender, build_callbacks):
-            await stack.enter_async_context(running(build(settings)))
-        await stack.enter_async_context(running(build_ingress(settings)))
-
-        await post(campaign("first", [CUSTOMER_AS_OPTIMOVE_WROTE_IT]))
+    async with pipeline(settings, optimove, providers):
+        await post_campaign(settings, campaign("first", [CUSTOMER_AS_OPTIMOVE_WROTE_IT]))
         await wait_for(
             lambda: len(final_reports_for(optimove, "first")) == 1, 60, "first campaign report"
         )
@@ -135,7 +92,9 @@ async def test_stop_reply_opts_out_reaches_optimove_and_blocks_the_next_campaign
             (CUSTOMER_AS_OPTIMOVE_WROTE_IT, "STOP")
         ]
 
-        await post(campaign("second", [CUSTOMER_AS_OPTIMOVE_WROTE_IT, OTHER_CUSTOMER]))
+        await post_campaign(
+            settings, campaign("second", [CUSTOMER_AS_OPTIMOVE_WROTE_IT, OTHER_CUSTOMER])
+        )
         await wait_for(
             lambda: len(final_reports_for(optimove, "second")) == 2, 60, "second campaign"
         )

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable
+import inspect
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -13,10 +14,10 @@ from shared.broker import free_port
 from shared.config import Settings
 from shared.events import E, decode
 from shared.kafka import bootstrap
-from shared.service import Service
+from shared.service import Startable
 from shared.topics import Topic
 
-T = TypeVar("T")
+S = TypeVar("S", bound=Startable)
 
 TENANT = "acme"
 TENANT_SECRET = "acme-shared-secret"
@@ -37,6 +38,24 @@ def make_settings(
 
     Every listen address is a free loopback port; ``overrides`` is deep-merged on top.
     """
+    return Settings(
+        **settings_data(
+            optimove_url=optimove_url,
+            provider_url=provider_url,
+            callbacks_url=callbacks_url,
+            overrides=overrides,
+        )
+    )
+
+
+def settings_data(
+    *,
+    optimove_url: str = "http://127.0.0.1:9",
+    provider_url: str = "http://127.0.0.1:9",
+    callbacks_url: str | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The data of ``make_settings`` (also what the operations tests write as a config file)."""
     callbacks_listen = f"127.0.0.1:{free_port()}"
     data: dict[str, Any] = {
         "kafka": {"bootstrap_servers": "embedded"},
@@ -70,35 +89,50 @@ def make_settings(
         },
     }
     _deep_merge(data, overrides or {})
-    return Settings(**data)
+    return data
 
 
-def _deep_merge(target: dict[str, Any], extra: dict[str, Any]) -> None:
+def _deep_merge(target: dict[str, Any], extra: Mapping[str, Any]) -> None:
     for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(target.get(key), dict):
+        if isinstance(value, Mapping) and isinstance(target.get(key), dict):
             _deep_merge(target[key], value)
         else:
             target[key] = value
 
 
 @contextlib.asynccontextmanager
-async def running(service: Service) -> AsyncIterator[Service]:
-    """Run a service in this event loop for the duration of the block."""
-    await service.start()
+async def running(server: S) -> AsyncIterator[S]:
+    """Run a service (or a simulator) in this event loop for the duration of the block."""
+    await server.start()
     try:
-        yield service
+        yield server
     finally:
-        await service.stop()
+        await server.stop()
 
 
 async def wait_for(
-    predicate: Callable[[], bool], timeout_s: float = 30.0, what: str = "condition"
+    predicate: Callable[[], bool] | Callable[[], Awaitable[bool]],
+    timeout_s: float = 30.0,
+    what: str | Callable[[], str] = "condition",
+    *,
+    every_s: float = 0.05,
 ) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    while not predicate():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
-        await asyncio.sleep(0.05)
+    """Poll ``predicate`` (plain or async) every ``every_s`` until it holds; fail after
+    ``timeout_s`` naming ``what`` (a callable is asked at the time, to say how far it got)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while not await _holds(predicate):
+        if loop.time() > deadline:
+            described = what() if callable(what) else what
+            raise AssertionError(f"timed out after {timeout_s}s waiting for {described}")
+        await asyncio.sleep(every_s)
+
+
+async def _holds(predicate: Callable[[], bool] | Callable[[], Awaitable[bool]]) -> bool:
+    result = predicate()
+    if inspect.isawaitable(result):
+        return bool(await result)
+    return bool(result)
 
 
 async def read_topic(

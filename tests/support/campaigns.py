@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
@@ -53,14 +51,3 @@ async def campaign_status(settings: Settings, tenant: str, campaign: str) -> dic
     assert status == 200, answer
     result: dict[str, Any] = answer
     return result
-
-
-async def wait_until(
-    predicate: Callable[[], Awaitable[bool]], what: str, timeout_s: float = 30.0
-) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    while not await predicate():
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
-        await asyncio.sleep(0.1)

@@ -7,16 +7,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import signal
+import sys
 from collections.abc import AsyncIterator, Iterable, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Generic
 
+import aiohttp
 import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from services.replay import committed_offsets, live_members, offsets_consumer
-from shared.broker import free_port
 from shared.config import Settings, load_settings
 from shared.events import (
     DispatchRecord,
@@ -30,17 +33,9 @@ from shared.events import (
 from shared.kafka import OutRecord, Publisher, bootstrap, make_admin, make_producer
 from shared.providers.otpiq import FIXTURES, Otpiq
 from shared.topics import DISPATCHES, PROVIDER_EVENTS, STATUSES, Topic
-from tests.support import (
-    AGGREGATOR_API_KEY,
-    CALLBACK_TOKEN,
-    OTPIQ_WEBHOOK_SECRET,
-    TENANT,
-    TENANT_API_TOKEN,
-    TENANT_SECRET,
-    _deep_merge,
-    wait_for,
-)
+from tests.support import TENANT, settings_data, wait_for
 
+REPO = Path(__file__).resolve().parents[2]
 ACCOUNT = "otpiq-main"
 # Short sessions: a member that vanished without leaving is replaced quickly.
 QUICK_GROUP = {"session_timeout_ms": 6000, "heartbeat_interval_ms": 1000}
@@ -50,37 +45,7 @@ def config_data(
     *, optimove_url: str = "http://127.0.0.1:9", overrides: Mapping[str, Any] | None = None
 ) -> dict[str, Any]:
     """The configuration of tests.support.make_settings as TOML-ready data (inline secrets)."""
-    data: dict[str, Any] = {
-        "log_level": "INFO",
-        "kafka": {"bootstrap_servers": "embedded"},
-        "ingress": {"listen": f"127.0.0.1:{free_port()}"},
-        "callbacks": {"listen": f"127.0.0.1:{free_port()}"},
-        "sender": {"metrics_listen": f"127.0.0.1:{free_port()}"},
-        "normalizer": {"metrics_listen": f"127.0.0.1:{free_port()}"},
-        "reporter": {"metrics_listen": f"127.0.0.1:{free_port()}"},
-        "tenants": {
-            TENANT: {
-                "optimove_base_url": f"{optimove_url.rstrip('/')}/{TENANT}",
-                "api_token": TENANT_API_TOKEN,
-                "secret_key": TENANT_SECRET,
-                "aggregator_api_key": AGGREGATOR_API_KEY,
-                "default_sender_id": "ACME",
-                "default_region": "GB",
-                "routes": [{"provider": ACCOUNT}],
-            }
-        },
-        "providers": {
-            ACCOUNT: {
-                "kind": "otpiq",
-                "base_url": "http://127.0.0.1:9/otpiq/api",
-                "api_key": "sk_test_otpiq",
-                "callback_token": CALLBACK_TOKEN,
-                "webhook_secret": OTPIQ_WEBHOOK_SECRET,
-            }
-        },
-    }
-    _deep_merge(data, dict(overrides or {}))
-    return data
+    return {"log_level": "INFO", **settings_data(optimove_url=optimove_url, overrides=overrides)}
 
 
 def to_toml(data: Mapping[str, Any]) -> str:
@@ -236,7 +201,7 @@ class TopicTail(Generic[E]):
         await wait_for(
             lambda: len(self.records) >= count,
             timeout_s,
-            f"{count} records on {self.topic.name} (have {len(self.records)})",
+            lambda: f"{count} records on {self.topic.name} (have {len(self.records)})",
         )
 
     async def settle(self, quiet_s: float = 1.0, timeout_s: float = 30.0) -> None:
@@ -265,6 +230,54 @@ class TopicTail(Generic[E]):
             await self._consumer.stop()
 
 
+# -- service processes -----------------------------------------------------------------------------
+
+
+async def start_service(
+    config: Path, service: str, *, log: Path | None = None, tmp_dir: Path | None = None
+) -> asyncio.subprocess.Process:
+    """``smsbridge --config CONFIG run SERVICE`` in a process of its own (the environment carries
+    the embedded broker's address), its output appended to ``log`` or dropped. ``tmp_dir`` takes
+    the private temporary files of a process that may be killed, out of the machine's /tmp."""
+    env = {**os.environ, **({"TMPDIR": str(tmp_dir)} if tmp_dir is not None else {})}
+    with contextlib.ExitStack() as files:
+        output = files.enter_context(log.open("ab")) if log else asyncio.subprocess.DEVNULL
+        return await asyncio.create_subprocess_exec(
+            *(sys.executable, "-m", "services.cli", "--config", str(config), "run", service),
+            cwd=REPO,
+            env=env,
+            stdout=output,
+            stderr=output,
+        )
+
+
+async def stop_service(process: asyncio.subprocess.Process, timeout_s: float = 40.0) -> None:
+    """SIGTERM, then SIGKILL if the process has not exited within ``timeout_s``."""
+    if process.returncode is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(process.wait(), timeout_s)
+        except TimeoutError:
+            process.kill()
+            await process.wait()
+
+
+async def wait_ready(url: str, process: asyncio.subprocess.Process, timeout_s: float) -> None:
+    """Poll ``/readyz`` until 200 (partitions assigned), failing early if the process died."""
+    async with aiohttp.ClientSession() as session:
+
+        async def ready() -> bool:
+            if process.returncode is not None:
+                raise AssertionError(f"service exited early with code {process.returncode}")
+            try:
+                async with session.get(url) as response:
+                    return response.status == 200
+            except aiohttp.ClientError:
+                return False
+
+        await wait_for(ready, timeout_s, f"{url} to be ready", every_s=0.2)
+
+
 # -- consumer groups -------------------------------------------------------------------------------
 
 
@@ -276,15 +289,6 @@ async def group_members(settings: Settings, group: str) -> list[str]:
         return members
     finally:
         await admin.close()
-
-
-async def wait_group_empty(settings: Settings, group: str, timeout_s: float = 30.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    while members := await group_members(settings, group):
-        if loop.time() > deadline:
-            raise AssertionError(f"group {group} still has members after {timeout_s}s: {members}")
-        await asyncio.sleep(0.2)
 
 
 async def committed(settings: Settings, group: str, topic: Topic) -> dict[int, int | None]:
@@ -315,10 +319,12 @@ __all__ = [
     "dispatch_records",
     "group_members",
     "publisher",
+    "start_service",
     "status_event",
     "status_records",
+    "stop_service",
     "to_toml",
     "total",
-    "wait_group_empty",
+    "wait_ready",
     "write_config",
 ]
