@@ -208,6 +208,13 @@ class StateChange(Event):
     value: dict[str, Any]
     due_at: float | None = None
 
+    def to_bytes(self) -> bytes:
+        # ``value`` is JSON-shaped already (stores keep what orjson wrote): the generic encoding
+        # walked all of it again through pydantic's serializer of ``Any``, for the same bytes.
+        return orjson.dumps(
+            {"schema_version": self.schema_version, "value": self.value, "due_at": self.due_at}
+        )
+
 
 ControlAction = Literal["pause", "resume", "cancel"]
 

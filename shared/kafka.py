@@ -7,6 +7,7 @@ import os
 import socket
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
@@ -91,7 +92,9 @@ class OutRecord:
     # None lets the partitioner pick from the key; changelogs name the input's partition.
     partition: int | None = None
 
-    @property
+    # Encoded once: ``Outbox`` encodes in its caller (a record that cannot be encoded fails that
+    # caller alone, not everybody's flush), the publisher then sends the same bytes.
+    @cached_property
     def encoded(self) -> tuple[bytes, bytes | None]:
         value = self.value.to_bytes() if self.value is not None else None
         return self.key.encode("utf-8"), value

@@ -14,6 +14,10 @@ owned the partition in between, so an assigned partition always starts from an e
 Entries may carry ``due_at`` (Unix seconds); ``due`` lists those whose time has come, through an
 index, for the owner's timers.
 
+Each partition keeps a running count of its entries, and of those under the ``counted_prefixes``
+the owner named, kept on every write and recounted once per restore: a gauge reads them without
+a scan however many entries there are.
+
 ``state_dir`` belongs to one process: files found there at start are deleted.
 """
 
@@ -27,7 +31,7 @@ import sqlite3
 import tempfile
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import count
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -63,10 +67,25 @@ class Entry(NamedTuple):
     due_at: float | None
 
 
-@dataclass(frozen=True)
+@dataclass
 class _Database:
     connection: sqlite3.Connection
     path: Path
+    # Running counts (see the module docstring): every entry, and those under each counted prefix.
+    entries: int = 0
+    by_prefix: dict[str, int] = field(default_factory=dict)
+
+    def counted(self, key: str, delta: int) -> None:
+        """Count ``key`` as added (+1) or removed (-1)."""
+        self.entries += delta
+        for prefix in self.by_prefix:
+            if key.startswith(prefix):
+                self.by_prefix[prefix] += delta
+
+    def recount(self, prefixes: Iterable[str]) -> None:
+        """Count from the file (after a restore wrote it without counting)."""
+        self.entries = int(self.connection.execute("SELECT COUNT(*) FROM entries").fetchone()[0])
+        self.by_prefix = {prefix: _count_prefix(self.connection, prefix) for prefix in prefixes}
 
     def close_and_remove(self) -> None:
         self.connection.close()
@@ -84,11 +103,14 @@ class ChangelogStore:
         state_dir: str = "",
         name: str,
         restore_stall_timeout_s: float = 30.0,
+        counted_prefixes: Iterable[str] = (),
     ) -> None:
+        """``counted_prefixes``: key prefixes whose ``count_prefix`` a gauge reads often."""
         self.kafka = kafka
         self.changelog = changelog
         self.name = name
         self.restore_stall_timeout_s = restore_stall_timeout_s
+        self.counted_prefixes = tuple(dict.fromkeys(p for p in counted_prefixes if p))
         if state_dir:
             self.directory = Path(state_dir) / changelog.name
             self._private_dir: Path | None = None
@@ -133,14 +155,23 @@ class ChangelogStore:
         self, partition: int, key: str, value: dict[str, Any] | None, due_at: float | None = None
     ) -> OutRecord:
         """Store ``value`` (None deletes) and return the changelog record to publish."""
-        connection = self._writable(partition)
+        database = self._writable(partition)
+        connection = database.connection
         if value is None:
-            connection.execute("DELETE FROM entries WHERE key = ?", (key,))
+            if connection.execute("DELETE FROM entries WHERE key = ?", (key,)).rowcount:
+                database.counted(key, -1)
             return OutRecord(self.changelog, key, None, partition=partition)
-        connection.execute(
-            "INSERT OR REPLACE INTO entries (key, value, due_at) VALUES (?, ?, ?)",
-            (key, orjson.dumps(value), due_at),
-        )
+        encoded = orjson.dumps(value)
+        # Update first, insert when nothing was there: the count needs to know which it was,
+        # and an update of an existing key (the common case) costs no more than a replace.
+        updated = connection.execute(
+            "UPDATE entries SET value = ?, due_at = ? WHERE key = ?", (encoded, due_at, key)
+        ).rowcount
+        if not updated:
+            connection.execute(
+                "INSERT INTO entries (key, value, due_at) VALUES (?, ?, ?)", (key, encoded, due_at)
+            )
+            database.counted(key, +1)
         return OutRecord(
             self.changelog, key, StateChange(value=value, due_at=due_at), partition=partition
         )
@@ -161,22 +192,19 @@ class ChangelogStore:
         return [(key, orjson.loads(value)) for key, value in rows]
 
     def count(self, partition: int) -> int:
-        row = self._connection(partition).execute("SELECT COUNT(*) FROM entries").fetchone()
-        return int(row[0])
+        """How many entries the partition holds (a running count: no query)."""
+        return self._database(partition).entries
 
     def count_prefix(self, partition: int, prefix: str) -> int:
-        """How many keys start with ``prefix``: a range over the key index, not a scan."""
+        """How many keys start with ``prefix``: a running count for the ``counted_prefixes``,
+        else a range over the key index (not a scan, but not free either)."""
+        database = self._database(partition)
         if not prefix:
-            return self.count(partition)
-        row = (
-            self._connection(partition)
-            .execute(
-                "SELECT COUNT(*) FROM entries WHERE key >= ? AND key < ?",
-                (prefix, _prefix_end(prefix)),
-            )
-            .fetchone()
-        )
-        return int(row[0])
+            return database.entries
+        counted = database.by_prefix.get(prefix)
+        if counted is not None:
+            return counted
+        return _count_prefix(database.connection, prefix)
 
     def scan_prefix(
         self, partition: int, prefix: str, *, after: str = "", limit: int = 1000
@@ -194,26 +222,26 @@ class ChangelogStore:
         )
         return [(key, orjson.loads(value)) for key, value in rows]
 
-    def _writable(self, partition: int) -> sqlite3.Connection:
-        """The partition's connection, in a transaction that ends with this turn of the loop.
+    def _writable(self, partition: int) -> _Database:
+        """The partition's database, in a transaction that ends with this turn of the loop.
 
         A commit per write cost more than the write itself (a WAL frame and index update each
         time). Nothing but this connection ever reads the file (and it reads its own uncommitted
         writes), and a file is never trusted after a restart, so when the commit happens changes
         nothing but the cost: the writes of one event loop turn share one.
         """
-        connection = self._connection(partition)
-        if connection.in_transaction:
-            return connection
+        database = self._database(partition)
+        if database.connection.in_transaction:
+            return database
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
-            return connection  # outside an event loop: every write commits at once
-        connection.execute("BEGIN")
+            return database  # outside an event loop: every write commits at once
+        database.connection.execute("BEGIN")
         if self._commit_pending is not loop:
             loop.call_soon(self.commit)
             self._commit_pending = loop
-        return connection
+        return database
 
     def commit(self) -> None:
         """End every open write transaction (run once per event loop turn that wrote)."""
@@ -223,12 +251,15 @@ class ChangelogStore:
                 database.connection.execute("COMMIT")
 
     def _connection(self, partition: int) -> sqlite3.Connection:
+        return self._database(partition).connection
+
+    def _database(self, partition: int) -> _Database:
         database = self._ready.get(partition)
         if database is None:
             raise PartitionNotReady(
                 f"{self.changelog.name}[{partition}] is not assigned here or not restored yet"
             )
-        return database.connection
+        return database
 
     # -- restoring -------------------------------------------------------------------------------
 
@@ -237,6 +268,7 @@ class ChangelogStore:
         database = self._open_fresh(partition)
         try:
             self._apply(database.connection, records)
+            database.recount(self.counted_prefixes)
         except BaseException:
             database.close_and_remove()
             raise
@@ -291,6 +323,8 @@ class ChangelogStore:
             counts = await self._read_changelog(
                 {p: database.connection for p, database in databases.items()}
             )
+            for database in databases.values():
+                database.recount(self.counted_prefixes)
         except BaseException:
             for database in databases.values():
                 database.close_and_remove()
@@ -388,6 +422,14 @@ class ChangelogStore:
         database = self._ready.pop(partition, None)
         if database is not None:
             database.close_and_remove()
+
+
+def _count_prefix(connection: sqlite3.Connection, prefix: str) -> int:
+    """How many keys start with ``prefix`` (not empty): a range over the key index."""
+    row = connection.execute(
+        "SELECT COUNT(*) FROM entries WHERE key >= ? AND key < ?", (prefix, _prefix_end(prefix))
+    ).fetchone()
+    return int(row[0])
 
 
 def _prefix_end(prefix: str) -> str:

@@ -17,6 +17,8 @@ like the join, so a dispatch releasing a held reply and a repeat of that reply n
 Every change of a key's state is published together with the statuses and dead letters it caused,
 under that key's lock, before the input offset may be committed (the handler publishes itself and
 returns nothing to the runner): a record handler and the timers never reorder one key's changelog.
+They go through an ``Outbox``: the outputs of every record handled in one turn of the event loop
+share one publish, each handler still waiting for the acknowledgement of its own.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from services.normalizer.replies import (
     UnroutableReply,
     tenant_number_key,
 )
+from shared import gcpolicy
 from shared.config import Settings
 from shared.events import (
     DeadLetter,
@@ -52,9 +55,11 @@ from shared.events import (
 )
 from shared.kafka import KafkaUnavailable, OutRecord, Publisher
 from shared.logs import mask_number
+from shared.outbox import Outbox
 from shared.runner import PoisonRecord, Record
 from shared.service import ConsumerService, Service, run_service
 from shared.store import ChangelogStore, Entry, GlobalTable, KeyLocks, PartitionNotReady
+from shared.timers import fire_partitions, run_timer_passes
 from shared.topics import (
     DEAD_LETTERS,
     DISPATCHES,
@@ -130,7 +135,7 @@ class NormalizerHandler:
         self.timer_interval_s = timer_interval_s
         self.timer_batch = timer_batch
         self.clock = clock
-        self._publisher: Publisher | None = None
+        self._outbox: Outbox | None = None
         self._timer_task: asyncio.Task[None] | None = None
         # Held by a timer pass; a revoke waits for it so that no timer writes a lost partition.
         self._timer_pass = asyncio.Lock()
@@ -138,7 +143,7 @@ class NormalizerHandler:
     # -- lifecycle (ConsumerService) -----------------------------------------------------------
 
     async def start(self, publisher: Publisher) -> None:
-        self._publisher = publisher
+        self._outbox = Outbox(publisher, name=NAME)
         # Replies need the directory caught up, or their ``from`` would fall back to digits.
         await self.number_formats.start()
         self._timer_task = asyncio.create_task(self._run_timers(), name=f"{NAME}-timers")
@@ -308,17 +313,12 @@ class NormalizerHandler:
 
     async def fire_timers(self, now: float) -> int:
         """Run every timer due at ``now`` on the partitions held here; returns how many ran."""
-        fired = 0
         async with self._timer_pass:
-            for partition in self.store.partitions():
-                try:
-                    fired += await self._fire_partition(partition, now)
-                except KafkaUnavailable:
-                    raise
-                except Exception:
-                    # One partition's bad entry must not stop the timers of the others.
-                    log.exception("%s: timers of partition %d failed", NAME, partition)
-        return fired
+            return await fire_partitions(
+                self.store.partitions(),
+                lambda partition: self._fire_partition(partition, now),
+                name=NAME,
+            )
 
     async def _fire_partition(self, partition: int, now: float) -> int:
         fired = 0
@@ -349,21 +349,18 @@ class NormalizerHandler:
         return self.joiner.on_timer(JoinState.from_value(entry.value), now)
 
     async def _run_timers(self) -> None:
-        while True:
-            await asyncio.sleep(self.timer_interval_s)
-            try:
-                await self.fire_timers(self.clock())
-            except KafkaUnavailable as exc:
-                log.warning("%s: timers could not publish (%s); next pass retries", NAME, exc)
-            except Exception:
-                log.exception("%s: timer pass failed", NAME)
+        await run_timer_passes(
+            lambda: self.fire_timers(self.clock()),
+            lambda: asyncio.sleep(self.timer_interval_s),
+            name=NAME,
+        )
 
     # -- outputs -------------------------------------------------------------------------------
 
     async def _publish(self, partition: int, changes: Sequence[_Change]) -> None:
         """Store and publish the changes (statuses, replies, dead letters, number formats,
         changelog) together, or undo them."""
-        if self._publisher is None:
+        if self._outbox is None:
             raise RuntimeError(f"{NAME} handler used before start()")
         outputs: list[OutRecord] = []
         written: list[_Change] = []
@@ -390,7 +387,7 @@ class NormalizerHandler:
                     )
                 )
         try:
-            await self._publisher.publish(outputs)
+            await self._outbox.publish(outputs)
         except BaseException:
             self._undo(partition, written)
             for change in changes:
@@ -511,4 +508,5 @@ def build(settings: Settings, handler: NormalizerHandler | None = None) -> Servi
 
 
 async def main(settings: Settings) -> None:
+    gcpolicy.tune_for_throughput()
     await run_service(build(settings), settings.normalizer.metrics_listen)

@@ -5,6 +5,8 @@ errors, timeouts, 5xx; a 429 or any ``Retry-After`` at once) the circuit opens: 
 until ``next_attempt_at``, then exactly one (the probe). An answer that shows Optimove is up (2xx,
 or a refusal such as 400 or 401, which is about the request, not the endpoint) closes it; a failed
 probe keeps it open for a wait that doubles up to ``max_backoff_s`` (or the ``Retry-After``).
+Each time it closes again ``recoveries`` grows: the reporter then sends the tenant's parked
+reports at once instead of at their backoff-spread turns.
 
 While a tenant's circuit is open its new reports are parked at once instead of taking a slot of
 the runner, which is what keeps one tenant's outage from slowing the others.
@@ -49,6 +51,8 @@ class TenantCircuit:
         self._failed_probes = 0
         self._next_probe_at = 0.0
         self._probing = False
+        # Times the circuit closed after being open.
+        self.recoveries = 0
         CIRCUIT_OPEN.labels(tenant).set(0)
 
     @property
@@ -116,6 +120,7 @@ class TenantCircuit:
             return
         self._open = False
         self._failed_probes = 0
+        self.recoveries += 1
         CIRCUIT_OPEN.labels(self.tenant).set(0)
         log.info("Optimove of tenant %s answers again", self.tenant, extra={"tenant": self.tenant})
 
@@ -149,3 +154,7 @@ class Circuits:
             )
             self._circuits[tenant] = circuit
         return circuit
+
+    def recoveries(self) -> dict[str, int]:
+        """Per tenant asked about so far, how often its circuit closed after being open."""
+        return {tenant: circuit.recoveries for tenant, circuit in self._circuits.items()}

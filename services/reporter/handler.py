@@ -22,6 +22,8 @@ The timer looks at due entries every ``parked_poll_interval_s``. Heads whose ten
 a request through are sent (at most ``parked_max_in_flight`` at once; due replies of one tenant in
 one request); the others are moved to a later turn, or dead-lettered once too old. A tenant whose
 Optimove fails thus costs one request at a time, and the other tenants' reports flow at full speed.
+When its circuit closes again, the tenant's parked reports are swept: retried at once, as places
+free up, not at the turns the outage spread over up to ``max_backoff_s``.
 
 Every request Optimove accepts is counted on ``sms.report-outcomes`` (``ReportOutcome``: messages
 per campaign id, for the campaigns service), published with the outputs of the record or of the
@@ -101,6 +103,7 @@ from shared.logs import mask_number
 from shared.optimove import OptimoveContract
 from shared.runner import PoisonRecord, Record
 from shared.store import ChangelogStore, Entry, KeyLocks, PartitionNotReady
+from shared.timers import fire_partitions, run_timer_passes
 from shared.topics import DEAD_LETTERS, INBOUND, REPORT_OUTCOMES, REPORTER_STATE, STATUSES
 
 log = logging.getLogger(__name__)
@@ -186,6 +189,10 @@ class ReporterHandler:
         self._timer_pass = asyncio.Lock()
         # (partition, key) of parked entries being retried now, and the task retrying them.
         self._retrying: dict[tuple[int, str], asyncio.Task[None]] = {}
+        # Circuit recoveries per tenant already acted on, and the sweeps they started: per
+        # (partition, kind, tenant), the last key of the sweep's progress.
+        self._recoveries_seen: dict[str, int] = {}
+        self._sweeps: dict[tuple[int, str, str], str] = {}
 
     # -- lifecycle (called by ConsumerService) ---------------------------------------------------
 
@@ -440,14 +447,7 @@ class ReporterHandler:
     # -- timers: retrying parked reports ---------------------------------------------------------
 
     async def _run_timers(self) -> None:
-        while True:
-            await self._next_turn()
-            try:
-                await self.fire_due(self.clock())
-            except KafkaUnavailable as exc:
-                log.warning("%s: parked reports not rescheduled (%s); next pass", STAGE, exc)
-            except Exception:
-                log.exception("%s: pass over parked reports failed", STAGE)
+        await run_timer_passes(lambda: self.fire_due(self.clock()), self._next_turn, name=STAGE)
 
     async def _next_turn(self) -> None:
         """Sleep until the next pass: the interval, or less when retries wait for a free place."""
@@ -466,17 +466,13 @@ class ReporterHandler:
         Retries run in tasks of their own (this returns before they end); reschedules and dead
         letters of this pass are on Kafka when it returns.
         """
-        touched = 0
         async with self._timer_pass:
-            for partition in self.store.partitions():
-                try:
-                    touched += await self._fire_partition(partition, now)
-                except KafkaUnavailable:
-                    raise
-                except Exception:
-                    # One partition's bad entry must not stop the timers of the others.
-                    log.exception("%s: parked reports of partition %d failed", STAGE, partition)
-        return touched
+            self._note_recoveries()
+            return await fire_partitions(
+                self.store.partitions(),
+                lambda partition: self._fire_partition(partition, now),
+                name=STAGE,
+            )
 
     async def _fire_partition(self, partition: int, now: float) -> int:
         touched = 0
@@ -515,7 +511,62 @@ class ReporterHandler:
             touched += started + rescheduled
             if len(due) < _DUE_BATCH or started + rescheduled == 0:
                 break
-        return touched
+        return touched + self._sweep(partition)
+
+    def _note_recoveries(self) -> None:
+        """A sweep of every held partition for each tenant whose circuit closed since the last
+        pass; sweeps of partitions no longer held are forgotten."""
+        held = set(self.store.partitions())
+        for stale in [sweep for sweep in self._sweeps if sweep[0] not in held]:
+            del self._sweeps[stale]
+        for tenant, recoveries in self.circuits.recoveries().items():
+            if self._recoveries_seen.get(tenant, 0) == recoveries:
+                continue
+            self._recoveries_seen[tenant] = recoveries
+            for partition in held:
+                for kind in (KIND_DELIVERY, KIND_INCOMING):
+                    self._sweeps[(partition, kind, tenant)] = ""
+
+    def _sweep(self, partition: int) -> int:
+        """Retry now the parked reports of tenants whose Optimove answers again, whatever their
+        turn: during an outage their turns spread out up to ``max_backoff_s`` ahead, and Optimove
+        wants reports in real time once it is back. Each sweep pages through the tenant's entries
+        once, as retry places free up; returns how many retries it started."""
+        started = 0
+        for sweep, after in list(self._sweeps.items()):
+            swept, kind, tenant = sweep
+            if swept != partition or not self.store.is_ready(partition):
+                continue
+            page = self.store.scan_prefix(
+                partition, key_prefix(kind, tenant), after=after, limit=_DUE_BATCH
+            )
+            keys = [
+                key
+                for key, value in page
+                if (partition, key) not in self._retrying
+                and not self.locks.is_held(partition, key)
+                and _readable(Entry(value, None)) is not None
+            ]
+            incoming = kind == KIND_INCOMING
+            size = max(1, self.options.inbound_batch_size) if incoming else 1
+            retry = self._retry_incoming if incoming else self._retry_delivery
+            cursor, finished = after, len(page) < _DUE_BATCH
+            for chunk in (keys[i : i + size] for i in range(0, len(keys), size)):
+                if self._retry_capacity() <= 0:
+                    finished = False  # the next pass goes on after the last chunk started
+                    break
+                if not self._start_retry(partition, chunk, tenant, retry):
+                    finished = True  # failing again: its next recovery sweeps again
+                    break
+                started += 1
+                cursor = chunk[-1]
+            else:
+                cursor = page[-1][0] if page else after
+            if finished:
+                del self._sweeps[sweep]
+            else:
+                self._sweeps[sweep] = cursor
+        return started
 
     def _retry_capacity(self) -> int:
         return self.options.parked_max_in_flight - len(set(self._retrying.values()))

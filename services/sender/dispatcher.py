@@ -86,7 +86,6 @@ from aiokafka import TopicPartition
 from services.sender import metrics
 from services.sender.accounts import AccountSender, CircuitOpen, SendJob, Withheld
 from services.sender.controls import ControlGate, released_by
-from services.sender.outbox import Outbox
 from services.sender.routing import (
     Exhausted,
     RetrySchedule,
@@ -123,6 +122,7 @@ from shared.events import (
 from shared.ids import unsent_correlation_key
 from shared.kafka import KafkaUnavailable, OutRecord, Publisher
 from shared.logs import mask_number
+from shared.outbox import Outbox
 from shared.providers import PROVIDER_KINDS, callback_url, dryrun, provider_class
 from shared.providers.base import OutboundSms, Provider, SendAccepted, SendError, SendResult
 from shared.providers.dryrun import DryRun
@@ -131,6 +131,7 @@ from shared.runner import PoisonRecord, Record
 from shared.segments import count_segments
 from shared.statuses import SubStatus
 from shared.store import ChangelogStore, GlobalTable, KeyLocks, PartitionNotReady
+from shared.timers import run_timer_passes
 from shared.topics import (
     CAMPAIGN_CONTROL,
     DEAD_LETTERS,
@@ -153,6 +154,10 @@ _LEASE_MARGIN_S = 60.0
 _TIMER_BATCH = 500
 # Parked markers read at a time when the campaign controls change.
 _SCAN_PAGE = 1000
+# The key prefix of each reason's parked markers, whose counts the PARKED gauge shows.
+_PARKED_PREFIXES = {reason: parked_key(reason, "") for reason in PARK_REASONS}
+# How often the timer loop refreshes the gauges.
+_GAUGE_INTERVAL_S = 5.0
 _EXPECTED_FAILURES = frozenset({SubStatus.OPTED_OUT, SubStatus.EXPIRED, SubStatus.CANCELLED})
 _DEFAULT_DRY_RUN_OUTCOMES: dict[str, float] = TenantSettings.model_fields[
     "dry_run_outcomes"
@@ -216,7 +221,11 @@ class Dispatcher:
             max_delay_s=sender.retry_max_delay_s,
         )
         self.store = ChangelogStore(
-            settings.kafka, SENDER_STATE, state_dir=sender.state_dir, name=NAME
+            settings.kafka,
+            SENDER_STATE,
+            state_dir=sender.state_dir,
+            name=NAME,
+            counted_prefixes=_PARKED_PREFIXES.values(),
         )
         self.locks = KeyLocks()
         self.clock = clock
@@ -257,12 +266,13 @@ class Dispatcher:
         self._timer_work: dict[tuple[int, str], asyncio.Task[None]] = {}
         self._timer_task: asyncio.Task[None] | None = None
         self._max_timer_work = max(1, sender.runner.max_in_flight)
+        self._gauges_refreshed_at = 0.0
 
     # -- lifecycle (ConsumerService) -----------------------------------------------------------
 
     def attach(self, publisher: Publisher) -> None:
         """Where outputs go (``start`` does it; tests attach a recording publisher)."""
-        self._outbox = Outbox(publisher)
+        self._outbox = Outbox(publisher, name="sender")
 
     async def start(self, publisher: Publisher) -> None:
         self.attach(publisher)
@@ -1059,20 +1069,18 @@ class Dispatcher:
 
     async def _run_timers(self) -> None:
         interval = self.settings.sender.timer_interval_s
-        last_gauges = 0.0
-        while True:
-            await asyncio.sleep(interval)
-            try:
-                if self._rescan and (self._scan_task is None or self._scan_task.done()):
-                    self._scan_task = asyncio.create_task(
-                        self._rescan_and_fire(), name=f"{NAME}-control-scan"
-                    )
-                self.fire_timers(self.clock())
-                if self.monotonic() - last_gauges >= 5.0:
-                    last_gauges = self.monotonic()
-                    self.refresh_gauges()
-            except Exception:
-                log.exception("%s: timer pass failed", NAME)
+        await run_timer_passes(self._run_timer_pass, lambda: asyncio.sleep(interval), name=NAME)
+
+    async def _run_timer_pass(self) -> None:
+        """One pass of the timer loop: it only starts work (each piece handles its own errors)."""
+        if self._rescan and (self._scan_task is None or self._scan_task.done()):
+            self._scan_task = asyncio.create_task(
+                self._rescan_and_fire(), name=f"{NAME}-control-scan"
+            )
+        self.fire_timers(self.clock())
+        if self.monotonic() - self._gauges_refreshed_at >= _GAUGE_INTERVAL_S:
+            self._gauges_refreshed_at = self.monotonic()
+            self.refresh_gauges()
 
     # -- campaign controls ---------------------------------------------------------------------
 
@@ -1149,9 +1157,9 @@ class Dispatcher:
         return ParkedMarker.of(state.message) if state.message is not None else None
 
     def refresh_gauges(self) -> None:
+        """Set the gauges from the store's running counts (no query)."""
         partitions = self.store.partitions()
-        for reason in PARK_REASONS:
-            prefix = f"{PARKED_PREFIX}{reason}:"
+        for reason, prefix in _PARKED_PREFIXES.items():
             metrics.PARKED.labels(reason).set(
                 sum(self.store.count_prefix(p, prefix) for p in partitions)
             )

@@ -58,6 +58,7 @@ from bench.stack import (
     PROVIDER,
     ProviderSimulatorOptions,
     Stack,
+    StackError,
     deep_merge,
 )
 from services.dev import SERVICES
@@ -74,6 +75,9 @@ PROFILE = current()
 CAMPAIGN = "chaos"
 CONSUMERS = tuple(name for name in SERVICES if name not in ("ingress", "callbacks"))
 REPEAT_WINDOW_S = 5.0
+# After the faults, how long every recipient may take to get its final report: well inside the
+# test's own timeout, so that a miss is explained (``why_no_final``), not just timed out.
+FINALS_TIMEOUT_S = 300.0 if PROFILE.name == "full" else 200.0
 PROVIDER_LATENCY_MS = 50.0  # so that some calls are in flight when the sender is killed
 QUICK_GROUP = {"session_timeout_ms": 6000, "heartbeat_interval_ms": 1000}
 SENDER_GAVE_UP = f"{SubStatus.PROVIDER_ERROR}: every route failed"
@@ -266,6 +270,46 @@ def lost_outcomes(outcome: Outcome) -> set[str]:
     return {s["provider_message_id"] for s in outcome.sends if outcome.sent_message(s) in failed}
 
 
+def why_no_final(
+    stack: Stack,
+    record: Path,
+    index_of: Mapping[str, int],
+    sends: Sequence[Mapping[str, Any]],
+    began: float,
+) -> str:
+    """What is known of the recipients still without a final report, and what the services
+    logged about them and their last errors: the evidence a failed run leaves for the next
+    reader."""
+    reports: dict[str, list[str]] = defaultdict(list)
+    for line in record.read_bytes().splitlines():
+        with contextlib.suppress(orjson.JSONDecodeError, KeyError, TypeError):
+            entry = orjson.loads(line)
+            body = orjson.loads(entry["body"])
+            if entry["endpoint"] == "delivery-report":
+                status = f"{body['type']['status']}/{body['type']['subStatus']}"
+                reports[body["messageId"]].append(f"{status} at {entry['at'] - began:.1f} s")
+    finals = final_reports(record, {"Delivered", "Failed"})
+    missing = sorted(set(index_of) - set(finals), key=index_of.__getitem__)
+    sent = Counter(int(match[1]) for send in sends if (match := _INDEX_IN_TEXT.match(send["text"])))
+    lines = [f"{len(missing)} recipients without a final report; the first of them:"]
+    for message_id in missing[:10]:
+        seen = ", ".join(reports.get(message_id, [])) or "no report"
+        lines.append(
+            f"  {message_id} (recipient {index_of[message_id]}): {seen}; "
+            f"provider accepted {sent[index_of[message_id]]} send(s)"
+        )
+    wanted = set(missing[:10])
+    for name, child in stack.children.items():
+        with contextlib.suppress(OSError):
+            logged = child.log_path.read_text(encoding="utf-8", errors="replace").splitlines()
+            about = [line for line in logged if any(m in line for m in wanted)][:10]
+            errors = [line for line in logged if '"level":"error"' in line][-10:]
+            if about or errors:
+                lines.append(f"-- {name} ({child.log_path}): lines about them, then errors:")
+                lines += [f"  {line[:400]}" for line in [*about, *errors]]
+    return "\n".join(lines)
+
+
 # -- the test ------------------------------------------------------------------------------------
 
 
@@ -283,7 +327,7 @@ async def start_optimove_with_record(stack: Stack, record: Path) -> None:
     await stack.start_child(OPTIMOVE_SIMULATOR, argv, f"{stack.optimove_url}/_simulator/mode")
 
 
-@pytest.mark.timeout(1_200 if PROFILE.name == "full" else 300)
+@pytest.mark.timeout(1_200 if PROFILE.name == "full" else 360)
 async def test_a_campaign_survives_killed_services_and_failing_peers(
     stack: Stack, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -303,7 +347,13 @@ async def test_a_campaign_survives_killed_services_and_failing_peers(
     await asyncio.gather(posting, failing)
     chaos_s = time.monotonic() - began
 
-    tally = await stack.wait_for_final_reports(CAMPAIGN, len(index_of), timeout_s=300)
+    try:
+        tally = await stack.wait_for_final_reports(
+            CAMPAIGN, len(index_of), timeout_s=FINALS_TIMEOUT_S
+        )
+    except StackError as exc:
+        sends = (await stack.provider_sends())["sends"]
+        pytest.fail(f"{exc}\n{why_no_final(stack, record, index_of, sends, began_wall)}")
     provider = await stack.provider_sends()
     outcome = Outcome(
         final_reports(record, {"Delivered", "Failed"}), provider["sends"], [], index_of

@@ -360,6 +360,41 @@ async def test_a_retry_that_ends_before_its_request_returns_the_probe(
         assert circuit.acquire() is not None  # the probe's place is free again
 
 
+@pytest.mark.parametrize("places", [100, 2])
+async def test_once_optimove_answers_again_every_parked_report_goes_at_once(
+    simulator: OptimoveSimulator, places: int
+) -> None:
+    # The first request and two probes fail; the third probe finds Optimove back.
+    simulator.set_mode(FailureMode(status=503, remaining=3), tenant=OTHER)
+    messages = [f"m-b{i}" for i in range(1, 7)]
+    settings = settings_for(simulator.port)
+    settings.reporter.parked_max_in_flight = places
+    async with Harness(settings) as h:
+        for message in messages:
+            await h.handle(h.record(STATUSES.name, message, status(message, "sent", OTHER)))
+        circuit = h.handler.circuits.get(OTHER)
+        while circuit.is_open:
+            await h.pass_at(max(0.0, circuit.next_attempt_at() - h.clock.now))
+        parked = [h.parked(f"delivery/{OTHER}/{m}") for m in messages]
+        waiting = [entry for entry in parked if entry is not None]
+        # The outage pushed their turns out (skipped turns lengthen the wait)...
+        assert len(waiting) == len(messages) - 1
+        assert all(e.due_at is not None and e.due_at > h.clock.now + 1 for e in waiting)
+
+        # ...yet the first passes after the recovery send them all, as places allow.
+        for _ in range(-(-len(waiting) // places)):
+            await h.pass_at(0.0)
+
+        assert all(h.parked(f"delivery/{OTHER}/{m}") is None for m in messages)
+        assert gauge(OTHER) == 0
+    accepted = [
+        body["messageId"]  # type: ignore[index]
+        for code, body in bodies(simulator, OTHER, "delivery-report")
+        if code == 200
+    ]
+    assert sorted(accepted) == messages  # each once
+
+
 def outcomes(records: Iterable[OutRecord]) -> list[tuple[str, str, dict[str, int]]]:
     return [
         (r.value.tenant, r.value.kind, r.value.counts)

@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 
 import pytest
 from aiokafka.structs import ConsumerRecord
+from prometheus_client import REGISTRY
 
 from services.sender.dispatcher import Dispatcher
 from services.sender.state import SendState
@@ -475,6 +476,28 @@ async def test_a_scheduled_message_is_parked_and_sent_by_the_timer_once_due() ->
     # The marker left Kafka in the same batch as the intent that replaced it.
     tombstones = [r for r in harness.publisher.on(topics.SENDER_STATE) if r.value is None]
     assert [r.key for r in tombstones] == ["parked:scheduled:m-1"]
+
+
+def sender_gauge(name: str, labels: dict[str, str] | None = None) -> float | None:
+    return REGISTRY.get_sample_value(f"smsbridge_sender_{name}", labels or {})
+
+
+async def test_the_gauges_show_the_parked_messages_and_the_state_entries() -> None:
+    harness = Harness()
+    due = NOW + 3600
+    for index in (1, 2):
+        await harness.dispatcher.process(0, message(index, scheduled_at=due))
+
+    harness.dispatcher.refresh_gauges()
+    assert sender_gauge("parked_messages", {"reason": "scheduled"}) == 2
+    assert sender_gauge("parked_messages", {"reason": "held"}) == 0
+    assert sender_gauge("state_entries") == 4  # each message's state and its parked marker
+
+    harness.wall.now = due
+    assert await harness.dispatcher.run_due(due) == 2
+    harness.dispatcher.refresh_gauges()
+    assert sender_gauge("parked_messages", {"reason": "scheduled"}) == 0
+    assert sender_gauge("state_entries") == 2  # the outcomes, remembered against a replay
 
 
 async def test_a_retryable_error_parks_the_message_for_a_backed_off_retry() -> None:

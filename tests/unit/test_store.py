@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
@@ -118,6 +119,111 @@ def test_restore_skips_unreadable_records_but_keeps_the_rest(store: ChangelogSto
 
     assert store.get(3, "good") == {"v": 1}
     assert store.count(3) == 1
+
+
+COUNTED = ("parked:held:", "parked:retry:")
+
+
+def counting_store() -> ChangelogStore:
+    return ChangelogStore(KafkaSettings(), NORMALIZER_STATE, name="test", counted_prefixes=COUNTED)
+
+
+def counts(store: ChangelogStore, partition: int = 3) -> tuple[int, int, int]:
+    """Every entry, the held ones and the retry ones."""
+    return (
+        store.count(partition),
+        store.count_prefix(partition, "parked:held:"),
+        store.count_prefix(partition, "parked:retry:"),
+    )
+
+
+def test_running_counts_follow_puts_overwrites_and_deletes() -> None:
+    store = counting_store()
+    try:
+        store.load(3, [])
+        store.put(3, "parked:held:m-1", {"v": 1})
+        store.put(3, "parked:held:m-2", {"v": 1}, due_at=10.0)
+        store.put(3, "parked:retry:m-3", {"v": 1})
+        store.put(3, "m-1", {"v": 1})
+        assert counts(store) == (4, 2, 1)
+
+        store.put(3, "parked:held:m-1", {"v": 2}, due_at=20.0)  # an overwrite adds nothing
+        store.put(3, "parked:held:m-1", {"v": 2}, due_at=20.0)  # nor the same value again
+        assert counts(store) == (4, 2, 1)
+        assert store.get_entry(3, "parked:held:m-1") == ({"v": 2}, 20.0)
+
+        store.put(3, "parked:held:m-2", None)
+        store.put(3, "parked:held:m-2", None)  # a tombstone of a key not there removes nothing
+        store.put(3, "parked:retry:never", None)
+        assert counts(store) == (3, 1, 1)
+        assert store.count_prefix(3, "") == 3
+    finally:
+        store.close()
+
+
+async def test_running_counts_agree_with_the_entries_after_random_writes() -> None:
+    """In an event loop, as the services write (one transaction per loop turn)."""
+    store = counting_store()
+    rng = random.Random(7)
+    # "parked:h..." and "parked:held" sort next to the counted prefixes without being under them.
+    names = ("parked:held:", "parked:retry:", "parked:h", "parked:held", "other:")
+    keys = [f"{name}{n}" for name in names for n in range(15)]
+    model: dict[str, int] = {}
+    try:
+        store.load(3, [])
+        store.load(4, [])
+        for step in range(3000):
+            key = rng.choice(keys)
+            if rng.random() < 0.35:
+                store.put(3, key, None)
+                model.pop(key, None)
+            else:
+                store.put(3, key, {"step": step}, due_at=rng.choice([None, float(step)]))
+                model[key] = step
+            store.put(4, key, {"step": step})  # another partition's writes count there only
+            if step % 100 == 0:
+                await asyncio.sleep(0)  # commits, and starts a new transaction
+
+        assert store.count(3) == len(model)
+        for prefix in (*COUNTED, "parked:", "parked:h", "other:"):  # counted, and queried
+            assert store.count_prefix(3, prefix) == sum(key.startswith(prefix) for key in model)
+        assert store.count(4) == len(keys)
+    finally:
+        store.close()
+
+
+def test_running_counts_are_rebuilt_by_a_load_and_forgotten_by_a_drop() -> None:
+    store = counting_store()
+    rebuilt = counting_store()
+    try:
+        store.load(3, [])
+        written = [
+            store.put(3, "parked:held:m-1", {"v": 1}),
+            store.put(3, "parked:held:m-2", {"v": 1}),
+            store.put(3, "parked:retry:m-3", {"v": 1}, due_at=5.0),
+            store.put(3, "parked:held:m-1", {"v": 2}),  # overwritten
+            store.put(3, "parked:held:m-2", None),  # deleted
+            store.put(3, "m-1", {"v": 1}),
+        ]
+        unreadable = (b"parked:held:bad", b"{not json")
+
+        rebuilt.load(3, [*changelog_of(written), unreadable])
+        assert counts(rebuilt) == counts(store) == (3, 1, 1)
+        rebuilt.put(3, "parked:retry:m-4", {"v": 1})  # writes go on from the loaded counts
+        assert counts(rebuilt) == (4, 1, 2)
+
+        rebuilt.drop([3])
+        with pytest.raises(PartitionNotReady):
+            rebuilt.count(3)
+        with pytest.raises(PartitionNotReady):
+            rebuilt.count_prefix(3, "parked:held:")
+        rebuilt.load(3, [])
+        assert counts(rebuilt) == (0, 0, 0)
+        rebuilt.load(3, changelog_of(written[:2]))  # a load replaces the partition's counts
+        assert counts(rebuilt) == (2, 2, 0)
+    finally:
+        rebuilt.close()
+        store.close()
 
 
 def test_a_partition_not_restored_or_dropped_is_not_served(store: ChangelogStore) -> None:

@@ -1,4 +1,5 @@
-"""The sender's outbox: one publish per turn of the event loop, each caller acknowledged."""
+"""The outbox (sender, normalizer): one publish per turn of the event loop, each caller
+acknowledged."""
 
 from __future__ import annotations
 
@@ -7,10 +8,10 @@ from collections.abc import Iterable
 
 import pytest
 
-from services.sender.outbox import Outbox
-from shared.events import OptOutChange
+from shared.events import OptOutChange, StateChange
 from shared.kafka import KafkaUnavailable, OutRecord, Publisher
-from shared.topics import OPT_OUTS
+from shared.outbox import Outbox
+from shared.topics import NORMALIZER_STATE, OPT_OUTS
 
 
 class CountingPublisher(Publisher):
@@ -73,3 +74,19 @@ async def test_a_cancelled_caller_does_not_disturb_the_others() -> None:
     with pytest.raises(asyncio.CancelledError):
         await cancelled
     assert publisher.calls == [["a", "b"]]  # handed over already: its records still go
+
+
+async def test_a_record_that_cannot_be_encoded_fails_its_own_caller_alone() -> None:
+    publisher = CountingPublisher()
+    outbox = Outbox(publisher)
+    unencodable = OutRecord(NORMALIZER_STATE, "bad", StateChange(value={"x": object()}))
+    results = await asyncio.gather(
+        outbox.publish([record("a")]),
+        outbox.publish([unencodable]),
+        outbox.publish([record("b")]),
+        return_exceptions=True,
+    )
+    # Its own error, not "Kafka unavailable": the runner retries it, then dead-letters it.
+    assert results[0] is None and results[2] is None
+    assert isinstance(results[1], TypeError)
+    assert publisher.calls == [["a", "b"]]
