@@ -85,6 +85,10 @@ async def publish(publisher: Publisher, *items: DispatchRecord | ProviderEvent) 
     )
 
 
+def status_dropped(reason: str) -> float:
+    return REGISTRY.get_sample_value("smsbridge_status_dropped_total", {"reason": reason}) or 0.0
+
+
 def dlr_received(status: str) -> float:
     labels = {"provider": "otpiq", "status": status}
     return REGISTRY.get_sample_value("smsbridge_dlr_received_total", labels) or 0.0
@@ -102,6 +106,10 @@ async def test_dispatches_and_provider_events_become_one_status_sequence(
     kafka: EmbeddedBroker, publisher: Publisher, tmp_path: Path
 ) -> None:
     settings = normalizer_settings(tmp_path)
+    duplicates_before, after_final_before = (
+        status_dropped("duplicate"),
+        status_dropped("after_final"),
+    )
     async with running(build(settings)):
         await publish(
             publisher,
@@ -129,7 +137,18 @@ async def test_dispatches_and_provider_events_become_one_status_sequence(
         await publish(publisher, dispatch("m-2", "sms-2"))
 
         found = await statuses_by_message(settings, expect=7)
+        # Every event that changed nothing is counted by why: one repeat (m-1) and three
+        # reports after a final status (m-3's stray, m-4's sent and failed).
+        await wait_for(
+            lambda: (
+                status_dropped("duplicate") - duplicates_before >= 1
+                and status_dropped("after_final") - after_final_before >= 3
+            ),
+            what="the dropped events to be counted",
+        )
 
+    assert status_dropped("duplicate") - duplicates_before == 1
+    assert status_dropped("after_final") - after_final_before == 3
     assert found == {
         "m-1": [("sent", "Sent"), ("delivered", "Delivered")],
         "m-2": [("sent", "Sent"), ("delivered", "Delivered")],
