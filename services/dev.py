@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from shared.broker import EmbeddedBroker
-from shared.config import EMBEDDED_BROKER, Settings, load_settings
+from shared.config import EMBEDDED_BROKER, Settings, dev_config_path, load_settings
 from shared.kafka import EMBEDDED_BOOTSTRAP_ENV, make_admin
 from shared.topics import ensure_topics
 
@@ -105,7 +105,7 @@ async def run_children(children: list[Child], env: dict[str, str]) -> int:
 
 
 def run_dev(args: argparse.Namespace) -> int:
-    config_path = args.config or os.environ.get("SMSBRIDGE_CONFIG") or "deploy/dev/smsbridge.toml"
+    config_path = dev_config_path(args.config)
     if not Path(config_path).exists():
         print(f"configuration {config_path} not found", file=sys.stderr)
         return 2

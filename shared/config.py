@@ -370,6 +370,16 @@ def _format_validation_error(error: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
+# What `smsbridge dev` and the campaign simulator fall back to, so that a bare
+# `smsbridge simulate campaign` in another shell talks to the stack `make dev` started.
+DEV_CONFIG_PATH = "deploy/dev/smsbridge.toml"
+
+
+def dev_config_path(explicit: str | None) -> str:
+    """The dev stack's configuration: --config, else $SMSBRIDGE_CONFIG, else the dev file."""
+    return explicit or os.environ.get(CONFIG_ENV_VAR) or DEV_CONFIG_PATH
+
+
 def load_settings(path: str | Path | None = None) -> Settings:
     """Load and validate the configuration, raising ConfigError with the bad key named."""
     chosen = path or os.environ.get(CONFIG_ENV_VAR)

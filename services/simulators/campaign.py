@@ -32,7 +32,13 @@ import aiohttp
 import orjson
 import phonenumbers
 
-from shared.config import OptimoveContractSettings, Settings, TenantSettings, load_settings
+from shared.config import (
+    OptimoveContractSettings,
+    Settings,
+    TenantSettings,
+    dev_config_path,
+    load_settings,
+)
 from shared.signing import SIGNATURE_HEADER, sign
 from shared.statuses import SubStatus
 
@@ -514,7 +520,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def cli(args: argparse.Namespace) -> int:
-    settings = load_settings(args.config)
+    settings = load_settings(dev_config_path(args.config))
     if args.tenant not in settings.tenants:
         known = ", ".join(sorted(settings.tenants)) or "none"
         print(f"unknown tenant {args.tenant!r} (configured: {known})", file=sys.stderr)

@@ -6,7 +6,14 @@ from pathlib import Path
 
 import pytest
 
-from shared.config import ConfigError, Settings, load_settings
+from shared.config import (
+    CONFIG_ENV_VAR,
+    DEV_CONFIG_PATH,
+    ConfigError,
+    Settings,
+    dev_config_path,
+    load_settings,
+)
 
 TENANT = """
 [tenants.acme]
@@ -97,3 +104,14 @@ def test_partial_runner_table_keeps_the_services_own_defaults() -> None:
     assert settings.reporter.runner.max_in_flight == 50
     assert settings.reporter.runner.hold_slots_until_committed is True
     assert settings.reporter.runner.commit_interval_s == defaults.reporter.runner.commit_interval_s
+
+
+def test_dev_commands_fall_back_to_the_dev_stack_configuration(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv(CONFIG_ENV_VAR, raising=False)
+    assert dev_config_path(None) == DEV_CONFIG_PATH
+    assert "dev" in load_settings(dev_config_path(None)).tenants
+    monkeypatch.setenv(CONFIG_ENV_VAR, "/etc/smsbridge.toml")
+    assert dev_config_path(None) == "/etc/smsbridge.toml"
+    assert dev_config_path("mine.toml") == "mine.toml"
