@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import sys
 from datetime import UTC, datetime
 from typing import Any
@@ -21,6 +22,16 @@ def mask_number(number: str) -> str:
     return prefix + "".join(digits[:4]) + "*" * (len(digits) - 6) + "".join(digits[-2:])
 
 
+# Text we did not write (a provider's error, an exception's message) may echo a number: every
+# run of seven or more digits is masked, in the call sites that build details and, as a safety
+# net, in every log line's message and traceback.
+_DIGIT_RUN = re.compile(r"\+?\d{7,}")
+
+
+def scrub(text: str) -> str:
+    return _DIGIT_RUN.sub(lambda match: mask_number(match.group()), text)
+
+
 class JsonFormatter(logging.Formatter):
     def __init__(self, service: str) -> None:
         super().__init__()
@@ -32,13 +43,13 @@ class JsonFormatter(logging.Formatter):
             "level": record.levelname.lower(),
             "service": self.service,
             "logger": record.name,
-            "msg": record.getMessage(),
+            "msg": scrub(record.getMessage()),
         }
         for key, value in record.__dict__.items():
             if key not in _RESERVED and not key.startswith("_"):
                 entry[key] = value
         if record.exc_info:
-            entry["exc"] = self.formatException(record.exc_info)
+            entry["exc"] = scrub(self.formatException(record.exc_info))
         return orjson.dumps(entry, default=str).decode()
 
 

@@ -95,7 +95,6 @@ from services.sender.routing import (
     due_at,
     expires_at,
     routes_for,
-    scrub,
 )
 from services.sender.state import (
     PARK_REASONS,
@@ -121,7 +120,7 @@ from shared.events import (
 )
 from shared.ids import unsent_correlation_key
 from shared.kafka import KafkaUnavailable, OutRecord, Publisher
-from shared.logs import mask_number
+from shared.logs import mask_number, scrub
 from shared.outbox import Outbox
 from shared.providers import PROVIDER_KINDS, callback_url, dryrun, provider_class
 from shared.providers.base import OutboundSms, Provider, SendAccepted, SendError, SendResult

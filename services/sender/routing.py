@@ -5,7 +5,6 @@ Nothing here touches Kafka, HTTP or a clock of its own: the dispatcher passes th
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -14,14 +13,6 @@ import backoff
 
 from shared.config import Route, TenantSettings
 from shared.events import RecipientMessage
-from shared.logs import mask_number
-
-# A provider's error text may echo the number; long digit runs are masked before logging.
-_DIGIT_RUN = re.compile(r"\+?\d{7,}")
-
-
-def scrub(text: str) -> str:
-    return _DIGIT_RUN.sub(lambda match: mask_number(match.group()), text)
 
 
 def routes_for(tenant: TenantSettings, destination: str) -> list[Route]:

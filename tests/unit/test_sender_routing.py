@@ -16,10 +16,10 @@ from services.sender.routing import (
     expires_at,
     is_expired,
     routes_for,
-    scrub,
 )
 from shared.config import Route
 from shared.events import MessageContext, RecipientMessage
+from shared.logs import scrub
 from tests.support import TENANT, make_settings
 
 START = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
