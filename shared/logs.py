@@ -23,8 +23,8 @@ def mask_number(number: str) -> str:
 
 
 # Text we did not write (a provider's error, an exception's message) may echo a number: every
-# run of seven or more digits is masked, in the call sites that build details and, as a safety
-# net, in every log line's message and traceback.
+# run of seven or more digits is masked in each log line's message and traceback, and by the
+# call sites that keep such text outside the logs (the sender's last error in its state).
 _DIGIT_RUN = re.compile(r"\+?\d{7,}")
 
 

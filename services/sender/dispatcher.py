@@ -781,7 +781,7 @@ class Dispatcher:
             "not sent to %s: %s (%s)",
             mask_number(message.destination),
             sub_status,
-            scrub(detail),
+            detail,  # JsonFormatter masks the digit runs a provider's text may echo
             extra={"message_id": message.context.message_id, "tenant": message.context.tenant},
         )
         provider = self.settings.providers.get(account) if account else None
