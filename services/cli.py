@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 from shared.config import ConfigError, Settings, load_settings
 from shared.kafka import KafkaUnavailable
 from shared.logs import configure_logging
+from shared.service import run
 
 SERVICES = ("ingress", "sender", "callbacks", "normalizer", "reporter", "campaigns")
 
@@ -23,7 +24,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     settings = _load(args)
     configure_logging(args.service, settings.log_level)
     module = importlib.import_module(f"services.{args.service}.app")
-    asyncio.run(module.main(settings))
+    run(module.main(settings), settings.event_loop)
     return 0
 
 

@@ -337,6 +337,10 @@ class Settings(BaseSettings):
     tenants: dict[str, TenantSettings] = {}
     providers: dict[str, ProviderSettings] = {}
     log_level: str = "INFO"
+    # The event loop of every long-running process (shared/service.run). uvloop spends about a
+    # quarter less CPU per HTTP round trip and Kafka request than asyncio's own loop; "asyncio"
+    # is there for platforms without uvloop and for ruling it out when debugging.
+    event_loop: Literal["uvloop", "asyncio"] = "uvloop"
 
     @classmethod
     def settings_customise_sources(

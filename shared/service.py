@@ -17,9 +17,9 @@ import contextlib
 import logging
 import signal
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
-from typing import Protocol, cast
+from typing import Any, Protocol, TypeVar, cast
 
 from aiohttp import web
 from aiohttp.typedefs import Middleware
@@ -34,6 +34,26 @@ from shared.metrics import HTTP_DURATION, HTTP_REQUESTS
 from shared.runner import ConsumerRunner, Handler, PartitionAware
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+def event_loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop]:
+    """The loop ``Settings.event_loop`` names; asyncio's own, with a warning, without uvloop."""
+    if name == "uvloop":
+        try:
+            import uvloop
+        except ImportError:
+            log.warning("event_loop is uvloop but uvloop is not installed: using asyncio's loop")
+        else:
+            return uvloop.new_event_loop
+    return asyncio.new_event_loop
+
+
+def run(main: Coroutine[Any, Any, T], event_loop: str) -> T:
+    """Run a long-running process's ``main`` to completion on the configured event loop."""
+    with asyncio.Runner(loop_factory=event_loop_factory(event_loop)) as runner:
+        return runner.run(main)
 
 
 class Service(Protocol):

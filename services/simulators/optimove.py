@@ -43,7 +43,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from shared.config import OptimoveContractSettings, load_settings, split_listen
 from shared.logs import configure_logging
 from shared.optimove import API_KEY_HEADER
-from shared.service import serve_until_signalled
+from shared.service import run, serve_until_signalled
 from shared.signing import SIGNATURE_HEADER, constant_time_equals, verify
 
 log = logging.getLogger(__name__)
@@ -652,5 +652,5 @@ def cli(args: argparse.Namespace) -> int:
         max_recorded=args.max_recorded,
         record_path=args.record,
     )
-    asyncio.run(serve_until_signalled(simulator))
+    run(serve_until_signalled(simulator), settings.event_loop)
     return 0

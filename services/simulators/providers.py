@@ -48,6 +48,7 @@ from datetime import UTC, datetime
 from typing import Any, ClassVar
 
 import aiohttp
+import orjson
 from aiohttp import web
 
 from shared.config import CONFIG_ENV_VAR, ConfigError, Settings, load_settings, split_listen
@@ -58,7 +59,7 @@ from shared.providers import callback_url
 from shared.providers.octopush import paris_date
 from shared.providers.otpiq import WEBHOOK_SECRET_HEADER
 from shared.segments import count_segments
-from shared.service import serve_until_signalled
+from shared.service import run, serve_until_signalled
 
 log = logging.getLogger(__name__)
 
@@ -911,7 +912,8 @@ class ProviderSimulator:
         self, provider: str, provider_message_id: str, planned: list[PlannedCallback]
     ) -> None:
         for callback in planned:
-            await asyncio.sleep(self.options.callback_delay_ms / 1000)
+            if self.options.callback_delay_ms > 0:
+                await asyncio.sleep(self.options.callback_delay_ms / 1000)
             delivery = await self._deliver(provider, provider_message_id, callback)
             self.callbacks.append(delivery)
 
@@ -921,12 +923,12 @@ class ProviderSimulator:
         """POST one callback; a 5xx or an unreachable receiver is retried, like a provider does."""
         assert self._session is not None
         attempts, http_status, delivered = 0, None, False
+        body = orjson.dumps(callback.payload)
+        headers = {"Content-Type": "application/json", **callback.headers}
         while attempts < self.options.callback_attempts:
             attempts += 1
             try:
-                async with self._session.post(
-                    callback.url, json=callback.payload, headers=callback.headers
-                ) as response:
+                async with self._session.post(callback.url, data=body, headers=headers) as response:
                     await response.read()
                     http_status = response.status
             except (aiohttp.ClientError, TimeoutError) as exc:
@@ -1093,6 +1095,7 @@ def cli(args: argparse.Namespace) -> int:
     configure_logging("simulator-providers")
     config_path = getattr(args, "config", None) or os.environ.get(CONFIG_ENV_VAR)
     urls: dict[str, str] = {}
+    settings = Settings()  # the environment's, until a configuration file says more
     if config_path:
         try:
             settings = load_settings(config_path)
@@ -1110,5 +1113,5 @@ def cli(args: argparse.Namespace) -> int:
         log.error("invalid simulator option: %s", exc)
         return 2
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(serve_until_signalled(simulator))
+        run(serve_until_signalled(simulator), settings.event_loop)
     return 0

@@ -1,0 +1,39 @@
+"""Every long-running process runs on the event loop its configuration names."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+
+import pytest
+import uvloop
+
+from shared.config import Settings
+from shared.service import run
+
+
+async def loop_in_use() -> asyncio.AbstractEventLoop:
+    return asyncio.get_running_loop()
+
+
+def test_processes_run_on_uvloop_by_default() -> None:
+    assert isinstance(run(loop_in_use(), Settings().event_loop), uvloop.Loop)
+
+
+def test_asyncio_loop_is_one_setting_away(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SMSBRIDGE_EVENT_LOOP", "asyncio")
+    loop = run(loop_in_use(), Settings().event_loop)
+    assert not isinstance(loop, uvloop.Loop)
+    assert isinstance(loop, asyncio.BaseEventLoop)
+
+
+def test_unknown_loop_is_a_configuration_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SMSBRIDGE_EVENT_LOOP", "trio")
+    with pytest.raises(ValueError, match="event_loop"):
+        Settings()
+
+
+def test_without_uvloop_the_process_still_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # import uvloop now raises ImportError
+    loop = run(loop_in_use(), "uvloop")
+    assert type(loop).__module__.startswith("asyncio")
