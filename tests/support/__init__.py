@@ -67,6 +67,7 @@ def settings_data(
         "sender": {"metrics_listen": f"127.0.0.1:{free_port()}"},
         "normalizer": {"metrics_listen": f"127.0.0.1:{free_port()}"},
         "reporter": {"metrics_listen": f"127.0.0.1:{free_port()}"},
+        "campaigns": {"listen": f"127.0.0.1:{free_port()}"},
         "tenants": {
             TENANT: {
                 "optimove_base_url": f"{optimove_url.rstrip('/')}/{TENANT}",
