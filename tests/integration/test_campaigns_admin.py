@@ -3,7 +3,14 @@ sms.campaign-control with the right key before the 202, counts and controls in f
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import signal
+import sys
+from pathlib import Path
+
 import aiohttp
+import orjson
 import pytest
 from prometheus_client import REGISTRY
 
@@ -16,7 +23,7 @@ from shared.kafka import OutRecord
 from shared.topics import CAMPAIGN_CONTROL, STATUSES
 from tests.support import TENANT, make_settings, read_topic, running, wait_for
 from tests.support.campaigns import ADMIN_TOKEN, admin_call, campaign_status, campaigns_section
-from tests.support.ops import publisher
+from tests.support.ops import REPO, config_data, publisher, smsbridge, write_config
 
 pytestmark = pytest.mark.integration
 
@@ -177,3 +184,93 @@ async def test_controls_reach_the_control_topic_with_their_key_and_show_in_the_s
             "smsbridge_campaign_controls_published_total", {"action": "cancel", "scope": "tenant"}
         )
         assert published is not None and published >= 1
+
+
+# -- the command line ------------------------------------------------------------------------
+
+
+async def test_the_campaign_command_line_controls_campaigns_through_the_api(
+    kafka: EmbeddedBroker, tmp_path: Path
+) -> None:
+    """``smsbridge campaign pause|resume|cancel|status`` as an operator types them."""
+    config = tmp_path / "smsbridge.toml"
+    settings = write_config(config, config_data(overrides={"campaigns": campaigns_section()}))
+    async with running(build_campaigns(settings)) as service:
+        await wait_for(service.ready, what="the campaigns service ready")
+        base = ("--config", str(config), "campaign")
+        code, out, err = await smsbridge(
+            *base, "pause", "--tenant", TENANT, "--campaign", "spring", "--reason", "wrong text"
+        )
+        assert code == 0, err
+        assert f"pause of campaign spring of {TENANT} stored on {CAMPAIGN_CONTROL.name}" in out
+        code, out, err = await smsbridge(*base, "resume", "--tenant", TENANT, "--campaign", "")
+        assert code == 0, err
+        code, out, err = await smsbridge(*base, "cancel", "--tenant", TENANT)
+        assert code == 0, err
+        assert f"cancel of {TENANT} stored on" in out
+
+        found = await read_topic(settings, CAMPAIGN_CONTROL, CampaignControl, expect=3)
+        assert [(key, c.campaign_id, c.action) for key, c in found] == [
+            (f"{TENANT}|spring", "spring", "pause"),
+            (f"{TENANT}|{AUTO_REPLIES}", "", "resume"),
+            (TENANT, None, "cancel"),
+        ]
+        assert found[0][1].reason == "wrong text"
+        assert all(c.requested_by.startswith("cli") for _, c in found)
+
+        # Refusals are an exit status and the API's reason, and publish nothing.
+        code, out, err = await smsbridge(*base, "pause", "--tenant", TENANT, "--token", "wrong")
+        assert code == 1 and "wrong admin token" in err and out == ""
+        code, _, err = await smsbridge(*base, "pause", "--tenant", "nobody")
+        assert code == 1 and "nobody" in err
+        code, _, err = await smsbridge(*base, "explode", "--tenant", TENANT)
+        assert code == 2 and "invalid choice" in err
+        assert len(await read_topic(settings, CAMPAIGN_CONTROL, CampaignControl, settle_s=0.3)) == 3
+
+        code, out, err = await smsbridge(*base, "status", "--json")
+        assert code == 0, err
+        assert orjson.loads(out) == []
+
+
+async def test_status_follow_redraws_as_the_counts_move_and_ends_on_ctrl_c(
+    kafka: EmbeddedBroker, tmp_path: Path
+) -> None:
+    config = tmp_path / "smsbridge.toml"
+    settings = write_config(config, config_data(overrides={"campaigns": campaigns_section()}))
+    async with running(build_campaigns(settings)) as service:
+        await wait_for(service.ready, what="the campaigns service ready")
+        process = await asyncio.create_subprocess_exec(
+            *(sys.executable, "-m", "services.cli", "--config", str(config), "campaign"),
+            *("status", "--follow", "--interval", "0.2", "--tenant", TENANT),
+            cwd=REPO,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        assert process.stdout is not None
+        shown = ""
+
+        async def shows(text: str) -> bool:
+            nonlocal shown
+            assert process.stdout is not None
+            with contextlib.suppress(TimeoutError):
+                shown += (await asyncio.wait_for(process.stdout.read(4096), 0.5)).decode()
+            return text in shown
+
+        try:
+            await wait_for(lambda: shows("no campaign counted yet"), 30, "the first frame")
+            async with publisher(settings) as out:
+                await out.publish([OutRecord(STATUSES, "m-spring", status_event("spring"))])
+            await wait_for(lambda: shows("spring"), 30, "a frame with the spring campaign")
+            frames = shown.count("Ctrl-C to stop")
+
+            async def redrawn() -> bool:
+                await shows("")
+                return shown.count("Ctrl-C to stop") >= frames + 2
+
+            await wait_for(redrawn, 10, "two more frames")
+        finally:
+            process.send_signal(signal.SIGINT)
+            _, err = await asyncio.wait_for(process.communicate(), 30)
+        assert process.returncode == 0, err.decode()
+        last = shown.rsplit("Ctrl-C to stop)", 1)[0].rsplit(settings.campaigns.listen, 2)[-2]
+        assert "spring" in last  # the frame stays up to date, not only once

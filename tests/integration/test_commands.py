@@ -6,10 +6,7 @@ The commands run as plain functions where the test needs their output in detail,
 
 from __future__ import annotations
 
-import asyncio
 import io
-import os
-import sys
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -45,30 +42,10 @@ from tests.support import (
     make_settings,
     running,
 )
-from tests.support.ops import publisher
+from tests.support.ops import publisher, smsbridge
 from tests.support.pipeline import simulated_optimove
 
 pytestmark = pytest.mark.integration
-
-REPO = Path(__file__).resolve().parents[2]
-
-
-async def smsbridge(*argv: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
-    """Run the command line in its own process; (exit code, stdout, stderr)."""
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "services.cli",
-        *argv,
-        cwd=REPO,
-        env={**os.environ, **(env or {})},
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await asyncio.wait_for(process.communicate(), 120)
-    assert process.returncode is not None
-    return process.returncode, out.decode(), err.decode()
-
 
 # -- handshake -----------------------------------------------------------------------------------
 

@@ -90,6 +90,26 @@ def write_config(path: Path, data: Mapping[str, Any]) -> Settings:
     return load_settings(path)
 
 
+REPO = Path(__file__).resolve().parents[2]
+
+
+async def smsbridge(*argv: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
+    """Run the command line in its own process; (exit code, stdout, stderr)."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "services.cli",
+        *argv,
+        cwd=REPO,
+        env={**os.environ, **(env or {})},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(process.communicate(), 120)
+    assert process.returncode is not None
+    return process.returncode, out.decode(), err.decode()
+
+
 # -- records ---------------------------------------------------------------------------------------
 
 
