@@ -28,6 +28,7 @@ from aiokafka.client import AIOKafkaClient
 from aiokafka.protocol.group import LeaveGroupRequest
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from shared import gcpolicy
 from shared.config import KafkaSettings, RunnerSettings, Settings, split_listen
 from shared.kafka import Publisher, bootstrap, client_id, make_consumer, make_producer
 from shared.metrics import HTTP_DURATION, HTTP_REQUESTS
@@ -51,7 +52,9 @@ def event_loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop]:
 
 
 def run(main: Coroutine[Any, Any, T], event_loop: str) -> T:
-    """Run a long-running process's ``main`` to completion on the configured event loop."""
+    """Run a long-running process's ``main`` to completion on the configured event loop, with
+    the garbage collector tuned for many records per second (``shared.gcpolicy``)."""
+    gcpolicy.tune_for_throughput()
     with asyncio.Runner(loop_factory=event_loop_factory(event_loop)) as runner:
         return runner.run(main)
 

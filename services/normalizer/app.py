@@ -42,7 +42,6 @@ from services.normalizer.replies import (
     UnroutableReply,
     tenant_number_key,
 )
-from shared import gcpolicy
 from shared.config import Settings
 from shared.events import (
     DeadLetter,
@@ -508,5 +507,4 @@ def build(settings: Settings, handler: NormalizerHandler | None = None) -> Servi
 
 
 async def main(settings: Settings) -> None:
-    gcpolicy.tune_for_throughput()
     await run_service(build(settings), settings.normalizer.metrics_listen)
