@@ -23,13 +23,21 @@ def mask_number(number: str) -> str:
 
 
 # Text we did not write (a provider's error, an exception's message) may echo a number: every
-# run of seven or more digits is masked in each log line's message and traceback, and by the
-# call sites that keep such text outside the logs (the sender's last error in its state).
-_DIGIT_RUN = re.compile(r"\+?\d{7,}")
+# run of seven or more digits, single spaces or hyphens between them allowed ("07911 123456"), is
+# masked in each log line's message, traceback and text fields, and by the call sites that keep
+# such text outside the logs (the sender's last error in its state). A run inside a word is left
+# alone: our ids are hex digests ("m-aa065161008e...") that often hold seven digits in a row.
+_NUMBER = re.compile(r"(?<![\w+])\+?\d(?:[ -]?\d){6,}(?!\w)")
 
 
 def scrub(text: str) -> str:
-    return _DIGIT_RUN.sub(lambda match: mask_number(match.group()), text)
+    return _NUMBER.sub(lambda match: mask_number(match.group()), text)
+
+
+def _is_identifier(key: str) -> bool:
+    """Fields that name a record (``message_id``, ``provider_message_id``): kept whole, for
+    finding it; a provider's numeric ids would otherwise look like phone numbers."""
+    return key.endswith("_id") or key == "id"
 
 
 class JsonFormatter(logging.Formatter):
@@ -47,7 +55,8 @@ class JsonFormatter(logging.Formatter):
         }
         for key, value in record.__dict__.items():
             if key not in _RESERVED and not key.startswith("_"):
-                entry[key] = value
+                scrubbed = isinstance(value, str) and not _is_identifier(key)
+                entry[key] = scrub(value) if scrubbed else value
         if record.exc_info:
             entry["exc"] = scrub(self.formatException(record.exc_info))
         return orjson.dumps(entry, default=str).decode()
