@@ -48,6 +48,7 @@ from shared import metrics
 from shared.config import RunnerSettings
 from shared.events import DeadLetter
 from shared.kafka import KafkaUnavailable, OutRecord, Publisher
+from shared.outbox import Outbox
 from shared.topics import DEAD_LETTERS
 
 log = logging.getLogger(__name__)
@@ -178,6 +179,8 @@ class ConsumerRunner:
         self.topics = list(topics)
         self.handler = handler
         self.publisher = publisher
+        # The outputs of every record finished in one turn of the event loop share a publish.
+        self._outputs = Outbox(publisher, name=f"{name}-outputs")
         self.settings = settings
         self.partition_listener = partition_listener
         self.max_handler_attempts = max_handler_attempts
@@ -317,7 +320,7 @@ class ConsumerRunner:
         while outputs:
             attempt += 1
             try:
-                await self.publisher.publish(outputs)
+                await self._outputs.publish(outputs)
                 return
             except KafkaUnavailable as exc:
                 log.warning("%s: publish failed (%s); retrying", self.name, exc)
