@@ -904,7 +904,7 @@ class ReporterHandler:
         self, slug: str, kind: str, messages: int, extra: dict[str, Any]
     ) -> AttemptObserver:
         def observe(result: AttemptResult, decision: Decision) -> None:
-            REPORT_REQUEST_DURATION.labels(kind).observe(result.duration_s)
+            REPORT_REQUEST_DURATION.labels(slug, kind).observe(result.duration_s)
             if result.accepted:
                 return
             ATTEMPT_FAILURES.labels(slug, kind, result.failure_code).inc()

@@ -25,8 +25,9 @@ ATTEMPT_FAILURES = Counter(
 )
 REPORT_REQUEST_DURATION = Histogram(
     f"{PREFIX}_report_request_duration_seconds",
-    "Duration of one HTTP request to Optimove, whatever its answer.",
-    ["kind"],
+    "Duration of one HTTP request to Optimove, whatever its answer (each tenant has an Optimove "
+    "of its own).",
+    ["tenant", "kind"],
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
 )
 OPTIMOVE_UNAUTHORIZED = Counter(

@@ -194,6 +194,11 @@ def bodies(simulator: OptimoveSimulator, tenant: str, endpoint: str) -> list[tup
     ]
 
 
+def requests_timed(tenant: str, kind: str = "delivery") -> float:
+    name = "smsbridge_report_request_duration_seconds_count"
+    return REGISTRY.get_sample_value(name, {"tenant": tenant, "kind": kind}) or 0.0
+
+
 def gauge(tenant: str, kind: str = "delivery") -> float | None:
     return REGISTRY.get_sample_value("smsbridge_reports_parked", {"tenant": tenant, "kind": kind})
 
@@ -235,6 +240,7 @@ async def test_a_failing_tenant_parks_new_reports_without_asking_while_others_fl
     simulator: OptimoveSimulator,
 ) -> None:
     simulator.set_mode(FailureMode(status=503), tenant=OTHER)
+    timed_before = requests_timed(OTHER), requests_timed(TENANT)
     async with Harness(settings_for(simulator.port)) as h:
         await h.handle(h.record(STATUSES.name, "m-b1", status("m-b1", "sent", OTHER)))
         await h.handle(h.record(STATUSES.name, "m-b2", status("m-b2", "sent", OTHER)))
@@ -242,6 +248,9 @@ async def test_a_failing_tenant_parks_new_reports_without_asking_while_others_fl
 
         # beta was asked once: its circuit opened, and its second report parked unasked.
         assert len(simulator.received(tenant=OTHER)) == 1
+        # Each request is timed under its own tenant: the slow Optimove is the one to see.
+        assert requests_timed(OTHER) - timed_before[0] == 1
+        assert requests_timed(TENANT) - timed_before[1] == 1
         assert [c for c, _ in bodies(simulator, TENANT, "delivery-report")] == [200]
         second = h.handler.store.get(PARTITION, f"delivery/{OTHER}/m-b2")
         assert second is not None
