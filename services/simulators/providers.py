@@ -3,8 +3,9 @@
 Each provider is one ``ProviderProtocol`` class (OTPIQ under ``/otpiq/api``, OpenSMS under
 ``/opensms/api/v3``, Octopush under ``/octopush/v1/public``) that validates sends as the real API
 does, answers with the documented bodies, and plans the callbacks the real provider would make.
-The simulator owns what they share: latency, injected HTTP errors, the delivered/failed outcome
-mix, callback delivery with retries, and the record of every accepted send (one entry per
+The simulator owns what they share: latency, injected faults (HTTP 500s, 429s in each provider's
+own shape, accepted sends answered with an unreadable body), the delivered/failed outcome mix,
+callback delivery with retries, and the record of every accepted send (one entry per
 recipient) that tests and operators inspect.
 
 OTPIQ takes its callback URL in each request. OpenSMS and Octopush have theirs set once in their
@@ -15,7 +16,8 @@ our callbacks service), or changed at run time through ``/_simulator/config``.
 Control endpoints (not part of any provider's API):
 
 - ``GET|POST /_simulator/config``: read or change ``latency_ms``, ``fail_rate``,
-  ``http_error_rate``, ``callback_delay_ms``, ``callback_attempts``, ``callback_retry_delay_ms``,
+  ``http_error_rate``, ``rate_limited_rate``, ``rate_limited_wait_s``, ``garbled_rate``,
+  ``callback_delay_ms``, ``callback_attempts``, ``callback_retry_delay_ms``,
   ``seed``, and ``callback_urls`` (merged; a null URL removes the key).
 - ``GET /_simulator/sends``: every accepted send, a count per (provider, phone, text), and the HTTP
   statuses answered per provider; ``DELETE`` resets all of it.
@@ -103,17 +105,29 @@ class SimulatorOptions:
     latency_ms: float = 0.0
     fail_rate: float = 0.0  # fraction of accepted sends whose final status is failed
     http_error_rate: float = 0.0  # fraction of sends answered 500 without sending
+    # Fraction of sends answered 429 without sending, in the provider's shape, asking for a wait
+    # of ``rate_limited_wait_s`` (OTPIQ's waitMinutes, a fraction of a minute here; Retry-After).
+    rate_limited_rate: float = 0.0
+    rate_limited_wait_s: float = 1.0
+    # Fraction of sends accepted (recorded, callbacks planned) whose answer is lost: a 200 with an
+    # HTML body, as a proxy in between might give. The sender cannot know it was sent.
+    garbled_rate: float = 0.0
     callback_delay_ms: float = 50.0  # before each callback of a message
     callback_attempts: int = 4  # per callback, when the receiver answers 5xx or is unreachable
     callback_retry_delay_ms: float = 200.0
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        for name in ("fail_rate", "http_error_rate"):
+        for name in ("fail_rate", "http_error_rate", "rate_limited_rate", "garbled_rate"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise OptionsError(f"{name} must be between 0 and 1, got {value}")
-        for name in ("latency_ms", "callback_delay_ms", "callback_retry_delay_ms"):
+        for name in (
+            "latency_ms",
+            "callback_delay_ms",
+            "callback_retry_delay_ms",
+            "rate_limited_wait_s",
+        ):
             if getattr(self, name) < 0:
                 raise OptionsError(f"{name} must not be negative")
         if self.callback_attempts < 1:
@@ -182,6 +196,14 @@ class CallbackDelivery:
         return {**asdict(self), "at": self.at.isoformat()}
 
 
+GARBLED_BODY = "<html><body><h1>200 OK</h1>upstream answered</body></html>"
+
+
+def retry_after(wait_s: float) -> str:
+    """A Retry-After header value: whole seconds, rounded up."""
+    return str(max(0, math.ceil(wait_s)))
+
+
 class ProviderProtocol(ABC):
     """One provider's API as the simulator serves it."""
 
@@ -193,15 +215,29 @@ class ProviderProtocol(ABC):
     @abstractmethod
     def add_routes(self, app: web.Application) -> None: ...
 
+    @abstractmethod
+    def rate_limited(self, wait_s: float) -> web.Response:
+        """The provider's 429, asking to wait ``wait_s``."""
+
     def counted(
         self, handler: Callable[[web.Request], Awaitable[web.Response]]
     ) -> Callable[[web.Request], Awaitable[web.Response]]:
-        """Wrap a provider endpoint so that every answer is counted and the latency applies."""
+        """Wrap a provider endpoint: the latency and injected faults apply, every answer counts.
+
+        A 429 comes before anything else, as from a gateway in front of the API; a garbled
+        answer replaces a successful one, after the send was accepted.
+        """
 
         async def wrapped(request: web.Request) -> web.Response:
-            await self.simulator.simulate_latency()
-            response = await handler(request)
-            self.simulator.answers[self.kind][str(response.status)] += 1
+            simulator = self.simulator
+            await simulator.simulate_latency()
+            if simulator.draw(simulator.options.rate_limited_rate):
+                response = self.rate_limited(simulator.options.rate_limited_wait_s)
+            else:
+                response = await handler(request)
+                if response.status < 300 and simulator.draw(simulator.options.garbled_rate):
+                    response = web.Response(text=GARBLED_BODY, content_type="text/html")
+            simulator.answers[self.kind][str(response.status)] += 1
             return response
 
         return wrapped
@@ -240,6 +276,11 @@ class OtpiqProtocol(ProviderProtocol):
     @staticmethod
     def error(status: int, body: dict[str, Any]) -> web.Response:
         return web.json_response(body, status=status)
+
+    def rate_limited(self, wait_s: float) -> web.Response:
+        # The SDK's 429 fields; the real API's numbers are undocumented.
+        wait = {"waitMinutes": round(wait_s / 60, 4), "maxRequests": 100, "timeWindowMinutes": 1}
+        return self.error(429, wait)
 
     async def send(self, request: web.Request) -> web.Response:
         authorization = request.headers.get("Authorization", "")
@@ -408,6 +449,9 @@ class OpenSmsProtocol(ProviderProtocol):
             body["code"] = code
         return web.json_response(body, status=status, headers=headers)
 
+    def rate_limited(self, wait_s: float) -> web.Response:
+        return self.error(429, "Too Many Attempts.", headers={"Retry-After": retry_after(wait_s)})
+
     def take_request(self, token: str, now: float) -> tuple[dict[str, str], bool]:
         """Count one request in the token's window: the rate-limit headers, and whether it fits."""
         minute = int(now // 60)
@@ -564,6 +608,12 @@ class OctopushProtocol(ProviderProtocol):
         if code is not None:
             body["code"] = code
         return web.json_response(body, status=status)
+
+    def rate_limited(self, wait_s: float) -> web.Response:
+        # Octopush's rate limits are undocumented: a plain 429 with Retry-After.
+        response = self.error(429, "Too many requests")
+        response.headers["Retry-After"] = retry_after(wait_s)
+        return response
 
     async def send(self, request: web.Request) -> web.Response:
         api_key = request.headers.get("api-key", "").strip()
@@ -867,11 +917,14 @@ class ProviderSimulator:
         if self.options.latency_ms > 0:
             await asyncio.sleep(self.options.latency_ms / 1000)
 
+    def draw(self, rate: float) -> bool:
+        return rate > 0 and self.rng.random() < rate
+
     def draw_http_error(self) -> bool:
-        return self.options.http_error_rate > 0 and self.rng.random() < self.options.http_error_rate
+        return self.draw(self.options.http_error_rate)
 
     def draw_failure(self) -> bool:
-        return self.options.fail_rate > 0 and self.rng.random() < self.options.fail_rate
+        return self.draw(self.options.fail_rate)
 
     def record_send(self, send: AcceptedSend) -> None:
         self.sends.append(send)
@@ -1044,6 +1097,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=defaults.http_error_rate,
         help="fraction of sends answered 500 without sending",
     )
+    parser.add_argument(
+        "--rate-limited-rate",
+        type=float,
+        default=defaults.rate_limited_rate,
+        help="fraction of sends answered 429 (in the provider's shape) without sending",
+    )
+    parser.add_argument(
+        "--rate-limited-wait-s",
+        type=float,
+        default=defaults.rate_limited_wait_s,
+        help="the wait a 429 asks for",
+    )
+    parser.add_argument(
+        "--garbled-rate",
+        type=float,
+        default=defaults.garbled_rate,
+        help="fraction of sends accepted but answered with an unreadable body",
+    )
     parser.add_argument("--callback-delay-ms", type=float, default=defaults.callback_delay_ms)
     parser.add_argument("--callback-attempts", type=int, default=defaults.callback_attempts)
     parser.add_argument(
@@ -1065,6 +1136,9 @@ def options_from_args(args: argparse.Namespace) -> dict[str, Any]:
         "latency_ms": args.latency_ms,
         "fail_rate": args.fail_rate,
         "http_error_rate": args.http_error_rate,
+        "rate_limited_rate": args.rate_limited_rate,
+        "rate_limited_wait_s": args.rate_limited_wait_s,
+        "garbled_rate": args.garbled_rate,
         "callback_delay_ms": args.callback_delay_ms,
         "callback_attempts": args.callback_attempts,
         "callback_retry_delay_ms": args.callback_retry_delay_ms,

@@ -22,6 +22,7 @@ from services.simulators.providers import (
     add_arguments,
     callback_urls_from_args,
     callback_urls_from_settings,
+    options_from_args,
 )
 from shared.broker import free_port
 from shared.providers import callback_url
@@ -816,3 +817,65 @@ async def test_send_posts_the_request_body_as_json_with_the_providers_own_header
     for request in trace.requests:
         assert request.url == provider.settings.base_url.rstrip("/") + path
         assert {name: request.headers.get(name) for name in expected} == expected
+
+
+# -- injected 429s and lost answers, every provider --------------------------------------------
+
+
+def client_of(
+    kind: str, simulator: ProviderSimulator, client: aiohttp.ClientSession, receiver_url: str
+) -> Otpiq | OpenSms | Octopush:
+    if kind == "otpiq":
+        settings = make_settings(provider_url=simulator.url)
+        return Otpiq("otpiq-main", settings.providers["otpiq-main"], client, receiver_url)
+    return bulk_provider(OpenSms if kind == "opensms" else Octopush, simulator, client)
+
+
+def one_message(kind: str) -> list[OutboundSms]:
+    return {"otpiq": [OutboundSms("m-1", "+447700900123", "Hi", "ACME")]}.get(
+        kind, kenyan(1) if kind == "opensms" else french(1)
+    )
+
+
+@pytest.mark.parametrize("kind", ["otpiq", "opensms", "octopush"])
+async def test_rate_limited_sends_are_429s_in_the_providers_shape_that_our_client_waits_on(
+    kind: str, simulator: ProviderSimulator, receiver: Receiver, client: aiohttp.ClientSession
+) -> None:
+    simulator.configure(rate_limited_rate=1.0, rate_limited_wait_s=3.0)
+
+    [result] = await client_of(kind, simulator, client, receiver.url).send(one_message(kind))
+
+    assert isinstance(result, SendError), result
+    assert result.retryable and result.status_code == 429
+    assert result.retry_after_s == pytest.approx(3.0)
+    assert simulator.sends == []
+    assert simulator.answers[kind] == {"429": 1}
+
+
+@pytest.mark.parametrize("kind", ["otpiq", "opensms", "octopush"])
+async def test_a_garbled_answer_to_an_accepted_send_is_never_taken_for_a_refusal(
+    kind: str, simulator: ProviderSimulator, receiver: Receiver, client: aiohttp.ClientSession
+) -> None:
+    """The provider has the message; our client cannot know, so it must not say "retry"."""
+    simulator.configure(garbled_rate=1.0)
+
+    [result] = await client_of(kind, simulator, client, receiver.url).send(one_message(kind))
+
+    assert isinstance(result, SendError), result
+    assert not result.retryable or result.maybe_accepted
+    assert result.sub_status == SubStatus.PROVIDER_ERROR
+    assert len(simulator.sends) == 1
+    assert simulator.answers[kind] == {"200": 1}
+
+
+def test_fault_rates_are_checked_and_set_from_the_command_line() -> None:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--rate-limited-rate", "0.2", "--garbled-rate", "0.1"])
+    sim = ProviderSimulator("127.0.0.1", 0, {}, **options_from_args(args))
+    assert (sim.options.rate_limited_rate, sim.options.garbled_rate) == (0.2, 0.1)
+    assert sim.options.rate_limited_wait_s == 1.0
+    with pytest.raises(OptionsError, match="garbled_rate"):
+        sim.configure(garbled_rate=1.5)
+    with pytest.raises(OptionsError, match="rate_limited_wait_s"):
+        sim.configure(rate_limited_wait_s=-1)

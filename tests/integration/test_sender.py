@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections import Counter
 from collections.abc import AsyncIterator
 from datetime import datetime, timedelta
 from typing import Any
@@ -27,6 +28,7 @@ from shared.events import (
 from shared.kafka import OutRecord, Publisher, bootstrap, make_producer
 from shared.statuses import SubStatus
 from tests.support import TENANT, make_settings, read_topic, running, wait_for
+from tests.support.providers import OCTOPUSH_ACCOUNT, OPENSMS_ACCOUNT, bulk_provider_settings
 
 pytestmark = pytest.mark.integration
 
@@ -378,3 +380,52 @@ async def test_a_replay_from_the_beginning_with_a_new_group_sends_nothing_twice(
     for message_id, (_, original) in first.items():
         copies = [record for _, record in replayed if record.context.message_id == message_id]
         assert copies == [original, original]
+
+
+# -- a provider that throttles and loses answers -------------------------------------------------
+
+
+ROUTE_OF = {"otpiq": ACCOUNT, "opensms": OPENSMS_ACCOUNT, "octopush": OCTOPUSH_ACCOUNT}
+NUMBER_OF = {"otpiq": "+4477009{:05d}", "opensms": "+2547123{:05d}", "octopush": "+336000{:05d}"}
+
+
+@pytest.mark.parametrize("kind", ["otpiq", "opensms", "octopush"])
+async def test_throttled_and_garbled_answers_neither_lose_nor_double_a_message(
+    kind: str, kafka: EmbeddedBroker
+) -> None:
+    """30% of calls answered 429, 20% of accepted ones answered with an unreadable body."""
+    count = 40
+    async with simulator(
+        rate_limited_rate=0.3, rate_limited_wait_s=0.2, garbled_rate=0.2, seed=7
+    ) as sim:
+        settings = bulk_provider_settings(
+            sim.url,
+            overrides={
+                "sender": {**FAST, "max_attempts_per_route": 12},
+                "tenants": {TENANT: {"routes": [{"provider": ROUTE_OF[kind]}]}},
+                # The breaker would rightly open at this failure rate: not what is tested here.
+                "providers": {ROUTE_OF[kind]: {"circuit_min_calls": 10_000}},
+            },
+        )
+        # A text of its own per message: one call each, so that each call draws its faults.
+        messages = [
+            recipient(i, NUMBER_OF[kind].format(i), f"Order {i} has shipped") for i in range(count)
+        ]
+        await publish(settings, messages)
+        async with running(build(settings)):
+            found = await dispatches(settings, expect=count)
+
+    answers = sim.answers[kind]
+    assert answers.get("429", 0) > 0, answers
+    # Every message reached the provider exactly once: a 429 is retried until it goes through,
+    # and a lost answer is never sent again.
+    sent = Counter((send.phone.lstrip("+"), send.text) for send in sim.sends)
+    assert sent == Counter((m.destination.lstrip("+"), m.text) for m in messages)
+    records = [record for _, record in found.values()]
+    accepted = [r for r in records if r.outcome == "accepted"]
+    unknown = [r for r in records if r.outcome != "accepted"]
+    assert {r.provider_message_id for r in accepted} <= {s.provider_message_id for s in sim.sends}
+    # ... and each lost answer is reported as what it is: the provider may have it.
+    assert unknown, "no answer was garbled"
+    assert all((r.outcome, r.sub_status) == ("failed", SubStatus.PROVIDER_ERROR) for r in unknown)
+    assert len(accepted) + len(unknown) == count

@@ -89,14 +89,14 @@ def settings_data(
             }
         },
     }
-    _deep_merge(data, overrides or {})
+    deep_merge(data, overrides or {})
     return data
 
 
-def _deep_merge(target: dict[str, Any], extra: Mapping[str, Any]) -> None:
+def deep_merge(target: dict[str, Any], extra: Mapping[str, Any]) -> None:
     for key, value in extra.items():
         if isinstance(value, Mapping) and isinstance(target.get(key), dict):
-            _deep_merge(target[key], value)
+            deep_merge(target[key], value)
         else:
             target[key] = value
 

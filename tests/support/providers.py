@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from shared.config import Settings
-from tests.support import make_settings
+from tests.support import deep_merge, make_settings
 
 OPENSMS_ACCOUNT = "opensms-ke"
 OPENSMS_TOKEN = "opensms-api-token"
@@ -21,31 +21,31 @@ def bulk_provider_settings(
     *,
     callbacks_url: str | None = None,
     octopush: dict[str, Any] | None = None,
+    overrides: dict[str, Any] | None = None,
 ) -> Settings:
     """``make_settings`` plus accounts ``opensms-ke`` and ``octopush-fr`` at ``provider_url``.
 
-    The base URLs are where the provider simulator serves each API.
+    The base URLs are where the provider simulator serves each API; ``overrides`` is deep-merged
+    on top.
     """
     base = provider_url.rstrip("/")
-    return make_settings(
-        provider_url=provider_url,
-        callbacks_url=callbacks_url,
-        overrides={
-            "providers": {
-                OPENSMS_ACCOUNT: {
-                    "kind": "opensms",
-                    "base_url": f"{base}/opensms/api/v3",
-                    "api_key": OPENSMS_TOKEN,
-                    "callback_token": OPENSMS_CALLBACK_TOKEN,
-                },
-                OCTOPUSH_ACCOUNT: {
-                    "kind": "octopush",
-                    "base_url": f"{base}/octopush/v1/public",
-                    "api_key": OCTOPUSH_KEY,
-                    "api_login": OCTOPUSH_LOGIN,
-                    "callback_token": OCTOPUSH_CALLBACK_TOKEN,
-                    **(octopush or {}),
-                },
-            }
+    accounts: dict[str, Any] = {
+        "providers": {
+            OPENSMS_ACCOUNT: {
+                "kind": "opensms",
+                "base_url": f"{base}/opensms/api/v3",
+                "api_key": OPENSMS_TOKEN,
+                "callback_token": OPENSMS_CALLBACK_TOKEN,
+            },
+            OCTOPUSH_ACCOUNT: {
+                "kind": "octopush",
+                "base_url": f"{base}/octopush/v1/public",
+                "api_key": OCTOPUSH_KEY,
+                "api_login": OCTOPUSH_LOGIN,
+                "callback_token": OCTOPUSH_CALLBACK_TOKEN,
+                **(octopush or {}),
+            },
         },
-    )
+    }
+    deep_merge(accounts, overrides or {})
+    return make_settings(provider_url=provider_url, callbacks_url=callbacks_url, overrides=accounts)
