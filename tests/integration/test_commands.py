@@ -6,6 +6,7 @@ The commands run as plain functions where the test needs their output in detail,
 
 from __future__ import annotations
 
+import asyncio
 import io
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
@@ -27,7 +28,8 @@ from services.admin import (
     parse_since,
 )
 from services.ingress.app import build as build_ingress
-from services.simulators.optimove import OptimoveSimulator
+from services.reporter.app import build as build_reporter
+from services.simulators.optimove import FailureMode, OptimoveSimulator
 from shared.broker import EmbeddedBroker, free_port
 from shared.config import Settings
 from shared.events import DeadLetter, InboundMessage, MessageContext, StatusEvent
@@ -40,7 +42,9 @@ from tests.support import (
     TENANT_API_TOKEN,
     TENANT_SECRET,
     make_settings,
+    read_topic,
     running,
+    wait_for,
 )
 from tests.support.ops import publisher, smsbridge
 from tests.support.pipeline import simulated_optimove
@@ -383,3 +387,48 @@ async def test_dead_letters_are_listed_and_re_driven_once(kafka: EmbeddedBroker)
     rows = out.splitlines()[1:]
     assert len(rows) == 3
     assert all(row.split()[-1] == "yes" for row in rows)
+
+
+async def test_a_re_driven_report_reaches_optimove_once_after_its_refusal_was_fixed(
+    kafka: EmbeddedBroker,
+) -> None:
+    """Optimove refuses (a tenant misconfigured there); the reports are dead-lettered; once it
+    is fixed, a re-drive gets each report to Optimove, once, through the running reporter."""
+    statuses = [status_event(f"m-fix-{i}") for i in range(3)]
+    ids = {s.context.message_id for s in statuses}
+    optimove = simulated_optimove()
+    async with running(optimove):
+        settings = make_settings(optimove_url=optimove.url)
+        optimove.set_mode(FailureMode(status=400))
+        async with publisher(settings) as out:
+            await out.publish([OutRecord(STATUSES, s.context.message_id, s) for s in statuses])
+        async with running(build_reporter(settings)):
+            letters = await read_topic(settings, DEAD_LETTERS, DeadLetter, expect=3)
+            assert {letter.key for _, letter in letters} == ids
+            assert all(letter.status_code == 400 for _, letter in letters)
+            optimove.set_mode(FailureMode())  # fixed on Optimove's side
+
+            done = io.StringIO()
+            await dlq_redrive_command(
+                settings, source_topic=STATUSES.name, since=None, dry_run=False, out=done,
+                err=io.StringIO(),
+            )  # fmt: skip
+            assert done.getvalue().startswith("re-drove 3;")
+
+            def accepted() -> list[str]:
+                return [
+                    orjson.loads(r["body"])["messageId"]
+                    for r in optimove.received(endpoint="delivery-report", tenant=TENANT)
+                    if r["status"] == 200
+                ]
+
+            await wait_for(lambda: len(accepted()) >= 3, 30, "the re-driven reports")
+            again = io.StringIO()
+            await dlq_redrive_command(
+                settings, source_topic=STATUSES.name, since=None, dry_run=False, out=again,
+                err=io.StringIO(),
+            )  # fmt: skip
+            assert again.getvalue().startswith("re-drove 0; already re-driven 3")
+            await asyncio.sleep(1.0)  # a report sent twice would arrive now
+        assert sorted(accepted()) == sorted(ids)
+        assert len(await read_topic(settings, DEAD_LETTERS, DeadLetter, settle_s=0.3)) == 3
