@@ -1,10 +1,10 @@
-"""Two instances of a consumer service share its group; one stops mid-campaign and the other takes
-its partitions over, with nothing lost and nothing done twice."""
+"""Two instances of a consumer service (normalizer, reporter, sender) share its group; one stops
+mid-campaign and the other takes its partitions over, with nothing lost and nothing done twice."""
 
 from __future__ import annotations
 
 import asyncio
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -15,14 +15,23 @@ from aiokafka import TopicPartition
 from services.normalizer.app import INPUT_TOPICS
 from services.normalizer.app import build as build_normalizer
 from services.reporter.app import build as build_reporter
+from services.sender.app import build as build_sender
 from services.simulators.optimove import FailureMode, OptimoveSimulator
+from services.simulators.providers import ProviderSimulator
 from shared.broker import EmbeddedBroker, free_port
 from shared.config import Settings
-from shared.events import StatusEvent
+from shared.events import DispatchRecord, MessageContext, RecipientMessage, StatusEvent, utcnow
 from shared.kafka import OutRecord
 from shared.service import ConsumerService, Service
-from shared.topics import DEFAULT_PARTITIONS, STATUSES
-from tests.support import TENANT, TENANT_API_TOKEN, TENANT_SECRET, make_settings, wait_for
+from shared.topics import DEFAULT_PARTITIONS, DISPATCHES, RECIPIENTS, STATUSES
+from tests.support import (
+    TENANT,
+    TENANT_API_TOKEN,
+    TENANT_SECRET,
+    make_settings,
+    running,
+    wait_for,
+)
 from tests.support.ops import (
     QUICK_GROUP,
     TopicTail,
@@ -177,3 +186,80 @@ async def test_a_reporter_takes_over_when_the_other_stops_mid_campaign(
         sequences[body["messageId"]].append(body["type"]["status"])
     # Every message reported once per status, in the order of the topic.
     assert sequences == {m: ["Sent", "Delivered"] for m in message_ids}
+
+
+def recipient_message(index: int) -> RecipientMessage:
+    number = f"+4477009{index:05d}"
+    return RecipientMessage(
+        context=MessageContext(
+            tenant=TENANT,
+            message_id=f"m-{index:04d}",
+            batch_id="batch-1",
+            request_id="request-1",
+            mobile_number=number.lstrip("+"),
+            metadata_json="{}",
+        ),
+        destination=number,
+        text="Your order has shipped",
+        sender_id="ACME",
+        accepted_at=utcnow(),
+    )
+
+
+async def test_a_sender_takes_over_when_the_other_stops_mid_campaign(
+    kafka: EmbeddedBroker, tmp_path: Path
+) -> None:
+    # Slow provider answers and few calls in flight, so that the campaign is still going when
+    # one instance stops.
+    provider = ProviderSimulator(
+        "127.0.0.1", free_port(), latency_ms=20, callback_delay_ms=600_000, callback_attempts=1
+    )
+
+    def settings_for(instance: str) -> Settings:
+        return make_settings(
+            provider_url=provider.url,
+            overrides={
+                "sender": {"state_dir": str(tmp_path / instance), "runner": QUICK_GROUP},
+                "providers": {"otpiq-main": {"max_in_flight": 8}},
+            },
+        )
+
+    settings = settings_for("a")
+    first = consumer_service(build_sender(settings))
+    second = consumer_service(build_sender(settings_for("b")))
+    messages = [recipient_message(i) for i in range(600)]
+    records = [
+        OutRecord(RECIPIENTS, f"{TENANT}:{m.destination}", m) for m in messages
+    ]  # the key ingress gives: a number's messages stay in order on one partition
+
+    async with running(provider), TopicTail(settings, DISPATCHES, DispatchRecord) as dispatched:
+        await start_pair(first, second, RECIPIENTS.partitions)
+        try:
+            stream = asyncio.create_task(publish_in_chunks(settings, records, chunk=50))
+            await dispatched.wait_count(len(messages) // 3)
+            await first.stop()
+            stopped_at = len(dispatched.records)
+            await wait_for(
+                lambda: len(assigned(second)) == RECIPIENTS.partitions,
+                what="the survivor to hold every partition",
+            )
+            await stream
+            await dispatched.wait_count(len(messages))
+            await asyncio.sleep(1.0)  # a message sent twice would arrive now
+            await dispatched.settle()
+        finally:
+            await second.stop()
+
+    assert stopped_at < len(messages)  # stopped mid-campaign
+    assert first.runner.finished_records > 0 and second.runner.finished_records > 0
+    # Each message went to the provider once, and has one dispatch record: accepted, with the
+    # provider's id for it.
+    assert Counter(send.phone for send in provider.sends) == {
+        m.destination.lstrip("+"): 1 for m in messages
+    }
+    by_message = Counter(record.context.message_id for _, record in dispatched.records)
+    assert by_message == {m.context.message_id: 1 for m in messages}
+    assert {record.outcome for _, record in dispatched.records} == {"accepted"}
+    assert {record.provider_message_id for _, record in dispatched.records} == {
+        send.provider_message_id for send in provider.sends
+    }
