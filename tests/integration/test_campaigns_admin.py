@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import signal
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
@@ -189,14 +190,21 @@ async def test_controls_reach_the_control_topic_with_their_key_and_show_in_the_s
 # -- the command line ------------------------------------------------------------------------
 
 
-async def test_the_campaign_command_line_controls_campaigns_through_the_api(
-    kafka: EmbeddedBroker, tmp_path: Path
-) -> None:
-    """``smsbridge campaign pause|resume|cancel|status`` as an operator types them."""
+@contextlib.asynccontextmanager
+async def campaigns_from_config_file(tmp_path: Path) -> AsyncIterator[tuple[Path, Settings]]:
+    """A running campaigns service and the configuration file the command line reads."""
     config = tmp_path / "smsbridge.toml"
     settings = write_config(config, config_data(overrides={"campaigns": campaigns_section()}))
     async with running(build_campaigns(settings)) as service:
         await wait_for(service.ready, what="the campaigns service ready")
+        yield config, settings
+
+
+async def test_the_campaign_command_line_controls_campaigns_through_the_api(
+    kafka: EmbeddedBroker, tmp_path: Path
+) -> None:
+    """``smsbridge campaign pause|resume|cancel|status`` as an operator types them."""
+    async with campaigns_from_config_file(tmp_path) as (config, settings):
         base = ("--config", str(config), "campaign")
         code, out, err = await smsbridge(
             *base, "pause", "--tenant", TENANT, "--campaign", "spring", "--reason", "wrong text"
@@ -235,10 +243,7 @@ async def test_the_campaign_command_line_controls_campaigns_through_the_api(
 async def test_status_follow_redraws_as_the_counts_move_and_ends_on_ctrl_c(
     kafka: EmbeddedBroker, tmp_path: Path
 ) -> None:
-    config = tmp_path / "smsbridge.toml"
-    settings = write_config(config, config_data(overrides={"campaigns": campaigns_section()}))
-    async with running(build_campaigns(settings)) as service:
-        await wait_for(service.ready, what="the campaigns service ready")
+    async with campaigns_from_config_file(tmp_path) as (config, settings):
         process = await asyncio.create_subprocess_exec(
             *(sys.executable, "-m", "services.cli", "--config", str(config), "campaign"),
             *("status", "--follow", "--interval", "0.2", "--tenant", TENANT),

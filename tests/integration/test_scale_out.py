@@ -20,7 +20,7 @@ from services.simulators.optimove import FailureMode, OptimoveSimulator
 from services.simulators.providers import ProviderSimulator
 from shared.broker import EmbeddedBroker, free_port
 from shared.config import Settings
-from shared.events import DispatchRecord, MessageContext, RecipientMessage, StatusEvent, utcnow
+from shared.events import DispatchRecord, StatusEvent
 from shared.kafka import OutRecord
 from shared.service import ConsumerService, Service
 from shared.topics import DEFAULT_PARTITIONS, DISPATCHES, RECIPIENTS, STATUSES
@@ -39,6 +39,7 @@ from tests.support.ops import (
     delivered_callback,
     dispatch_records,
     publisher,
+    recipient,
     status_event,
     status_records,
 )
@@ -188,24 +189,6 @@ async def test_a_reporter_takes_over_when_the_other_stops_mid_campaign(
     assert sequences == {m: ["Sent", "Delivered"] for m in message_ids}
 
 
-def recipient_message(index: int) -> RecipientMessage:
-    number = f"+4477009{index:05d}"
-    return RecipientMessage(
-        context=MessageContext(
-            tenant=TENANT,
-            message_id=f"m-{index:04d}",
-            batch_id="batch-1",
-            request_id="request-1",
-            mobile_number=number.lstrip("+"),
-            metadata_json="{}",
-        ),
-        destination=number,
-        text="Your order has shipped",
-        sender_id="ACME",
-        accepted_at=utcnow(),
-    )
-
-
 async def test_a_sender_takes_over_when_the_other_stops_mid_campaign(
     kafka: EmbeddedBroker, tmp_path: Path
 ) -> None:
@@ -227,7 +210,7 @@ async def test_a_sender_takes_over_when_the_other_stops_mid_campaign(
     settings = settings_for("a")
     first = consumer_service(build_sender(settings))
     second = consumer_service(build_sender(settings_for("b")))
-    messages = [recipient_message(i) for i in range(600)]
+    messages = [recipient(i, f"+4477009{i:05d}") for i in range(600)]
     records = [
         OutRecord(RECIPIENTS, f"{TENANT}:{m.destination}", m) for m in messages
     ]  # the key ingress gives: a number's messages stay in order on one partition

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 from collections import Counter
 from collections.abc import AsyncIterator
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -20,7 +20,6 @@ from shared.config import Settings
 from shared.events import (
     DeadLetter,
     DispatchRecord,
-    MessageContext,
     OptOutChange,
     RecipientMessage,
     utcnow,
@@ -28,6 +27,7 @@ from shared.events import (
 from shared.kafka import OutRecord, Publisher, bootstrap, make_producer
 from shared.statuses import SubStatus
 from tests.support import TENANT, make_settings, read_topic, running, wait_for
+from tests.support.ops import recipient
 from tests.support.providers import OCTOPUSH_ACCOUNT, OPENSMS_ACCOUNT, bulk_provider_settings
 
 pytestmark = pytest.mark.integration
@@ -81,33 +81,6 @@ def two_routes(primary: ProviderSimulator, backup: ProviderSimulator) -> Setting
                 }
             },
         },
-    )
-
-
-def recipient(
-    index: int,
-    number: str,
-    text: str = "Your order has shipped",
-    *,
-    tenant: str = TENANT,
-    sender_id: str = "ACME",
-    scheduled_at: datetime | None = None,
-    accepted_at: datetime | None = None,
-) -> RecipientMessage:
-    return RecipientMessage(
-        context=MessageContext(
-            tenant=tenant,
-            message_id=f"m-test-{index}",
-            batch_id="batch-1",
-            request_id="request-1",
-            mobile_number=number.lstrip("+"),
-            metadata_json='{"campaign": 1}',
-        ),
-        destination=number,
-        text=text,
-        sender_id=sender_id,
-        scheduled_at=scheduled_at,
-        accepted_at=accepted_at or utcnow(),
     )
 
 

@@ -24,7 +24,7 @@ from shared.broker import EmbeddedBroker, free_port
 from shared.config import Settings
 from shared.events import DispatchRecord, decode
 from shared.kafka import bootstrap
-from tests.integration.test_sender import publish, recipient
+from tests.integration.test_sender import publish
 from tests.support import (
     AGGREGATOR_API_KEY,
     CALLBACK_TOKEN,
@@ -33,7 +33,7 @@ from tests.support import (
     TENANT_SECRET,
     wait_for,
 )
-from tests.support.ops import start_service, stop_service
+from tests.support.ops import recipient, start_service, stop_service
 
 pytestmark = pytest.mark.integration
 

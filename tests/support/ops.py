@@ -11,6 +11,7 @@ import os
 import signal
 import sys
 from collections.abc import AsyncIterator, Iterable, Mapping
+from datetime import datetime
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Generic
@@ -26,6 +27,7 @@ from shared.events import (
     E,
     MessageContext,
     ProviderEvent,
+    RecipientMessage,
     StatusEvent,
     decode,
     utcnow,
@@ -111,6 +113,33 @@ async def smsbridge(*argv: str, env: dict[str, str] | None = None) -> tuple[int,
 
 
 # -- records ---------------------------------------------------------------------------------------
+
+
+def recipient(
+    index: int,
+    number: str,
+    text: str = "Your order has shipped",
+    *,
+    tenant: str = TENANT,
+    sender_id: str = "ACME",
+    scheduled_at: datetime | None = None,
+    accepted_at: datetime | None = None,
+) -> RecipientMessage:
+    return RecipientMessage(
+        context=MessageContext(
+            tenant=tenant,
+            message_id=f"m-test-{index}",
+            batch_id="batch-1",
+            request_id="request-1",
+            mobile_number=number.lstrip("+"),
+            metadata_json='{"campaign": 1}',
+        ),
+        destination=number,
+        text=text,
+        sender_id=sender_id,
+        scheduled_at=scheduled_at,
+        accepted_at=accepted_at or utcnow(),
+    )
 
 
 def context(message_id: str, campaign: str = "spring") -> MessageContext:
