@@ -72,6 +72,13 @@ async def start_pair(first: ConsumerService, second: ConsumerService, partitions
     )
 
 
+async def holds_every_partition(survivor: ConsumerService, partitions: int) -> None:
+    await wait_for(
+        lambda: len(assigned(survivor)) == partitions,
+        what="the survivor to hold every partition",
+    )
+
+
 async def publish_in_chunks(settings: Settings, records: Sequence[OutRecord], chunk: int) -> None:
     async with publisher(settings) as out:
         for start in range(0, len(records), chunk):
@@ -106,10 +113,7 @@ async def test_a_normalizer_takes_over_when_the_other_stops_mid_campaign(
             await statuses.wait_count(len(message_ids) // 3)
             await first.stop()
             stopped_at = len(statuses.records)
-            await wait_for(
-                lambda: len(assigned(second)) == every_partition,
-                what="the survivor to hold every partition",
-            )
+            await holds_every_partition(second, every_partition)
             await stream
             await statuses.wait_count(2 * len(message_ids))
             await statuses.settle()
@@ -158,10 +162,7 @@ async def test_a_reporter_takes_over_when_the_other_stops_mid_campaign(
             await wait_for(lambda: final_reports() >= len(message_ids) // 4, timeout_s=60)
             await first.stop()
             stopped_at = final_reports()
-            await wait_for(
-                lambda: len(assigned(second)) == every_partition,
-                what="the survivor to hold every partition",
-            )
+            await holds_every_partition(second, every_partition)
             await wait_for(
                 lambda: final_reports() == len(message_ids),
                 timeout_s=90,
@@ -222,10 +223,7 @@ async def test_a_sender_takes_over_when_the_other_stops_mid_campaign(
             await dispatched.wait_count(len(messages) // 3)
             await first.stop()
             stopped_at = len(dispatched.records)
-            await wait_for(
-                lambda: len(assigned(second)) == RECIPIENTS.partitions,
-                what="the survivor to hold every partition",
-            )
+            await holds_every_partition(second, RECIPIENTS.partitions)
             await stream
             await dispatched.wait_count(len(messages))
             await asyncio.sleep(1.0)  # a message sent twice would arrive now
