@@ -9,10 +9,12 @@ never sent.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, datetime
 from typing import Any, ClassVar
 
+import orjson
 import pytest
 from aiokafka.structs import ConsumerRecord
 from prometheus_client import REGISTRY
@@ -29,6 +31,7 @@ from shared.events import (
     StateChange,
 )
 from shared.kafka import KafkaUnavailable, OutRecord, Publisher
+from shared.logs import JsonFormatter
 from shared.providers.base import (
     CallbackRejected,
     OutboundSms,
@@ -705,3 +708,25 @@ async def test_an_undecodable_record_is_poison() -> None:
     )
     with pytest.raises(PoisonRecord, match="RecipientMessage"):
         await harness.dispatcher.handle(record)
+
+
+async def test_every_log_line_about_a_message_names_it_and_masks_its_number(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An operator follows one message through the logs by its id, never by its number."""
+    caplog.set_level(logging.DEBUG, logger="services.sender")
+    harness = Harness({PRIMARY: fail_503, BACKUP: fail_503})
+    await harness.dispatcher.process(0, message())
+    for _ in range(3):
+        harness.wall.now += 20
+        await harness.dispatcher.run_due(harness.wall.now)
+
+    formatter = JsonFormatter("sender")
+    lines = [formatter.format(r) for r in caplog.records if r.name.startswith("services.sender")]
+    entries = [orjson.loads(line) for line in lines]
+    # Retries on both routes, giving up on each, the failure: each names the message. (The
+    # circuits opening are about the accounts.)
+    about = [e for e in entries if not str(e["msg"]).startswith("circuit of")]
+    assert len(about) == 5, entries
+    assert all(entry.get("message_id") == "m-1" for entry in about), about
+    assert not any(NUMBER.lstrip("+") in line for line in lines)
