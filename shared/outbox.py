@@ -3,8 +3,8 @@ event loop go out together, and each caller waits for the acknowledgement of its
 
 The sender writes three times per message (intent, outcome, dispatch record), the normalizer
 once per input record (statuses and changelog) and the runner once per finished record (its
-outputs: the reporter's acknowledgement counts, dead letters), from hundreds of concurrent tasks. One
-``Publisher.publish`` per write would wait on hundreds of small gathers (each with its timeout
+outputs: the reporter's acknowledgement counts, dead letters), from hundreds of concurrent tasks.
+One ``Publisher.publish`` per write would wait on hundreds of small gathers (each with its timeout
 timer) a second; coalescing them costs one future per caller instead. Records keep their order
 (callers in the order they asked, each caller's records in its order), so a key's changelog
 records keep theirs. A flush that Kafka does not acknowledge fails every caller in it

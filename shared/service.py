@@ -1,4 +1,6 @@
-"""Process lifecycle shared by all five services: signals, /metrics, /healthz, /readyz.
+"""Process lifecycle shared by all five services: event loop, signals, /metrics, /healthz, /readyz.
+
+``run`` starts every long-running process (services and simulators) on the configured event loop.
 
 ``run_service`` runs one service until SIGTERM/SIGINT (or until it fails), then stops it within its
 deadline. ``ConsumerService`` is the whole of a consumer service's plumbing: producer, consumer,

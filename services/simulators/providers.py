@@ -1169,13 +1169,12 @@ def cli(args: argparse.Namespace) -> int:
     configure_logging("simulator-providers")
     config_path = getattr(args, "config", None) or os.environ.get(CONFIG_ENV_VAR)
     urls: dict[str, str] = {}
-    settings = Settings()  # the environment's, until a configuration file says more
+    try:
+        settings = load_settings(config_path)  # without a file: the environment's
+    except ConfigError as exc:
+        log.error("cannot derive callback URLs from the configuration: %s", exc)
+        return 2
     if config_path:
-        try:
-            settings = load_settings(config_path)
-        except ConfigError as exc:
-            log.error("cannot derive callback URLs from the configuration: %s", exc)
-            return 2
         # A line per send is too many under a benchmark's load: the configured level decides.
         configure_logging("simulator-providers", settings.log_level)
         urls.update(callback_urls_from_settings(settings))
