@@ -3,7 +3,8 @@
 ``python -m bench [NAME ...] [--recipients N] [--profile]`` runs every benchmark, or those named;
 the results (with the machine's details) go to ``bench/results/`` and the README's table. The
 campaign sizes of ``e2e`` and ``memory`` can also come from ``BENCH_E2E_RECIPIENTS`` and
-``BENCH_MEMORY_RECIPIENTS``. Exit status 1 when a check failed, 2 for an unknown name.
+``BENCH_MEMORY_RECIPIENTS``; the memory benchmark's time budget from ``--max-minutes`` or
+``BENCH_MEMORY_MAX_MINUTES``. Exit status 1 when a check failed, 2 for an unknown name.
 """
 
 from __future__ import annotations
@@ -40,6 +41,11 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
         help="e2e: record py-spy profiles of the services (needs py-spy and ptrace rights)",
     )
     parser.add_argument(
+        "--max-minutes",
+        type=float,
+        help="memory: post for at most this long, then check the campaign posted so far",
+    )
+    parser.add_argument(
         "--no-record", action="store_true", help="print only; write nothing to bench/results"
     )
     parser.add_argument(
@@ -61,7 +67,9 @@ def main(argv: Sequence[str]) -> int:
     if unknown:
         print(f"unknown benchmark(s): {', '.join(unknown)}; known: {', '.join(known)}")
         return 2
-    options = Options(recipients=args.recipients, profile=args.profile)
+    options = Options(
+        recipients=args.recipients, profile=args.profile, max_minutes=args.max_minutes
+    )
     reports: list[Report] = []
     for name in chosen:
         started = time.monotonic()

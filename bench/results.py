@@ -40,6 +40,8 @@ class Options:
     recipients: int | None = None
     # e2e: py-spy profiles of the services during the throughput run, in bench/results/profiles.
     profile: bool = False
+    # memory: stop posting after this many minutes and check what was posted.
+    max_minutes: float | None = None
 
 
 @dataclass

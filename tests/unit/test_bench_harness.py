@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from bench import memory
 from bench.profiling import hot_spots
 from bench.results import (
     README_BEGIN,
@@ -21,6 +22,7 @@ from bench.results import (
 from bench.stack import (
     PROVIDER,
     TENANT,
+    Sample,
     base_config,
     deep_merge,
     instance_config,
@@ -126,3 +128,33 @@ def test_figures_may_have_numbers_for_keys(tmp_path: Path) -> None:
     readme = tmp_path / "README.md"
     run = record([Report("ingress", [("w", "f")], "", figures)], tmp_path, readme)
     assert '"100": 32' in run.with_suffix(".json").read_text()
+
+
+def test_a_memory_run_cut_by_its_time_budget_is_checked_over_what_was_posted() -> None:
+    """400,000 of a planned 1,000,000 posted: the marks are 10/50/100% of the 400,000."""
+    posted = 400_000
+    mib = 2**20
+    samples = [
+        Sample(
+            at=float(i),
+            rss={"sender": 120 * mib, "reporter": (70 + (i if i > 50 else 0)) * mib},
+            progress=float(i * posted // 100),
+        )
+        for i in range(101)
+    ]
+    tally = {"final": posted, "duplicates": 0}
+    result = memory.report(
+        posted, samples, ["sender", "reporter"], tally, 0, 3600.0, 0.0, planned=1_000_000
+    )
+
+    label, figure = result.summary[0]
+    assert "400,000 recipients of a 1,000,000-recipient campaign cut by its time budget" in label
+    assert result.figures["planned_recipients"] == 1_000_000
+    sender = result.figures["services"]["sender"]
+    assert sender["rss_mib_at"] == {"10%": 120, "50%": 120, "100%": 120}
+    # The reporter grew by 50 MiB over the second half of what was posted: caught.
+    reporter = result.figures["services"]["reporter"]
+    assert (reporter["peak_by_50pct_mib"], reporter["peak_mib"]) == (70, 170)
+    assert [f for f in result.failures if f.startswith("reporter")], result.failures
+    assert not [f for f in result.failures if f.startswith("sender")]
+    assert "flat: NO" in figure
