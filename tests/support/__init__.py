@@ -10,6 +10,7 @@ from typing import Any, TypeVar
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
+from bench.stack import deep_merge
 from shared.broker import free_port
 from shared.config import Settings
 from shared.events import E, decode
@@ -91,14 +92,6 @@ def settings_data(
     }
     deep_merge(data, overrides or {})
     return data
-
-
-def deep_merge(target: dict[str, Any], extra: Mapping[str, Any]) -> None:
-    for key, value in extra.items():
-        if isinstance(value, Mapping) and isinstance(target.get(key), dict):
-            deep_merge(target[key], value)
-        else:
-            target[key] = value
 
 
 @contextlib.asynccontextmanager

@@ -20,6 +20,7 @@ import aiohttp
 import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
+from bench.stack import to_toml
 from services.replay import committed_offsets, live_members, offsets_consumer
 from shared.config import Settings, load_settings
 from shared.events import (
@@ -48,42 +49,6 @@ def config_data(
 ) -> dict[str, Any]:
     """The configuration of tests.support.make_settings as TOML-ready data (inline secrets)."""
     return {"log_level": "INFO", **settings_data(optimove_url=optimove_url, overrides=overrides)}
-
-
-def to_toml(data: Mapping[str, Any]) -> str:
-    """TOML for the shapes a configuration has: tables, scalars, lists of scalars or tables."""
-    lines: list[str] = []
-    _write_table(lines, [], data)
-    return "\n".join(lines) + "\n"
-
-
-def _write_table(lines: list[str], path: list[str], table: Mapping[str, Any]) -> None:
-    scalars = {k: v for k, v in table.items() if not isinstance(v, Mapping)}
-    tables = {k: v for k, v in table.items() if isinstance(v, Mapping)}
-    if path and scalars:
-        lines.append(f"[{'.'.join(_key(p) for p in path)}]")
-    for key, value in scalars.items():
-        lines.append(f"{_key(key)} = {_value(value)}")
-    for key, value in tables.items():
-        _write_table(lines, [*path, key], value)
-
-
-def _key(key: str) -> str:
-    return key if key.replace("-", "").replace("_", "").isalnum() else orjson.dumps(key).decode()
-
-
-def _value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    if isinstance(value, str):
-        return orjson.dumps(value).decode()
-    if isinstance(value, list):
-        return "[" + ", ".join(_value(item) for item in value) + "]"
-    if isinstance(value, Mapping):
-        return "{ " + ", ".join(f"{_key(k)} = {_value(v)}" for k, v in value.items()) + " }"
-    raise TypeError(f"no TOML for {type(value).__name__}")
 
 
 def write_config(path: Path, data: Mapping[str, Any]) -> Settings:
