@@ -75,6 +75,12 @@ _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
+def code_under_test() -> Path:
+    """The checkout whose services the benchmarks run: ``$BENCH_SOURCE_DIR`` (another checkout,
+    for before/after comparisons: ``git archive <sha> | tar -x -C DIR``), else this one."""
+    return Path(os.environ.get("BENCH_SOURCE_DIR", REPO))
+
+
 class StackError(RuntimeError):
     """A child did not start, did not become ready, or exited when nobody stopped it."""
 
@@ -338,11 +344,11 @@ class Stack:
         optimove_max_recorded: int = 200_000,
         log_level: str = "WARNING",
         env: Mapping[str, str] | None = None,
-        source_dir: Path = REPO,
+        source_dir: Path | None = None,
     ) -> None:
         self.run_dir = run_dir
         # The children run the code of this checkout (another one: before/after comparisons).
-        self.source_dir = source_dir
+        self.source_dir = source_dir or code_under_test()
         self.broker = EmbeddedBroker()
         self.optimove_url = f"http://127.0.0.1:{free_port()}"
         self.providers_url = f"http://127.0.0.1:{free_port()}"

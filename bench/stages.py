@@ -4,8 +4,8 @@ In the e2e benchmark every process shares the machine, so a service's CPU per me
 how busy the others kept it. Here each stage runs alone on a fresh broker whose input topics
 already hold a campaign's worth of records (published before the service starts), and drains
 them: the figure is the CPU time the service's process used per message, and its rate. This is
-the measure used to compare one change with another (``--source DIR`` runs the services of
-another checkout, e.g. ``git archive HEAD | tar -x -C DIR``).
+the measure used to compare one change with another (``BENCH_SOURCE_DIR=DIR`` runs the services
+of another checkout, e.g. ``git archive HEAD | tar -x -C DIR``; ``bench.stack.code_under_test``).
 
 - normalizer: per message one accepted OTPIQ dispatch record and two provider events (``sent``,
   ``delivered``); done when ``sms.statuses`` holds the two status events of every message.
@@ -18,14 +18,13 @@ Not part of ``make bench`` unless named (``python -m bench stages``).
 from __future__ import annotations
 
 import asyncio
-import os
 import tempfile
 import time
 from datetime import UTC, datetime
 from pathlib import Path
 
 from bench.results import Options, Report, markdown_table, text_table
-from bench.stack import PROVIDER, TENANT, Stack, count_records, wait_until
+from bench.stack import PROVIDER, TENANT, Stack, code_under_test, count_records, wait_until
 from shared.events import DispatchRecord, MessageContext, ProviderEvent, StatusEvent
 from shared.kafka import OutRecord
 from shared.topics import DISPATCHES, PROVIDER_EVENTS, STATUSES
@@ -191,6 +190,6 @@ async def run(run_dir: Path, messages: int, source: Path) -> Report:
 
 def bench(options: Options) -> Report:
     messages = options.recipients or DEFAULT_MESSAGES
-    source = Path(os.environ.get("BENCH_SOURCE_DIR", Path(__file__).resolve().parent.parent))
+    source = code_under_test()
     with tempfile.TemporaryDirectory(prefix="smsbridge-bench-stages-") as directory:
         return asyncio.run(run(Path(directory), messages, source))
