@@ -14,16 +14,13 @@ idempotent on replay), and never loses one.
 from __future__ import annotations
 
 import asyncio
-import os
 import re
 import sys
 import time
-import tomllib
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any, TextIO
 
 import aiohttp
@@ -34,8 +31,6 @@ from pydantic_settings import EnvSettingsSource
 
 from services.ingress.app import CAMPAIGN_ROUTE
 from shared.config import (
-    CONFIG_ENV_VAR,
-    ConfigError,
     ProviderSettings,
     Settings,
     TenantSettings,
@@ -195,20 +190,6 @@ class ConfigurationCheck:
             + sum(map(len, self.tenants.values()))
             + sum(map(len, self.providers.values()))
         )
-
-
-def read_configuration(path: str | Path | None) -> dict[str, Any]:
-    """The TOML file as written (no validation); ConfigError if it cannot be read."""
-    chosen = path or os.environ.get(CONFIG_ENV_VAR)
-    if not chosen:
-        return {}
-    try:
-        with open(chosen, "rb") as handle:
-            return tomllib.load(handle)
-    except OSError as exc:
-        raise ConfigError(f"cannot read configuration {chosen}: {exc.strerror}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"configuration {chosen} is not valid TOML: {exc}") from None
 
 
 def check_configuration(data: Mapping[str, Any]) -> ConfigurationCheck:

@@ -8,7 +8,7 @@ import importlib
 import sys
 from collections.abc import Callable, Sequence
 
-from shared.config import ConfigError, Settings, load_settings
+from shared.config import ConfigError, Settings, load_settings, read_configuration
 from shared.kafka import KafkaUnavailable
 from shared.logs import configure_logging
 from shared.service import run
@@ -41,7 +41,7 @@ def _cmd_handshake(args: argparse.Namespace) -> int:
 
 
 def _cmd_tenants_check(args: argparse.Namespace) -> int:
-    from services.admin import read_configuration, tenants_check_command
+    from services.admin import tenants_check_command
 
     return tenants_check_command(read_configuration(args.config))
 

@@ -379,25 +379,35 @@ def _format_validation_error(error: ValidationError, source: str) -> str:
 DEV_CONFIG_PATH = "deploy/dev/smsbridge.toml"
 
 
+def configured_path(explicit: str | Path | None) -> str | Path | None:
+    """The configuration file: --config, else $SMSBRIDGE_CONFIG, else none."""
+    return explicit or os.environ.get(CONFIG_ENV_VAR) or None
+
+
 def dev_config_path(explicit: str | None) -> str:
     """The dev stack's configuration: --config, else $SMSBRIDGE_CONFIG, else the dev file."""
-    return explicit or os.environ.get(CONFIG_ENV_VAR) or DEV_CONFIG_PATH
+    return str(configured_path(explicit) or DEV_CONFIG_PATH)
+
+
+def read_configuration(path: str | Path | None) -> dict[str, Any]:
+    """The configured TOML file as written (no validation), {} when there is none; ConfigError
+    if it cannot be read."""
+    chosen = configured_path(path)
+    if not chosen:
+        return {}
+    try:
+        with open(chosen, "rb") as handle:
+            return tomllib.load(handle)
+    except OSError as exc:
+        raise ConfigError(f"cannot read configuration {chosen}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"configuration {chosen} is not valid TOML: {exc}") from None
 
 
 def load_settings(path: str | Path | None = None) -> Settings:
     """Load and validate the configuration, raising ConfigError with the bad key named."""
-    chosen = path or os.environ.get(CONFIG_ENV_VAR)
-    data: dict[str, Any] = {}
-    source = "environment"
-    if chosen:
-        source = str(chosen)
-        try:
-            with open(chosen, "rb") as handle:
-                data = tomllib.load(handle)
-        except OSError as exc:
-            raise ConfigError(f"cannot read configuration {chosen}: {exc.strerror}") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"configuration {chosen} is not valid TOML: {exc}") from None
+    data = read_configuration(path)
+    source = str(configured_path(path) or "environment")
     try:
         return Settings(**data)
     except ValidationError as exc:

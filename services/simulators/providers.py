@@ -37,7 +37,6 @@ import asyncio
 import contextlib
 import logging
 import math
-import os
 import random
 import re
 import secrets
@@ -53,7 +52,7 @@ import aiohttp
 import orjson
 from aiohttp import web
 
-from shared.config import CONFIG_ENV_VAR, ConfigError, Settings, load_settings, split_listen
+from shared.config import ConfigError, Settings, configured_path, load_settings, split_listen
 from shared.events import utcnow
 from shared.keywords import KeywordRules
 from shared.logs import configure_logging, mask_number
@@ -1167,7 +1166,7 @@ def callback_urls_from_args(values: list[str]) -> dict[str, str]:
 
 def cli(args: argparse.Namespace) -> int:
     configure_logging("simulator-providers")
-    config_path = getattr(args, "config", None) or os.environ.get(CONFIG_ENV_VAR)
+    config_path = configured_path(getattr(args, "config", None))
     urls: dict[str, str] = {}
     try:
         settings = load_settings(config_path)  # without a file: the environment's
