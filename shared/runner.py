@@ -178,7 +178,6 @@ class ConsumerRunner:
         self.consumer = consumer
         self.topics = list(topics)
         self.handler = handler
-        self.publisher = publisher
         # The outputs of every record finished in one turn of the event loop share a publish.
         self._outputs = Outbox(publisher, name=f"{name}-outputs")
         self.settings = settings
