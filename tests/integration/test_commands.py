@@ -389,6 +389,15 @@ async def test_dead_letters_are_listed_and_re_driven_once(kafka: EmbeddedBroker)
     assert all(row.split()[-1] == "yes" for row in rows)
 
 
+async def redrive_statuses(settings: Settings) -> str:
+    """``smsbridge dlq redrive --topic sms.statuses``, in this process; what it printed."""
+    out = io.StringIO()
+    await dlq_redrive_command(
+        settings, source_topic=STATUSES.name, since=None, dry_run=False, out=out, err=io.StringIO()
+    )
+    return out.getvalue()
+
+
 async def test_a_re_driven_report_reaches_optimove_once_after_its_refusal_was_fixed(
     kafka: EmbeddedBroker,
 ) -> None:
@@ -408,12 +417,7 @@ async def test_a_re_driven_report_reaches_optimove_once_after_its_refusal_was_fi
             assert all(letter.status_code == 400 for _, letter in letters)
             optimove.set_mode(FailureMode())  # fixed on Optimove's side
 
-            done = io.StringIO()
-            await dlq_redrive_command(
-                settings, source_topic=STATUSES.name, since=None, dry_run=False, out=done,
-                err=io.StringIO(),
-            )  # fmt: skip
-            assert done.getvalue().startswith("re-drove 3;")
+            assert (await redrive_statuses(settings)).startswith("re-drove 3;")
 
             def accepted() -> list[str]:
                 return [
@@ -423,12 +427,7 @@ async def test_a_re_driven_report_reaches_optimove_once_after_its_refusal_was_fi
                 ]
 
             await wait_for(lambda: len(accepted()) >= 3, 30, "the re-driven reports")
-            again = io.StringIO()
-            await dlq_redrive_command(
-                settings, source_topic=STATUSES.name, since=None, dry_run=False, out=again,
-                err=io.StringIO(),
-            )  # fmt: skip
-            assert again.getvalue().startswith("re-drove 0; already re-driven 3")
+            assert (await redrive_statuses(settings)).startswith("re-drove 0; already re-driven 3")
             await asyncio.sleep(1.0)  # a report sent twice would arrive now
         assert sorted(accepted()) == sorted(ids)
         assert len(await read_topic(settings, DEAD_LETTERS, DeadLetter, settle_s=0.3)) == 3
