@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 CONFIG ?= deploy/dev/smsbridge.toml
 PYTEST_ARGS ?=
 
-.PHONY: dev test lint bench reliability campaign clean promtool
+.PHONY: dev test lint bench reliability campaign clean promtool broker
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' || \
@@ -16,7 +16,12 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[test,lint]'
 	@touch $(STAMP)
 
-dev: $(STAMP)
+# Apache Kafka's jars (deploy/kafka/pom.xml) through Maven, when Java 17+ and Maven are here and
+# the cache lacks them; otherwise one line says the embedded broker will be the Tansu fallback.
+broker: $(STAMP)
+	@$(BIN)/smsbridge broker fetch
+
+dev: $(STAMP) broker
 	$(BIN)/smsbridge --config $(CONFIG) dev
 
 # Fire a campaign at a running `make dev`: make campaign N=1000
@@ -40,7 +45,7 @@ promtool:
 		fi; }
 
 # pytest exits 5 when a selection (PYTEST_ARGS=-k ...) matches no test: say so, do not fail.
-test: $(STAMP) promtool
+test: $(STAMP) promtool broker
 	@$(BIN)/pytest $(PYTEST_ARGS); rc=$$?; \
 		if [ $$rc -eq 5 ]; then echo "pytest: no tests were collected"; exit 0; fi; exit $$rc
 
@@ -53,13 +58,13 @@ lint: $(STAMP)
 # Not part of `make test`. Results in bench/results/ and README.md (bench/__main__.py).
 BENCH ?=
 BENCH_ARGS ?=
-bench: $(STAMP)
+bench: $(STAMP) broker
 	$(BIN)/python -m bench $(BENCH) $(BENCH_ARGS)
 
 # The reliability suite in its full form (chaos on a 20,000-recipient campaign, 50 clients for
 # 60 s, long property runs); `make test` runs the same tests in their short form.
-reliability: $(STAMP)
+reliability: $(STAMP) broker
 	$(BIN)/pytest tests/reliability --reliability-full $(PYTEST_ARGS)
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .smsbridge/kafka-dist

@@ -1,7 +1,10 @@
 """``make bench``: the benchmark suite. Each benchmark prints its own table.
 
 ``python -m bench [NAME ...] [--recipients N] [--profile]`` runs every benchmark, or those named;
-the results (with the machine's details) go to ``bench/results/`` and the README's table. The
+the results (with the machine's details) go to ``bench/results/`` and the README's table. Every
+benchmark runs on Apache Kafka, the embedded broker of ``shared.broker``; ``--broker tansu`` runs
+them on Tansu (memory only) instead, and ``--compare-brokers`` adds e2e's throughput phase on the
+other broker (``bench/e2e.py``). The broker is recorded with each benchmark's figures. The
 campaign sizes of ``e2e`` and ``memory`` can also come from ``BENCH_E2E_RECIPIENTS`` and
 ``BENCH_MEMORY_RECIPIENTS``; the memory benchmark's time budget from ``--max-minutes`` or
 ``BENCH_MEMORY_MAX_MINUTES``. Exit status 1 when a check failed, 2 for an unknown name.
@@ -16,7 +19,16 @@ import traceback
 from collections.abc import Callable, Sequence
 
 from bench import callbacks, e2e, ingress, memory, sender, stages
-from bench.results import Options, Report, machine, record, render_latest, run_markdown
+from bench.results import (
+    BROKERS,
+    Options,
+    Report,
+    broker_info,
+    machine,
+    record,
+    render_latest,
+    run_markdown,
+)
 
 BENCHMARKS: dict[str, Callable[[Options], Report]] = {
     "sender": sender.bench,
@@ -46,6 +58,17 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
         help="memory: post for at most this long, then check the campaign posted so far",
     )
     parser.add_argument(
+        "--broker",
+        choices=BROKERS,
+        default="kafka",
+        help="the embedded broker every benchmark runs on (default: kafka, i.e. Apache Kafka)",
+    )
+    parser.add_argument(
+        "--compare-brokers",
+        action="store_true",
+        help="e2e: run its throughput phase on the other broker too, and compare the two",
+    )
+    parser.add_argument(
         "--no-record", action="store_true", help="print only; write nothing to bench/results"
     )
     parser.add_argument(
@@ -68,18 +91,25 @@ def main(argv: Sequence[str]) -> int:
         print(f"unknown benchmark(s): {', '.join(unknown)}; known: {', '.join(known)}")
         return 2
     options = Options(
-        recipients=args.recipients, profile=args.profile, max_minutes=args.max_minutes
+        recipients=args.recipients,
+        profile=args.profile,
+        max_minutes=args.max_minutes,
+        broker=args.broker,
+        compare_brokers=args.compare_brokers,
     )
+    broker = broker_info(options.broker)
     reports: list[Report] = []
     for name in chosen:
         started = time.monotonic()
         details = machine()  # the load average before this benchmark started
+        details["broker"] = broker["name"]
         try:
             report = known[name](options)
         except Exception as exc:
             traceback.print_exc()
             report = Report(name, [], "", {}, failures=[f"{type(exc).__name__}: {exc}"])
             report.duration_s = time.monotonic() - started
+        report.figures["broker"] = broker
         report.machine = details
         reports.append(report)
         print(f"\n{name}: {'PASS' if report.ok else 'FAIL'} in {report.duration_s:.0f} s\n")

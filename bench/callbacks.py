@@ -108,9 +108,9 @@ async def _events_on_kafka(bootstrap_servers: str) -> int:
         await consumer.stop()
 
 
-async def run(run_dir: Path) -> Report:
+async def run(run_dir: Path, broker: str = "kafka") -> Report:
     started_run = time.monotonic()
-    async with Stack(run_dir, overrides=OVERRIDES) as stack:
+    async with Stack(run_dir, overrides=OVERRIDES, broker_kind=broker) as stack:
         await stack.start("callbacks")
         connector = aiohttp.TCPConnector(limit=CLIENTS)
         async with aiohttp.ClientSession(connector=connector) as session:
@@ -181,6 +181,6 @@ async def run(run_dir: Path) -> Report:
     )
 
 
-def bench(_: Options) -> Report:
+def bench(options: Options) -> Report:
     with tempfile.TemporaryDirectory(prefix="smsbridge-bench-callbacks-") as directory:
-        return asyncio.run(run(Path(directory)))
+        return asyncio.run(run(Path(directory), options.broker))

@@ -19,6 +19,13 @@ callback per message. Two phases, one after the other:
    rate, its final reports fall behind the posts, latencies grow with the run's length, and the
    table says so: that rate is beyond this machine.
 
+The broker is Apache Kafka (``--broker tansu``: Tansu, memory only). ``--compare-brokers`` then
+runs the throughput phase again on the other broker, on a stack of its own started after the
+first one stopped (same process, same campaign size, its own warm-up), and prints one table: per
+broker, msg/s end to end and CPU ms per message of all processes, of the six services together
+and of the broker process alone. The latency phases run on the main broker only: they take as
+long again as the throughput phase and mostly measure the pipeline's backlog, not the broker.
+
 Both simulators and this process share the machine with the services, as in ``make dev``.
 """
 
@@ -39,8 +46,17 @@ import aiohttp
 
 from bench import load
 from bench.profiling import Profiler, hot_spots
-from bench.results import RESULTS_DIR, Options, Report, markdown_table, percentile, text_table
+from bench.results import (
+    RESULTS_DIR,
+    Options,
+    Report,
+    broker_info,
+    markdown_table,
+    percentile,
+    text_table,
+)
 from bench.stack import (
+    BROKER,
     OPTIMOVE_SIMULATOR,
     PROVIDER_SIMULATOR,
     SERVICES,
@@ -86,6 +102,11 @@ class Throughput:
     def accept_rate(self) -> float:
         return self.recipients / (self.all_accepted - self.first_post)
 
+    def cpu_ms_per_message(self, names: Sequence[str] | None = None) -> float:
+        """CPU ms per message of the named processes (every process when None)."""
+        chosen = self.cpu if names is None else {n: self.cpu.get(n, 0.0) for n in names}
+        return sum(chosen.values()) * 1000 / self.recipients
+
 
 @dataclass(frozen=True)
 class Latency:
@@ -107,7 +128,7 @@ def cpu_now(stack: Stack) -> dict[str, float]:
     names = [*stack.children]
     now = {name: stack.cpu_seconds(name) for name in names}
     if stack.broker_pid is not None:
-        now["broker"] = process_cpu_seconds(stack.broker_pid)
+        now[BROKER] = process_cpu_seconds(stack.broker_pid)
     now["bench"] = time.process_time()
     return now
 
@@ -240,17 +261,29 @@ def _ms(seconds: float) -> str:
     return f"{seconds * 1000:,.0f} ms"
 
 
-async def run(run_dir: Path, recipients: int, profile: bool) -> Report:
-    began = time.monotonic()
-    profile_dir: Path | None = None
-    if profile:
-        stamp = time.strftime("%Y%m%dT%H%M%S")
-        profile_dir = RESULTS_DIR / "profiles" / f"e2e-{stamp}"
+@dataclass
+class BrokerRun:
+    """What one stack (one broker) measured."""
+
+    broker: dict[str, str]  # bench.results.broker_info
+    throughput: Throughput
+    steady: list[Latency]
+    hot: dict[str, str]
+    rss: dict[str, int]
+
+
+async def on_broker(
+    run_dir: Path, recipients: int, broker: str, profile_dir: Path | None, latency: bool
+) -> BrokerRun:
+    """A fresh stack on ``broker``: warm-up, the throughput phase, and the latency phases when
+    ``latency``."""
+    info = broker_info(broker)
     stack = Stack(
         run_dir,
         overrides=OVERRIDES,
         provider_options=ProviderSimulatorOptions(latency_ms=0, callback_delay_ms=0),
         optimove_max_recorded=1_000,
+        broker_kind=broker,
     )
     async with stack:
         await stack.start(*SERVICES, *SIMULATORS)
@@ -258,19 +291,51 @@ async def run(run_dir: Path, recipients: int, profile: bool) -> Report:
         warm_up = f"warm-{uuid.uuid4().hex[:6]}"
         await post_all(stack, load.build_batches(warm_up, WARM_UP, 500), 2)
         await stack.wait_for_final_reports(warm_up, WARM_UP, 300)
-        print(f"e2e bench: throughput, {recipients:,} recipients ...", flush=True)
+        print(f"e2e bench on {info['name']}: throughput, {recipients:,} recipients ...", flush=True)
         phase1, hot = await throughput(stack, recipients, profile_dir)
         # A short run (a small --recipients) keeps its steady phases short too.
         seconds = min(STEADY_S, max(5.0, recipients / STEADY_RATE))
         steady: list[Latency] = []
         next_index = WARM_UP + recipients
-        for rate in (STEADY_RATE, max(10.0, round(phase1.rate / 2, -1))):
+        rates = (STEADY_RATE, max(10.0, round(phase1.rate / 2, -1))) if latency else ()
+        for rate in rates:
             print(f"e2e bench: latency at {rate:,.0f}/s for {seconds:g} s ...", flush=True)
             steady.append(await steady_latency(stack, rate, seconds, next_index))
             next_index += steady[-1].recipients
         stack.check_alive()
         rss = {name: stack.rss(name) for name in stack.children}
-    return report(phase1, steady, hot, rss, profile_dir, time.monotonic() - began)
+        if stack.broker_pid is not None:
+            rss[BROKER] = stack.rss(BROKER)
+    return BrokerRun(info, phase1, steady, hot, rss)
+
+
+async def run(
+    run_dir: Path,
+    recipients: int,
+    profile: bool,
+    broker: str = "kafka",
+    compare_brokers: bool = False,
+) -> Report:
+    began = time.monotonic()
+    profile_dir: Path | None = None
+    if profile:
+        stamp = time.strftime("%Y%m%dT%H%M%S")
+        profile_dir = RESULTS_DIR / "profiles" / f"e2e-{stamp}"
+    main = await on_broker(run_dir / broker, recipients, broker, profile_dir, latency=True)
+    runs = [main]
+    if compare_brokers:
+        # One stack at a time: the two brokers never compete for the machine's cores.
+        other = "tansu" if broker == "kafka" else "kafka"
+        runs.append(await on_broker(run_dir / other, recipients, other, None, latency=False))
+    return report(
+        main.throughput,
+        main.steady,
+        main.hot,
+        main.rss,
+        profile_dir,
+        time.monotonic() - began,
+        compared=runs if compare_brokers else (),
+    )
 
 
 def _latency_rows(lat: Latency) -> list[tuple[str, str]]:
@@ -313,11 +378,18 @@ def report(
     rss: dict[str, int],
     profile_dir: Path | None,
     duration_s: float,
+    compared: Sequence[BrokerRun] = (),
 ) -> Report:
+    """The figures of the main broker's phases, and ``compared`` (every broker's run, the main
+    one first) when the brokers were compared."""
     failures: list[str] = []
     phases = [("throughput", phase1.tally, phase1.recipients, phase1.errors)] + [
         (f"latency at {lat.rate:,.0f}/s", lat.tally, lat.recipients, lat.errors) for lat in steady
     ]
+    for other in compared[1:]:
+        done = other.throughput
+        label = f"throughput on {other.broker['name']}"
+        phases.append((label, done.tally, done.recipients, done.errors))
     for label, tally, expected, errors in phases:
         if tally["final"] != expected or tally["duplicates"] or errors:
             failures.append(
@@ -345,6 +417,8 @@ def report(
             f"{total_cpu * per_k:.1f} ms: {os.cpu_count()} cores sustain "
             f"~{(os.cpu_count() or 1) * 1000 / max(0.001, total_cpu * per_k):,.0f} msg/s",
         ),
+        ("CPU per message, the six services", f"{phase1.cpu_ms_per_message(SERVICES):.1f} ms"),
+        ("CPU per message, the broker", f"{phase1.cpu_ms_per_message([BROKER]):.1f} ms"),
     ]
     for lat in steady:
         rows += _latency_rows(lat)
@@ -361,6 +435,14 @@ def report(
     )
     if profile_dir is not None:
         details += f"\n\nProfiled with py-spy (its overhead included); stacks in {profile_dir}."
+    if compared:
+        header, table = _comparison(compared)
+        print(f"\nthroughput phase, {phase1.recipients:,} recipients, on each broker in turn")
+        print(text_table(header, table))
+        details += (
+            "\n\nThe throughput phase on each broker, one after the other in this run "
+            "(CPU ms per message):\n\n" + markdown_table(header, table)
+        )
     summary = [
         (
             f"{phase1.recipients:,}-recipient campaign, all services + simulators, zero "
@@ -382,6 +464,19 @@ def report(
                 f"{_ms(percentile(lat.to_first, 0.99))}){behind}",
             )
         )
+    if compared:
+        summary.append(
+            (
+                "throughput phase on each broker, one after the other in one run",
+                "; ".join(
+                    f"{r.broker['name']}: {r.throughput.rate:,.0f} msg/s, CPU ms per message "
+                    f"{r.throughput.cpu_ms_per_message():.1f} all / "
+                    f"{r.throughput.cpu_ms_per_message(SERVICES):.1f} services / "
+                    f"{r.throughput.cpu_ms_per_message([BROKER]):.1f} broker"
+                    for r in compared
+                ),
+            )
+        )
     return Report(
         benchmark="e2e",
         summary=summary,
@@ -395,14 +490,54 @@ def report(
             "msgs_per_s": round(phase1.rate, 1),
             "cpu_seconds": phase1.cpu,
             "cpu_ms_per_message": round(total_cpu * per_k, 2),
+            "cpu_ms_per_message_services": round(phase1.cpu_ms_per_message(SERVICES), 2),
+            "cpu_ms_per_message_broker": round(phase1.cpu_ms_per_message([BROKER]), 2),
             "rss_bytes_at_end": rss,
             "steady": [_latency_figures(lat) for lat in steady],
             "profiled": profile_dir is not None,
             "simulators": [OPTIMOVE_SIMULATOR, PROVIDER_SIMULATOR],
+            "by_broker": {r.broker["kind"]: _broker_figures(r) for r in compared},
         },
         failures=failures,
         duration_s=duration_s,
     )
+
+
+def _comparison(compared: Sequence[BrokerRun]) -> tuple[tuple[str, ...], list[list[str]]]:
+    header = (
+        "broker",
+        "msg/s end to end",
+        "last final report after",
+        "CPU ms/msg, all processes",
+        "the six services",
+        "the broker alone",
+    )
+    rows = [
+        [
+            r.broker["name"],
+            f"{r.throughput.rate:,.0f}",
+            f"{r.throughput.seconds:.1f} s",
+            f"{r.throughput.cpu_ms_per_message():.2f}",
+            f"{r.throughput.cpu_ms_per_message(SERVICES):.2f}",
+            f"{r.throughput.cpu_ms_per_message([BROKER]):.2f}",
+        ]
+        for r in compared
+    ]
+    return header, rows
+
+
+def _broker_figures(run: BrokerRun) -> dict[str, Any]:
+    done = run.throughput
+    return {
+        "broker": run.broker,
+        "recipients": done.recipients,
+        "msgs_per_s": round(done.rate, 1),
+        "seconds_to_last_final": round(done.seconds, 2),
+        "cpu_seconds": done.cpu,
+        "cpu_ms_per_message": round(done.cpu_ms_per_message(), 2),
+        "cpu_ms_per_message_services": round(done.cpu_ms_per_message(SERVICES), 2),
+        "cpu_ms_per_message_broker": round(done.cpu_ms_per_message([BROKER]), 2),
+    }
 
 
 def recipients_from(options: Options, env: str, default: int) -> int:
@@ -414,4 +549,12 @@ def recipients_from(options: Options, env: str, default: int) -> int:
 def bench(options: Options) -> Report:
     recipients = recipients_from(options, "BENCH_E2E_RECIPIENTS", DEFAULT_RECIPIENTS)
     with tempfile.TemporaryDirectory(prefix="smsbridge-bench-e2e-") as directory:
-        return asyncio.run(run(Path(directory), recipients, options.profile))
+        return asyncio.run(
+            run(
+                Path(directory),
+                recipients,
+                options.profile,
+                options.broker,
+                compare_brokers=options.compare_brokers,
+            )
+        )

@@ -227,9 +227,9 @@ def best(runs: Sequence[Run], what: str, size: int) -> Run:
     return max((r for r in runs if r.what == what and r.size == size), key=lambda r: r.rate)
 
 
-async def run(run_dir: Path) -> Report:
+async def run(run_dir: Path, broker: str = "kafka") -> Report:
     began = time.monotonic()
-    async with Stack(run_dir) as stack:
+    async with Stack(run_dir, broker_kind=broker) as stack:
         await stack.create_topic(RAW_TOPIC, RECIPIENTS.partitions)
         await stack.start("ingress")
         runs = await measure_all(stack)
@@ -337,6 +337,6 @@ async def run(run_dir: Path) -> Report:
     )
 
 
-def bench(_: Options) -> Report:
+def bench(options: Options) -> Report:
     with tempfile.TemporaryDirectory(prefix="smsbridge-bench-ingress-") as directory:
-        return asyncio.run(run(Path(directory)))
+        return asyncio.run(run(Path(directory), options.broker))

@@ -5,7 +5,8 @@ tables in markdown, its figures as JSON, and the checks that failed. ``record`` 
 (every benchmark it ran) to ``bench/results/<UTC time>-<names>.json`` and ``.md`` with the machine
 it ran on, merges it into ``latest.json`` (the latest result of each benchmark, whichever run it
 came from), renders ``latest.md``, and puts the summary table into README.md between the
-``<!-- bench:latest -->`` markers.
+``<!-- bench:latest -->`` markers. Each report names the broker its figures were measured on
+(``figures["broker"]``, ``machine["broker"]``, a column of the table).
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from typing import Any
 
 import orjson
 
+from shared.broker.distribution import kafka_version
+
 BENCH_DIR = Path(__file__).resolve().parent
 RESULTS_DIR = BENCH_DIR / "results"
 README = BENCH_DIR.parent / "README.md"
@@ -30,6 +33,7 @@ README_END = "<!-- bench:latest end -->"
 # The order of the README table, whatever order the benchmarks ran in.
 ORDER = ("ingress", "sender", "callbacks", "e2e", "memory")
 _JSON = orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS
+BROKERS = ("kafka", "tansu")
 
 
 @dataclass(frozen=True)
@@ -42,6 +46,20 @@ class Options:
     profile: bool = False
     # memory: stop posting after this many minutes and check what was posted.
     max_minutes: float | None = None
+    # The embedded broker every benchmark's stack runs on: "kafka" (Apache Kafka) or "tansu".
+    broker: str = "kafka"
+    # e2e: its throughput phase on Apache Kafka and on Tansu, one after the other.
+    compare_brokers: bool = False
+
+
+def broker_info(kind: str) -> dict[str, str]:
+    """The broker of ``kind`` as recorded with the figures: kind, version, a name for people."""
+    if kind == "kafka":
+        version = kafka_version()
+        return {"kind": kind, "version": version, "name": f"Apache Kafka {version}"}
+    if kind == "tansu":
+        return {"kind": kind, "name": "Tansu (memory only)"}
+    raise ValueError(f"unknown broker {kind!r}: expected one of {BROKERS}")
 
 
 @dataclass
@@ -163,11 +181,11 @@ def _short(sha: str) -> str:
 
 def summary_markdown(reports: Sequence[Report]) -> str:
     rows = [
-        (f"{report.benchmark}: {what}", figure)
+        (f"{report.benchmark}: {what}", report.machine.get("broker", "?"), figure)
         for report in sorted(reports, key=_order)
         for what, figure in report.summary
     ]
-    table = markdown_table(["benchmark", "figure"], rows, numbers=False)
+    table = markdown_table(["benchmark", "broker", "figure"], rows, numbers=False)
     lines = []
     for described in sorted({describe_machine(r.machine) for r in reports if r.machine}):
         dates = sorted(
@@ -188,9 +206,10 @@ def run_markdown(reports: Sequence[Report]) -> str:
     parts = ["# Benchmark results", "", summary_markdown(reports)]
     for report in sorted(reports, key=_order):
         verdict = "PASS" if report.ok else "FAIL: " + "; ".join(report.failures)
+        broker = f" on {report.machine['broker']}" if "broker" in report.machine else ""
         parts += [
             "",
-            f"## {report.benchmark} ({report.duration_s:.0f} s, {verdict})",
+            f"## {report.benchmark}{broker} ({report.duration_s:.0f} s, {verdict})",
             "",
             report.details,
         ]

@@ -171,8 +171,9 @@ async def receive_times(stack: Stack) -> tuple[dict[str, list[float]], int]:
     return times, duplicates
 
 
-async def run_scenario(scenario: Scenario, workdir: Path) -> Result:
-    async with Stack(workdir / scenario.name.replace(" ", "-"), overrides=overrides(scenario)) as s:
+async def run_scenario(scenario: Scenario, workdir: Path, broker: str = "kafka") -> Result:
+    run_dir = workdir / scenario.name.replace(" ", "-")
+    async with Stack(run_dir, overrides=overrides(scenario), broker_kind=broker) as s:
         # The tuned simulator below, in place of `smsbridge simulate providers`.
         port = s.providers_url.rsplit(":", 1)[1]
         await s.start_child(
@@ -332,18 +333,18 @@ def report(results: dict[str, Result], duration_s: float) -> Report:
     )
 
 
-async def run(scenarios: Sequence[Scenario] = SCENARIOS) -> Report:
+async def run(scenarios: Sequence[Scenario] = SCENARIOS, broker: str = "kafka") -> Report:
     started = time.monotonic()
     results: dict[str, Result] = {}
     with tempfile.TemporaryDirectory(prefix="smsbridge-bench-sender-") as workdir:
         for scenario in scenarios:
             print(f"sender bench: {scenario.name} ...", flush=True)
-            results[scenario.name] = await run_scenario(scenario, Path(workdir))
+            results[scenario.name] = await run_scenario(scenario, Path(workdir), broker)
     return report(results, time.monotonic() - started)
 
 
-def bench(_: Options) -> Report:
-    return asyncio.run(run())
+def bench(options: Options) -> Report:
+    return asyncio.run(run(broker=options.broker))
 
 
 async def serve_simulator(port: int, latency_ms: float) -> None:

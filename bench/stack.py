@@ -1,6 +1,7 @@
 """A process harness: the whole pipeline as child processes, for benchmarks and chaos tests.
 
-``Stack`` starts a fresh embedded broker (memory only) and creates every topic, writes one
+``Stack`` starts a fresh embedded broker (``shared.broker``: Apache Kafka, or Tansu when asked or
+when Java is missing) and creates every topic, writes one
 configuration (a tenant routed to the provider simulator, reporting to the Optimove simulator),
 then starts any set of services and simulators as child processes of their own, exactly as
 ``smsbridge run <service>`` / ``smsbridge simulate <peer>`` run in production. Each child logs to
@@ -50,10 +51,10 @@ from aiokafka.admin import NewTopic
 
 from services.dev import SERVICES as SERVICES
 from services.dev import SIMULATORS as SIMULATORS
-from shared.broker import EmbeddedBroker, free_port
+from shared.broker import embedded_broker, free_port
 from shared.config import Settings
-from shared.kafka import OutRecord, Publisher, bootstrap, make_admin, make_producer
-from shared.topics import ensure_topics
+from shared.kafka import OutRecord, Publisher, bootstrap, is_tansu, make_admin, make_producer
+from shared.topics import ensure_topics, partition_numbers
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -160,12 +161,13 @@ def base_config(
     optimove_url: str,
     provider_url: str,
     log_level: str = "WARNING",
+    broker_kind: str = "kafka",
 ) -> dict[str, Any]:
     """One tenant (``TENANT``) routed to one OTPIQ account on the provider simulator, reporting to
     the Optimove simulator; every service's listen address a free loopback port."""
     return {
         "log_level": log_level,
-        "kafka": {"bootstrap_servers": bootstrap_servers},
+        "kafka": {"bootstrap_servers": bootstrap_servers, "broker_kind": broker_kind},
         **service_addresses(SERVICES),
         "tenants": {
             TENANT: {
@@ -280,24 +282,27 @@ def process_cpu_seconds(pid: int) -> float:
 
 
 async def count_records(settings: Settings, topic: str, timeout_s: float = 30.0) -> int:
-    """How many records ``topic`` holds (the sum of its partitions' high watermarks; nothing is
-    compacted or deleted in a benchmark's lifetime). Read from fetch responses: Tansu cannot
-    answer ListOffsets for the latest offset."""
+    """How many records ``topic`` holds (the sum of its partitions' end offsets; nothing is
+    compacted or deleted in a benchmark's lifetime). On Tansu, which cannot answer ListOffsets
+    for the latest offset, read from fetch responses."""
     consumer = AIOKafkaConsumer(
         bootstrap_servers=bootstrap(settings.kafka),
         enable_auto_commit=False,
         max_partition_fetch_bytes=1024,
         fetch_max_bytes=64 * 1024,
     )
+    admin = make_admin(settings.kafka)
+    await admin.start()
+    try:
+        numbers = await partition_numbers(admin, topic) or []
+    finally:
+        await admin.close()
     await consumer.start()
     try:
-        partitions = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or ()]
-        if not partitions:
-            await consumer.force_metadata_update()
-            partitions = [
-                TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or ()
-            ]
+        partitions = [TopicPartition(topic, p) for p in numbers]
         consumer.assign(partitions)
+        if not is_tansu(settings.kafka):
+            return sum((await consumer.end_offsets(partitions)).values())
         await consumer.seek_to_beginning(*partitions)
         deadline = time.monotonic() + timeout_s
         while any(consumer.highwater(tp) is None for tp in partitions):
@@ -345,11 +350,13 @@ class Stack:
         log_level: str = "WARNING",
         env: Mapping[str, str] | None = None,
         source_dir: Path | None = None,
+        broker_kind: str | None = None,
     ) -> None:
+        """``broker_kind``: "kafka" or "tansu"; None chooses as ``smsbridge dev`` does."""
         self.run_dir = run_dir
         # The children run the code of this checkout (another one: before/after comparisons).
         self.source_dir = source_dir or code_under_test()
-        self.broker = EmbeddedBroker()
+        self.broker = embedded_broker(kind=broker_kind)
         self.optimove_url = f"http://127.0.0.1:{free_port()}"
         self.providers_url = f"http://127.0.0.1:{free_port()}"
         self.provider_options = provider_options
@@ -360,6 +367,7 @@ class Stack:
                 optimove_url=self.optimove_url,
                 provider_url=self.providers_url,
                 log_level=log_level,
+                broker_kind=self.broker.kind,
             ),
             overrides or {},
         )
@@ -511,7 +519,7 @@ class Stack:
         if self._session is not None:
             await self._session.close()
             self._session = None
-        await asyncio.to_thread(self.broker.stop)
+        await asyncio.to_thread(self.broker.close)
 
     def check_alive(self) -> None:
         """StackError naming every child that exited although nobody stopped it."""

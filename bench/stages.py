@@ -121,8 +121,10 @@ async def drain(stack: Stack, service: str, done: object, timeout_s: float) -> t
     return time.monotonic() - started, stack.cpu_seconds(service) - cpu_at_start
 
 
-async def normalizer(run_dir: Path, messages: int, source: Path) -> tuple[float, float]:
-    async with Stack(run_dir, source_dir=source) as stack:
+async def normalizer(
+    run_dir: Path, messages: int, source: Path, broker: str = "kafka"
+) -> tuple[float, float]:
+    async with Stack(run_dir, source_dir=source, broker_kind=broker) as stack:
         await stack.publish(normalizer_input(messages, "stage-n"))
 
         async def statuses_written() -> bool:
@@ -132,8 +134,11 @@ async def normalizer(run_dir: Path, messages: int, source: Path) -> tuple[float,
         return await drain(stack, "normalizer", statuses_written, 1800)
 
 
-async def reporter(run_dir: Path, messages: int, source: Path) -> tuple[float, float]:
-    async with Stack(run_dir, source_dir=source, optimove_max_recorded=1_000) as stack:
+async def reporter(
+    run_dir: Path, messages: int, source: Path, broker: str = "kafka"
+) -> tuple[float, float]:
+    stack = Stack(run_dir, source_dir=source, optimove_max_recorded=1_000, broker_kind=broker)
+    async with stack:
         await stack.start("optimove")
         await stack.publish(reporter_input(messages, "stage-r"))
 
@@ -144,11 +149,11 @@ async def reporter(run_dir: Path, messages: int, source: Path) -> tuple[float, f
         return await drain(stack, "reporter", reported, 1800)
 
 
-async def run(run_dir: Path, messages: int, source: Path) -> Report:
+async def run(run_dir: Path, messages: int, source: Path, broker: str = "kafka") -> Report:
     began = time.monotonic()
     results = {
-        "normalizer": await normalizer(run_dir / "normalizer", messages, source),
-        "reporter": await reporter(run_dir / "reporter", messages, source),
+        "normalizer": await normalizer(run_dir / "normalizer", messages, source, broker),
+        "reporter": await reporter(run_dir / "reporter", messages, source, broker),
     }
     header = ("stage", "messages", "seconds", "msg/s", "CPU ms per message")
     rows = [
@@ -192,4 +197,4 @@ def bench(options: Options) -> Report:
     messages = options.recipients or DEFAULT_MESSAGES
     source = code_under_test()
     with tempfile.TemporaryDirectory(prefix="smsbridge-bench-stages-") as directory:
-        return asyncio.run(run(Path(directory), messages, source))
+        return asyncio.run(run(Path(directory), messages, source, options.broker))

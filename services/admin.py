@@ -40,7 +40,14 @@ from shared.kafka import KafkaUnavailable, make_admin, make_consumer, make_produ
 from shared.logs import mask_number
 from shared.optimove import OptimoveContract
 from shared.runner import Record
-from shared.topics import DEAD_LETTERS, DEAD_LETTERS_REDRIVEN, Topic, ensure_topics
+from shared.topics import (
+    ALL_TOPICS,
+    DEAD_LETTERS,
+    DEAD_LETTERS_REDRIVEN,
+    Topic,
+    ensure_topics,
+    topic_configs,
+)
 
 # -- topics --------------------------------------------------------------------------------------
 
@@ -52,8 +59,14 @@ async def ensure_topics_command(settings: Settings) -> int:
         result = await ensure_topics(admin, settings.kafka.replication_factor)
     finally:
         await admin.close()
-    for name, state in result.items():
-        print(f"{name:28} {state}")
+    rf = settings.kafka.replication_factor
+    print(f"{'topic':34} {'partitions':>10} {'cleanup.policy':>14} {'min.insync.replicas':>19}")
+    for topic in ALL_TOPICS:
+        configs = topic_configs(topic, rf)
+        print(
+            f"{topic.name:34} {topic.partitions:>10} {configs['cleanup.policy']:>14} "
+            f"{configs['min.insync.replicas']:>19}  {result[topic.name]}"
+        )
     return 0
 
 

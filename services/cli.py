@@ -8,16 +8,21 @@ import importlib
 import sys
 from collections.abc import Callable, Sequence
 
+from shared.broker.distribution import TOOLS
 from shared.config import ConfigError, Settings, load_settings, read_configuration
 from shared.kafka import KafkaUnavailable
 from shared.logs import configure_logging
 from shared.service import run
+from shared.topics import use_prefix
 
 SERVICES = ("ingress", "sender", "callbacks", "normalizer", "reporter", "campaigns")
 
 
 def _load(args: argparse.Namespace) -> Settings:
-    return load_settings(args.config)
+    settings = load_settings(args.config)
+    # Before any topic name is read: services name their topics while they are being built.
+    use_prefix(settings.kafka.topic_prefix)
+    return settings
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -80,6 +85,25 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     module = importlib.import_module(f"services.simulators.{args.what}")
     result: int = module.cli(args)
     return result
+
+
+def _cmd_broker(args: argparse.Namespace) -> int:
+    from shared.broker import BrokerError, distribution
+
+    if args.action == "fetch":
+        # Never fails `make`: without Java or Maven the embedded broker is Tansu, and says why.
+        reason = distribution.unavailable_reason(fetch=True)
+        if reason is None:
+            print(f"Apache Kafka {distribution.kafka_version()}: {distribution.libs_dir()}")
+        else:
+            print(f"Apache Kafka unavailable ({reason}); the embedded broker will be Tansu")
+        return 0
+    try:
+        print(distribution.run_tool(args.action, *args.tool_args), end="")
+    except BrokerError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    return 0
 
 
 def _cmd_dev(args: argparse.Namespace) -> int:
@@ -158,6 +182,13 @@ def build_parser() -> argparse.ArgumentParser:
     for what, adder in _simulator_parsers().items():
         adder(simulated.add_parser(what))
     simulate.set_defaults(func=_cmd_simulate)
+
+    broker = commands.add_parser(
+        "broker", help="fetch Apache Kafka's jars, or run one of its tools with them"
+    )
+    broker.add_argument("action", choices=("fetch", *sorted(TOOLS)))
+    broker.add_argument("tool_args", nargs=argparse.REMAINDER, help="the tool's own arguments")
+    broker.set_defaults(func=_cmd_broker)
 
     dev = commands.add_parser("dev", help="run broker, services and simulators locally")
     dev.add_argument("--no-simulators", action="store_true")

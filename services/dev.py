@@ -1,9 +1,10 @@
 """``smsbridge dev``: the whole pipeline on one machine, in one process group.
 
-Starts the embedded broker (when ``kafka.bootstrap_servers = "embedded"``), creates the topics,
-then runs the six services and the two simulators as child processes of their own, exactly as
-they run in production, with every log line prefixed by its service. Ctrl-C (or SIGTERM) stops the
-children with SIGTERM, waits for them, and stops the broker.
+Starts the embedded broker (when ``kafka.bootstrap_servers = "embedded"``: Apache Kafka, its
+data kept in ``kafka.embedded_data_dir``, else the Tansu fallback; ``shared.broker``), creates the
+topics, then runs the six services and the two simulators as child processes of their own,
+exactly as they run in production, with every log line prefixed by its service. Ctrl-C (or
+SIGTERM) stops the children with SIGTERM, waits for them, and stops the broker.
 """
 
 from __future__ import annotations
@@ -17,7 +18,13 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from shared.broker import EmbeddedBroker
+from shared.broker import (
+    EMBEDDED_BROKER_ENV,
+    ApacheKafkaBroker,
+    BrokerError,
+    EmbeddedBroker,
+    embedded_broker,
+)
 from shared.config import EMBEDDED_BROKER, Settings, dev_config_path, load_settings
 from shared.kafka import EMBEDDED_BOOTSTRAP_ENV, make_admin
 from shared.topics import ensure_topics
@@ -104,6 +111,12 @@ async def run_children(children: list[Child], env: dict[str, str]) -> int:
     return exit_code
 
 
+def describe(broker: EmbeddedBroker) -> str:
+    if isinstance(broker, ApacheKafkaBroker):
+        return f"Apache Kafka, data in {broker.root} (delete it to start afresh)"
+    return "Tansu, memory only: everything is lost when it stops"
+
+
 def run_dev(args: argparse.Namespace) -> int:
     config_path = dev_config_path(args.config)
     if not Path(config_path).exists():
@@ -113,11 +126,17 @@ def run_dev(args: argparse.Namespace) -> int:
     env = {**os.environ, "SMSBRIDGE_CONFIG": str(Path(config_path).resolve())}
     broker: EmbeddedBroker | None = None
     if settings.kafka.bootstrap_servers == EMBEDDED_BROKER:
-        broker = EmbeddedBroker(port=settings.kafka.embedded_port)
-        broker.start()
-        env[EMBEDDED_BOOTSTRAP_ENV] = broker.bootstrap_servers
-        os.environ[EMBEDDED_BOOTSTRAP_ENV] = broker.bootstrap_servers
-        print(f"embedded broker on {broker.bootstrap_servers} (memory only)", flush=True)
+        try:
+            broker = embedded_broker(
+                settings.kafka.embedded_port, data_dir=Path(settings.kafka.embedded_data_dir)
+            )
+            broker.start()
+        except BrokerError as exc:
+            print(f"embedded broker: {exc}", file=sys.stderr)
+            return 1
+        env[EMBEDDED_BOOTSTRAP_ENV] = os.environ[EMBEDDED_BOOTSTRAP_ENV] = broker.bootstrap_servers
+        env[EMBEDDED_BROKER_ENV] = broker.kind
+        print(f"embedded broker on {broker.bootstrap_servers}: {describe(broker)}", flush=True)
     try:
         asyncio.run(_ensure_topics(settings))
         children = child_commands(config_path, with_simulators=not args.no_simulators)

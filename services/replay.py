@@ -6,10 +6,13 @@ before planning and again right before committing.
 
 Committed offsets are read and written by a consumer that carries the group id but never joins
 (manual assignment + ``committed``/``commit``), because the admin client's
-``list_consumer_group_offsets`` cannot decode Tansu's answer. A partition's end is the high
-watermark of a fetch response, which every broker reports correctly. ``offsets_for_times`` answers
-a time past the last record with the end on Apache Kafka (no offset) but with offset 0 on Tansu:
-an answer whose timestamp is before the time asked for means "no such record" here too.
+``list_consumer_group_offsets`` cannot decode Tansu's answer. A partition's end comes from
+ListOffsets; on the Tansu fallback, which answers it wrongly, from a fetch response's high
+watermark. ``offsets_for_times`` answers a time past the last record with the end on Apache Kafka
+(no offset) but with offset 0 on Tansu: an answer whose timestamp is before the time asked for
+means "no such record" here too.
+
+``--group`` and ``--topic`` are the names sms-bridge uses; ``[kafka]`` prefixes are added here.
 
 Replaying is safe by design of the stages (docs/architecture.md, Guarantees): the normalizer's
 monotonic guard emits nothing for statuses it already emitted, ingress's request ledger and the
@@ -32,7 +35,8 @@ from aiokafka.errors import KafkaError
 from aiokafka.structs import OffsetAndMetadata
 
 from shared.config import KafkaSettings, Settings, load_settings
-from shared.kafka import bootstrap, client_id, make_admin
+from shared.kafka import bootstrap, client_id, group_name, is_tansu, make_admin
+from shared.topics import partition_numbers
 
 # How long to wait for a fetch response that tells each partition's end.
 END_OFFSETS_TIMEOUT_S = 15.0
@@ -164,7 +168,7 @@ def offsets_consumer(settings: KafkaSettings, group: str) -> AIOKafkaConsumer:
     return AIOKafkaConsumer(
         bootstrap_servers=bootstrap(settings),
         client_id=client_id(settings, "replay"),
-        group_id=group,
+        group_id=group_name(settings, group),
         enable_auto_commit=False,
         auto_offset_reset="earliest",
         request_timeout_ms=settings.request_timeout_ms,
@@ -203,26 +207,40 @@ async def fetched_end_offsets(
 
 async def plan_replay(settings: Settings, group: str, topic: str, target: Target) -> ReplayPlan:
     """Read the group's offsets on ``topic`` and compute where ``target`` moves them."""
+    admin = make_admin(settings.kafka)
+    await admin.start()
+    try:
+        numbers = await partition_numbers(admin, topic)
+    finally:
+        await admin.close()
+    if not numbers:
+        raise ReplayError(f"topic {topic} does not exist")
     consumer = offsets_consumer(settings.kafka, group)
     await consumer.start()
     try:
-        return await _plan(consumer, group, topic, target)
+        return await _plan(consumer, group, topic, numbers, target, tansu=is_tansu(settings.kafka))
     finally:
         await consumer.stop()
 
 
-async def _plan(consumer: AIOKafkaConsumer, group: str, topic: str, target: Target) -> ReplayPlan:
-    if topic not in await consumer.topics():  # a remote call: fresh metadata
-        raise ReplayError(f"topic {topic} does not exist")
-    numbers = consumer.partitions_for_topic(topic)
-    if not numbers:
-        raise ReplayError(f"topic {topic} does not exist")
+async def _plan(
+    consumer: AIOKafkaConsumer,
+    group: str,
+    topic: str,
+    numbers: list[int],
+    target: Target,
+    *,
+    tansu: bool,
+) -> ReplayPlan:
     partitions = sorted((TopicPartition(topic, n) for n in numbers), key=lambda tp: tp.partition)
     consumer.assign(partitions)
     before = await committed_offsets(consumer, partitions)
     beginnings = await consumer.beginning_offsets(partitions)
     earliest = {tp: int(offset) for tp, offset in beginnings.items()}
-    ends = await fetched_end_offsets(consumer, earliest, END_OFFSETS_TIMEOUT_S)
+    if tansu:
+        ends = await fetched_end_offsets(consumer, earliest, END_OFFSETS_TIMEOUT_S)
+    else:
+        ends = {tp: int(end) for tp, end in (await consumer.end_offsets(partitions)).items()}
     at_time: dict[TopicPartition, tuple[int, int]] = {}
     if isinstance(target, ToTime):
         found = await consumer.offsets_for_times({tp: target.timestamp_ms for tp in partitions})
@@ -264,12 +282,13 @@ async def replay(
 ) -> ReplayPlan:
     """Check the group is stopped, plan, print, and (unless ``dry_run``) commit the move.
 
-    Raises ``GroupHasLiveMembers`` (nothing changed) or ``ReplayError``.
+    Raises ``GroupHasLiveMembers`` (nothing changed) or ``ReplayError``. ``group`` is the name
+    sms-bridge gives it, ``topic`` the topic's name on the broker.
     """
     admin = make_admin(settings.kafka)
     await admin.start()
     try:
-        await refuse_if_live(admin, group)
+        await refuse_if_live(admin, group_name(settings.kafka, group))
         plan = await plan_replay(settings, group, topic, target)
         print(f"group {group}, topic {topic}: {target.describe()}", file=out)
         if dry_run:
@@ -277,7 +296,7 @@ async def replay(
             print("dry run: nothing committed", file=out)
             return plan
         # A member may have started while we planned; Kafka would refuse the commit anyway.
-        await refuse_if_live(admin, group)
+        await refuse_if_live(admin, group_name(settings.kafka, group))
         read_back = await apply_plan(settings, plan)
     finally:
         await admin.close()
@@ -342,7 +361,13 @@ def cli(args: argparse.Namespace) -> int:
     settings = load_settings(args.config)
     try:
         asyncio.run(
-            replay(settings, args.group, args.topic, target_from(args), dry_run=args.dry_run)
+            replay(
+                settings,
+                args.group,
+                settings.kafka.topic_prefix + args.topic,
+                target_from(args),
+                dry_run=args.dry_run,
+            )
         )
     except ReplayError as exc:
         print(f"replay refused: {exc}", file=sys.stderr)

@@ -91,9 +91,17 @@ class KafkaSettings(Section):
     bootstrap_servers: str = EMBEDDED_BROKER
     # Where `smsbridge dev` starts the embedded broker, so commands in other shells find it.
     embedded_port: int = 19092
-    # Tansu (the embedded broker) lacks InitProducerId; Apache Kafka should run with it on.
-    enable_idempotence: bool = False
+    # Where `smsbridge dev` keeps Apache Kafka's data, so a restarted stack keeps its topics.
+    embedded_data_dir: str = ".smsbridge/kafka"
+    # Which broker answers: None is Apache Kafka, or for "embedded" the one shared.broker started.
+    # "tansu" turns on the fallback broker's workarounds (shared.kafka.is_tansu).
+    broker_kind: Literal["kafka", "tansu"] | None = None
+    # None: on, except against the Tansu fallback, which lacks InitProducerId.
+    enable_idempotence: bool | None = None
     client_id_prefix: str = "smsbridge"
+    # Several environments on one cluster: every topic and consumer group name gets its prefix.
+    topic_prefix: str = ""
+    group_prefix: str = ""
     replication_factor: int = 1
     request_timeout_ms: int = 10_000
     # How long a producer waits for acks=all before ingress answers 503.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import socket
 from collections.abc import Iterable, Sequence
@@ -16,9 +17,15 @@ from aiokafka.errors import KafkaError
 
 from shared.config import EMBEDDED_BROKER, KafkaSettings
 from shared.events import Event
-from shared.topics import Topic
+from shared.topics import Topic, use_prefix
+
+log = logging.getLogger(__name__)
 
 EMBEDDED_BOOTSTRAP_ENV = "SMSBRIDGE_EMBEDDED_BOOTSTRAP"
+# How long a stopping producer may try to deliver what it still holds.
+PRODUCER_CLOSE_TIMEOUT_S = 5.0
+# Which embedded broker runs ("kafka" or "tansu"): exported by shared.broker when it starts one.
+EMBEDDED_KIND_ENV = "SMSBRIDGE_EMBEDDED_BROKER"
 
 
 class KafkaUnavailable(Exception):
@@ -33,21 +40,56 @@ def bootstrap(settings: KafkaSettings) -> str:
     return settings.bootstrap_servers
 
 
+def is_tansu(settings: KafkaSettings) -> bool:
+    """Whether we talk to the Tansu fallback: its workarounds apply on this path only."""
+    if settings.broker_kind is not None:
+        return settings.broker_kind == "tansu"
+    return (
+        settings.bootstrap_servers == EMBEDDED_BROKER
+        and os.environ.get(EMBEDDED_KIND_ENV, "").strip().lower() == "tansu"
+    )
+
+
+def idempotent(settings: KafkaSettings) -> bool:
+    if settings.enable_idempotence is not None:
+        return settings.enable_idempotence
+    return not is_tansu(settings)  # Tansu lacks InitProducerId
+
+
 def client_id(settings: KafkaSettings, role: str) -> str:
     return f"{settings.client_id_prefix}-{role}-{socket.gethostname()}-{os.getpid()}"
 
 
 def make_producer(settings: KafkaSettings, role: str) -> AIOKafkaProducer:
+    use_prefix(settings.topic_prefix)
     return AIOKafkaProducer(
         bootstrap_servers=bootstrap(settings),
         client_id=client_id(settings, role),
         acks="all",
-        enable_idempotence=settings.enable_idempotence,
+        enable_idempotence=idempotent(settings),
         linger_ms=settings.linger_ms,
         request_timeout_ms=settings.request_timeout_ms,
         max_batch_size=1024 * 1024,
         max_request_size=8 * 1024 * 1024,
     )
+
+
+async def stop_producer(
+    producer: AIOKafkaProducer, what: str, timeout_s: float = PRODUCER_CLOSE_TIMEOUT_S
+) -> None:
+    """Flush and close within ``timeout_s``, then close without what Kafka never acknowledged.
+
+    Dropping it is safe: nobody was told it was stored. Without the bound, a producer whose broker
+    is gone retries for ever (the idempotent one waits for a producer id) and the stop hangs.
+    """
+    stopping = asyncio.ensure_future(producer.stop())
+    done, _ = await asyncio.wait({stopping}, timeout=timeout_s)
+    if not done:
+        log.warning("%s: Kafka took nothing for %gs; closing without it", what, timeout_s)
+        sender = getattr(producer, "_sender", None)  # aiokafka has no public "close now"
+        if sender is not None and sender.sender_task is not None:
+            sender.sender_task.cancel()
+    await stopping
 
 
 def make_consumer(
@@ -59,10 +101,12 @@ def make_consumer(
     session_timeout_ms: int = 10_000,
     heartbeat_interval_ms: int = 3_000,
 ) -> AIOKafkaConsumer:
+    """``group_id`` as the services name it; ``[kafka] group_prefix`` is added here."""
+    use_prefix(settings.topic_prefix)
     return AIOKafkaConsumer(
         bootstrap_servers=bootstrap(settings),
         client_id=client_id(settings, role),
-        group_id=group_id,
+        group_id=group_name(settings, group_id) if group_id else None,
         enable_auto_commit=False,
         auto_offset_reset="earliest",
         isolation_level="read_uncommitted",
@@ -75,7 +119,13 @@ def make_consumer(
     )
 
 
+def group_name(settings: KafkaSettings, group_id: str) -> str:
+    """The consumer group's name on the broker."""
+    return settings.group_prefix + group_id
+
+
 def make_admin(settings: KafkaSettings) -> AIOKafkaAdminClient:
+    use_prefix(settings.topic_prefix)
     return AIOKafkaAdminClient(
         bootstrap_servers=bootstrap(settings),
         client_id=client_id(settings, "admin"),

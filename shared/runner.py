@@ -14,11 +14,11 @@ stall a partition for good nor vanish.
 Lag, per assigned partition, refreshed every ``LAG_EXPORT_INTERVAL_S`` whether records arrive or
 not (an idle partition reads 0 messages / 0 s, never its last busy value):
 
-- messages: the partition's end offset minus the commit position (first unfinished offset). The
-  end offset is the high watermark of the latest fetch response, which every broker sends (Tansu
-  too); while the consumer is saturated aiokafka stops fetching a partition whose records it still
-  buffers, so for such a stale partition ``end_offsets`` (ListOffsets) is asked as well and the
-  larger of the two lower bounds wins.
+- messages: as KEDA, Burrow and kafka-exporter compute it, the partition's end offset (ListOffsets)
+  minus the group's committed offset. On the Tansu fallback, whose ListOffsets(latest) is wrong,
+  the end offset is the high watermark of the latest fetch response instead (confirmed by
+  ListOffsets when stale: aiokafka stops fetching a partition whose records it still buffers), and
+  the position is the first unfinished offset.
 - seconds: the age of the oldest unfinished record. A record taken but not started (waiting for a
   slot or for its key's predecessor) is pending with its timestamp; records not taken yet (still
   in aiokafka's buffer or on the broker) are aged by when the high watermark was first seen past
@@ -138,9 +138,16 @@ class PartitionProgress:
         while self.highwater_seen and self.highwater_seen[0][0] <= position:
             self.highwater_seen.popleft()
 
-    def lag(self, highwater: int | None, now_s: float) -> PartitionLag:
-        """Messages behind ``highwater`` and age of the oldest unfinished record at ``now_s``."""
+    def lag(
+        self, highwater: int | None, now_s: float, *, from_committed: bool = False
+    ) -> PartitionLag:
+        """Messages behind ``highwater`` and age of the oldest unfinished record at ``now_s``.
+
+        ``from_committed``: count from the committed offset, as the broker's own tools do.
+        """
         position = self.commit_position()
+        if from_committed and self.committed is not None:
+            position = self.committed
         messages = 0
         if highwater is not None and position is not None:
             messages = max(0, highwater - position)
@@ -173,7 +180,9 @@ class ConsumerRunner:
         settings: RunnerSettings,
         partition_listener: PartitionAware | None = None,
         max_handler_attempts: int = 5,
+        tansu_lag: bool = False,
     ) -> None:
+        """``tansu_lag``: the Tansu fallback's lag workaround (module docstring)."""
         self.name = name
         self.consumer = consumer
         self.topics = list(topics)
@@ -183,6 +192,7 @@ class ConsumerRunner:
         self.settings = settings
         self.partition_listener = partition_listener
         self.max_handler_attempts = max_handler_attempts
+        self._tansu_lag = tansu_lag
         self._progress: dict[TopicPartition, PartitionProgress] = {}
         self._tasks: dict[TopicPartition, set[asyncio.Task[None]]] = {}
         self._key_tails: dict[tuple[TopicPartition, bytes | None], asyncio.Task[None]] = {}
@@ -408,8 +418,15 @@ class ConsumerRunner:
                     and progress is not None
                     and progress.next_offset is None
                 ):
+                    # A new assignment starts at the group's committed offset (or the reset one).
                     progress.next_offset = position
-        highwaters = await self._highwaters(self.consumer.assignment())
+                    if progress.committed is None:
+                        progress.committed = position
+        assignment = self.consumer.assignment()
+        if self._tansu_lag:
+            highwaters = await self._highwaters(assignment)
+        else:
+            highwaters = await self._end_offsets(assignment)
         now_s = time.time()
         exported: dict[TopicPartition, PartitionLag] = {}
         # No await from here on: a partition revoked meanwhile is not in this assignment.
@@ -420,13 +437,25 @@ class ConsumerRunner:
             highwater = highwaters.get(tp)
             if highwater is not None:
                 progress.observe_highwater(highwater, now_s)
-            lag = progress.lag(highwater, now_s)
+            lag = progress.lag(highwater, now_s, from_committed=not self._tansu_lag)
             labels = (self.name, tp.topic, str(tp.partition))
             if highwater is not None:
                 metrics.CONSUMER_LAG.labels(*labels).set(lag.messages)
             metrics.CONSUMER_LAG_SECONDS.labels(*labels).set(lag.seconds)
             exported[tp] = lag
         return exported
+
+    async def _end_offsets(self, partitions: Iterable[TopicPartition]) -> dict[TopicPartition, int]:
+        """Each partition's end offset, from the broker (ListOffsets latest)."""
+        wanted = list(partitions)
+        if not wanted:
+            return {}
+        try:
+            ends = await asyncio.wait_for(self.consumer.end_offsets(wanted), 2.0)
+        except Exception as exc:
+            log.debug("%s: end offsets unavailable (%s)", self.name, exc)
+            return {}
+        return {tp: end for tp, end in ends.items() if end is not None}
 
     async def _highwaters(self, partitions: Iterable[TopicPartition]) -> dict[TopicPartition, int]:
         """Each partition's end offset: the fetched high watermark, confirmed if it is stale."""

@@ -32,7 +32,15 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from shared import gcpolicy
 from shared.config import KafkaSettings, RunnerSettings, Settings, split_listen
-from shared.kafka import Publisher, bootstrap, client_id, make_consumer, make_producer
+from shared.kafka import (
+    Publisher,
+    bootstrap,
+    client_id,
+    is_tansu,
+    make_consumer,
+    make_producer,
+    stop_producer,
+)
 from shared.metrics import HTTP_DURATION, HTTP_REQUESTS
 from shared.runner import ConsumerRunner, Handler, PartitionAware
 
@@ -201,6 +209,7 @@ class ConsumerService:
             publisher=self.publisher,
             settings=runner_settings,
             partition_listener=listener,
+            tansu_lag=is_tansu(settings.kafka),
         )
         self._task: asyncio.Task[None] | None = None
 
@@ -246,7 +255,7 @@ class ConsumerService:
                 deadline.left(share=0.5),
                 f"{self.name} leave group",
             )
-        await _bounded(self.producer.stop(), deadline.left(), f"{self.name} producer")
+        await stop_producer(self.producer, f"{self.name} producer", max(1.0, deadline.left()))
 
     def ready(self) -> bool:
         return self.runner.ready

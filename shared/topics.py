@@ -8,10 +8,15 @@
 
 Co-partitioning matters: ``dispatches`` and ``provider-events`` are keyed by the same correlation
 key and have the same partition count, so the normalizer's join is local to one instance.
+
+``[kafka] topic_prefix`` puts several environments on one cluster: ``Topic.name`` is the prefixed
+name, ``Topic.base`` the one written here. One prefix per process, set by ``use_prefix`` when the
+process makes its Kafka clients (``shared.kafka``); read names when needed, never at import.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from dataclasses import dataclass, field
 
@@ -21,13 +26,27 @@ from aiokafka.errors import TopicAlreadyExistsError
 DEFAULT_PARTITIONS = 12
 
 
+_prefix = ""
+_by_name: dict[str, Topic] = {}
+
+
+def use_prefix(prefix: str) -> None:
+    global _prefix
+    _prefix = prefix
+    _by_name.clear()
+
+
 @dataclass(frozen=True)
 class Topic:
-    name: str
+    base: str
     partitions: int = DEFAULT_PARTITIONS
     compacted: bool = False
     purpose: str = ""
     config: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return _prefix + self.base
 
     def __str__(self) -> str:
         return self.name
@@ -117,15 +136,30 @@ ALL_TOPICS: tuple[Topic, ...] = (
 )
 
 
+def by_name(name: str) -> Topic | None:
+    """The topic of a (prefixed) name read from a record, or None for a topic not ours."""
+    if not _by_name:
+        _by_name.update((topic.name, topic) for topic in ALL_TOPICS)
+    return _by_name.get(name)
+
+
+def topic_configs(topic: Topic, replication_factor: int) -> dict[str, str]:
+    """What ``ensure_topics`` creates the topic with (``smsbridge topics ensure`` prints it)."""
+    configs = {
+        "cleanup.policy": "compact" if topic.compacted else "delete",
+        # acks=all then means two copies (one on a single node): one broker may be down.
+        "min.insync.replicas": str(max(1, min(2, replication_factor - 1))),
+    }
+    configs.update(topic.config)
+    return configs
+
+
 def new_topic(topic: Topic, replication_factor: int) -> NewTopic:
-    configs = dict(topic.config)
-    if topic.compacted:
-        configs.setdefault("cleanup.policy", "compact")
     return NewTopic(
         name=topic.name,
         num_partitions=topic.partitions,
         replication_factor=replication_factor,
-        topic_configs=configs,
+        topic_configs=topic_configs(topic, replication_factor),
     )
 
 
@@ -142,4 +176,39 @@ async def ensure_topics(admin: AIOKafkaAdminClient, replication_factor: int = 1)
             await admin.create_topics([new_topic(t, replication_factor) for t in missing])
         for topic in missing:
             result[topic.name] = "created"
+        await wait_for_leaders(admin, [topic.name for topic in missing])
     return result
+
+
+async def partition_numbers(admin: AIOKafkaAdminClient, name: str) -> list[int] | None:
+    """The partitions of topic ``name`` as the broker has them; None when it does not exist.
+
+    A consumer knows only the topics it reads (``partitions_for_topic`` is None for the others
+    on Apache Kafka), so tools that inspect any topic ask here.
+    """
+    [described] = await admin.describe_topics([name])
+    if described.get("error_code") or not described["partitions"]:
+        return None
+    return sorted(partition["partition"] for partition in described["partitions"])
+
+
+async def wait_for_leaders(
+    admin: AIOKafkaAdminClient, names: list[str], timeout_s: float = 30.0
+) -> None:
+    """Return once every partition of ``names`` has a leader: Apache Kafka answers CreateTopics
+    before it elects them, and a produce meanwhile fails with NotLeaderForPartition."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while True:
+        described = await admin.describe_topics(names)
+        leaderless = [
+            topic["topic"]
+            for topic in described
+            if topic.get("error_code")
+            or not topic["partitions"]
+            or any(partition["leader"] < 0 for partition in topic["partitions"])
+        ]
+        if not leaderless:
+            return
+        if asyncio.get_running_loop().time() > deadline:
+            raise TimeoutError(f"no leader within {timeout_s:g}s for {sorted(leaderless)}")
+        await asyncio.sleep(0.1)

@@ -24,7 +24,7 @@ from shared import ids
 from shared import metrics as shared_metrics
 from shared.config import ProviderSettings, Settings
 from shared.events import ProviderEvent, utcnow
-from shared.kafka import KafkaUnavailable, Publisher, make_producer
+from shared.kafka import KafkaUnavailable, Publisher, make_producer, stop_producer
 from shared.providers import PROVIDER_KINDS
 from shared.providers.base import CallbackRejected, ParsedCallback, Provider
 from shared.service import Service, add_ops_routes, run_service, serve
@@ -270,7 +270,7 @@ class CallbacksService:
         if self._http is not None:
             await self._http.cleanup()
             self._http = None
-        await self.producer.stop()
+        await stop_producer(self.producer, "callbacks producer")
         self._stopped.set()
 
     def ready(self) -> bool:

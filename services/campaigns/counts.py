@@ -40,6 +40,7 @@ from shared.topics import (
     RECIPIENTS,
     REPORT_OUTCOMES,
     STATUSES,
+    by_name,
 )
 
 log = logging.getLogger(__name__)
@@ -131,7 +132,8 @@ def contributions(topic: str, value: bytes | None, at: float, now: float) -> lis
     ``now`` decides whether a scheduled recipient is still ahead (one that is not adds nothing).
     Never raises: an unreadable record adds nothing (dead letters: an unknown one).
     """
-    reader = _READERS.get(topic)
+    known = by_name(topic)
+    reader = _READERS.get(known.base) if known is not None else None
     if reader is None:
         return []
     document = _json_object(value)
@@ -241,11 +243,11 @@ def dead_letter_campaign(payload: object) -> tuple[str, str]:
 
 
 _READERS = {
-    INGRESS_REQUESTS.name: _ingress_request,
-    RECIPIENTS.name: _recipient,
-    STATUSES.name: _status,
-    DEAD_LETTERS.name: _dead_letter,
-    REPORT_OUTCOMES.name: _report_outcome,
+    INGRESS_REQUESTS.base: _ingress_request,
+    RECIPIENTS.base: _recipient,
+    STATUSES.base: _status,
+    DEAD_LETTERS.base: _dead_letter,
+    REPORT_OUTCOMES.base: _report_outcome,
 }
 
 

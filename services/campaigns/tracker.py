@@ -80,7 +80,6 @@ from shared.topics import CAMPAIGN_COUNTS
 log = logging.getLogger(__name__)
 
 NAME = "campaigns"
-INPUT_TOPIC_NAMES = frozenset(topic.name for topic in INPUT_TOPICS)
 # How often campaigns are checked for expiry (and the tracked gauge refreshed).
 HOUSEKEEPING_INTERVAL_S = 10.0
 # How long a rebalance callback waits for the assigned partitions' counters; records wait longer.
@@ -171,7 +170,7 @@ class CountsTracker:
         return []
 
     async def on_assigned(self, partitions: set[TopicPartition]) -> None:
-        assigned = {tp for tp in partitions if tp.topic in INPUT_TOPIC_NAMES}
+        assigned = {tp for tp in partitions if tp.topic in {topic.name for topic in INPUT_TOPICS}}
         if not assigned:
             return
         self.expect(assigned)

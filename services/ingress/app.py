@@ -34,7 +34,14 @@ from services.ingress.ledger import LedgerEntry, LedgerFollower, RequestLedger, 
 from services.ingress.produce import BatchPublisher
 from shared.config import Settings, TenantSettings
 from shared.events import IngressRequestAccepted, utcnow
-from shared.kafka import KafkaUnavailable, OutRecord, Publisher, make_consumer, make_producer
+from shared.kafka import (
+    KafkaUnavailable,
+    OutRecord,
+    Publisher,
+    make_consumer,
+    make_producer,
+    stop_producer,
+)
 from shared.metrics import SIGNATURE_FAILURES
 from shared.service import add_ops_routes, http_metrics, run_service, serve
 from shared.signing import SIGNATURE_HEADER, constant_time_equals, verify
@@ -319,7 +326,7 @@ class IngressService:
             await self.follower.stop()
         if self._producer_started:
             self._producer_started = False
-            await self.producer.stop()
+            await stop_producer(self.producer, "ingress producer")
 
     def ready(self) -> bool:
         return self._producer_started and self.follower.caught_up.is_set() and self.follower.healthy

@@ -73,7 +73,7 @@ from shared.topics import (
 log = logging.getLogger(__name__)
 
 NAME = "normalizer"
-INPUT_TOPICS = (DISPATCHES.name, PROVIDER_EVENTS.name)
+INPUT_TOPICS = (DISPATCHES, PROVIDER_EVENTS)
 # Store keys of forwarded replies' event ids. Correlation keys start with a provider account
 # name or "message:", so these never meet a join entry.
 SEEN_REPLY_PREFIX = "seen-reply#"
@@ -485,7 +485,7 @@ def _observe_reply(event: ProviderEvent, routed: RoutedReply) -> None:
 
 
 def _state_partitions(partitions: Iterable[TopicPartition]) -> set[int]:
-    return {tp.partition for tp in partitions if tp.topic in INPUT_TOPICS}
+    return {tp.partition for tp in partitions if tp.topic in {topic.name for topic in INPUT_TOPICS}}
 
 
 def _decode(model: type[E], raw: bytes | None) -> E:
@@ -501,7 +501,7 @@ def build(settings: Settings, handler: NormalizerHandler | None = None) -> Servi
         name=NAME,
         settings=settings,
         runner_settings=settings.normalizer.runner,
-        topics=INPUT_TOPICS,
+        topics=[topic.name for topic in INPUT_TOPICS],
         handler=handler or NormalizerHandler(settings),
     )
 

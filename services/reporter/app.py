@@ -17,7 +17,7 @@ def build(settings: Settings) -> Service:
         name=STAGE,
         settings=settings,
         runner_settings=settings.reporter.runner,
-        topics=INPUT_TOPICS,
+        topics=[topic.name for topic in INPUT_TOPICS],
         handler=ReporterHandler(settings),
     )
 

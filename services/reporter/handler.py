@@ -109,7 +109,7 @@ from shared.topics import DEAD_LETTERS, INBOUND, REPORT_OUTCOMES, REPORTER_STATE
 log = logging.getLogger(__name__)
 
 STAGE = "reporter"
-INPUT_TOPICS = (STATUSES.name, INBOUND.name)
+INPUT_TOPICS = (STATUSES, INBOUND)
 # Metric label for records naming a tenant we do not know: bounded, unlike the name itself.
 UNKNOWN_TENANT_LABEL = "(unknown)"
 # Due entries read per query of a timer pass.
@@ -966,7 +966,7 @@ def acknowledged(slug: str, kind: ReportKind, counts: dict[str, int]) -> OutReco
 
 
 def _state_partitions(partitions: Iterable[TopicPartition]) -> set[int]:
-    return {tp.partition for tp in partitions if tp.topic in INPUT_TOPICS}
+    return {tp.partition for tp in partitions if tp.topic in {topic.name for topic in INPUT_TOPICS}}
 
 
 def key_tenant(key: str) -> str:

@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from services.cli import build_parser
+from shared.broker.distribution import kafka_version
 from shared.config import Settings, load_settings, split_listen
 from tests.deploy.promql import DEPLOY, ROOT
 
@@ -86,7 +87,8 @@ def test_kafka_is_apache_kafka_in_kraft_mode_and_topics_are_created_first(
     settings: Settings,
 ) -> None:
     kafka = services()["kafka"]
-    assert kafka["image"].startswith("apache/kafka:")
+    # The same Apache Kafka the tests, the benchmarks and `make dev` run (deploy/kafka/pom.xml).
+    assert kafka["image"] == f"apache/kafka:{kafka_version()}"
     environment = kafka["environment"]
     assert "controller" in environment["KAFKA_PROCESS_ROLES"]
     assert "KAFKA_ZOOKEEPER_CONNECT" not in environment

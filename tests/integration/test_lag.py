@@ -17,7 +17,7 @@ from shared.runner import Record
 from shared.service import ConsumerService
 from tests.support import make_settings, running, wait_for
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.smoke]
 
 TOPIC = "ops.lag-test"
 CONSUMER = "lag-test"

@@ -15,7 +15,7 @@ from shared.signing import verify
 from tests.support import TENANT_SECRET, make_settings, wait_for
 from tests.support.pipeline import pipeline, post_campaign, simulated_optimove, simulated_providers
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.smoke]
 
 RECIPIENTS = 1000
 BATCH_SIZE = 250

@@ -84,6 +84,7 @@ async def commit_for_test_group(settings: Settings, offset: int) -> None:
         await consumer.stop()
 
 
+@pytest.mark.smoke
 async def test_targets_move_every_partition_and_dry_run_changes_nothing(
     kafka: EmbeddedBroker, tmp_path: Path
 ) -> None:
@@ -112,7 +113,7 @@ async def test_targets_move_every_partition_and_dry_run_changes_nothing(
 
     # The command line, as an operator runs it: a dry run prints the move and commits nothing.
     base = [sys.executable, "-m", "services.cli", "--config", str(tmp_path / "smsbridge.toml")]
-    args = ["replay", "--group", TEST_GROUP, "--topic", TEST_TOPIC.name]
+    args = ["replay", "--group", TEST_GROUP, "--topic", TEST_TOPIC.base]
     dry = await asyncio.create_subprocess_exec(
         *base,
         *args,

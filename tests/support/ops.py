@@ -33,7 +33,7 @@ from shared.events import (
     decode,
     utcnow,
 )
-from shared.kafka import OutRecord, Publisher, bootstrap, make_admin, make_producer
+from shared.kafka import OutRecord, Publisher, bootstrap, group_name, make_admin, make_producer
 from shared.providers.otpiq import FIXTURES, Otpiq
 from shared.topics import DISPATCHES, PROVIDER_EVENTS, STATUSES, Topic
 from tests.support import TENANT, settings_data, wait_for
@@ -299,7 +299,7 @@ async def group_members(settings: Settings, group: str) -> list[str]:
     admin = make_admin(settings.kafka)
     await admin.start()
     try:
-        _, members = await live_members(admin, group)
+        _, members = await live_members(admin, group_name(settings.kafka, group))
         return members
     finally:
         await admin.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -100,8 +101,10 @@ def test_percentile_is_the_nearest_rank(share: float, expected: float) -> None:
     assert percentile([float(v) for v in range(1, 101)], share) == expected
 
 
-def report(name: str, figure: str) -> Report:
-    return Report(name, [("what", figure)], "| a |", {"x": 1}, machine=machine())
+def report(name: str, figure: str, broker: str = "Apache Kafka 4.4.0") -> Report:
+    return Report(
+        name, [("what", figure)], "| a |", {"x": 1}, machine={**machine(), "broker": broker}
+    )
 
 
 def test_record_keeps_the_latest_of_each_benchmark_and_rewrites_the_readme(
@@ -111,7 +114,7 @@ def test_record_keeps_the_latest_of_each_benchmark_and_rewrites_the_readme(
     readme.write_text(f"# x\n\n{README_BEGIN}\nold table\n{README_END}\n\n## after\n")
     results = tmp_path / "results"
 
-    record([report("ingress", "1"), report("e2e", "2")], results, readme)
+    record([report("ingress", "1"), report("e2e", "2", "Tansu (memory only)")], results, readme)
     run = record([report("ingress", "3")], results, readme)
 
     latest = _load_latest(results / "latest.json")
@@ -119,7 +122,9 @@ def test_record_keeps_the_latest_of_each_benchmark_and_rewrites_the_readme(
     assert run.with_suffix(".json").exists() and run.with_suffix(".md").exists()
     text = readme.read_text()
     assert "old table" not in text
-    assert "| ingress: what | 3 |" in text and "| e2e: what | 2 |" in text
+    # Each row says which broker its figure was measured on.
+    assert "| ingress: what | Apache Kafka 4.4.0 | 3 |" in text
+    assert "| e2e: what | Tansu (memory only) | 2 |" in text
     assert text.endswith(f"{README_END}\n\n## after\n")
 
 
@@ -158,3 +163,18 @@ def test_a_memory_run_cut_by_its_time_budget_is_checked_over_what_was_posted() -
     assert [f for f in result.failures if f.startswith("reporter")], result.failures
     assert not [f for f in result.failures if f.startswith("sender")]
     assert "flat: NO" in figure
+
+
+def test_a_million_recipients_are_refused_for_lack_of_ram_only_on_the_memory_only_broker(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Apache Kafka keeps the campaign on disk: 8 GiB of RAM do not stop it; Tansu needs ~18 GB."""
+    gib = 2**30
+    monkeypatch.setattr(memory, "available_memory", lambda: 8 * gib)
+    monkeypatch.setattr(memory.shutil, "disk_usage", lambda _: SimpleNamespace(free=50 * gib))
+    assert memory.too_big(1_000_000, "kafka") is None
+    refusal = memory.too_big(1_000_000, "tansu")
+    assert refusal is not None and "--broker kafka" in refusal
+    # Its data needs ~12 GB of disk.
+    monkeypatch.setattr(memory.shutil, "disk_usage", lambda _: SimpleNamespace(free=5 * gib))
+    assert "disk" in (memory.too_big(1_000_000, "kafka") or "")

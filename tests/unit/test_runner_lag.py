@@ -73,3 +73,15 @@ def test_a_long_history_keeps_its_oldest_mark() -> None:
 def test_unknown_end_gives_no_message_count_but_still_an_age() -> None:
     progress = taken((7, 9.0))
     assert progress.lag(None, NOW) == PartitionLag(0, 9.0)
+
+
+def test_from_committed_counts_finished_records_until_their_offsets_are_committed() -> None:
+    # As kafka-consumer-groups computes LAG: end offset minus the group's committed offset.
+    progress = taken((5, 3.0), (6, 2.0))
+    progress.committed = 5
+    progress.finish(5)
+    progress.finish(6)
+    assert progress.lag(7, NOW, from_committed=True) == PartitionLag(2, 0.0)
+    assert progress.lag(7, NOW) == PartitionLag(0, 0.0)
+    progress.committed = 7
+    assert progress.lag(7, NOW, from_committed=True) == PartitionLag(0, 0.0)
