@@ -7,7 +7,8 @@ them on Tansu (memory only) instead, and ``--compare-brokers`` adds e2e's throug
 other broker (``bench/e2e.py``). The broker is recorded with each benchmark's figures. The
 campaign sizes of ``e2e`` and ``memory`` can also come from ``BENCH_E2E_RECIPIENTS`` and
 ``BENCH_MEMORY_RECIPIENTS``; the memory benchmark's time budget from ``--max-minutes`` or
-``BENCH_MEMORY_MAX_MINUTES``. Exit status 1 when a check failed, 2 for an unknown name.
+``BENCH_MEMORY_MAX_MINUTES``; ``--dry-run`` runs it on a dry-run tenant (``bench/memory.py``).
+Exit status 1 when a check failed, 2 for an unknown name.
 """
 
 from __future__ import annotations
@@ -58,6 +59,13 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
         help="memory: post for at most this long, then check the campaign posted so far",
     )
     parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="memory: a dry-run tenant (dry_run = true): the sender simulates the provider call "
+        "and its delivery report, so the provider simulator and the callbacks service idle; "
+        "the figures say so",
+    )
+    parser.add_argument(
         "--broker",
         choices=BROKERS,
         default="kafka",
@@ -94,6 +102,7 @@ def main(argv: Sequence[str]) -> int:
         recipients=args.recipients,
         profile=args.profile,
         max_minutes=args.max_minutes,
+        dry_run=args.dry_run,
         broker=args.broker,
         compare_brokers=args.compare_brokers,
     )

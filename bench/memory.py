@@ -32,6 +32,16 @@ hours on it here.
 ``--max-minutes`` (``BENCH_MEMORY_MAX_MINUTES``) bounds the posting: once it has passed, no more
 batches are posted, the campaign ends with what was posted, and the check runs over that (the
 summary says how many of how many). A run stopped that way keeps its figures.
+
+``--dry-run`` gives the campaign's tenant ``dry_run = true`` (``shared/providers/dryrun.py``): the
+sender simulates the provider call and publishes the dispatch record with a simulated delivery
+report, which the normalizer and the reporter handle as usual. No provider HTTP call is made and
+no callback comes: the provider simulator and the callbacks service run but idle, so the CPU they
+take per message in a full run is free and the campaign goes faster. The tenant's default outcome
+mix is 95% ``DryRun:Delivered``, 5% ``DryRun:Undeliverable`` (failed): both are final reports. The
+run checks in addition that every final report carries the ``DryRun:`` mark and that the provider
+simulator received no send; its summary row, details and figures (``dry_run``) say it was a
+dry-run tenant, not a full run.
 """
 
 from __future__ import annotations
@@ -55,12 +65,14 @@ from bench.stack import (
     BROKER,
     SERVICES,
     SIMULATORS,
+    TENANT,
     ProviderSimulatorOptions,
     ResourceSampler,
     Sample,
     Stack,
 )
 from shared.broker import ApacheKafkaBroker
+from shared.providers.dryrun import is_marked
 
 DEFAULT_RECIPIENTS = 1_000_000
 BATCH_SIZE = 5_000
@@ -77,6 +89,11 @@ HEADROOM_BYTES = 2 * 2**30
 # What Apache Kafka's data folder holds per message (measured: 10.2 KB at 20,000 messages), in
 # the temporary folder: a campaign that would fill the disk is refused before it starts.
 KAFKA_DISK_BYTES_PER_MESSAGE = 12_000
+# What a ``--dry-run`` run is, in its summary, details and figures.
+DRY_RUN_NOTE = (
+    "DRY-RUN tenant: no provider HTTP calls, no callbacks "
+    "(the callbacks service and the provider simulator idle)"
+)
 
 
 class Progress:
@@ -215,8 +232,23 @@ def broker_disk_bytes(stack: Stack) -> int | None:
     return total
 
 
+def unmarked_final_reports(tally: dict[str, Any]) -> int:
+    """Final reports in ``tally`` whose sub-status lacks the dry run's ``DryRun:`` mark."""
+    by_status: dict[str, dict[str, int]] = tally.get("final_by_status", {})
+    return sum(
+        count
+        for sub_statuses in by_status.values()
+        for sub_status, count in sub_statuses.items()
+        if not is_marked(sub_status)
+    )
+
+
 async def run(
-    run_dir: Path, recipients: int, max_minutes: float | None = None, broker: str = "kafka"
+    run_dir: Path,
+    recipients: int,
+    max_minutes: float | None = None,
+    broker: str = "kafka",
+    dry_run: bool = False,
 ) -> Report:
     began = time.monotonic()
     refusal = too_big(recipients, broker)
@@ -225,6 +257,7 @@ async def run(
         return Report("memory", [], "", {"recipients": recipients}, failures=[refusal])
     stack = Stack(
         run_dir,
+        overrides={"tenants": {TENANT: {"dry_run": True}}} if dry_run else None,
         provider_options=ProviderSimulatorOptions(latency_ms=0, callback_delay_ms=0),
         optimove_max_recorded=1_000,
         broker_kind=broker,
@@ -237,8 +270,9 @@ async def run(
         sampler = ResourceSampler(stack, names, INTERVAL_S, progress=lambda: float(progress.final))
         progress.start()
         sampler.start()
+        tenant = f", {DRY_RUN_NOTE}" if dry_run else ""
         print(
-            f"memory bench on {broker_info(broker)['name']}: {recipients:,} recipients ...",
+            f"memory bench on {broker_info(broker)['name']}: {recipients:,} recipients{tenant} ...",
             flush=True,
         )
         campaign_started = time.monotonic()
@@ -250,6 +284,8 @@ async def run(
         await progress.stop()
         stack.check_alive()
         disk = broker_disk_bytes(stack)
+        # A dry run makes no provider call: the provider simulator must have seen no send.
+        provider_sends = int((await stack.provider_sends())["total"]) if dry_run else None
     return report(
         posted,
         sampler.samples,
@@ -260,6 +296,8 @@ async def run(
         began,
         recipients,
         broker_disk=disk,
+        dry_run=dry_run,
+        provider_sends=provider_sends,
     )
 
 
@@ -273,9 +311,14 @@ def report(
     began: float,
     planned: int | None = None,
     broker_disk: int | None = None,
+    dry_run: bool = False,
+    provider_sends: int | None = None,
 ) -> Report:
     """The figures of a campaign of ``recipients`` (of ``planned``, when a time budget cut the
-    posting short); ``broker_disk``: bytes in the broker's data folder at the end, if it has one."""
+    posting short); ``broker_disk``: bytes in the broker's data folder at the end, if it has one.
+    ``dry_run``: the tenant was a dry-run one (said in the summary, details and figures; every
+    final report must carry the ``DryRun:`` mark, and ``provider_sends``, the sends the provider
+    simulator received, must be 0)."""
     planned = planned or recipients
     header = ("process", "RSS at 10%", "at 50%", "at 100%", "peak", "peak / peak by 50%", "check")
     rows: list[list[object]] = []
@@ -286,8 +329,17 @@ def report(
         "campaign_seconds": round(campaign_s, 1),
         "msgs_per_s": round(recipients / campaign_s, 1),
         "rule": f"peak <= {GROWTH} x peak by 50% + {SLACK_MIB} MiB",
+        "dry_run": dry_run,
+        "final_reports": {
+            "delivered": tally.get("delivered"),
+            "failed": tally.get("failed"),
+            "by_status": tally.get("final_by_status", {}),
+        },
         "services": {},
     }
+    if dry_run:
+        figures["tenant"] = DRY_RUN_NOTE
+        figures["provider_sends"] = provider_sends
     if broker_disk is not None:
         figures["broker_disk_mib"] = round(broker_disk / MIB, 1)
     for name in names:
@@ -324,10 +376,29 @@ def report(
             f"{tally['final']:,} final reports for {recipients:,} recipients, "
             f"{tally['duplicates']} duplicates, {refused} batches refused"
         )
+    if dry_run:
+        unmarked = unmarked_final_reports(tally)
+        if unmarked:
+            failures.append(
+                f"{unmarked:,} final reports without the DryRun: mark: "
+                "the dry run was not in effect"
+            )
+        if provider_sends:
+            failures.append(
+                f"the provider simulator received {provider_sends:,} sends in a dry run"
+            )
+    tenant = f", {DRY_RUN_NOTE}" if dry_run else ""
     print(
         f"\nmemory: {recipients:,} recipients in {campaign_s / 60:.1f} min "
-        f"({recipients / campaign_s:,.0f} msg/s), RSS sampled every {INTERVAL_S:g} s"
+        f"({recipients / campaign_s:,.0f} msg/s), RSS sampled every {INTERVAL_S:g} s{tenant}"
     )
+    outcomes = ", ".join(
+        f"{status} {sub_status} {count:,}"
+        for status, sub_statuses in figures["final_reports"]["by_status"].items()
+        for sub_status, count in sub_statuses.items()
+    )
+    if outcomes:
+        print(f"final reports: {outcomes}")
     print(text_table(header, rows))
     on_disk = ""
     if broker_disk is not None:
@@ -349,6 +420,15 @@ def report(
         if recipients == planned
         else f"{recipients:,} recipients of a {planned:,}-recipient campaign cut by its time budget"
     )
+    if dry_run:
+        size += f" on a {DRY_RUN_NOTE}"
+    outcome_line = f" Final reports: {outcomes}." if outcomes else ""
+    dry_run_line = (
+        f"**{DRY_RUN_NOTE}**: not a full run; the provider simulator received "
+        f"{provider_sends or 0:,} sends.\n\n"
+        if dry_run
+        else ""
+    )
     return Report(
         benchmark="memory",
         summary=[
@@ -357,9 +437,11 @@ def report(
                 f"{described}; flat: {flat}",
             )
         ],
-        details=markdown_table(header, rows)
+        details=dry_run_line
+        + markdown_table(header, rows)
         + f"\n\nCheck: {figures['rule']}, per service. {recipients:,} recipients took "
-        f"{campaign_s / 60:.1f} min ({recipients / campaign_s:,.0f} msg/s).{on_disk}",
+        f"{campaign_s / 60:.1f} min ({recipients / campaign_s:,.0f} msg/s).{outcome_line}"
+        f"{on_disk}",
         figures=figures,
         failures=failures,
         duration_s=time.monotonic() - began,
@@ -372,4 +454,6 @@ def bench(options: Options) -> Report:
     if max_minutes is None and os.environ.get("BENCH_MEMORY_MAX_MINUTES"):
         max_minutes = float(os.environ["BENCH_MEMORY_MAX_MINUTES"])
     with tempfile.TemporaryDirectory(prefix="smsbridge-bench-memory-") as directory:
-        return asyncio.run(run(Path(directory), recipients, max_minutes, options.broker))
+        return asyncio.run(
+            run(Path(directory), recipients, max_minutes, options.broker, options.dry_run)
+        )

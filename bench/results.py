@@ -46,6 +46,9 @@ class Options:
     profile: bool = False
     # memory: stop posting after this many minutes and check what was posted.
     max_minutes: float | None = None
+    # memory: the campaign's tenant has ``dry_run = true``: the sender simulates the provider call
+    # and its delivery report (no provider HTTP calls, no callbacks).
+    dry_run: bool = False
     # The embedded broker every benchmark's stack runs on: "kafka" (Apache Kafka) or "tansu".
     broker: str = "kafka"
     # e2e: its throughput phase on Apache Kafka and on Tansu, one after the other.

@@ -255,6 +255,8 @@ class ConsumerService:
                 deadline.left(share=0.5),
                 f"{self.name} leave group",
             )
+        elif membership is not None and membership.member_id:
+            log.info("left consumer group %s", membership.group_id)  # aiokafka sent LeaveGroup
         await stop_producer(self.producer, f"{self.name} producer", max(1.0, deadline.left()))
 
     def ready(self) -> bool:

@@ -32,7 +32,7 @@ from shared.config import Settings
 from shared.events import OptOutChange
 from shared.kafka import OutRecord
 from shared.numbers import to_e164
-from shared.topics import OPT_OUTS
+from shared.topics import INGRESS_REQUESTS, OPT_OUTS, REPORT_OUTCOMES, STATUSES
 from tests.support import TENANT, make_settings, running, wait_for
 from tests.support.campaigns import ADMIN_TOKEN, campaign_status, campaigns_section
 from tests.support.ops import config_data, publisher, start_service, write_config
@@ -244,7 +244,7 @@ def already_counted() -> float:
             "smsbridge_campaign_inputs_already_counted_total", {"topic": topic}
         )
         or 0.0
-        for topic in ("sms.ingress-requests", "sms.statuses", "sms.report-outcomes")
+        for topic in (INGRESS_REQUESTS.name, STATUSES.name, REPORT_OUTCOMES.name)
     )
 
 

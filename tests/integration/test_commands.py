@@ -370,9 +370,9 @@ async def test_dead_letters_are_listed_and_re_driven_once(kafka: EmbeddedBroker)
             err=progress,
         )
         assert done.getvalue().startswith(expected)
-    assert "redrive sms.statuses [" in progress.getvalue()
+    assert f"redrive {STATUSES.name} [" in progress.getvalue()
     assert "2/2" in progress.getvalue()
-    code, out, err = await smsbridge("dlq", "redrive", "--topic", STATUSES.name)
+    code, out, err = await smsbridge("dlq", "redrive", "--topic", STATUSES.base)
     assert code == 0, err
     assert out.startswith("re-drove 0; already re-driven 3")
 
@@ -382,7 +382,7 @@ async def test_dead_letters_are_listed_and_re_driven_once(kafka: EmbeddedBroker)
     )
     assert await read_raw(settings, INBOUND) == []  # only the topic asked for
 
-    code, out, err = await smsbridge("dlq", "list", "--topic", STATUSES.name)
+    code, out, err = await smsbridge("dlq", "list", "--topic", STATUSES.base)
     assert code == 0, err
     rows = out.splitlines()[1:]
     assert len(rows) == 3

@@ -24,7 +24,7 @@ from shared.events import (
     RecipientMessage,
     utcnow,
 )
-from shared.kafka import OutRecord, Publisher, bootstrap, make_producer
+from shared.kafka import OutRecord, Publisher, bootstrap, group_name, make_producer
 from shared.statuses import SubStatus
 from tests.support import TENANT, make_settings, read_topic, running, wait_for
 from tests.support.ops import recipient
@@ -118,7 +118,9 @@ async def dispatches(settings: Settings, expect: int) -> dict[str, tuple[str, Di
 async def committed_total(settings: Settings, group: str = GROUP) -> int:
     """Sum of the group's committed offsets on sms.recipients (asked without joining it)."""
     consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap(settings.kafka), group_id=group, enable_auto_commit=False
+        bootstrap_servers=bootstrap(settings.kafka),
+        group_id=group_name(settings.kafka, group),
+        enable_auto_commit=False,
     )
     await consumer.start()
     try:
