@@ -61,10 +61,12 @@ def _cmd_dlq(args: argparse.Namespace) -> int:
         print(f"--since: {exc}", file=sys.stderr)
         return 2
     # --topic names the topic as sms-bridge does; on the broker it carries [kafka] topic_prefix.
-    topic = settings.kafka.topic_prefix + args.topic if args.topic else None
+    topic = f"{settings.kafka.topic_prefix}{args.topic}"
     if args.action == "list":
         return asyncio.run(
-            dlq_list_command(settings, source_topic=topic, since=since, limit=args.limit)
+            dlq_list_command(
+                settings, source_topic=topic if args.topic else None, since=since, limit=args.limit
+            )
         )
     return asyncio.run(
         dlq_redrive_command(settings, source_topic=topic, since=since, dry_run=args.dry_run)

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import socket
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -150,12 +151,66 @@ class OutRecord:
         return self.key.encode("utf-8"), value
 
 
-class Publisher:
-    """Publishes events and waits until Kafka (acks=all) holds every one of them."""
+def producer_dead(producer: AIOKafkaProducer) -> bool:
+    """Whether aiokafka's sender task has ended: nothing the producer is given is sent again.
 
-    def __init__(self, producer: AIOKafkaProducer, timeout_s: float) -> None:
+    Its idempotent producer ends so on a sequence gap (OutOfOrderSequenceNumber), left by a batch
+    that expired after it had been sent once, as in a broker outage: the Java client bumps the
+    producer epoch there (KIP-360), aiokafka gives up.
+    """
+    sender = getattr(producer, "_sender", None)  # aiokafka exposes no "alive"
+    task = getattr(sender, "sender_task", None)
+    return task is not None and task.done()
+
+
+def _death(producer: AIOKafkaProducer) -> str:
+    task = producer._sender.sender_task
+    error = task.exception() if not task.cancelled() else None
+    return f"{type(error).__name__}: {error}" if error else "its sender task ended"
+
+
+class Publisher:
+    """Publishes events and waits until Kafka (acks=all) holds every one of them.
+
+    Made with ``for_service``, it owns its producer (``start``, ``stop``) and replaces it with a
+    new one (a new producer id, sequences from zero) when aiokafka declares it dead.
+    """
+
+    def __init__(
+        self,
+        producer: AIOKafkaProducer,
+        timeout_s: float,
+        remake: Callable[[], AIOKafkaProducer] | None = None,
+    ) -> None:
         self.producer = producer
         self.timeout_s = timeout_s
+        self._remake = remake
+        self._retired: set[asyncio.Task[None]] = set()
+
+    @classmethod
+    def for_service(cls, settings: KafkaSettings, role: str) -> Publisher:
+        make = functools.partial(make_producer, settings, role)
+        return cls(make(), settings.produce_timeout_s, remake=make)
+
+    async def start(self) -> None:
+        await self.producer.start()
+
+    async def stop(self, what: str, timeout_s: float = PRODUCER_CLOSE_TIMEOUT_S) -> None:
+        await stop_producer(self.producer, what, timeout_s)
+        for task in list(self._retired):
+            task.cancel()
+
+    async def renew_if_dead(self) -> None:
+        """Swap a dead producer for a started new one; the caller's retry then goes through."""
+        if self._remake is None or not producer_dead(self.producer):
+            return
+        dead, fresh = self.producer, self._remake()
+        await fresh.start()
+        self.producer = fresh
+        log.warning("Kafka producer died (%s); replaced by a new one", _death(dead))
+        retiring = asyncio.create_task(stop_producer(dead, "dead producer", 1.0))
+        self._retired.add(retiring)
+        retiring.add_done_callback(self._retired.discard)
 
     async def publish(self, records: Iterable[OutRecord]) -> None:
         await self._send_all(
@@ -176,4 +231,5 @@ class Publisher:
         except (KafkaError, TimeoutError) as exc:
             for future in futures:
                 future.cancel()
+            await self.renew_if_dead()
             raise KafkaUnavailable(f"{type(exc).__name__}: {exc}") from exc

@@ -57,6 +57,8 @@ log = logging.getLogger(__name__)
 LAG_EXPORT_INTERVAL_S = 1.0
 # A high watermark older than this (no fetch response since) is confirmed with ListOffsets.
 HIGHWATER_STALE_AFTER_S = 5.0
+# How long a ListOffsets round trip may take (in the lag task, never holding up polling).
+END_OFFSETS_TIMEOUT_S = 5.0
 # How many rises of the high watermark are remembered to age records not yet taken.
 HIGHWATER_HISTORY = 256
 
@@ -451,7 +453,7 @@ class ConsumerRunner:
         if not wanted:
             return {}
         try:
-            ends = await asyncio.wait_for(self.consumer.end_offsets(wanted), 2.0)
+            ends = await asyncio.wait_for(self.consumer.end_offsets(wanted), END_OFFSETS_TIMEOUT_S)
         except Exception as exc:
             log.debug("%s: end offsets unavailable (%s)", self.name, exc)
             return {}

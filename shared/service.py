@@ -38,8 +38,6 @@ from shared.kafka import (
     client_id,
     is_tansu,
     make_consumer,
-    make_producer,
-    stop_producer,
 )
 from shared.metrics import HTTP_DURATION, HTTP_REQUESTS
 from shared.runner import ConsumerRunner, Handler, PartitionAware
@@ -190,8 +188,7 @@ class ConsumerService:
         self.topics = topics
         self.handler = handler
         self.group_id = group_id or f"smsbridge-{name}"
-        self.producer = make_producer(settings.kafka, name)
-        self.publisher = Publisher(self.producer, settings.kafka.produce_timeout_s)
+        self.publisher = Publisher.for_service(settings.kafka, name)
         self.consumer = make_consumer(
             settings.kafka,
             self.group_id,
@@ -214,7 +211,7 @@ class ConsumerService:
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        await self.producer.start()
+        await self.publisher.start()
         if _has_lifecycle(self.handler):
             await cast(HandlerLifecycle, self.handler).start(self.publisher)
         await self.consumer.start()
@@ -257,7 +254,7 @@ class ConsumerService:
             )
         elif membership is not None and membership.member_id:
             log.info("left consumer group %s", membership.group_id)  # aiokafka sent LeaveGroup
-        await stop_producer(self.producer, f"{self.name} producer", max(1.0, deadline.left()))
+        await self.publisher.stop(f"{self.name} producer", max(1.0, deadline.left()))
 
     def ready(self) -> bool:
         return self.runner.ready

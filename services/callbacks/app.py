@@ -24,7 +24,7 @@ from shared import ids
 from shared import metrics as shared_metrics
 from shared.config import ProviderSettings, Settings
 from shared.events import ProviderEvent, utcnow
-from shared.kafka import KafkaUnavailable, Publisher, make_producer, stop_producer
+from shared.kafka import KafkaUnavailable, Publisher
 from shared.providers import PROVIDER_KINDS
 from shared.providers.base import CallbackRejected, ParsedCallback, Provider
 from shared.service import Service, add_ops_routes, run_service, serve
@@ -246,19 +246,18 @@ class CallbacksService:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.producer = make_producer(settings.kafka, NAME)
-        self.publisher = Publisher(self.producer, settings.kafka.produce_timeout_s)
+        self.publisher = Publisher.for_service(settings.kafka, NAME)
         self.app = build_app(settings, self.publisher, self.ready)
         self._http: web.AppRunner | None = None
         self._serving = False
         self._stopped = asyncio.Event()
 
     async def start(self) -> None:
-        await self.producer.start()
+        await self.publisher.start()
         try:
             self._http = await serve(self.app, self.settings.callbacks.listen)
         except BaseException:
-            await self.producer.stop()
+            await self.publisher.stop("callbacks producer")
             raise
         self._serving = True
 
@@ -270,7 +269,7 @@ class CallbacksService:
         if self._http is not None:
             await self._http.cleanup()
             self._http = None
-        await stop_producer(self.producer, "callbacks producer")
+        await self.publisher.stop("callbacks producer")
         self._stopped.set()
 
     def ready(self) -> bool:

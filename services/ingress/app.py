@@ -34,14 +34,7 @@ from services.ingress.ledger import LedgerEntry, LedgerFollower, RequestLedger, 
 from services.ingress.produce import BatchPublisher
 from shared.config import Settings, TenantSettings
 from shared.events import IngressRequestAccepted, utcnow
-from shared.kafka import (
-    KafkaUnavailable,
-    OutRecord,
-    Publisher,
-    make_consumer,
-    make_producer,
-    stop_producer,
-)
+from shared.kafka import KafkaUnavailable, OutRecord, Publisher, make_consumer
 from shared.metrics import SIGNATURE_FAILURES
 from shared.service import add_ops_routes, http_metrics, run_service, serve
 from shared.signing import SIGNATURE_HEADER, constant_time_equals, verify
@@ -278,7 +271,7 @@ class IngressService:
     def __init__(self, settings: Settings) -> None:
         kafka = settings.kafka
         self.settings = settings
-        self.producer = make_producer(kafka, SERVICE)
+        self.publisher = Publisher.for_service(kafka, SERVICE)
         self.ledger = RequestLedger(settings.ingress.ledger_retention_s)
         self.follower = LedgerFollower(
             make_consumer(kafka, None, role=f"{SERVICE}-ledger"), self.ledger
@@ -286,8 +279,8 @@ class IngressService:
         self.endpoint = CampaignEndpoint(
             settings=settings,
             ledger=self.ledger,
-            batches=BatchPublisher(self.producer, kafka.produce_timeout_s),
-            publisher=Publisher(self.producer, kafka.produce_timeout_s),
+            batches=BatchPublisher(self.publisher, kafka.produce_timeout_s),
+            publisher=self.publisher,
             is_ready=self.ready,
         )
         # One byte more than our limit, so that a too-large body gets our JSON 413.
@@ -302,7 +295,7 @@ class IngressService:
 
     async def start(self) -> None:
         try:
-            await self.producer.start()
+            await self.publisher.start()
             self._producer_started = True
             await self.follower.start()
             self._follower_started = True
@@ -326,7 +319,7 @@ class IngressService:
             await self.follower.stop()
         if self._producer_started:
             self._producer_started = False
-            await stop_producer(self.producer, "ingress producer")
+            await self.publisher.stop("ingress producer")
 
     def ready(self) -> bool:
         return self._producer_started and self.follower.caught_up.is_set() and self.follower.healthy

@@ -27,7 +27,7 @@ from typing import Any, Final
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
-from shared.kafka import KafkaUnavailable
+from shared.kafka import KafkaUnavailable, Publisher
 from shared.topics import Topic
 
 _MURMUR_SEED: Final = 0x9747B28C
@@ -90,10 +90,15 @@ class _Partition:
 class BatchPublisher:
     """Publishes keyed records to several topics and waits until Kafka (acks=all) holds them all."""
 
-    def __init__(self, producer: AIOKafkaProducer, timeout_s: float) -> None:
-        self.producer = producer
+    def __init__(self, publisher: Publisher, timeout_s: float) -> None:
+        # The publisher's producer, read at each use: the publisher replaces a dead one.
+        self.publisher = publisher
         self.timeout_s = timeout_s
         self._partitions: dict[tuple[str, int], _Partition] = defaultdict(_Partition)
+
+    @property
+    def producer(self) -> AIOKafkaProducer:
+        return self.publisher.producer
 
     async def publish(self, records: Sequence[tuple[Topic, Sequence[tuple[bytes, bytes]]]]) -> None:
         """Raise KafkaUnavailable unless every record is acknowledged within the timeout.
@@ -113,6 +118,7 @@ class BatchPublisher:
             for delivered in waits:
                 delivered.result()
         except (KafkaError, TimeoutError) as exc:
+            await self.publisher.renew_if_dead()
             raise KafkaUnavailable(f"{type(exc).__name__}: {exc}") from exc
 
     async def _append(

@@ -10,7 +10,7 @@ from bench.stack import count_records
 from services.ingress.produce import BatchPublisher
 from shared.broker import EmbeddedBroker
 from shared.config import KafkaSettings
-from shared.kafka import make_producer
+from shared.kafka import Publisher, make_producer
 from shared.topics import RECIPIENTS
 from tests.support import make_settings
 
@@ -30,7 +30,7 @@ async def test_concurrent_requests_for_the_same_partitions_are_all_stored(
     producer = make_producer(kafka_settings, "test")
     await producer.start()
     try:
-        publisher = BatchPublisher(producer, timeout_s=60.0)
+        publisher = BatchPublisher(Publisher(producer, 60.0), timeout_s=60.0)
         requests = 24
         per_request = 2_400
 

@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable, Mapping
+import contextlib
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import aiohttp
+import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from bench.stack import PROVIDER
+from bench import load
+from bench.stack import OPTIMOVE_SIMULATOR, PROVIDER, Stack
 from shared.broker import free_port
 from shared.config import Settings
 from shared.kafka import bootstrap
@@ -100,3 +109,60 @@ async def topic_sizes(
         return sizes
     finally:
         await consumer.stop()
+
+
+# -- a campaign posted as Optimove does, and what the Optimove simulator recorded of it ------------
+
+
+@dataclass(frozen=True)
+class FinalReport:
+    message_id: str
+    status: str
+    sub_status: str
+    body: str
+    at: float
+
+
+async def post_campaign(stack: Stack, batches: Sequence[load.Batch], span_s: float) -> None:
+    """Post the batches spread over ``span_s``; a 503 (or a refused connection) is retried."""
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
+        began = time.monotonic()
+        for number, batch in enumerate(batches):
+            await asyncio.sleep(max(0.0, began + number * span_s / len(batches) - time.monotonic()))
+            for _ in range(60):
+                posted = await load.post(session, stack.campaign_url, batch)
+                if posted.status == 202:
+                    break
+                assert posted.status in (0, 503), f"{posted.status}: {posted.detail}"
+                await asyncio.sleep(1.0)
+            else:
+                raise AssertionError(f"batch {batch.batch_id} not accepted in 60 attempts")
+
+
+def final_reports(
+    record: Path, campaign: str, final_statuses: set[str]
+) -> dict[str, list[FinalReport]]:
+    """Final delivery reports of ``campaign`` per message id, in arrival order."""
+    finals: dict[str, list[FinalReport]] = defaultdict(list)
+    for line in record.read_bytes().splitlines():
+        with contextlib.suppress(orjson.JSONDecodeError):
+            entry = orjson.loads(line)
+            if entry["endpoint"] != "delivery-report":
+                continue
+            body = orjson.loads(entry["body"])
+            status = body["type"]["status"]
+            if body["metadata"].get("campaignId") != campaign or status not in final_statuses:
+                continue
+            finals[body["messageId"]].append(
+                FinalReport(
+                    body["messageId"], status, body["type"]["subStatus"], entry["body"], entry["at"]
+                )
+            )
+    return dict(finals)
+
+
+async def start_optimove_with_record(stack: Stack, record: Path) -> None:
+    listen = stack.optimove_url.removeprefix("http://")
+    argv = [sys.executable, "-m", "services.cli", "--config", str(stack.config_path)]
+    argv += ["simulate", "optimove", f"--listen={listen}", f"--record={record}"]
+    await stack.start_child(OPTIMOVE_SIMULATOR, argv, f"{stack.optimove_url}/_simulator/mode")

@@ -24,8 +24,12 @@ from services.dev import SERVICES
 from shared.events import DeadLetter
 from shared.topics import DEAD_LETTERS
 from tests.reliability.profile import current
-from tests.reliability.support import own_ports
-from tests.reliability.test_chaos import final_reports, post_campaign, start_optimove_with_record
+from tests.reliability.support import (
+    final_reports,
+    own_ports,
+    post_campaign,
+    start_optimove_with_record,
+)
 from tests.support import read_topic
 
 pytestmark = pytest.mark.integration
@@ -80,7 +84,7 @@ async def test_a_campaign_survives_the_broker_stopping_for_30_seconds(
 
     tally = await stack.wait_for_final_reports(CAMPAIGN, len(index_of), timeout_s=600)
     stack.check_alive()
-    finals = final_reports(record, {"Delivered", "Failed"})
+    finals = final_reports(record, CAMPAIGN, {"Delivered", "Failed"})
     sends = (await stack.provider_sends())["sends"]
     dead = [m for _, m in await read_topic(stack.settings, DEAD_LETTERS, DeadLetter)]
     with capsys.disabled():

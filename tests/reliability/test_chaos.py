@@ -40,7 +40,6 @@ import asyncio
 import contextlib
 import re
 import signal
-import sys
 import time
 from collections import Counter, defaultdict
 from collections.abc import AsyncIterator, Mapping, Sequence
@@ -48,7 +47,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import orjson
 import pytest
 
@@ -66,7 +64,13 @@ from shared.events import DeadLetter
 from shared.statuses import SubStatus
 from shared.topics import DEAD_LETTERS
 from tests.reliability.profile import current
-from tests.reliability.support import own_ports
+from tests.reliability.support import (
+    FinalReport,
+    final_reports,
+    own_ports,
+    post_campaign,
+    start_optimove_with_record,
+)
 from tests.support import read_topic
 
 pytestmark = pytest.mark.integration
@@ -95,15 +99,6 @@ class Kill:
     name: str
     at: float  # time.time() right before the SIGKILL
     back_after_s: float = 0.0  # until it answered ready again
-
-
-@dataclass(frozen=True)
-class FinalReport:
-    message_id: str
-    status: str
-    sub_status: str
-    body: str
-    at: float
 
 
 @dataclass
@@ -135,22 +130,6 @@ class Outcome:
 # -- the faults ----------------------------------------------------------------------------------
 
 
-async def post_campaign(stack: Stack, batches: Sequence[load.Batch], span_s: float) -> None:
-    """Post the batches spread over ``span_s``; a 503 (or a refused connection) is retried."""
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
-        began = time.monotonic()
-        for number, batch in enumerate(batches):
-            await asyncio.sleep(max(0.0, began + number * span_s / len(batches) - time.monotonic()))
-            for _ in range(60):
-                posted = await load.post(session, stack.campaign_url, batch)
-                if posted.status == 202:
-                    break
-                assert posted.status in (0, 503), f"{posted.status}: {posted.detail}"
-                await asyncio.sleep(1.0)
-            else:
-                raise AssertionError(f"batch {batch.batch_id} not accepted in 60 attempts")
-
-
 async def fail_provider_sends(stack: Stack) -> None:
     await stack.provider_configure(http_error_rate=PROFILE.provider_failure_rate)
     try:
@@ -175,26 +154,6 @@ async def kill_in_turn(stack: Stack, names: Sequence[str], span_s: float) -> lis
 
 
 # -- reading what happened ---------------------------------------------------------------------
-
-
-def final_reports(record: Path, final_statuses: set[str]) -> dict[str, list[FinalReport]]:
-    """Final delivery reports of the campaign per message id, in arrival order."""
-    finals: dict[str, list[FinalReport]] = defaultdict(list)
-    for line in record.read_bytes().splitlines():
-        with contextlib.suppress(orjson.JSONDecodeError):
-            entry = orjson.loads(line)
-            if entry["endpoint"] != "delivery-report":
-                continue
-            body = orjson.loads(entry["body"])
-            status = body["type"]["status"]
-            if body["metadata"].get("campaignId") != CAMPAIGN or status not in final_statuses:
-                continue
-            finals[body["messageId"]].append(
-                FinalReport(
-                    body["messageId"], status, body["type"]["subStatus"], entry["body"], entry["at"]
-                )
-            )
-    return dict(finals)
 
 
 @dataclass(frozen=True)
@@ -288,7 +247,7 @@ def why_no_final(
             if entry["endpoint"] == "delivery-report":
                 status = f"{body['type']['status']}/{body['type']['subStatus']}"
                 reports[body["messageId"]].append(f"{status} at {entry['at'] - began:.1f} s")
-    finals = final_reports(record, {"Delivered", "Failed"})
+    finals = final_reports(record, CAMPAIGN, {"Delivered", "Failed"})
     missing = sorted(set(index_of) - set(finals), key=index_of.__getitem__)
     sent = Counter(int(match[1]) for send in sends if (match := _INDEX_IN_TEXT.match(send["text"])))
     lines = [f"{len(missing)} recipients without a final report; the first of them:"]
@@ -320,13 +279,6 @@ async def stack(tmp_path: Path) -> AsyncIterator[Stack]:
         yield started
 
 
-async def start_optimove_with_record(stack: Stack, record: Path) -> None:
-    listen = stack.optimove_url.removeprefix("http://")
-    argv = [sys.executable, "-m", "services.cli", "--config", str(stack.config_path)]
-    argv += ["simulate", "optimove", f"--listen={listen}", f"--record={record}"]
-    await stack.start_child(OPTIMOVE_SIMULATOR, argv, f"{stack.optimove_url}/_simulator/mode")
-
-
 @pytest.mark.timeout(1_200 if PROFILE.name == "full" else 360)
 async def test_a_campaign_survives_killed_services_and_failing_peers(
     stack: Stack, tmp_path: Path, capsys: pytest.CaptureFixture[str]
@@ -356,14 +308,14 @@ async def test_a_campaign_survives_killed_services_and_failing_peers(
         pytest.fail(f"{exc}\n{why_no_final(stack, record, index_of, sends, began_wall)}")
     provider = await stack.provider_sends()
     outcome = Outcome(
-        final_reports(record, {"Delivered", "Failed"}), provider["sends"], [], index_of
+        final_reports(record, CAMPAIGN, {"Delivered", "Failed"}), provider["sends"], [], index_of
     )
     lost = lost_outcomes(outcome)
     outcome.dead_letters = [
         m for _, m in await read_topic(stack.settings, DEAD_LETTERS, DeadLetter)
     ]
     tally = await stack.optimove_tally(CAMPAIGN)  # late repeats included
-    outcome.finals = final_reports(record, {"Delivered", "Failed"})
+    outcome.finals = final_reports(record, CAMPAIGN, {"Delivered", "Failed"})
     stack.check_alive()
 
     repeats = repeated_finals(outcome, kills)
