@@ -67,7 +67,7 @@ async def ensure_topics_command(settings: Settings) -> int:
             f"{topic.name:34} {topic.partitions:>10} {configs['cleanup.policy']:>14} "
             f"{configs['min.insync.replicas']:>19}  {result[topic.name]}"
         )
-    return 0
+    return 1 if any(state.startswith("exists with") for state in result.values()) else 0
 
 
 # -- handshake (Flow 1, decisions.md §8) ---------------------------------------------------------

@@ -164,12 +164,20 @@ def new_topic(topic: Topic, replication_factor: int) -> NewTopic:
 
 
 async def ensure_topics(admin: AIOKafkaAdminClient, replication_factor: int = 1) -> dict[str, str]:
-    """Create every topic that does not exist yet; returns {name: "created" | "exists"}."""
+    """Create every topic that does not exist yet; returns {name: "created" | "exists"}, or
+    "exists with N partitions" for a topic whose count differs from ours (a co-partitioned join
+    would be wrong on it: the operator must know)."""
     existing = set(await admin.list_topics())
     result: dict[str, str] = {}
     missing = [t for t in ALL_TOPICS if t.name not in existing]
-    for topic in ALL_TOPICS:
-        result[topic.name] = "exists"
+    present = [t for t in ALL_TOPICS if t.name in existing]
+    if present:
+        described = await admin.describe_topics([t.name for t in present])
+        counts = {entry["topic"]: len(entry["partitions"]) for entry in described}
+        for topic in present:
+            found = counts.get(topic.name, topic.partitions)
+            differs = found != topic.partitions
+            result[topic.name] = f"exists with {found} partitions" if differs else "exists"
     if missing:
         # Another process may win the race; the end state is the same.
         with contextlib.suppress(TopicAlreadyExistsError):
@@ -177,7 +185,7 @@ async def ensure_topics(admin: AIOKafkaAdminClient, replication_factor: int = 1)
         for topic in missing:
             result[topic.name] = "created"
         await wait_for_leaders(admin, [topic.name for topic in missing])
-    return result
+    return {topic.name: result[topic.name] for topic in ALL_TOPICS}
 
 
 async def partition_numbers(admin: AIOKafkaAdminClient, name: str) -> list[int] | None:

@@ -17,17 +17,16 @@ from pathlib import Path
 
 import pytest
 from aiokafka import AIOKafkaProducer
-from aiokafka.admin import NewTopic
 from prometheus_client import REGISTRY
 
 from services.replay import ToTime, replay
 from shared.broker import EmbeddedBroker, distribution
 from shared.config import RunnerSettings, Settings
-from shared.kafka import OutRecord, bootstrap, group_name, make_admin
+from shared.kafka import OutRecord, bootstrap, group_name
 from shared.runner import Record
 from shared.service import ConsumerService
-from shared.topics import ALL_TOPICS, Topic
-from tests.support import make_settings, running, wait_for
+from shared.topics import ALL_TOPICS, STATUSES, Topic
+from tests.support import create_topic, make_settings, running, wait_for
 from tests.support.ops import committed, config_data, smsbridge, write_config
 
 pytestmark = pytest.mark.integration
@@ -48,15 +47,6 @@ def tool(name: str, *args: str) -> str:
     return distribution.run_tool(
         name, "--bootstrap-server", bootstrap(make_settings().kafka), *args
     )
-
-
-async def create(settings: Settings, topic: Topic) -> None:
-    admin = make_admin(settings.kafka)
-    await admin.start()
-    try:
-        await admin.create_topics([NewTopic(topic.name, topic.partitions, 1)])
-    finally:
-        await admin.close()
 
 
 async def produce(settings: Settings, topic: Topic, values: dict[int, Sequence[bytes]]) -> None:
@@ -102,7 +92,7 @@ def our_lag(partition: int) -> float | None:
 
 async def test_our_lag_gauge_equals_the_lag_column_of_kafka_consumer_groups() -> None:
     settings = make_settings()
-    await create(settings, LAG_TOPIC)
+    await create_topic(settings, LAG_TOPIC)
     # Partition 0: 5 done, then 15 held; partition 1: 3 done, then 4 held. The group commits
     # the first unfinished offsets, 5 and 3; the ends are 20 and 7.
     await produce(
@@ -140,7 +130,7 @@ async def test_replay_to_a_time_leaves_the_offsets_reset_offsets_to_datetime_lea
     tmp_path: Path,
 ) -> None:
     settings = write_config(tmp_path / "smsbridge.toml", config_data())
-    await create(settings, REPLAY_TOPIC)
+    await create_topic(settings, REPLAY_TOPIC)
     instants = [time.time() - 3600]  # before every record: the earliest offsets
     for round_size in (2, 3, 4):
         await produce(settings, REPLAY_TOPIC, dict.fromkeys(range(3), [b"x"] * round_size))
@@ -193,3 +183,17 @@ async def test_kafka_topics_describe_shows_what_topics_ensure_promised(tmp_path:
         assert f"cleanup.policy={policy}" in summary, summary
         assert f"min.insync.replicas={min_isr}" in summary, summary
         assert len(re.findall(r"\tPartition: \d+", described)) == partitions
+
+
+async def test_topics_ensure_names_an_existing_topic_whose_partitions_differ(
+    tmp_path: Path,
+) -> None:
+    config = tmp_path / "smsbridge.toml"
+    settings = write_config(config, config_data())
+    await create_topic(settings, Topic(STATUSES.base, partitions=3))
+    code, printed, _ = await smsbridge("--config", str(config), "topics", "ensure")
+    assert code == 1  # the joins need the partition counts we chose
+    [line] = [line for line in printed.splitlines() if line.startswith(f"{STATUSES.name} ")]
+    assert line.endswith("exists with 3 partitions")
+    created = [line for line in printed.splitlines()[1:] if line.endswith("created")]
+    assert len(created) == len(ALL_TOPICS) - 1

@@ -7,19 +7,19 @@ from collections.abc import Sequence
 
 import pytest
 from aiokafka import AIOKafkaProducer
-from aiokafka.admin import NewTopic
 from prometheus_client import REGISTRY
 
 from shared.broker import EmbeddedBroker
 from shared.config import RunnerSettings
-from shared.kafka import OutRecord, bootstrap, make_admin
+from shared.kafka import OutRecord, bootstrap
 from shared.runner import Record
 from shared.service import ConsumerService
-from tests.support import make_settings, running, wait_for
+from shared.topics import Topic
+from tests.support import create_topic, make_settings, running, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.smoke]
 
-TOPIC = "ops.lag-test"
+LAG_TOPIC = Topic("ops.lag-test", partitions=2)
 CONSUMER = "lag-test"
 
 
@@ -37,7 +37,7 @@ class Gate:
 
 
 def gauge(name: str, partition: int) -> float | None:
-    labels = {"consumer": CONSUMER, "topic": TOPIC, "partition": str(partition)}
+    labels = {"consumer": CONSUMER, "topic": LAG_TOPIC.name, "partition": str(partition)}
     return REGISTRY.get_sample_value(name, labels)
 
 
@@ -54,25 +54,22 @@ async def produce(count: int, partition: int) -> None:
     await producer.start()
     try:
         for index in range(count):
-            await producer.send_and_wait(TOPIC, b"x", key=f"k{index}".encode(), partition=partition)
+            await producer.send_and_wait(
+                LAG_TOPIC.name, b"x", key=f"k{index}".encode(), partition=partition
+            )
     finally:
         await producer.stop()
 
 
 async def test_lag_grows_while_stuck_and_reads_zero_once_idle(kafka: EmbeddedBroker) -> None:
-    admin = make_admin(make_settings().kafka)
-    await admin.start()
-    try:
-        await admin.create_topics([NewTopic(TOPIC, 2, 1)])
-    finally:
-        await admin.close()
+    await create_topic(make_settings(), LAG_TOPIC)
     gate = Gate()
     # Two slots: most records wait in aiokafka's buffer or on the broker, not in the runner.
     service = ConsumerService(
         name=CONSUMER,
         settings=make_settings(),
         runner_settings=RunnerSettings(max_in_flight=2, max_poll_records=2),
-        topics=[TOPIC],
+        topics=[LAG_TOPIC.name],
         handler=gate,
     )
     async with running(service):

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 from aiokafka import AIOKafkaProducer, TopicPartition
-from aiokafka.admin import NewTopic
 from aiokafka.structs import OffsetAndMetadata
 
 from services.normalizer.app import build as build_normalizer
@@ -29,10 +28,18 @@ from services.simulators.optimove import OptimoveSimulator
 from shared.broker import EmbeddedBroker, free_port
 from shared.config import Settings
 from shared.events import StatusEvent
-from shared.kafka import bootstrap, make_admin
+from shared.kafka import bootstrap
 from shared.service import ConsumerService
 from shared.topics import DISPATCHES, PROVIDER_EVENTS, STATUSES, Topic
-from tests.support import TENANT, TENANT_API_TOKEN, TENANT_SECRET, make_settings, running, wait_for
+from tests.support import (
+    TENANT,
+    TENANT_API_TOKEN,
+    TENANT_SECRET,
+    create_topic,
+    make_settings,
+    running,
+    wait_for,
+)
 from tests.support.ops import (
     QUICK_GROUP,
     TopicTail,
@@ -51,15 +58,6 @@ pytestmark = pytest.mark.integration
 NORMALIZER_GROUP = "smsbridge-normalizer"
 TEST_TOPIC = Topic("ops.replay-test", partitions=3)
 TEST_GROUP = "ops-replay-test"
-
-
-async def create_test_topic(settings: Settings) -> None:
-    admin = make_admin(settings.kafka)
-    await admin.start()
-    try:
-        await admin.create_topics([NewTopic(TEST_TOPIC.name, TEST_TOPIC.partitions, 1)])
-    finally:
-        await admin.close()
 
 
 async def produce_round(settings: Settings, per_partition: int) -> None:
@@ -89,7 +87,7 @@ async def test_targets_move_every_partition_and_dry_run_changes_nothing(
     kafka: EmbeddedBroker, tmp_path: Path
 ) -> None:
     settings = write_config(tmp_path / "smsbridge.toml", config_data())
-    await create_test_topic(settings)
+    await create_topic(settings, TEST_TOPIC)
     await produce_round(settings, 4)  # offsets 0-3 of every partition
     await asyncio.sleep(0.05)
     between = time.time()

@@ -203,7 +203,11 @@ async def test_a_sender_takes_over_when_the_other_stops_mid_campaign(
         return make_settings(
             provider_url=provider.url,
             overrides={
-                "sender": {"state_dir": str(tmp_path / instance), "runner": QUICK_GROUP},
+                # Few records taken at a time: the stopping instance hands most of them back.
+                "sender": {
+                    "state_dir": str(tmp_path / instance),
+                    "runner": {**QUICK_GROUP, "max_in_flight": 20},
+                },
                 "providers": {"otpiq-main": {"max_in_flight": 8}},
             },
         )

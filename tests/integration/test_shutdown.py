@@ -12,17 +12,16 @@ from pathlib import Path
 
 import pytest
 from aiokafka import AIOKafkaProducer, TopicPartition
-from aiokafka.admin import NewTopic
 
 from services.normalizer.app import build as build_normalizer
 from shared.broker import EmbeddedBroker
 from shared.config import RunnerSettings, Settings
 from shared.events import StatusEvent
-from shared.kafka import OutRecord, bootstrap, make_admin
+from shared.kafka import OutRecord, bootstrap
 from shared.runner import Record
 from shared.service import ConsumerService
 from shared.topics import DISPATCHES, STATUSES, Topic
-from tests.support import make_settings, running, wait_for
+from tests.support import create_topic, make_settings, running, wait_for
 from tests.support.ops import (
     QUICK_GROUP,
     TopicTail,
@@ -132,13 +131,8 @@ async def test_work_that_cannot_finish_is_handed_back_within_the_deadline(
     kafka: EmbeddedBroker,
 ) -> None:
     topic = Topic("ops.shutdown-test", partitions=2)
-    admin = make_admin(make_settings().kafka)
-    await admin.start()
-    try:
-        await admin.create_topics([NewTopic(topic.name, topic.partitions, 1)])
-    finally:
-        await admin.close()
     settings = make_settings()
+    await create_topic(settings, topic)
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap(settings.kafka), acks="all")
     await producer.start()
     try:

@@ -9,14 +9,15 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.admin import NewTopic
 
 from bench.stack import deep_merge
 from shared.broker import free_port
 from shared.config import Settings
 from shared.events import E, decode
-from shared.kafka import bootstrap
+from shared.kafka import bootstrap, make_admin
 from shared.service import Startable
-from shared.topics import Topic
+from shared.topics import Topic, wait_for_leaders
 
 S = TypeVar("S", bound=Startable)
 
@@ -102,6 +103,18 @@ async def running(server: S) -> AsyncIterator[S]:
         yield server
     finally:
         await server.stop()
+
+
+async def create_topic(settings: Settings, topic: Topic) -> None:
+    """Create a test's own ``topic`` and return once its partitions have leaders: until then
+    Apache Kafka leaves it out of a consumer's assignment."""
+    admin = make_admin(settings.kafka)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(topic.name, topic.partitions, 1)])
+        await wait_for_leaders(admin, [topic.name])
+    finally:
+        await admin.close()
 
 
 async def wait_for(
