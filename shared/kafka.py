@@ -86,7 +86,7 @@ async def stop_producer(
     stopping = asyncio.ensure_future(producer.stop())
     done, _ = await asyncio.wait({stopping}, timeout=timeout_s)
     if not done:
-        log.warning("%s: Kafka took nothing for %gs; closing without it", what, timeout_s)
+        log.warning("%s: Kafka took not all in %gs; closing without the rest", what, timeout_s)
         sender = getattr(producer, "_sender", None)  # aiokafka has no public "close now"
         if sender is not None and sender.sender_task is not None:
             sender.sender_task.cancel()
