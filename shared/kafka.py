@@ -14,7 +14,12 @@ from functools import cached_property
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.coordinator.assignors.range import RangePartitionAssignor
-from aiokafka.errors import KafkaError
+from aiokafka.errors import (
+    InvalidProducerEpoch,
+    KafkaError,
+    OutOfOrderSequenceNumber,
+    UnknownProducerId,
+)
 
 from shared.config import EMBEDDED_BROKER, KafkaSettings
 from shared.events import Event
@@ -151,29 +156,28 @@ class OutRecord:
         return self.key.encode("utf-8"), value
 
 
-def producer_dead(producer: AIOKafkaProducer) -> bool:
-    """Whether aiokafka's sender task has ended: nothing the producer is given is sent again.
+# A broker's answer meaning the producer's idempotence state is beyond repair: a sequence gap,
+# left by a batch that expired after it had been sent once (as in a broker outage), or a producer
+# id the broker no longer knows. The Java client bumps the producer epoch there (KIP-360);
+# aiokafka fails every later batch of that partition with the same error.
+BROKEN_PRODUCER_ERRORS = (OutOfOrderSequenceNumber, UnknownProducerId, InvalidProducerEpoch)
 
-    Its idempotent producer ends so on a sequence gap (OutOfOrderSequenceNumber), left by a batch
-    that expired after it had been sent once, as in a broker outage: the Java client bumps the
-    producer epoch there (KIP-360), aiokafka gives up.
-    """
+
+def producer_broken(producer: AIOKafkaProducer, error: BaseException | None = None) -> bool:
+    """Whether ``producer`` will never deliver again: ``error`` says so, or its sender task (which
+    some of those errors end) is gone."""
+    if isinstance(error, BROKEN_PRODUCER_ERRORS):
+        return True
     sender = getattr(producer, "_sender", None)  # aiokafka exposes no "alive"
     task = getattr(sender, "sender_task", None)
     return task is not None and task.done()
-
-
-def _death(producer: AIOKafkaProducer) -> str:
-    task = producer._sender.sender_task
-    error = task.exception() if not task.cancelled() else None
-    return f"{type(error).__name__}: {error}" if error else "its sender task ended"
 
 
 class Publisher:
     """Publishes events and waits until Kafka (acks=all) holds every one of them.
 
     Made with ``for_service``, it owns its producer (``start``, ``stop``) and replaces it with a
-    new one (a new producer id, sequences from zero) when aiokafka declares it dead.
+    new one (a new producer id, sequences from zero) when it is broken (``producer_broken``).
     """
 
     def __init__(
@@ -185,6 +189,7 @@ class Publisher:
         self.producer = producer
         self.timeout_s = timeout_s
         self._remake = remake
+        self._renewing = asyncio.Lock()
         self._retired: set[asyncio.Task[None]] = set()
 
     @classmethod
@@ -200,15 +205,21 @@ class Publisher:
         for task in list(self._retired):
             task.cancel()
 
-    async def renew_if_dead(self) -> None:
-        """Swap a dead producer for a started new one; the caller's retry then goes through."""
-        if self._remake is None or not producer_dead(self.producer):
+    async def renew_if_broken(self, failed: AIOKafkaProducer, error: BaseException) -> None:
+        """Swap ``failed`` (the producer a send failed on) for a started new one when it is
+        broken; the caller's retry then goes through. Concurrent failures swap it once."""
+        if self._remake is None or not producer_broken(failed, error):
             return
-        dead, fresh = self.producer, self._remake()
-        await fresh.start()
-        self.producer = fresh
-        log.warning("Kafka producer died (%s); replaced by a new one", _death(dead))
-        retiring = asyncio.create_task(stop_producer(dead, "dead producer", 1.0))
+        async with self._renewing:
+            if self.producer is not failed:
+                return  # another caller has swapped it already
+            fresh = self._remake()
+            await fresh.start()
+            self.producer = fresh
+        log.warning(
+            "Kafka producer broken (%s: %s); replaced by a new one", type(error).__name__, error
+        )
+        retiring = asyncio.create_task(stop_producer(failed, "broken producer", 1.0))
         self._retired.add(retiring)
         retiring.add_done_callback(self._retired.discard)
 
@@ -223,13 +234,14 @@ class Publisher:
 
     async def _send_all(self, items: Iterable[tuple[str, bytes, bytes | None, int | None]]) -> None:
         futures: list[asyncio.Future[object]] = []
+        producer = self.producer
         try:
             for topic, key, value, partition in items:
-                futures.append(await self.producer.send(topic, value, key=key, partition=partition))
+                futures.append(await producer.send(topic, value, key=key, partition=partition))
             if futures:
                 await asyncio.wait_for(asyncio.gather(*futures), self.timeout_s)
         except (KafkaError, TimeoutError) as exc:
             for future in futures:
                 future.cancel()
-            await self.renew_if_dead()
+            await self.renew_if_broken(producer, exc)
             raise KafkaUnavailable(f"{type(exc).__name__}: {exc}") from exc

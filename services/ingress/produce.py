@@ -107,6 +107,7 @@ class BatchPublisher:
         consumers recognise repeats by their deterministic ids.
         """
         waits: set[asyncio.Future[None]] = set()
+        producer = self.producer
         try:
             async with asyncio.timeout(self.timeout_s):
                 for topic, items in records:
@@ -118,7 +119,7 @@ class BatchPublisher:
             for delivered in waits:
                 delivered.result()
         except (KafkaError, TimeoutError) as exc:
-            await self.publisher.renew_if_dead()
+            await self.publisher.renew_if_broken(producer, exc)
             raise KafkaUnavailable(f"{type(exc).__name__}: {exc}") from exc
 
     async def _append(

@@ -1,21 +1,21 @@
-"""A publisher made for a service replaces a producer aiokafka has declared dead, and only then."""
+"""A publisher made for a service replaces a broken producer once, and only a broken one."""
 
 from __future__ import annotations
 
 import asyncio
 from types import SimpleNamespace
-from typing import Any, cast
+from typing import cast
 
 from aiokafka import AIOKafkaProducer
-from aiokafka.errors import OutOfOrderSequenceNumber
+from aiokafka.errors import KafkaTimeoutError, OutOfOrderSequenceNumber
 
-from shared.kafka import Publisher, producer_dead
+from shared.kafka import Publisher, producer_broken
 
 
 class StubProducer:
-    """What ``producer_dead`` and ``renew_if_dead`` look at: the sender task, start and stop."""
+    """What ``producer_broken`` and ``renew_if_broken`` look at: the sender task, start, stop."""
 
-    def __init__(self, sender_task: asyncio.Task[None] | None) -> None:
+    def __init__(self, sender_task: asyncio.Task[None] | None = None) -> None:
         self._sender = SimpleNamespace(sender_task=sender_task)
         self.started = self.stopped = False
 
@@ -26,53 +26,62 @@ class StubProducer:
         self.stopped = True
 
 
-async def ended_with(error: BaseException) -> asyncio.Task[None]:
-    async def fail() -> None:
-        raise error
-
-    task = asyncio.create_task(fail())
-    await asyncio.wait([task])
-    return task
-
-
-async def running() -> asyncio.Task[None]:
-    return asyncio.create_task(asyncio.sleep(60))
-
-
 def as_producer(stub: StubProducer) -> AIOKafkaProducer:
     return cast(AIOKafkaProducer, stub)
 
 
-async def test_a_dead_producer_is_replaced_by_a_started_new_one() -> None:
-    dead = StubProducer(await ended_with(OutOfOrderSequenceNumber()))
-    made: list[StubProducer] = []
+class Maker:
+    def __init__(self) -> None:
+        self.made: list[StubProducer] = []
 
-    def remake() -> AIOKafkaProducer:
-        made.append(StubProducer(None))
-        return as_producer(made[-1])
-
-    publisher = Publisher(as_producer(dead), 1.0, remake=remake)
-    assert producer_dead(as_producer(dead))
-    await publisher.renew_if_dead()
-    assert [cast(Any, publisher.producer)] == made and made[0].started
-    await asyncio.sleep(0.05)
-    assert dead.stopped  # retired in the background
-    await publisher.renew_if_dead()  # the new one is alive: nothing more happens
-    assert len(made) == 1
+    def __call__(self) -> AIOKafkaProducer:
+        self.made.append(StubProducer())
+        return as_producer(self.made[-1])
 
 
-async def test_a_live_producer_or_one_without_a_maker_stays() -> None:
-    alive_task = await running()
+async def test_a_sequence_gap_gets_a_new_started_producer_once_for_concurrent_failures() -> None:
+    # The broker answers OutOfOrderSequenceNumber while aiokafka's sender task lives on.
+    alive = asyncio.create_task(asyncio.sleep(60))
     try:
-        alive = StubProducer(alive_task)
-        publisher = Publisher(
-            as_producer(alive), 1.0, remake=lambda: as_producer(StubProducer(None))
+        broken = StubProducer(alive)
+        maker = Maker()
+        publisher = Publisher(as_producer(broken), 1.0, remake=maker)
+        gap = OutOfOrderSequenceNumber()
+        await asyncio.gather(
+            *(publisher.renew_if_broken(as_producer(broken), gap) for _ in range(5))
         )
-        await publisher.renew_if_dead()
-        assert publisher.producer is as_producer(alive)
+        assert len(maker.made) == 1 and maker.made[0].started
+        assert publisher.producer is as_producer(maker.made[0])
+        await asyncio.sleep(0.05)
+        assert broken.stopped  # retired in the background
     finally:
-        alive_task.cancel()
-    dead = StubProducer(await ended_with(OutOfOrderSequenceNumber()))
-    without_maker = Publisher(as_producer(dead), 1.0)
-    await without_maker.renew_if_dead()
-    assert without_maker.producer is as_producer(dead)
+        alive.cancel()
+
+
+async def test_a_producer_whose_sender_task_ended_is_replaced_whatever_the_error() -> None:
+    async def fail() -> None:
+        raise OutOfOrderSequenceNumber()
+
+    ended = asyncio.create_task(fail())
+    await asyncio.wait([ended])
+    dead = StubProducer(ended)
+    assert producer_broken(as_producer(dead))
+    maker = Maker()
+    publisher = Publisher(as_producer(dead), 1.0, remake=maker)
+    await publisher.renew_if_broken(as_producer(dead), KafkaTimeoutError())
+    assert len(maker.made) == 1
+
+
+async def test_a_timeout_on_a_live_producer_or_no_maker_changes_nothing() -> None:
+    alive = asyncio.create_task(asyncio.sleep(60))
+    try:
+        live = StubProducer(alive)
+        maker = Maker()
+        publisher = Publisher(as_producer(live), 1.0, remake=maker)
+        await publisher.renew_if_broken(as_producer(live), KafkaTimeoutError())
+        assert maker.made == [] and publisher.producer is as_producer(live)
+        without_maker = Publisher(as_producer(live), 1.0)
+        await without_maker.renew_if_broken(as_producer(live), OutOfOrderSequenceNumber())
+        assert without_maker.producer is as_producer(live)
+    finally:
+        alive.cancel()
