@@ -92,9 +92,9 @@ async def stop_producer(
     done, _ = await asyncio.wait({stopping}, timeout=timeout_s)
     if not done:
         log.warning("%s: Kafka took not all in %gs; closing without the rest", what, timeout_s)
-        sender = getattr(producer, "_sender", None)  # aiokafka has no public "close now"
-        if sender is not None and sender.sender_task is not None:
-            sender.sender_task.cancel()
+        task = _sender_task(producer)
+        if task is not None:
+            task.cancel()  # aiokafka has no public "close now"
     await stopping
 
 
@@ -168,9 +168,13 @@ def producer_broken(producer: AIOKafkaProducer, error: BaseException | None = No
     some of those errors end) is gone."""
     if isinstance(error, BROKEN_PRODUCER_ERRORS):
         return True
-    sender = getattr(producer, "_sender", None)  # aiokafka exposes no "alive"
-    task = getattr(sender, "sender_task", None)
+    task = _sender_task(producer)  # aiokafka exposes no "alive"
     return task is not None and task.done()
+
+
+def _sender_task(producer: AIOKafkaProducer) -> asyncio.Task[None] | None:
+    """aiokafka's background task that delivers the producer's batches (a private field)."""
+    return getattr(getattr(producer, "_sender", None), "sender_task", None)
 
 
 class Publisher:

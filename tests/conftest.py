@@ -45,30 +45,33 @@ def session_broker() -> Iterator[EmbeddedBroker]:
 
 
 @pytest.fixture
-def broker(request: pytest.FixtureRequest, kafka_names: str) -> Iterator[EmbeddedBroker]:
+def broker(
+    request: pytest.FixtureRequest, kafka_names: str, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[EmbeddedBroker]:
     """The session's broker, or a fresh one for a test marked ``own_broker``; its address is
     exported for every ``Settings`` and child process the test makes."""
     if request.node.get_closest_marker(OWN_BROKER) is None:
-        with _exported(EMBEDDED_BOOTSTRAP_ENV, None):
-            started = request.getfixturevalue("session_broker")
-            os.environ[EMBEDDED_BOOTSTRAP_ENV] = started.bootstrap_servers
-            yield started
+        started: EmbeddedBroker = request.getfixturevalue("session_broker")
+        monkeypatch.setenv(EMBEDDED_BOOTSTRAP_ENV, started.bootstrap_servers)
+        yield started
         return
-    with embedded_broker() as own, _exported(EMBEDDED_BOOTSTRAP_ENV, own.bootstrap_servers):
+    with embedded_broker() as own:
+        monkeypatch.setenv(EMBEDDED_BOOTSTRAP_ENV, own.bootstrap_servers)
         yield own
 
 
 @pytest.fixture
-def kafka_names() -> Iterator[str]:
+def kafka_names(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     """Every test's topics and consumer groups carry a prefix of their own, so tests sharing a
     broker never see each other's records or group members."""
     prefix = f"t{next(_test_numbers)}-"
-    with _exported(TOPIC_PREFIX_ENV, prefix), _exported(GROUP_PREFIX_ENV, prefix):
-        use_prefix(prefix)
-        try:
-            yield prefix
-        finally:
-            use_prefix("")
+    monkeypatch.setenv(TOPIC_PREFIX_ENV, prefix)
+    monkeypatch.setenv(GROUP_PREFIX_ENV, prefix)
+    use_prefix(prefix)
+    try:
+        yield prefix
+    finally:
+        use_prefix("")
 
 
 @pytest.fixture
@@ -92,23 +95,3 @@ async def kafka(broker: EmbeddedBroker) -> AsyncIterator[EmbeddedBroker]:
         warnings.warn(f"topics of the test not deleted: {exc!r}", stacklevel=1)
     finally:
         await admin.close()
-
-
-class _exported:
-    """Sets (or, with None, removes) an environment variable for a block; restores it after."""
-
-    def __init__(self, name: str, value: str | None) -> None:
-        self.name, self.value = name, value
-
-    def __enter__(self) -> None:
-        self.previous = os.environ.get(self.name)
-        if self.value is None:
-            os.environ.pop(self.name, None)
-        else:
-            os.environ[self.name] = self.value
-
-    def __exit__(self, *exc_info: object) -> None:
-        if self.previous is None:
-            os.environ.pop(self.name, None)
-        else:
-            os.environ[self.name] = self.previous

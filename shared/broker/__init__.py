@@ -13,7 +13,8 @@ import logging
 import os
 from pathlib import Path
 
-from shared.broker.apache_kafka import ApacheKafkaBroker, kafka_unavailable_reason
+from shared.broker import distribution
+from shared.broker.apache_kafka import ApacheKafkaBroker
 from shared.broker.base import BrokerError, EmbeddedBroker, free_port
 from shared.broker.tansu import TansuBroker
 
@@ -40,10 +41,10 @@ def choose_kind(*, fetch: bool = True) -> str:
     if forced:
         if forced not in KINDS:
             raise BrokerError(f"{EMBEDDED_BROKER_ENV}={forced!r}: expected one of {KINDS}")
-        if forced == "kafka" and (reason := kafka_unavailable_reason(fetch=fetch)):
+        if forced == "kafka" and (reason := distribution.unavailable_reason(fetch=fetch)):
             raise BrokerError(f"{EMBEDDED_BROKER_ENV}=kafka, but {reason}")
         return forced
-    reason = kafka_unavailable_reason(fetch=fetch)
+    reason = distribution.unavailable_reason(fetch=fetch)
     if reason is None:
         return "kafka"
     log.warning("embedded broker: Tansu (memory only), because %s", reason)

@@ -54,10 +54,6 @@ Configuration:
 """
 
 
-def kafka_unavailable_reason(*, fetch: bool = True) -> str | None:
-    return distribution.unavailable_reason(fetch=fetch)
-
-
 def new_cluster_id() -> str:
     """A Kafka Uuid in its base64url form, as ``kafka-storage random-uuid`` prints it."""
     while True:
@@ -161,7 +157,7 @@ class ApacheKafkaBroker(EmbeddedBroker):
         return self.root / LOG_FILE
 
     def start(self, timeout_s: float = 60.0) -> None:
-        reason = kafka_unavailable_reason()
+        reason = distribution.unavailable_reason()
         if reason is not None:
             raise BrokerError(f"Apache Kafka cannot run here: {reason}")
         self.root.mkdir(parents=True, exist_ok=True)
