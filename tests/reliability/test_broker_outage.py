@@ -44,7 +44,12 @@ POST_SECONDS = 40.0
 
 @pytest.fixture
 async def stack(tmp_path: Path) -> AsyncIterator[Stack]:
-    options = ProviderSimulatorOptions(latency_ms=20.0, callback_delay_ms=20.0)
+    # Providers retry a callback answered 503 for hours; the simulator's default 4 attempts (each
+    # answered after the 5 s produce timeout) end within the outage, and a delivery report given
+    # up on leaves its recipient without a final report. 30 attempts outlast it.
+    options = ProviderSimulatorOptions(
+        latency_ms=20.0, callback_delay_ms=20.0, callback_attempts=30
+    )
     async with Stack(tmp_path, overrides=own_ports(), provider_options=options) as started:
         if not started.broker.persistent:
             pytest.skip("a broker outage needs a broker that keeps its data (Apache Kafka)")
