@@ -39,7 +39,7 @@ from bench import load
 from bench.results import Options, Report, markdown_table, percentile, text_table
 from bench.stack import TENANT, Stack, count_records, process_cpu_seconds
 from services.ingress.campaign import build_records, parse_campaign
-from services.ingress.e164 import normaliser
+from services.ingress.e164 import reader
 from shared.events import utcnow
 from shared.kafka import make_producer
 from shared.topics import RECIPIENTS
@@ -131,13 +131,13 @@ Records = list[tuple[bytes, bytes]]
 def records_of(stack: Stack, batches: Sequence[load.Batch]) -> list[Records]:
     """What ingress writes to sms.recipients for each batch, byte for byte."""
     tenant = stack.settings.tenants[TENANT]
-    normalise = normaliser(tenant.default_region)
+    read = reader(tenant.default_region, tenant.bare_digits)
     return [
         build_records(
             tenant=TENANT,
             settings=tenant,
             campaign=parse_campaign(batch.body),
-            normalise=normalise,
+            read=read,
             accepted_at=utcnow(),
         ).recipients
         for batch in batches

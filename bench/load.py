@@ -82,7 +82,8 @@ def build_batches(
                 "senderId": SENDER_ID,
             }
         )
-        key = request_key("", request_id, body)
+        key = request_key(f"{campaign_id}-b{batch_number:05d}", request_id)
+        assert key is not None  # both ids are set: ingress keys the request on the two
         batches.append(
             Batch(
                 batch_id=f"{campaign_id}-b{batch_number:05d}",

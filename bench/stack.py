@@ -140,13 +140,13 @@ def _section_fields(service: str) -> dict[str, Any]:
 
 
 def service_addresses(services: Iterable[str]) -> dict[str, Any]:
-    """A free loopback port for each service's ``listen`` and ``metrics_listen`` (whichever it
-    has), and ``public_url`` to match ``listen`` where there is one."""
+    """A free loopback port for each service's ``listen``, ``ops_listen`` and ``metrics_listen``
+    (whichever it has), and ``public_url`` to match ``listen`` where there is one."""
     sections: dict[str, Any] = {}
     for service in services:
         fields = _section_fields(service)
         section: dict[str, str] = {}
-        for name in ("listen", "metrics_listen"):
+        for name in ("listen", "ops_listen", "metrics_listen"):
             if name in fields:
                 section[name] = f"127.0.0.1:{free_port()}"
         if "public_url" in fields and "listen" in section:
@@ -167,6 +167,7 @@ def base_config(
     the Optimove simulator; every service's listen address a free loopback port."""
     return {
         "log_level": log_level,
+        "allow_plain_http": True,  # the services and simulators on loopback speak plain HTTP
         "kafka": {"bootstrap_servers": bootstrap_servers, "broker_kind": broker_kind},
         **service_addresses(SERVICES),
         "tenants": {
@@ -193,9 +194,14 @@ def base_config(
 
 
 def ops_address(settings: Settings, service: str) -> str:
-    """Where a service answers /readyz: its ``metrics_listen``, else its HTTP ``listen``."""
+    """Where a service answers /readyz: its ``ops_listen`` (ingress, callbacks) or
+    ``metrics_listen`` (consumers), else its HTTP ``listen`` (campaigns)."""
     section = getattr(settings, service)
-    address: str = getattr(section, "metrics_listen", None) or section.listen
+    address: str = (
+        getattr(section, "ops_listen", None)
+        or getattr(section, "metrics_listen", None)
+        or section.listen
+    )
     return address
 
 

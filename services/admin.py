@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, TextIO
+from urllib.parse import urlsplit
 
 import aiohttp
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
@@ -29,17 +30,19 @@ from aiokafka.errors import KafkaError
 from pydantic import BaseModel, ValidationError
 from pydantic_settings import EnvSettingsSource
 
-from services.ingress.app import CAMPAIGN_ROUTE
+from services.ingress.app import API_KEY_HEADER, CAMPAIGN_ROUTE
 from shared.config import (
     ProviderSettings,
     Settings,
     TenantSettings,
+    plain_http_keys,
 )
 from shared.events import DeadLetter, RedriveMarker, SchemaError, decode
 from shared.kafka import KafkaUnavailable, make_admin, make_consumer, make_producer
 from shared.logs import mask_number
 from shared.optimove import OptimoveContract
 from shared.runner import Record
+from shared.signing import SIGNATURE_HEADER, sign
 from shared.topics import (
     ALL_TOPICS,
     DEAD_LETTERS,
@@ -97,40 +100,73 @@ async def check_campaign_endpoint(
 ) -> None:
     """Raise EndpointUnreachable unless the tenant's campaign endpoint works at its public URL.
 
-    Two requests, through whatever proxy stands in front of ingress:
+    One request, through whatever proxy stands in front of ingress: the JSON object ``{}`` with
+    the tenant's ``X-API-Key``, signed with its secret. Ingress checks the key and the signature
+    before its readiness and the body, so its answer says how far the request got:
 
-    - ``GET {public_url}/readyz`` must answer 200: our ingress is reachable there and ready to
-      take campaigns (it answers 503 while it starts);
-    - an unsigned, empty ``POST`` to the campaign URL must answer 401: the route reaches our
-      ingress, which knows the tenant (404 otherwise) and checks signatures. Ingress counts it
-      as one ``api_key_missing`` in ``smsbridge_signature_failures_total`` for the tenant.
+    - 400 (not a campaign request; nothing is published): our ingress is there, takes this
+      tenant's key and signature, and is ready. It counts one ``invalid_schema`` request.
+    - 401: the ingress there does not know this tenant with these secrets.
+    - 503: it is starting (or Kafka is away); anything else: the URL does not reach our ingress.
+
+    ``/readyz`` cannot tell: it is on ``[ingress] ops_listen``, which the public URL never reaches.
     """
-    public_url = settings.ingress.public_url.rstrip("/")
-    timeout = aiohttp.ClientTimeout(total=timeout_s)
-    readiness = f"{public_url}/readyz"
+    tenant = settings.tenants[slug]
+    url = campaign_send_url(settings, slug)
+    body = b"{}"
+    headers = {
+        "content-type": "application/json",
+        API_KEY_HEADER: tenant.aggregator_api_key.get_secret_value(),
+        SIGNATURE_HEADER: sign(body, tenant.secret_key.get_secret_value()),
+    }
     try:
-        async with session.get(readiness, timeout=timeout, allow_redirects=False) as response:
-            if response.status != 200:
-                raise EndpointUnreachable(
-                    f"{readiness} answered {response.status}, not 200: ingress is not ready there"
-                )
-        url = campaign_send_url(settings, slug)
         async with session.post(
             url,
-            data=b"",
-            headers={"content-type": "application/json"},
-            timeout=timeout,
+            data=body,
+            headers=headers,
+            timeout=aiohttp.ClientTimeout(total=timeout_s),
             allow_redirects=False,
         ) as response:
-            if response.status == 404:
-                raise EndpointUnreachable(f"{url} answered 404: ingress there does not know {slug}")
-            if response.status != 401:
-                raise EndpointUnreachable(
-                    f"{url} answered {response.status} to an unsigned request instead of 401"
-                )
+            status = response.status
     except (aiohttp.ClientError, TimeoutError) as exc:
         detail = str(exc) or type(exc).__name__
-        raise EndpointUnreachable(f"{public_url} is not reachable: {detail}") from None
+        raise EndpointUnreachable(f"{origin(url)} is not reachable: {detail}") from None
+    if status == 400:
+        return
+    if status == 401:
+        raise EndpointUnreachable(
+            f"{url} answered 401: ingress there does not know {slug} with this "
+            "aggregator_api_key and secret_key"
+        )
+    if status == 503:
+        raise EndpointUnreachable(f"{url} answered 503: ingress there is not ready")
+    raise EndpointUnreachable(f"{url} answered {status} to a signed test request instead of 400")
+
+
+def origin(url: str) -> str:
+    """``scheme://host:port`` of ``url``: what an unreachable-host error is about."""
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}"
+
+
+def plain_http_refusal(settings: Settings, slug: str) -> str | None:
+    """Why the handshake must not register the tenant's URLs over plain HTTP, or None: the
+    campaign URL (Optimove posts recipients there) and its Optimove (the handshake carries our
+    aggregator_api_key there) must be https:// unless ``allow_plain_http`` says otherwise."""
+    if settings.allow_plain_http:
+        return None
+    plain = plain_http_keys(
+        {
+            "ingress.public_url": campaign_send_url(settings, slug),
+            f"tenants.{slug}.optimove_base_url": settings.tenants[slug].optimove_base_url,
+        }
+    )
+    if not plain:
+        return None
+    return (
+        f"{', '.join(plain)} must be https:// (allow_plain_http = true permits http://, for "
+        "development and tests only)"
+    )
 
 
 async def handshake(
@@ -158,6 +194,10 @@ async def handshake_command(
         print(f"unknown tenant {slug!r} (configured: {known})", file=err)
         return 2
     url = campaign_send_url(settings, slug)
+    refusal = plain_http_refusal(settings, slug)
+    if refusal is not None:
+        print(f"refusing the handshake for {slug}: {refusal}", file=err)
+        return 1
     timeout_s = settings.reporter.request_timeout_s
     async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as session:
         try:

@@ -5,12 +5,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib
+import logging
 import sys
 from collections.abc import Callable, Sequence
 
+from aiokafka.errors import KafkaConnectionError
+
 from shared.broker.distribution import TOOLS
-from shared.config import ConfigError, Settings, load_settings, read_configuration
-from shared.kafka import KafkaUnavailable
+from shared.config import ConfigError, KafkaSettings, Settings, load_settings, read_configuration
+from shared.kafka import KafkaUnavailable, bootstrap
 from shared.logs import configure_logging
 from shared.service import run
 from shared.topics import use_prefix
@@ -22,6 +25,7 @@ def _load(args: argparse.Namespace) -> Settings:
     settings = load_settings(args.config)
     # Before any topic name is read: services name their topics while they are being built.
     use_prefix(settings.kafka.topic_prefix)
+    args.kafka = settings.kafka  # for the error if Kafka cannot be reached
     return settings
 
 
@@ -134,8 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
     handshake = commands.add_parser(
         "handshake",
         help="register a tenant's campaign endpoint with its Optimove (Flow 1)",
-        description="Checks that the tenant's campaign endpoint answers at ingress.public_url, "
-        "then posts the signed handshake and prints Optimove's answer.",
+        description="Checks that the tenant's campaign endpoint answers at ingress.public_url "
+        "(https:// unless allow_plain_http = true), then posts the signed handshake and prints "
+        "Optimove's answer.",
     )
     handshake.add_argument("--tenant", required=True, help="the tenant's slug")
     handshake.set_defaults(func=_cmd_handshake)
@@ -208,9 +213,19 @@ def _simulator_parsers() -> dict[str, Callable[[argparse.ArgumentParser], None]]
     return adders
 
 
+def kafka_unreachable(settings: KafkaSettings | None) -> str:
+    """One line for a Kafka that cannot be reached (aiokafka's traceback says no more)."""
+    where = f" at {bootstrap(settings)}" if settings is not None else ""
+    return f"cannot reach Kafka{where}: check [kafka] bootstrap_servers and that the broker is up"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    # aiokafka logs each failed connection attempt, bare on stderr where nothing configured
+    # logging: the commands report a Kafka they cannot reach themselves, in one line. A service
+    # (`run`) logs them again as JSON (shared.logs.configure_logging).
+    logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
     try:
         code: int = args.func(args)
     except ConfigError as exc:
@@ -218,6 +233,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KafkaUnavailable as exc:
         print(f"Kafka is not available: {exc}", file=sys.stderr)
+        return 1
+    except KafkaConnectionError:
+        print(kafka_unreachable(getattr(args, "kafka", None)), file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

@@ -146,6 +146,11 @@ def run_dev(args: argparse.Namespace) -> int:
             f"http://{settings.campaigns.listen}; Ctrl-C stops everything",
             flush=True,
         )
+        print(
+            f"/metrics, /healthz, /readyz: ingress on http://{settings.ingress.ops_listen}, "
+            f"callbacks on http://{settings.callbacks.ops_listen}",
+            flush=True,
+        )
         return asyncio.run(run_children(children, env))
     finally:
         if broker is not None:

@@ -32,8 +32,20 @@ from shared.keywords import (
     DEFAULT_OPT_OUT_KEYWORDS,
     overlapping_keywords,
 )
+from shared.statuses import SubStatus
 
 CONFIG_ENV_VAR = "SMSBRIDGE_CONFIG"
+# The delivery report's extra fields (decisions.md §4), each a guess: [optimove] report_fields
+# renames or drops them (shared/optimove.py writes them).
+DELIVERY_REPORT_FIELDS = (
+    "batchId",
+    "requestId",
+    "customerId",
+    "mobileNumber",
+    "messageId",
+    "providerMessageId",
+    "timestamp",
+)
 EMBEDDED_BROKER = "embedded"
 
 
@@ -76,6 +88,22 @@ def _host_port(value: str) -> str:
 
 
 ListenAddress = Annotated[str, AfterValidator(_host_port)]
+ProviderKind = Literal["otpiq", "opensms", "octopush"]
+# Octopush wants its callbacks answered in under a second (providers.md §3); others are not known.
+DEFAULT_CALLBACK_DEADLINES_S: dict[ProviderKind, float] = {"octopush": 0.8}
+
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def _log_level(value: str) -> str:
+    level = value.strip().upper()
+    if level not in LOG_LEVELS:
+        raise ValueError(f"unknown log level {value!r} (one of {', '.join(LOG_LEVELS)})")
+    return level
+
+
+LogLevel = Annotated[str, AfterValidator(_log_level)]
 
 
 def split_listen(address: str) -> tuple[str, int]:
@@ -125,22 +153,62 @@ class RunnerSettings(Section):
 
 
 class HttpServiceSettings(Section):
+    """A service the internet calls: ``listen`` serves only that; ``/metrics``, ``/healthz`` and
+    ``/readyz`` answer on ``ops_listen``, an address that need not be published."""
+
     listen: ListenAddress
+    ops_listen: ListenAddress
+
+    @model_validator(mode="after")
+    def _ops_apart_from_listen(self) -> HttpServiceSettings:
+        if split_listen(self.ops_listen)[1] == split_listen(self.listen)[1]:
+            raise ValueError(f"ops_listen must use another port than listen ({self.listen})")
+        return self
 
 
 class IngressSettings(HttpServiceSettings):
     listen: ListenAddress = "127.0.0.1:8080"
+    ops_listen: ListenAddress = "127.0.0.1:9100"
     public_url: str = "http://127.0.0.1:8080"
     max_body_bytes: int = 32 * 1024 * 1024
+    # Bytes of campaign bodies being read and handled at once, over all requests (a body without
+    # Content-Length counts as max_body_bytes); beyond it the answer is 503 with Retry-After.
+    max_reading_bytes: int = 128 * 1024 * 1024
     max_recipients: int = 100_000
     # How long an accepted request is remembered, so that a retry publishes nothing new.
     ledger_retention_s: float = 7 * 24 * 3600.0
+    # Requests without batchId and requestId (auto replies) are known by their content; the same
+    # content again within this long of its first acceptance is a retry (Optimove's retry
+    # horizon), later it is a new message to send.
+    idless_dedupe_s: float = Field(default=600.0, gt=0)
+
+    @model_validator(mode="after")
+    def _a_whole_body_can_be_read(self) -> IngressSettings:
+        if self.max_reading_bytes < self.max_body_bytes:
+            raise ValueError("max_reading_bytes must be at least max_body_bytes")
+        return self
 
 
 class CallbacksSettings(HttpServiceSettings):
     listen: ListenAddress = "127.0.0.1:8081"
+    ops_listen: ListenAddress = "127.0.0.1:9101"
     public_url: str = "http://127.0.0.1:8081"
     max_body_bytes: int = 64 * 1024
+    # A provider waits only so long for our answer (Octopush: under 1 s, providers.md §3). Past
+    # the deadline the answer is 503, so that the provider retries (the retry's events have the
+    # same ids; the normalizer drops the duplicate). Per provider kind, else deadline_s; an
+    # account's callback_deadline_s wins over both.
+    deadline_s: float = Field(default=5.0, gt=0)
+    deadline_by_kind_s: dict[ProviderKind, Annotated[float, Field(gt=0)]] = dict(
+        DEFAULT_CALLBACK_DEADLINES_S
+    )
+
+    @field_validator("deadline_by_kind_s", mode="before")
+    @classmethod
+    def _partial_deadlines_keep_the_others(cls, value: Any) -> Any:
+        if isinstance(value, dict):
+            return {**DEFAULT_CALLBACK_DEADLINES_S, **value}
+        return value
 
 
 class ConsumerServiceSettings(Section):
@@ -175,6 +243,11 @@ class SenderSettings(ConsumerServiceSettings):
     # How long a message's outcome is remembered after its validity ended, so that a replay of
     # sms.recipients sends nothing twice (a replayed message older than validity is expired).
     keep_outcome_s: float = Field(default=24 * 3600.0, ge=0)
+    # An auto reply (optimove-sms-api.md §3.4) to an opted-out customer goes out when the
+    # customer wrote to the tenant at most this long before Optimove handed it to us (a STOP's
+    # confirmation). Longer than the reporter's give_up_after_s (24 h), for which a reply may
+    # wait to reach Optimove before Optimove can answer it; campaigns are never let through.
+    reply_window_s: float = Field(default=48 * 3600.0, gt=0)
     state_dir: str = ""  # empty = a private temporary directory per process
 
 
@@ -187,6 +260,11 @@ class NormalizerSettings(ConsumerServiceSettings):
     dlr_timeout_s: float = 72 * 3600.0
     # How long a finished message is remembered, so that late or repeated reports are dropped.
     keep_finished_s: float = 24 * 3600.0
+    # Providers whose send answer names no message (OpenSMS): a report goes to the latest message
+    # sent to its number on its account at most this long before it (number_match.py), and at
+    # most this many messages per number and account are remembered for it.
+    match_by_number_window_s: float = Field(default=24 * 3600.0, gt=0)
+    match_by_number_max_messages: int = Field(default=32, ge=1)
     # How long a reply's provider event id is remembered, so that a repeated callback is
     # forwarded once.
     inbound_dedupe_s: float = 24 * 3600.0
@@ -260,6 +338,42 @@ class OptimoveContractSettings(Section):
         "delivered": "Delivered",
         "failed": "Failed",
     }
+    # Our sub-status (shared/statuses.py) -> Optimove type.subStatus; one not listed goes as is.
+    sub_status_names: dict[str, str] = {}
+    # The delivery report's undocumented extra fields -> the name Optimove gets; "" leaves the
+    # field out. Fields not listed keep their name: if Optimove refuses one (400), this fixes it.
+    report_fields: dict[str, str] = {name: name for name in DELIVERY_REPORT_FIELDS}
+
+    @field_validator("report_fields", mode="before")
+    @classmethod
+    def _partial_report_fields_keep_the_others(cls, value: Any) -> Any:
+        if isinstance(value, dict):
+            return {**{name: name for name in DELIVERY_REPORT_FIELDS}, **value}
+        return value
+
+    @field_validator("report_fields")
+    @classmethod
+    def _known_report_fields(cls, value: dict[str, str]) -> dict[str, str]:
+        unknown = sorted(set(value) - set(DELIVERY_REPORT_FIELDS))
+        if unknown:
+            raise ValueError(f"unknown fields {unknown}; known: {list(DELIVERY_REPORT_FIELDS)}")
+        names = [name for name in value.values() if name]
+        taken = {"type", "metadata"}.intersection(names)
+        if taken or len(set(names)) != len(names):
+            raise ValueError("two fields share one name, or a field is named type or metadata")
+        return value
+
+    @field_validator("sub_status_names")
+    @classmethod
+    def _known_sub_statuses(cls, value: dict[str, str]) -> dict[str, str]:
+        unknown = sorted(set(value) - {str(sub) for sub in SubStatus})
+        if unknown:
+            raise ValueError(
+                f"unknown sub-statuses {unknown}; known: {[str(s) for s in SubStatus]}"
+            )
+        if not all(value.values()):
+            raise ValueError("a sub-status name must not be empty")
+        return value
 
 
 class Route(Section):
@@ -276,6 +390,10 @@ class TenantSettings(Section):
     aggregator_api_key: Secret
     default_sender_id: str = ""
     default_region: str = "GB"
+    # A number of bare digits valid both as an international number without its "+" (how
+    # Optimove's own example writes them: 44123456789) and as a national number of
+    # default_region is read this way; the 202 answer lists such recipients.
+    bare_digits: Literal["international", "national"] = "international"
     routes: list[Route] = Field(min_length=1)
     validity_s: float = 24 * 3600.0
     # Everything runs except the provider call, simulated with this outcome mix (sub-status ->
@@ -300,15 +418,21 @@ class TenantSettings(Section):
 
 
 class ProviderSettings(Section):
-    kind: Literal["otpiq", "opensms", "octopush"]
+    kind: ProviderKind
     base_url: str
     api_key: Secret
     # Octopush authenticates with an account login besides the key.
     api_login: str = ""
     # Octopush: what the messages are for, "alert" (transactional) or "wholesale" (marketing).
     purpose: Literal["alert", "wholesale"] = "alert"
+    # Octopush: ask for replies. In France it replaces an alphanumeric sender with a short number,
+    # so it is off unless the account wants replies (providers.md §3.1).
+    with_replies: bool = False
     # Secret path segment of our callback URL for this account (decisions.md §9).
     callback_token: Secret
+    # How long this account's provider waits for our answer to a callback; None: the
+    # [callbacks] deadline of its kind.
+    callback_deadline_s: float | None = Field(default=None, gt=0)
     # OTPIQ echoes this in X-OTPIQ-Webhook-Secret.
     webhook_secret: Secret | None = None
     # Exact over any one-second window; shared between sender instances (README, "Sending
@@ -344,7 +468,10 @@ class Settings(BaseSettings):
     optimove: OptimoveContractSettings = OptimoveContractSettings()
     tenants: dict[str, TenantSettings] = {}
     providers: dict[str, ProviderSettings] = {}
-    log_level: str = "INFO"
+    log_level: LogLevel = "INFO"
+    # Development and tests only: let the URLs that carry secrets and campaigns (each tenant's
+    # optimove_base_url, the public_urls of ingress and callbacks) be plain http://.
+    allow_plain_http: bool = False
     # The event loop of every long-running process (shared/service.run). uvloop spends about a
     # quarter less CPU per HTTP round trip and Kafka request than asyncio's own loop; "asyncio"
     # is there for platforms without uvloop and for ruling it out when debugging.
@@ -373,13 +500,48 @@ class Settings(BaseSettings):
                     )
         return self
 
+    @model_validator(mode="after")
+    def _https_unless_allowed(self) -> Settings:
+        if self.allow_plain_http:
+            return self
+        plain = plain_http_keys(self.urls_in_use())
+        if plain:
+            raise ValueError(
+                f"{', '.join(plain)}: must be https:// (allow_plain_http = true permits "
+                "http://, for development and tests only)"
+            )
+        return self
+
+    def urls_in_use(self) -> dict[str, str]:
+        """Dotted key -> URL of what must be HTTPS: each tenant's Optimove (its secrets travel
+        there), ingress's public_url (what a tenant's Optimove is told at the handshake) when
+        there are tenants, callbacks' (what providers are told) when there are providers. The
+        loopback defaults of the public_urls count only where they would be used."""
+        urls = {
+            f"tenants.{slug}.optimove_base_url": tenant.optimove_base_url
+            for slug, tenant in self.tenants.items()
+        }
+        if self.tenants:
+            urls["ingress.public_url"] = self.ingress.public_url
+        if self.providers:
+            urls["callbacks.public_url"] = self.callbacks.public_url
+        return urls
+
+
+def plain_http_keys(urls: dict[str, str]) -> list[str]:
+    """The keys of ``urls`` whose URL is not https://."""
+    return [key for key, url in urls.items() if not url.strip().lower().startswith("https://")]
+
 
 def _format_validation_error(error: ValidationError, source: str) -> str:
-    lines = [f"invalid configuration in {source}:"]
+    problems = []
     for item in error.errors():
-        key = ".".join(str(part) for part in item["loc"]) or "(root)"
-        lines.append(f"  {key}: {item['msg']}")
-    return "\n".join(lines)
+        key = ".".join(str(part) for part in item["loc"])
+        message = item["msg"].removeprefix("Value error, ")
+        problems.append(f"{key}: {message}" if key else message)
+    if len(problems) == 1:
+        return f"invalid configuration in {source}: {problems[0]}"
+    return "\n  ".join([f"invalid configuration in {source}:", *problems])
 
 
 # What `smsbridge dev` and the campaign simulator fall back to, so that a bare

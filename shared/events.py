@@ -171,16 +171,41 @@ class NumberFormat(Event):
     number: str  # E.164
     mobile_number: str  # exactly as Optimove sent it
     seen_at: datetime = Field(default_factory=utcnow)
+    # Provider account -> when this tenant last sent to the number through it: who a reply or a
+    # STOP on a shared account concerns. Empty in records written before it existed.
+    accounts: dict[str, datetime] = {}
+
+
+class LastInbound(Event):
+    """Compacted, keyed by tenant and E.164 number: when the customer last wrote to the tenant.
+
+    Written by the normalizer for every reply it forwards (a STOP included); the sender reads it
+    to let Optimove's auto reply to an opted-out customer who just wrote to us go out.
+    """
+
+    tenant: str
+    number: str  # E.164
+    # When the callbacks service received the customer's message (our clock, not the provider's).
+    at: datetime
 
 
 class IngressRequestAccepted(Event):
-    """Compacted, keyed by tenant and request key: a campaign request already on Kafka."""
+    """Compacted, keyed by tenant and the request's ids, or for a request without ids (auto
+    replies) its content key: a campaign request already on Kafka (services/ingress/ledger.py).
+    """
 
     tenant: str
+    # What its message ids derive from; for an id-less request, content and first acceptance.
     request_key: str
     campaign_id: str = ""  # metadata.campaignId; "" for auto replies
     accepted: int
     rejected: list[dict[str, Any]] = []
+    # Recipients whose bare-digit number was valid both ways, read as ambiguous_read_as says.
+    ambiguous: list[int] = []
+    ambiguous_read_as: str = ""
+    # An id-less request's claim on its request key, written before its records: a retry after
+    # a failure reuses the key (hence the message ids). Nothing is on Kafka yet.
+    pending: bool = False
     at: datetime = Field(default_factory=utcnow)
 
 

@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import hashlib
 
+import orjson
+
+# The part of a content request key before the acceptance time (see ``content_request_key``).
+CONTENT_PREFIX = "c:"
+
 
 def _digest(*parts: str, length: int = 24) -> str:
     hasher = hashlib.sha256()
@@ -13,13 +18,31 @@ def _digest(*parts: str, length: int = 24) -> str:
     return hasher.hexdigest()[:length]
 
 
-def request_key(batch_id: str, request_id: str | None, raw_body: bytes) -> str:
-    """Identifies a campaign request: requestId, else batchId, else (auto replies) the body."""
+def request_key(batch_id: str, request_id: str | None) -> str | None:
+    """Identifies a campaign request by its ids: batchId and requestId together, so that two
+    batches sharing a requestId stay two requests. None when it has neither (auto replies): such
+    a request is known by its content instead (``content_key``)."""
+    if batch_id and request_id:
+        # JSON keeps the pair unambiguous whatever the ids contain.
+        return "q:" + orjson.dumps([batch_id, request_id]).decode()
     if request_id:
         return f"r:{request_id}"
     if batch_id:
         return f"b:{batch_id}"
-    return "h:" + hashlib.sha256(raw_body).hexdigest()[:32]
+    return None
+
+
+def content_key(canonical_body: bytes) -> str:
+    """Identifies an id-less request by what it says (``canonical_body``: the parsed body
+    re-serialised with sorted keys), so that whitespace variants of one body are one request."""
+    return CONTENT_PREFIX + hashlib.sha256(canonical_body).hexdigest()[:32]
+
+
+def content_request_key(content: str, first_accepted_ms: int) -> str:
+    """The request key of an id-less request: its content and when that content was first
+    accepted. The same words sent again after the dedupe window are a new request, and their
+    messages need new ids (the sender and later stages recognise repeats by message id)."""
+    return f"{content}@{first_accepted_ms}"
 
 
 def message_id(tenant: str, request: str, index: int, mobile_number: str) -> str:

@@ -3,7 +3,8 @@
 Documented: the three endpoints, the headers, ``type.status``/``type.subStatus``, ``metadata``
 echoed unchanged, the incoming-message body. Guessed (decisions.md §4, §5, §8), and switchable in
 ``[optimove]`` of the configuration: the API version segment, the paths, the handshake field names,
-the status names, and the extra delivery-report fields.
+the status and sub-status names, and the extra delivery-report fields (each renamed or left out by
+``report_fields``, so that a field Optimove refuses with 400 is a configuration change).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import orjson
 
 from shared.config import OptimoveContractSettings, TenantSettings
 from shared.events import InboundMessage, StatusEvent
+from shared.providers.dryrun import MARK as DRY_RUN_MARK
 from shared.signing import SIGNATURE_HEADER, sign
 
 API_KEY_HEADER = "app-api-key"
@@ -51,15 +53,25 @@ class OptimoveContract:
             },
         )
 
+    def sub_status_name(self, sub_status: str) -> str:
+        """``type.subStatus`` for one of ours; a dry run's mark stays in front of the name."""
+        names = self.settings.sub_status_names
+        if sub_status.startswith(DRY_RUN_MARK):
+            plain = sub_status.removeprefix(DRY_RUN_MARK)
+            return DRY_RUN_MARK + names.get(plain, plain)
+        return names.get(sub_status, sub_status)
+
     def delivery_report_body(self, event: StatusEvent) -> bytes:
         context = event.context
         report: dict[str, Any] = {
             "type": {
                 "status": self.settings.status_names[event.status],
-                "subStatus": event.sub_status,
+                "subStatus": self.sub_status_name(event.sub_status),
             },
             # The object Optimove sent, byte for byte.
             "metadata": orjson.Fragment(context.metadata_json),
+        }
+        extras: dict[str, Any] = {
             "batchId": context.batch_id,
             "requestId": context.request_id,
             "customerId": context.customer_id,
@@ -68,6 +80,10 @@ class OptimoveContract:
             "providerMessageId": event.provider_message_id,
             "timestamp": _iso(event.occurred_at),
         }
+        for field, value in extras.items():
+            wire_name = self.settings.report_fields[field]
+            if wire_name:  # "" leaves the field out
+                report[wire_name] = value
         return orjson.dumps(report)
 
     def delivery_report(self, tenant: TenantSettings, event: StatusEvent) -> SignedRequest:

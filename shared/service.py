@@ -129,22 +129,52 @@ async def serve(app: web.Application, listen: str) -> web.AppRunner:
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
     host, port = split_listen(listen)
-    await web.TCPSite(runner, host, port, reuse_address=True).start()
+    try:
+        await web.TCPSite(runner, host, port, reuse_address=True).start()
+    except BaseException:
+        await runner.cleanup()
+        raise
     return runner
 
 
+class OpsServer:
+    """``/metrics``, ``/healthz`` and ``/readyz`` on an address of their own: never on a port the
+    internet reaches (ingress, callbacks), where they would tell strangers our metrics."""
+
+    def __init__(self, listen: str, ready: Callable[[], bool]) -> None:
+        self.listen = listen
+        self.app = web.Application()
+        add_ops_routes(self.app, ready)
+        self._runner: web.AppRunner | None = None
+
+    async def start(self) -> None:
+        if self._runner is None:
+            self._runner = await serve(self.app, self.listen)
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            runner, self._runner = self._runner, None
+            await runner.cleanup()
+
+
 async def run_service(service: Service, ops_listen: str | None = None) -> None:
-    """Run ``service`` until a signal arrives or it ends; serve ops endpoints on ``ops_listen``."""
+    """Run ``service`` until a signal arrives or it ends; serve ops endpoints on ``ops_listen``
+    from before it starts (alive, not ready), so that a slow start is not taken for a hang."""
     loop = asyncio.get_running_loop()
     stop_requested = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop_requested.set)
-    ops_runner: web.AppRunner | None = None
-    await service.start()
-    if ops_listen:
-        ops_app = web.Application()
-        add_ops_routes(ops_app, service.ready)
-        ops_runner = await serve(ops_app, ops_listen)
+    ops = OpsServer(ops_listen, service.ready) if ops_listen else None
+    try:
+        if ops is not None:
+            await ops.start()
+        await service.start()
+    except BaseException:
+        if ops is not None:
+            await ops.stop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(signum)
+        raise
     log.info("%s started", service.name)
     ended = asyncio.create_task(service.wait())
     signalled = asyncio.create_task(stop_requested.wait())
@@ -154,8 +184,8 @@ async def run_service(service: Service, ops_listen: str | None = None) -> None:
         log.info("%s stopping", service.name)
         await service.stop()
         signalled.cancel()
-        if ops_runner is not None:
-            await ops_runner.cleanup()
+        if ops is not None:
+            await ops.stop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
     if ended.done() and not ended.cancelled() and ended.exception() is not None:
@@ -211,11 +241,29 @@ class ConsumerService:
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        await self.publisher.start()
-        if _has_lifecycle(self.handler):
-            await cast(HandlerLifecycle, self.handler).start(self.publisher)
-        await self.consumer.start()
+        handler_started = False
+        try:
+            await self.publisher.start()
+            if _has_lifecycle(self.handler):
+                await cast(HandlerLifecycle, self.handler).start(self.publisher)
+                handler_started = True
+            await self.consumer.start()
+        except BaseException:
+            # Close what was made or started: a failed start (Kafka unreachable) ends with its
+            # own error, not with warnings about clients left open.
+            if handler_started:
+                await _bounded(
+                    cast(HandlerLifecycle, self.handler).stop(), 5.0, f"{self.name} handler"
+                )
+            await self.close()
+            raise
         self._task = asyncio.create_task(self.runner.run(), name=f"{self.name}-runner")
+
+    async def close(self) -> None:
+        """Close the Kafka clients of a service whose start failed or was never called (they
+        are made with the service, and warn about being left open when collected)."""
+        await _bounded(self.consumer.stop(), 5.0, f"{self.name} consumer")
+        await self.publisher.stop(f"{self.name} producer", 1.0)
 
     async def wait(self) -> None:
         assert self._task is not None
@@ -366,6 +414,7 @@ __all__ = [
     "ConsumerService",
     "GroupMembership",
     "HandlerLifecycle",
+    "OpsServer",
     "PartitionAware",
     "Service",
     "ShutdownDeadline",

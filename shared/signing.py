@@ -37,11 +37,13 @@ def sign(body: bytes, secret: str) -> str:
 def _compact_reserialisations(body: bytes) -> list[bytes]:
     try:
         parsed: Any = json.loads(body)
-    except ValueError:
+        # JavaScript JSON.stringify keeps non-ASCII; Python json.dumps escapes it by default.
+        as_javascript = json.dumps(parsed, separators=(",", ":"), ensure_ascii=False).encode()
+        as_python = json.dumps(parsed, separators=(",", ":")).encode()
+    except (ValueError, RecursionError):
+        # Not JSON, or nested deeper than Python's json goes: nobody signed a re-serialisation
+        # of it that we could reproduce, so only the raw bytes count (and they did not verify).
         return []
-    # JavaScript JSON.stringify keeps non-ASCII; Python json.dumps escapes it by default.
-    as_javascript = json.dumps(parsed, separators=(",", ":"), ensure_ascii=False).encode()
-    as_python = json.dumps(parsed, separators=(",", ":")).encode()
     return [c for c in dict.fromkeys((as_javascript, as_python)) if c != body]
 
 

@@ -605,8 +605,8 @@ class GlobalTable:
 
     async def _follow(self) -> None:
         consumer = make_consumer(self.kafka, None, role=f"{self.name}-table")
-        await consumer.start()
         try:
+            await consumer.start()  # inside: a start that fails must close the client too
             partitions = consumer.partitions_for_topic(self.topic.name) or set(
                 range(self.topic.partitions)
             )

@@ -86,6 +86,12 @@ NUMBER_FORMATS = Topic(
     compacted=True,
     purpose="how Optimove wrote each number, keyed by tenant+E164, for replies' `from`",
 )
+LAST_INBOUND = Topic(
+    "sms.last-inbound",
+    partitions=1,
+    compacted=True,
+    purpose="when each customer last wrote to each tenant, keyed by tenant+E164, for auto replies",
+)
 DEAD_LETTERS = Topic("sms.dead-letters", purpose="what no stage could handle, with the reason")
 REPORTER_STATE = Topic(
     "sms.reporter-state",
@@ -127,6 +133,7 @@ ALL_TOPICS: tuple[Topic, ...] = (
     NORMALIZER_STATE,
     SENDER_STATE,
     NUMBER_FORMATS,
+    LAST_INBOUND,
     DEAD_LETTERS,
     REPORTER_STATE,
     DEAD_LETTERS_REDRIVEN,

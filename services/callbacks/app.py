@@ -1,11 +1,14 @@
 """The callbacks service: provider webhooks in, ``sms.provider-events`` out, answered at once.
 
 ``POST /callbacks/{provider}/{account}/{token}`` (decisions.md §9): the account must exist with
-that provider kind (else 404), the secret path token and the provider's own check must pass (else
-401), the body must fit (else 413) and parse (else 400). Each parsed event is stored on Kafka
-(acks=all) before the provider gets its expected answer; if Kafka cannot take it the answer is 503
-so that the provider retries. Nothing refused reaches Kafka, and nothing a provider sends can crash
-the service. ``/metrics``, ``/healthz`` and ``/readyz`` share the listener.
+that provider kind and the secret path token and the provider's own check must pass (else 401, the
+same answer in the same time whichever failed, so that no one can list our accounts), the body must
+fit (else 413) and parse (else 400). Each parsed event is stored on Kafka (acks=all) before the
+provider gets its expected answer; if Kafka cannot take it, or not within the provider's deadline
+(``answer_deadline_s``), the answer is 503 so that the provider retries. Nothing refused reaches
+Kafka, and nothing a provider sends can crash the service.
+``/metrics``, ``/healthz`` and ``/readyz`` answer on ``[callbacks] ops_listen``, never on the
+public listener.
 """
 
 from __future__ import annotations
@@ -13,8 +16,9 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import secrets
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from datetime import datetime
 
 from aiohttp import web
@@ -22,12 +26,12 @@ from aiohttp import web
 from services.callbacks import metrics
 from shared import ids
 from shared import metrics as shared_metrics
-from shared.config import ProviderSettings, Settings
+from shared.config import CallbacksSettings, ProviderSettings, Settings
 from shared.events import ProviderEvent, utcnow
 from shared.kafka import KafkaUnavailable, Publisher
 from shared.providers import PROVIDER_KINDS
 from shared.providers.base import CallbackRejected, ParsedCallback, Provider
-from shared.service import Service, add_ops_routes, run_service, serve
+from shared.service import OpsServer, Service, run_service, serve
 from shared.signing import constant_time_equals
 from shared.topics import PROVIDER_EVENTS
 
@@ -37,6 +41,20 @@ NAME = "callbacks"
 ROUTE = "/callbacks/{provider}/{account}/{token}"
 # Seconds a provider should wait before retrying when Kafka could not take its callback.
 RETRY_AFTER_S = 5
+# One answer for a wrong token, a wrong signature, an unknown account and a kind mismatch.
+NOT_AUTHORISED = "not authorised"
+
+
+class DeadlinePassed(Exception):
+    """The callback was not stored within the time its provider waits for an answer."""
+
+
+def answer_deadline_s(callbacks: CallbacksSettings, account: ProviderSettings) -> float:
+    """How long ``account``'s provider waits for our answer: the account's own setting, else its
+    kind's, else the general one. Past it a provider counts the callback as failed anyway."""
+    if account.callback_deadline_s is not None:
+        return account.callback_deadline_s
+    return callbacks.deadline_by_kind_s.get(account.kind, callbacks.deadline_s)
 
 
 class Refused(Exception):
@@ -125,6 +143,9 @@ class CallbackEndpoint:
         self.settings = settings
         self.publisher = publisher
         self.max_body_bytes = settings.callbacks.max_body_bytes
+        # Compared with the token of a request for an unknown account, so that it takes as long
+        # as a wrong token for a known one; never equal to anything sent.
+        self._dummy_token = secrets.token_urlsafe(32)
 
     async def handle(self, request: web.Request) -> web.Response:
         started = time.perf_counter()
@@ -142,8 +163,13 @@ class CallbackEndpoint:
         except KafkaUnavailable as exc:
             metrics.CALLBACKS_REFUSED.labels(provider_label, "kafka_unavailable").inc()
             log.error("callback not stored, Kafka unavailable: %s", exc)
-            response = _error(503, "temporarily unable to store the callback; retry later")
-            response.headers["Retry-After"] = str(RETRY_AFTER_S)
+            response = _retry_later()
+        except DeadlinePassed as exc:
+            # Its events may still reach Kafka after this answer; the provider's retry carries
+            # the same event ids, and the normalizer drops the second copy.
+            metrics.CALLBACKS_REFUSED.labels(provider_label, "deadline").inc()
+            log.error("callback not stored within its deadline of %ss", exc)
+            response = _retry_later()
         except Exception as exc:
             # Our fault, not the provider's: say nothing about it beyond 500, log no payload.
             metrics.CALLBACKS_REFUSED.labels(provider_label, "internal_error").inc()
@@ -154,13 +180,29 @@ class CallbackEndpoint:
         return response
 
     async def _handle(self, request: web.Request) -> web.Response:
+        arrived = asyncio.get_running_loop().time()
         kind = request.match_info["provider"]
         account = request.match_info["account"]
         account_settings = self.settings.providers.get(account)
         provider = PROVIDER_KINDS.get(kind)
         if account_settings is None or account_settings.kind != kind or provider is None:
-            raise Refused(404, "unknown_account", "unknown callback endpoint")
+            # Answered as a wrong token, after the same comparison: no account list by probing.
+            constant_time_equals(request.match_info["token"], self._dummy_token)
+            raise Refused(401, "unknown_account", NOT_AUTHORISED)
         self._authenticate(request, provider, account_settings)
+        deadline_s = answer_deadline_s(self.settings.callbacks, account_settings)
+        deadline = asyncio.timeout_at(arrived + deadline_s)
+        try:
+            async with deadline:
+                return await self._store(request, provider, account)
+        except TimeoutError:
+            if not deadline.expired():
+                raise
+            raise DeadlinePassed(deadline_s) from None
+
+    async def _store(
+        self, request: web.Request, provider: type[Provider], account: str
+    ) -> web.Response:
         body = await self._read_body(request)
         parsed = _parse(provider, body, request)
         events = _build_events(provider, account, body, parsed)
@@ -179,9 +221,9 @@ class CallbackEndpoint:
     ) -> None:
         token = request.match_info["token"]
         if not constant_time_equals(token, account.callback_token.get_secret_value()):
-            raise Refused(401, "bad_token", "not authorised")
+            raise Refused(401, "bad_token", NOT_AUTHORISED)
         if not provider.verify_callback(account, request.headers):
-            raise Refused(401, "bad_signature", "not authorised")
+            raise Refused(401, "bad_signature", NOT_AUTHORISED)
 
     async def _read_body(self, request: web.Request) -> bytes:
         too_large = Refused(413, "too_large", f"body over {self.max_body_bytes} bytes")
@@ -229,13 +271,16 @@ def _error(status: int, message: str) -> web.Response:
     return web.json_response({"error": message}, status=status)
 
 
-def build_app(
-    settings: Settings, publisher: Publisher, ready: Callable[[], bool]
-) -> web.Application:
+def _retry_later() -> web.Response:
+    response = _error(503, "temporarily unable to store the callback; retry later")
+    response.headers["Retry-After"] = str(RETRY_AFTER_S)
+    return response
+
+
+def build_app(settings: Settings, publisher: Publisher) -> web.Application:
     # aiohttp's own limit backs ours up for bodies without a Content-Length.
     app = web.Application(client_max_size=settings.callbacks.max_body_bytes)
     app.router.add_post(ROUTE, CallbackEndpoint(settings, publisher).handle)
-    add_ops_routes(app, ready)
     return app
 
 
@@ -247,17 +292,22 @@ class CallbacksService:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.publisher = Publisher.for_service(settings.kafka, NAME)
-        self.app = build_app(settings, self.publisher, self.ready)
+        self.app = build_app(settings, self.publisher)
+        self.ops = OpsServer(settings.callbacks.ops_listen, self.ready)
         self._http: web.AppRunner | None = None
         self._serving = False
         self._stopped = asyncio.Event()
 
     async def start(self) -> None:
-        await self.publisher.start()
         try:
+            # Alive (not ready) from the start: a slow Kafka must not look like a hung process.
+            await self.ops.start()
+            await self.publisher.start()
             self._http = await serve(self.app, self.settings.callbacks.listen)
         except BaseException:
+            # The producer is closed even when its start failed: it was made in __init__.
             await self.publisher.stop("callbacks producer")
+            await self.ops.stop()
             raise
         self._serving = True
 
@@ -270,6 +320,7 @@ class CallbacksService:
             await self._http.cleanup()
             self._http = None
         await self.publisher.stop("callbacks producer")
+        await self.ops.stop()
         self._stopped.set()
 
     def ready(self) -> bool:
@@ -281,5 +332,5 @@ def build(settings: Settings) -> Service:
 
 
 async def main(settings: Settings) -> None:
-    # /metrics, /healthz and /readyz are served on the callbacks listener itself.
+    # /metrics, /healthz and /readyz: CallbacksService serves them on [callbacks] ops_listen.
     await run_service(build(settings))

@@ -13,6 +13,7 @@ CALLBACKS_RECEIVED = Counter(
 )
 CALLBACKS_REFUSED = Counter(
     f"{PREFIX}_callbacks_refused_total",
-    "Provider callbacks refused (nothing stored), by provider kind and reason.",
+    "Provider callbacks answered with an error (nothing stored; after a 'deadline' 503 the "
+    "events may still be stored late), by provider kind and reason.",
     ["provider", "reason"],
 )

@@ -82,6 +82,8 @@ class CampaignsService:
             self._http = None
         if "consumer" in self._started:
             await self.consumer.stop()
+        else:
+            await self.consumer.close()  # its clients exist from __init__ on
         if "controls" in self._started:
             await self.controls.stop()
         self._started.clear()

@@ -1,11 +1,12 @@
 """Ingress: Optimove's Campaign Transmission webhook, ``POST /optimove/{tenant}/campaigns``.
 
-Checks, in order: tenant (404), body size (413) and encoding (400), ``X-API-Key`` (401),
-``x-hub-signature`` (401), JSON (400), schema (400). A valid request becomes one record per
-recipient on ``sms.recipients`` (a failed dispatch record on ``sms.dispatches`` for a recipient
-that cannot be sent), then one entry on ``sms.ingress-requests``; only when Kafka acknowledged
-all of them is the answer 202. A request already in that ledger is answered 202 again and
-publishes nothing.
+Checks, in order: ``X-API-Key`` (401; an unknown tenant gets the same answer, in the same time),
+readiness (503), body size (413), the bytes being read at once (503), encoding (400),
+``x-hub-signature`` (401), JSON (400), schema (400). No body is read before its key was found
+right. A valid request becomes one record per recipient on ``sms.recipients`` (a failed
+dispatch record on ``sms.dispatches`` for a recipient that cannot be sent), then one entry on
+``sms.ingress-requests``; only when Kafka acknowledged all of them is the answer 202. A request
+already in that ledger is answered 202 again and publishes nothing.
 """
 
 from __future__ import annotations
@@ -13,8 +14,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Mapping
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -29,14 +32,16 @@ from services.ingress.campaign import (
     build_records,
     parse_campaign,
 )
-from services.ingress.e164 import normaliser
+from services.ingress.e164 import NumberReader, reader
 from services.ingress.ledger import LedgerEntry, LedgerFollower, RequestLedger, ledger_key
 from services.ingress.produce import BatchPublisher
+from services.ingress.reading import ReadBudget, declared_too_large, read_body, reservation
 from shared.config import Settings, TenantSettings
 from shared.events import IngressRequestAccepted, utcnow
+from shared.ids import content_request_key
 from shared.kafka import KafkaUnavailable, OutRecord, Publisher, make_consumer
 from shared.metrics import SIGNATURE_FAILURES
-from shared.service import add_ops_routes, http_metrics, run_service, serve
+from shared.service import OpsServer, http_metrics, run_service, serve
 from shared.signing import SIGNATURE_HEADER, constant_time_equals, verify
 from shared.statuses import SubStatus
 from shared.topics import DISPATCHES, INGRESS_REQUESTS, RECIPIENTS
@@ -48,6 +53,7 @@ CAMPAIGN_ROUTE = "/optimove/{tenant}/campaigns"
 API_KEY_HEADER = "X-API-Key"
 RETRY_AFTER_S = 5
 SIGNATURE_ENDPOINT = "campaigns"
+UNKNOWN_TENANT = "unknown"
 
 _RECIPIENT_RESULTS: Mapping[str, str] = {
     SubStatus.INVALID_NUMBER: "invalid_number",
@@ -68,6 +74,22 @@ def error_response(status: int, error: str, **details: Any) -> web.Response:
     return json_response(status, {"error": error, **details}, headers)
 
 
+def key_refusal(api_key: str | None) -> tuple[str, web.Response]:
+    """The reason and the answer for a wrong ``X-API-Key``, whether or not the tenant exists."""
+    reason = "api_key_missing" if not api_key else "api_key_mismatch"
+    return reason, error_response(401, "invalid X-API-Key", reason=reason)
+
+
+def dummy_key(settings: Settings) -> str:
+    """A key no request can know, as long as the longest tenant's: comparing against it costs
+    what comparing against a real tenant's key costs."""
+    longest = max(
+        (len(t.aggregator_api_key.get_secret_value()) for t in settings.tenants.values()),
+        default=32,
+    )
+    return secrets.token_hex(longest)[:longest]
+
+
 class CampaignEndpoint:
     """The request handler, with everything it needs passed in."""
 
@@ -85,26 +107,61 @@ class CampaignEndpoint:
         self.batches = batches
         self.publisher = publisher
         self.is_ready = is_ready
-        self._normalisers = {
-            slug: normaliser(tenant.default_region) for slug, tenant in settings.tenants.items()
+        self.budget = ReadBudget(settings.ingress.max_reading_bytes)
+        self._readers: dict[str, NumberReader] = {
+            slug: reader(tenant.default_region, tenant.bare_digits)
+            for slug, tenant in settings.tenants.items()
         }
+        self._dummy_key = dummy_key(settings)
         self._in_flight: dict[str, asyncio.Event] = {}
 
     async def handle(self, request: web.Request) -> web.Response:
         slug = request.match_info["tenant"]
         tenant = self.settings.tenants.get(slug)
-        if tenant is None:
-            metrics.REQUESTS.labels("unknown", "unknown_tenant").inc()
-            return error_response(404, "unknown tenant")
-        response, result = await self._answer(request, slug, tenant)
+        api_key = request.headers.get(API_KEY_HEADER)
+        expected = tenant.aggregator_api_key.get_secret_value() if tenant else self._dummy_key
+        # Compared even for an unknown tenant, so that the time does not tell which exist.
+        key_matches = constant_time_equals(api_key, expected)
+        if tenant is None or not key_matches:
+            reason, response = key_refusal(api_key)
+            if tenant is None:
+                reason, slug, result = "unknown_tenant", UNKNOWN_TENANT, "unknown_tenant"
+            else:
+                SIGNATURE_FAILURES.labels(SIGNATURE_ENDPOINT, slug, reason).inc()
+                result = "unauthorized"
+            self._log_refusal(request, slug, reason)
+        else:
+            response, result = await self._answer(request, slug, tenant)
         metrics.REQUESTS.labels(slug, result).inc()
+        if not request.content.is_eof():
+            # The body was never read (or not to its end): no keep-alive after it.
+            response.force_close()
         return response
 
     async def _answer(
         self, request: web.Request, slug: str, tenant: TenantSettings
     ) -> tuple[web.Response, str]:
+        if not self.is_ready():
+            return error_response(503, "ingress is starting; retry"), "unavailable"
+        limit = self.settings.ingress.max_body_bytes
+        if declared_too_large(request, limit):
+            return error_response(413, "body too large", limit_bytes=limit), "too_large"
+        size = reservation(request, limit)
+        if not self.budget.reserve(size):
+            log.warning(
+                "campaign request deferred: %d bytes of bodies being read", self.budget.in_use
+            )
+            return error_response(503, "too many requests being read; retry"), "busy"
         try:
-            body = await self._read_body(request)
+            return await self._read_and_handle(request, slug, tenant)
+        finally:
+            self.budget.release(size)
+
+    async def _read_and_handle(
+        self, request: web.Request, slug: str, tenant: TenantSettings
+    ) -> tuple[web.Response, str]:
+        try:
+            body = await read_body(request, self.settings.ingress.max_body_bytes)
         except web.RequestPayloadError:
             # Content-Encoding that does not decode (or a broken chunked encoding).
             return error_response(400, "body cannot be decoded"), "invalid_json"
@@ -112,11 +169,14 @@ class CampaignEndpoint:
             limit = self.settings.ingress.max_body_bytes
             return error_response(413, "body too large", limit_bytes=limit), "too_large"
 
-        refusal = self._authenticate(request, body, slug, tenant)
-        if refusal is not None:
-            return refusal, "unauthorized"
-        if not self.is_ready():
-            return error_response(503, "ingress is starting; retry"), "unavailable"
+        failure = verify(
+            body, request.headers.get(SIGNATURE_HEADER), tenant.secret_key.get_secret_value()
+        )
+        if failure is not None:
+            reason = f"signature_{failure.value}"
+            SIGNATURE_FAILURES.labels(SIGNATURE_ENDPOINT, slug, reason).inc()
+            self._log_refusal(request, slug, reason)
+            return error_response(401, "invalid signature", reason=reason), "unauthorized"
 
         try:
             campaign = parse_campaign(body)
@@ -138,36 +198,46 @@ class CampaignEndpoint:
                 error_response(413, "too many recipients", limit_recipients=recipients_limit),
                 "too_large",
             )
+        try:
+            return await self._accept(slug, tenant, campaign)
+        except KafkaUnavailable as exc:
+            log.warning(
+                "campaign request not stored: Kafka unavailable (%s)",
+                exc,
+                extra={"tenant": slug, "batch_id": campaign.request.batch_id},
+            )
+            return error_response(503, "Kafka unavailable; retry"), "unavailable"
 
-        key = ledger_key(slug, campaign.request_key)
+    async def _accept(
+        self, slug: str, tenant: TenantSettings, campaign: ParsedCampaign
+    ) -> tuple[web.Response, str]:
+        """Publish the request's records unless the ledger knows it; raises KafkaUnavailable."""
+        key = ledger_key(slug, campaign.identity)
+        campaign_id = campaign.request.metadata.campaign_id or ""
         async with self._exclusive(key):
             known = self.ledger.get(key)
-            if known is not None:
+            request_key, first_at = campaign.identity, None
+            if campaign.by_content and (known is None or known.pending):
+                # Reuse the claim of an attempt that failed, or claim the content now.
+                known = known or await self._claim(slug, key, campaign, campaign_id)
+                request_key, first_at = known.request_key, known.accepted_at
+            if known is not None and not known.pending:
                 log.info(
                     "campaign request already accepted",
                     extra={"tenant": slug, "batch_id": campaign.request.batch_id},
                 )
-                return json_response(202, _accepted_body(campaign, known)), "duplicate"
+                return json_response(202, accepted_body(campaign, known)), "duplicate"
             records = build_records(
                 tenant=slug,
                 settings=tenant,
                 campaign=campaign,
-                normalise=self._normalisers[slug],
+                read=self._readers[slug],
                 accepted_at=utcnow(),
+                request_key=request_key,
             )
-            try:
-                entry = await self._publish(
-                    slug, key, records, campaign.request.metadata.campaign_id or ""
-                )
-            except KafkaUnavailable as exc:
-                log.warning(
-                    "campaign request not stored: Kafka unavailable (%s)",
-                    exc,
-                    extra={"tenant": slug, "batch_id": campaign.request.batch_id},
-                )
-                return error_response(503, "Kafka unavailable; retry"), "unavailable"
+            entry = await self._publish(slug, key, records, campaign_id, first_at)
 
-        self._count_recipients(slug, records)
+        count_recipients(slug, records)
         log.info(
             "campaign request accepted",
             extra={
@@ -175,46 +245,46 @@ class CampaignEndpoint:
                 "batch_id": campaign.request.batch_id,
                 "accepted": records.accepted,
                 "rejected": len(records.rejections),
+                "ambiguous": len(records.ambiguous),
             },
         )
-        return json_response(202, _accepted_body(campaign, entry)), "accepted"
+        return json_response(202, accepted_body(campaign, entry)), "accepted"
 
-    async def _read_body(self, request: web.Request) -> bytes | None:
-        """The raw body, or None when it exceeds the limit."""
-        limit = self.settings.ingress.max_body_bytes
-        if request.content_length is not None and request.content_length > limit:
-            return None
-        try:
-            # client_max_size is limit + 1: a body aiohttp lets through may still be one too big.
-            body = await request.read()
-        except web.HTTPRequestEntityTooLarge:
-            return None
-        return body if len(body) <= limit else None
-
-    def _authenticate(
-        self, request: web.Request, body: bytes, slug: str, tenant: TenantSettings
-    ) -> web.Response | None:
-        api_key = request.headers.get(API_KEY_HEADER)
-        if not constant_time_equals(api_key, tenant.aggregator_api_key.get_secret_value()):
-            reason = "api_key_missing" if not api_key else "api_key_mismatch"
-            return self._refuse(request, slug, reason, "invalid X-API-Key")
-        failure = verify(
-            body, request.headers.get(SIGNATURE_HEADER), tenant.secret_key.get_secret_value()
+    async def _claim(
+        self, slug: str, key: str, campaign: ParsedCampaign, campaign_id: str
+    ) -> LedgerEntry:
+        """Claim an id-less request's key on the ledger before publishing anything, and return
+        the claim that won: ours, or an earlier one another instance wrote for the same content.
+        """
+        at = utcnow()
+        claim = IngressRequestAccepted(
+            tenant=slug,
+            request_key=content_request_key(campaign.identity, int(at.timestamp() * 1000)),
+            campaign_id=campaign_id,
+            accepted=0,
+            pending=True,
+            at=at,
         )
-        if failure is not None:
-            return self._refuse(request, slug, f"signature_{failure.value}", "invalid signature")
-        return None
+        await self.publisher.publish([OutRecord(INGRESS_REQUESTS, key, claim)])
+        # Not remembered here: the follower applies claims in topic order, as on every instance.
+        won = await self.ledger.claimed(key, self.settings.kafka.produce_timeout_s)
+        if won is None:
+            raise KafkaUnavailable(f"{INGRESS_REQUESTS.name}: own claim not read back in time")
+        return won
 
-    def _refuse(self, request: web.Request, slug: str, reason: str, error: str) -> web.Response:
-        SIGNATURE_FAILURES.labels(SIGNATURE_ENDPOINT, slug, reason).inc()
+    def _log_refusal(self, request: web.Request, slug: str, reason: str) -> None:
         log.warning(
             "campaign request refused",
             extra={"tenant": slug, "reason": reason, "remote": request.remote},
         )
-        return error_response(401, error, reason=reason)
 
     async def _publish(
-        self, slug: str, key: str, records: CampaignRecords, campaign_id: str
+        self,
+        slug: str,
+        key: str,
+        records: CampaignRecords,
+        campaign_id: str,
+        first_at: float | None,
     ) -> LedgerEntry:
         await self.batches.publish(
             [(RECIPIENTS, records.recipients), (DISPATCHES, records.dispatches)]
@@ -226,10 +296,14 @@ class CampaignEndpoint:
             campaign_id=campaign_id,
             accepted=records.accepted,
             rejected=[rejection.as_json() for rejection in records.rejections],
+            ambiguous=records.ambiguous,
+            ambiguous_read_as=records.ambiguous_read_as if records.ambiguous else "",
+            # An id-less request is remembered from its first acceptance (the dedupe window).
+            at=datetime.fromtimestamp(first_at, UTC) if first_at is not None else utcnow(),
         )
         await self.publisher.publish([OutRecord(INGRESS_REQUESTS, key, accepted)])
         self.ledger.remember(key, accepted)
-        return LedgerEntry(accepted.accepted, accepted.rejected, accepted.at.timestamp())
+        return LedgerEntry.of(accepted)
 
     @contextlib.asynccontextmanager
     async def _exclusive(self, key: str) -> AsyncIterator[None]:
@@ -244,27 +318,37 @@ class CampaignEndpoint:
             del self._in_flight[key]
             done.set()
 
-    @staticmethod
-    def _count_recipients(slug: str, records: CampaignRecords) -> None:
-        if records.accepted:
-            metrics.RECIPIENTS.labels(slug, "accepted").inc(records.accepted)
-        reasons = Counter(rejection.sub_status for rejection in records.rejections)
-        for sub_status, count in reasons.items():
-            result = _RECIPIENT_RESULTS.get(sub_status, "rejected")
-            metrics.RECIPIENTS.labels(slug, result).inc(count)
+
+def count_recipients(slug: str, records: CampaignRecords) -> None:
+    if records.accepted:
+        metrics.RECIPIENTS.labels(slug, "accepted").inc(records.accepted)
+    reasons = Counter(rejection.sub_status for rejection in records.rejections)
+    for sub_status, count in reasons.items():
+        result = _RECIPIENT_RESULTS.get(sub_status, "rejected")
+        metrics.RECIPIENTS.labels(slug, result).inc(count)
+    if records.ambiguous:
+        metrics.AMBIGUOUS_NUMBERS.labels(slug, records.ambiguous_read_as).inc(
+            len(records.ambiguous)
+        )
 
 
-def _accepted_body(campaign: ParsedCampaign, entry: LedgerEntry) -> dict[str, Any]:
+def accepted_body(campaign: ParsedCampaign, entry: LedgerEntry) -> dict[str, Any]:
+    """The 202 answer; ``ambiguousNumbers`` lists recipients whose bare digits were a valid
+    number both ways and says which way they were read (never the number itself)."""
     return {
         "requestId": campaign.request.request_id,
         "batchId": campaign.request.batch_id,
         "accepted": entry.accepted,
         "rejected": entry.rejected,
+        "ambiguousNumbers": [
+            {"index": index, "readAs": entry.ambiguous_read_as} for index in entry.ambiguous
+        ],
     }
 
 
 class IngressService:
-    """HTTP server, producer, and the ledger follower; ``/metrics`` etc. on the same listener."""
+    """HTTP server, producer, and the ledger follower. The public listener serves Optimove's
+    route only; ``/metrics``, ``/healthz`` and ``/readyz`` answer on ``[ingress] ops_listen``."""
 
     name = SERVICE
 
@@ -272,7 +356,9 @@ class IngressService:
         kafka = settings.kafka
         self.settings = settings
         self.publisher = Publisher.for_service(kafka, SERVICE)
-        self.ledger = RequestLedger(settings.ingress.ledger_retention_s)
+        self.ledger = RequestLedger(
+            settings.ingress.ledger_retention_s, settings.ingress.idless_dedupe_s
+        )
         self.follower = LedgerFollower(
             make_consumer(kafka, None, role=f"{SERVICE}-ledger"), self.ledger
         )
@@ -288,18 +374,19 @@ class IngressService:
             client_max_size=settings.ingress.max_body_bytes + 1, middlewares=[http_metrics(SERVICE)]
         )
         self.app.router.add_post(CAMPAIGN_ROUTE, self.endpoint.handle)
-        add_ops_routes(self.app, self.ready)
+        self.ops = OpsServer(settings.ingress.ops_listen, self.ready)
         self._http: web.AppRunner | None = None
         self._producer_started = False
-        self._follower_started = False
+        self._closed = False
 
     async def start(self) -> None:
         try:
+            # Alive (not ready) from the start: a slow Kafka must not look like a hung process.
+            await self.ops.start()
             await self.publisher.start()
             self._producer_started = True
             await self.follower.start()
-            self._follower_started = True
-            # Serve (/healthz, and 503 for campaigns) while the ledger catches up.
+            # Serve (503 for campaigns) while the ledger catches up.
             self._http = await serve(self.app, self.settings.ingress.listen)
             await self.follower.wait_caught_up()
         except BaseException:
@@ -314,12 +401,13 @@ class IngressService:
         if self._http is not None:
             await self._http.cleanup()
             self._http = None
-        if self._follower_started:
-            self._follower_started = False
-            await self.follower.stop()
-        if self._producer_started:
+        if not self._closed:
+            # Also after a failed start: Kafka clients never started are closed too.
+            self._closed = True
             self._producer_started = False
+            await self.follower.stop()
             await self.publisher.stop("ingress producer")
+        await self.ops.stop()
 
     def ready(self) -> bool:
         return self._producer_started and self.follower.caught_up.is_set() and self.follower.healthy

@@ -19,8 +19,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from shared.config import TenantSettings
 from shared.events import DispatchRecord, MessageContext, RecipientMessage
-from shared.ids import message_id, request_key, unsent_correlation_key
-from shared.numbers import InvalidNumber
+from shared.ids import content_key, message_id, request_key, unsent_correlation_key
+from shared.numbers import InvalidNumber, Reading
 from shared.statuses import SubStatus
 
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
@@ -72,8 +72,10 @@ class CampaignRequest(BaseModel):
 @dataclass(frozen=True)
 class ParsedCampaign:
     request: CampaignRequest
-    # requestId, else batchId, else (auto replies) a hash of the body: stable across retries.
-    request_key: str
+    # What the ledger knows the request by: its batchId and requestId, or without either (auto
+    # replies) its content, whatever the whitespace (shared/ids.py).
+    identity: str
+    by_content: bool
     # The exact JSON text of the top-level "metadata" value, as received.
     metadata_json: str
     scheduled_at: datetime | None
@@ -112,12 +114,25 @@ def parse_campaign(raw: bytes) -> ParsedCampaign:
     except RecursionError:
         # orjson reads 1,024 levels, Python's json (which finds the exact text) fewer.
         raise SchemaViolation("(root)", "nested too deeply") from None
+    identity = request_key(request.batch_id, request.request_id)
     return ParsedCampaign(
         request=request,
-        request_key=request_key(request.batch_id, request.request_id, raw),
+        identity=identity if identity is not None else _content_identity(document),
+        by_content=identity is None,
         metadata_json=metadata_json,
         scheduled_at=scheduled_at(request.metadata.scheduled_time),
     )
+
+
+def _content_identity(document: dict[str, Any]) -> str:
+    """The content key of the parsed body: a body that verified only in its compact
+    re-serialisation, sent again with other whitespace, is the same request."""
+    try:
+        canonical = orjson.dumps(document, option=orjson.OPT_SORT_KEYS)
+    except orjson.JSONEncodeError:
+        # orjson writes 254 levels; such a body is no auto reply.
+        raise SchemaViolation("(root)", "nested too deeply") from None
+    return content_key(canonical)
 
 
 def scheduled_at(epoch_ms: int | None) -> datetime | None:
@@ -202,6 +217,10 @@ class CampaignRecords:
     recipients: list[tuple[bytes, bytes]] = field(default_factory=list)  # sms.recipients
     dispatches: list[tuple[bytes, bytes]] = field(default_factory=list)  # sms.dispatches
     rejections: list[Rejection] = field(default_factory=list)
+    # Indexes of sent recipients whose bare digits were a valid number both ways, and how the
+    # tenant's bare_digits read them.
+    ambiguous: list[int] = field(default_factory=list)
+    ambiguous_read_as: str = ""
 
     @property
     def accepted(self) -> int:
@@ -218,16 +237,19 @@ def build_records(
     tenant: str,
     settings: TenantSettings,
     campaign: ParsedCampaign,
-    normalise: Callable[[str], str],
+    read: Callable[[str], Reading],
     accepted_at: datetime,
+    request_key: str | None = None,
 ) -> CampaignRecords:
     """One RecipientMessage per sendable recipient, one failed DispatchRecord per rejected one.
 
-    ``normalise`` turns a number into E.164 or raises InvalidNumber (``shared.numbers.to_e164``
-    or an equivalent).
+    ``read`` turns a number into its E.164 reading or raises InvalidNumber
+    (``shared.numbers.read_number`` or an equivalent). ``request_key``, what the message ids
+    derive from, is the request's identity unless given (an id-less request's key carries its
+    first acceptance time: services/ingress/ledger.py).
     """
     request = campaign.request
-    key = campaign.request_key
+    key = request_key if request_key is not None else campaign.identity
     context_template = MessageContext(
         tenant=tenant,
         message_id="",
@@ -248,7 +270,7 @@ def build_records(
         accepted_at=accepted_at,
     ).model_dump(mode="python")
     context_fields = message_template["context"]
-    records = CampaignRecords(request_key=key)
+    records = CampaignRecords(request_key=key, ambiguous_read_as=settings.bare_digits)
     append_recipient = records.recipients.append
     dumps = orjson.dumps
     for index, recipient in enumerate(campaign.recipients):
@@ -257,7 +279,7 @@ def build_records(
         customer_id = recipient.get("customerId") or ""
         mobile_number = number or ""
         identifier = message_id(tenant, key, index, mobile_number)
-        destination, rejection = _check_recipient(index, number, text, normalise)
+        destination, ambiguous, rejection = _check_recipient(index, number, text, read)
         if rejection is not None:
             records.rejections.append(rejection)
             context_of_rejected = context_template.model_copy(
@@ -280,22 +302,25 @@ def build_records(
         message["destination"] = destination
         message["text"] = text
         append_recipient((recipient_key(tenant, destination).encode(), dumps(message)))
+        if ambiguous:
+            records.ambiguous.append(index)
     return records
 
 
 def _check_recipient(
-    index: int, number: str | None, text: str | None, normalise: Callable[[str], str]
-) -> tuple[str, Rejection | None]:
-    """The E.164 destination ("" if none), and why the recipient cannot be sent, if it cannot."""
+    index: int, number: str | None, text: str | None, read: Callable[[str], Reading]
+) -> tuple[str, bool, Rejection | None]:
+    """The E.164 destination ("" if none), whether its digits read another valid number the
+    other way, and why the recipient cannot be sent, if it cannot."""
     if number is None:
-        return "", Rejection(index, MISSING_NUMBER, SubStatus.INVALID_NUMBER)
+        return "", False, Rejection(index, MISSING_NUMBER, SubStatus.INVALID_NUMBER)
     try:
-        destination = normalise(number)
+        destination, ambiguous = read(number)
     except InvalidNumber as exc:
-        return "", Rejection(index, str(exc), SubStatus.INVALID_NUMBER)
+        return "", False, Rejection(index, str(exc), SubStatus.INVALID_NUMBER)
     if text is None or not text.strip():
-        return destination, Rejection(index, EMPTY_MESSAGE, SubStatus.EMPTY_MESSAGE)
-    return destination, None
+        return destination, ambiguous, Rejection(index, EMPTY_MESSAGE, SubStatus.EMPTY_MESSAGE)
+    return destination, ambiguous, None
 
 
 def _rejected_dispatch(

@@ -1,16 +1,19 @@
-"""E.164 for whole campaign batches: ``shared.numbers.to_e164``'s answers at a fraction of its cost.
+"""E.164 for whole campaign batches: ``shared.numbers.read_number``'s answers at a fraction of its
+cost.
 
 ``phonenumbers`` spends about 50 µs on one number (``parse`` plus ``is_valid_number``, mostly
 re-looking-up compiled patterns in Python), which alone would keep a 10,000-recipient batch far
-below the Kafka produce rate. This module takes the same steps as ``to_e164`` for numbers written
-as ASCII digits with an optional leading ``+`` and single spaces or hyphens between digits (how
-Optimove's tenants store numbers): the same country-code extraction, national-prefix stripping,
-length checks and validity rules, with each region's patterns compiled once and its validity
-rules folded into a single regular expression.
+below the Kafka produce rate. This module takes the same steps as ``read_number`` for numbers
+written as ASCII digits with an optional leading ``+`` and single spaces or hyphens between
+digits (how Optimove's tenants store numbers): the same country-code extraction, national-prefix
+stripping, length checks and validity rules, with each region's patterns compiled once and its
+validity rules folded into a single regular expression.
 
-Only acceptances are decided here. Any other spelling, any branch of ``phonenumbers.parse`` this
+Bare digits are read both ways (national, and international missing its "+"), and the tenant's
+``bare_digits`` picks when both are valid (``shared.numbers.read_number``, the reference).
+Acceptances are decided here. Any other spelling, any branch of ``phonenumbers.parse`` this
 module does not follow (IDD prefixes, unknown country codes) and every number found invalid go to
-``to_e164`` itself, so a refusal always carries that function's verdict and wording.
+``read_number`` itself, so a refusal always carries that function's verdict and wording.
 ``tests/unit/test_ingress_fast_paths.py`` checks that the two agree on large samples.
 """
 
@@ -35,12 +38,12 @@ from phonenumbers.phonenumberutil import (
     region_code_for_country_code,
 )
 
-from shared.numbers import to_e164
+from shared.numbers import BareDigits, Reading, choose_reading, read_number, valid_e164
 
 # Digits, optionally after "+", with single spaces or hyphens between them.
 _SIMPLE_SPELLING: Final = re.compile(r"\+?[0-9](?:[ -]?[0-9])*")
 _SEPARATORS: Final = str.maketrans("", "", " -")
-# No valid number has more digits (country code + national number); to_e164 refuses them.
+# No valid number has more digits (country code + national number); read_number refuses them.
 _MAX_DIGITS: Final = _MAX_LENGTH_FOR_NSN + _MAX_LENGTH_COUNTRY_CODE
 
 # After national-prefix stripping, these lengths make parse keep the unstripped number.
@@ -57,7 +60,7 @@ _POSSIBLE: Final = frozenset(
 
 
 class _Undecided:
-    """This module does not follow the path phonenumbers would take; ask ``to_e164``."""
+    """This module does not follow the path phonenumbers would take; ask ``read_number``."""
 
 
 _UNDECIDED: Final = _Undecided()
@@ -102,7 +105,7 @@ def _validity_pattern(metadata: PhoneMetadata) -> re.Pattern[str] | None:
 
 
 class _Rules:
-    """One PhoneMetadata with what ``to_e164`` asks of it precomputed."""
+    """One PhoneMetadata with what ``read_number`` asks of it precomputed."""
 
     def __init__(self, metadata: PhoneMetadata) -> None:
         self.metadata = metadata
@@ -291,40 +294,52 @@ def _national(digits: str, default: _DefaultRegion) -> _Verdict:
     return _finish(default.country_code, national_number, rules)
 
 
-def fast_to_e164(raw: str, default_region: str) -> str:
-    """Exactly ``shared.numbers.to_e164(raw, default_region)``: E.164 or ``InvalidNumber``."""
+def fast_read(raw: str, default_region: str, bare_digits: BareDigits) -> Reading:
+    """Exactly ``shared.numbers.read_number(raw, default_region, bare_digits)``."""
     region = default_region.upper()
     candidate = raw.strip()
     default = _default_region(region)
     if default is None:
-        return to_e164(raw, default_region)
+        return read_number(raw, default_region, bare_digits)
     plain = candidate[1:] if candidate[:1] == "+" else candidate
     if plain.isascii() and plain.isdigit():
         digits = candidate  # the usual spelling, and the regex's cost is saved
     elif _SIMPLE_SPELLING.fullmatch(candidate):
         digits = candidate.translate(_SEPARATORS)
     else:
-        return to_e164(raw, default_region)
+        return read_number(raw, default_region, bare_digits)
     if len(digits) > _MAX_DIGITS:
-        return to_e164(raw, default_region)
-    verdict: _Verdict
+        return read_number(raw, default_region, bare_digits)
     if digits[0] == "+":
         verdict = _international(digits[1:])
-    else:
-        # to_e164 tries the number as written in the default region first, then (unless it starts
-        # with the national "0") as an international number missing its "+".
-        verdict = _national(digits, default)
-        if verdict is None and digits[0] != "0":
-            verdict = _international(digits)
-    if isinstance(verdict, str):
-        return verdict
-    return to_e164(raw, default_region)
+        if isinstance(verdict, str):
+            return Reading(verdict, False)
+        return read_number(raw, default_region, bare_digits)
+    national = _national(digits, default)
+    if digits[0] == "0":
+        # A national "0" (or an IDD prefix): never an international number missing its "+".
+        if isinstance(national, str):
+            return Reading(national, False)
+        return read_number(raw, default_region, bare_digits)
+    # Bare digits: both readings, so that one valid both ways is known to be ambiguous. A side
+    # this module does not follow is asked of phonenumbers alone.
+    international = _international(digits)
+    if isinstance(national, _Undecided):
+        national = valid_e164(candidate, default_region)
+    if isinstance(international, _Undecided):
+        international = valid_e164("+" + candidate, default_region)
+    if national is None and international is None:
+        return read_number(raw, default_region, bare_digits)  # its verdict and wording
+    return choose_reading(national, international, bare_digits)
 
 
-def normaliser(default_region: str) -> Callable[[str], str]:
-    """``fast_to_e164`` bound to one tenant's default region."""
+NumberReader = Callable[[str], Reading]
 
-    def normalise(raw: str) -> str:
-        return fast_to_e164(raw, default_region)
 
-    return normalise
+def reader(default_region: str, bare_digits: BareDigits) -> NumberReader:
+    """``fast_read`` bound to one tenant's default region and reading of bare digits."""
+
+    def read(raw: str) -> Reading:
+        return fast_read(raw, default_region, bare_digits)
+
+    return read

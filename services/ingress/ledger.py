@@ -2,8 +2,18 @@
 
 At start the whole compacted topic is read from the beginning up to its high watermark (no
 consumer group: every instance needs every entry), then followed, so that a request retried to
-another instance is recognised. Memory stays bounded: an entry keeps counts, not bodies, and
-entries older than the retention are forgotten (the sender still deduplicates on message ids).
+another instance is recognised.
+
+A request with ids is known by them for ``ledger_retention_s``. A request without ids (auto
+replies) is known by its content key for ``idless_dedupe_s`` only: the same words a day later
+are a new message. Its entry holds the request key its message ids derive from (content and
+first acceptance time), written first as a *pending* claim, so that a retry after a failure
+reuses those ids, and the sender recognises what the failed attempt already published. Two
+instances claiming the same content at once both follow the topic: the claim that comes first
+in it wins on every instance (``RequestLedger.claimed``).
+
+Memory stays bounded: an entry keeps counts and rejections, not bodies, and is forgotten after
+its retention (the sender still deduplicates on message ids).
 """
 
 from __future__ import annotations
@@ -21,6 +31,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from services.ingress import metrics
 from shared.events import IngressRequestAccepted, SchemaError, decode
+from shared.ids import CONTENT_PREFIX
 from shared.topics import INGRESS_REQUESTS
 
 log = logging.getLogger(__name__)
@@ -30,45 +41,113 @@ _MAX_RECORDS_PER_POLL = 10_000
 _STALL_WARNING_S = 10.0
 
 
-def ledger_key(tenant: str, request_key: str) -> str:
-    """sms.ingress-requests key."""
-    return f"{tenant}:{request_key}"
+def ledger_key(tenant: str, identity: str) -> str:
+    """sms.ingress-requests key: the tenant and the request's ids or content key."""
+    return f"{tenant}:{identity}"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class LedgerEntry:
     accepted: int
     rejected: list[dict[str, Any]]
-    accepted_at: float  # Unix seconds
+    accepted_at: float  # Unix seconds; of the first acceptance for an id-less request
+    request_key: str = ""
+    pending: bool = False
+    ambiguous: tuple[int, ...] = ()
+    ambiguous_read_as: str = ""
+
+    @classmethod
+    def of(cls, event: IngressRequestAccepted) -> LedgerEntry:
+        return cls(
+            accepted=event.accepted,
+            rejected=list(event.rejected),
+            accepted_at=event.at.timestamp(),
+            request_key=event.request_key,
+            pending=event.pending,
+            ambiguous=tuple(event.ambiguous),
+            ambiguous_read_as=event.ambiguous_read_as,
+        )
+
+    @property
+    def by_content(self) -> bool:
+        return self.request_key.startswith(CONTENT_PREFIX)
 
 
 class RequestLedger:
-    """Requests known to be on Kafka, oldest first; forgets them after ``retention_s``."""
+    """Requests known to be on Kafka (and id-less requests' claims), oldest first per kind."""
 
-    def __init__(self, retention_s: float, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        retention_s: float,
+        content_window_s: float = 600.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.retention_s = retention_s
+        self.content_window_s = content_window_s
         self._clock = clock
-        self._entries: OrderedDict[str, LedgerEntry] = OrderedDict()
+        self._by_ids: OrderedDict[str, LedgerEntry] = OrderedDict()
+        self._by_content: OrderedDict[str, LedgerEntry] = OrderedDict()
+        self._waiters: dict[str, list[asyncio.Future[None]]] = {}
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return len(self._by_ids) + len(self._by_content)
 
     def get(self, key: str) -> LedgerEntry | None:
-        entry = self._entries.get(key)
+        entry = self._by_ids.get(key) or self._by_content.get(key)
         if entry is None or self._expired(entry):
             return None
         return entry
 
     def remember(self, key: str, event: IngressRequestAccepted) -> None:
-        entry = LedgerEntry(event.accepted, list(event.rejected), event.at.timestamp())
-        if self._expired(entry):
-            return
-        self._entries[key] = entry
-        self._entries.move_to_end(key)
-        self.expire()
+        entry = LedgerEntry.of(event)
+        try:
+            if entry.by_content:
+                current = self._by_content.get(key)
+                if (
+                    current is not None
+                    and current.request_key != entry.request_key
+                    and entry.accepted_at < current.accepted_at + self.content_window_s
+                ):
+                    # A later claim on content claimed within the window: the first in the
+                    # topic wins, so every instance settles on the same message ids.
+                    return
+                table = self._by_content
+            else:
+                table = self._by_ids
+            if self._expired(entry):
+                return
+            table[key] = entry
+            table.move_to_end(key)
+            self.expire()
+        finally:
+            self._wake(key)
+
+    async def claimed(self, key: str, timeout_s: float) -> LedgerEntry | None:
+        """The entry of ``key`` once there is one (this instance's claim, or an earlier one read
+        from the topic); None if none arrived within ``timeout_s``."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while (entry := self.get(key)) is None:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return None
+            arrived: asyncio.Future[None] = loop.create_future()
+            waiters = self._waiters.setdefault(key, [])
+            waiters.append(arrived)
+            try:
+                await asyncio.wait_for(arrived, remaining)
+            except TimeoutError:
+                pass
+            finally:
+                if arrived in waiters:
+                    waiters.remove(arrived)
+                if not waiters and self._waiters.get(key) is waiters:
+                    del self._waiters[key]
+        return entry
 
     def forget(self, key: str) -> None:
-        self._entries.pop(key, None)
+        self._by_ids.pop(key, None)
+        self._by_content.pop(key, None)
 
     def apply(self, key: bytes | None, value: bytes | None) -> None:
         """One record of sms.ingress-requests; a null value (tombstone) forgets the key."""
@@ -87,16 +166,23 @@ class RequestLedger:
         self.remember(text_key, event)
 
     def expire(self) -> None:
-        """Drop entries past the retention, oldest first (entries arrive roughly in time order)."""
-        while self._entries:
-            oldest = next(iter(self._entries.values()))
-            if not self._expired(oldest):
-                break
-            self._entries.popitem(last=False)
-        metrics.LEDGER_ENTRIES.set(len(self._entries))
+        """Drop entries past their retention, oldest first (they arrive roughly in time order)."""
+        for table in (self._by_ids, self._by_content):
+            while table:
+                oldest = next(iter(table.values()))
+                if not self._expired(oldest):
+                    break
+                table.popitem(last=False)
+        metrics.LEDGER_ENTRIES.set(len(self))
 
     def _expired(self, entry: LedgerEntry) -> bool:
-        return entry.accepted_at < self._clock() - self.retention_s
+        keep_s = self.content_window_s if entry.by_content else self.retention_s
+        return entry.accepted_at < self._clock() - keep_s
+
+    def _wake(self, key: str) -> None:
+        for waiter in self._waiters.pop(key, ()):
+            if not waiter.done():
+                waiter.set_result(None)
 
 
 class LedgerFollower:

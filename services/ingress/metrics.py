@@ -9,8 +9,14 @@ from shared.metrics import PREFIX
 REQUESTS = Counter(
     f"{PREFIX}_ingress_requests_total",
     "Campaign Transmission requests answered, by outcome (accepted, duplicate, unauthorized, "
-    "invalid_json, invalid_schema, too_large, unknown_tenant, unavailable).",
+    "invalid_json, invalid_schema, too_large, unknown_tenant, unavailable, busy).",
     ["tenant", "result"],
+)
+AMBIGUOUS_NUMBERS = Counter(
+    f"{PREFIX}_ingress_ambiguous_numbers_total",
+    "Recipients sent to whose bare-digit number was valid both as international and as national, "
+    "by the reading the tenant's bare_digits chose.",
+    ["tenant", "read_as"],
 )
 RECIPIENTS = Counter(
     f"{PREFIX}_ingress_recipients_total",

@@ -6,11 +6,13 @@ is ``join.Joiner``; the state per correlation key lives in a ``ChangelogStore`` 
 ``sms.normalizer-state``, so a restarted or rebalanced instance picks up where the last one was.
 
 Replies and STOP callbacks (``replies.ReplyRouter``) become ``sms.inbound`` messages for Optimove
-and, for keywords and STOPs, ``sms.opt-outs`` changes. They are forwarded at once, joined or not
-(a reply to nothing we sent is still a reply), and deduplicated by provider event id through an
-entry of the same store that expires after ``inbound_dedupe_s``; only a reply that names its
-message but finds no tenant without that message's dispatch record waits for it, like an early
-status. Joining an accepted dispatch records how Optimove wrote the number on
+(a STOP or START on a shared provider account: one per tenant it concerns), ``sms.last-inbound``
+records of when the customer wrote (after which the sender lets an auto reply through to an
+opted-out customer) and, for keywords and STOPs, ``sms.opt-outs`` changes. They are forwarded at
+once, joined or not (a reply to nothing we sent is still a reply), and deduplicated by provider
+event id through an entry of the same store that expires after ``inbound_dedupe_s``; only a reply
+that names its message but finds no tenant without that message's dispatch record waits for it,
+like an early status. Joining an accepted dispatch records how Optimove wrote the number on
 ``sms.number-formats``, which replies read back. A reply runs under its correlation key's lock,
 like the join, so a dispatch releasing a held reply and a repeat of that reply never race.
 
@@ -41,6 +43,7 @@ from services.normalizer.replies import (
     RoutedReply,
     UnroutableReply,
     tenant_number_key,
+    tenants_by_account,
 )
 from shared.config import Settings
 from shared.events import (
@@ -63,6 +66,7 @@ from shared.topics import (
     DEAD_LETTERS,
     DISPATCHES,
     INBOUND,
+    LAST_INBOUND,
     NORMALIZER_STATE,
     NUMBER_FORMATS,
     OPT_OUTS,
@@ -81,10 +85,10 @@ SEEN_REPLY_PREFIX = "seen-reply#"
 
 @dataclass(frozen=True)
 class _Reply:
-    """A reply to forward (with ``routed``) or to dead-letter (with ``unroutable``)."""
+    """A reply to forward (to each tenant in ``routed``) or to dead-letter (``unroutable``)."""
 
     event: ProviderEvent
-    routed: RoutedReply | None = None
+    routed: tuple[RoutedReply, ...] = ()
     unroutable: str = ""
 
 
@@ -117,6 +121,8 @@ class NormalizerHandler:
                 unmatched_after_s=settings.normalizer.unmatched_after_s,
                 dlr_timeout_s=settings.normalizer.dlr_timeout_s,
                 keep_finished_s=settings.normalizer.keep_finished_s,
+                number_window_s=settings.normalizer.match_by_number_window_s,
+                max_messages_per_number=settings.normalizer.match_by_number_max_messages,
             )
         )
         self.store = ChangelogStore(
@@ -126,7 +132,9 @@ class NormalizerHandler:
             settings.kafka, NUMBER_FORMATS, name=f"{NAME}-number-formats"
         )
         self.directory = NumberDirectory(
-            self.number_formats.get, refresh_s=settings.normalizer.number_format_refresh_s
+            self.number_formats.get,
+            refresh_s=settings.normalizer.number_format_refresh_s,
+            tenants_by_account=tenants_by_account(settings.tenants),
         )
         self.replies = ReplyRouter.from_settings(settings, self.directory)
         self.inbound_dedupe_s = settings.normalizer.inbound_dedupe_s
@@ -281,7 +289,7 @@ class NormalizerHandler:
 
     def _reply_outputs(self, partition: int, reply: _Reply, now: float) -> list[OutRecord]:
         event, routed = reply.event, reply.routed
-        if routed is None:
+        if not routed:
             dead = DeadLetter(
                 source_topic=PROVIDER_EVENTS.name,
                 stage=NAME,
@@ -292,12 +300,13 @@ class NormalizerHandler:
                 redrive_topic=PROVIDER_EVENTS.name,
             )
             return [OutRecord(DEAD_LETTERS, event.correlation_key, dead)]
-        outputs = [OutRecord(INBOUND, routed.tenant, routed.inbound)]
-        change = routed.opt_out_change
-        if change is not None:
-            outputs.append(
-                OutRecord(OPT_OUTS, tenant_number_key(change.tenant, change.number), change)
-            )
+        outputs = []
+        for each in routed:
+            key = tenant_number_key(each.tenant, each.number)
+            outputs.append(OutRecord(INBOUND, each.tenant, each.inbound))
+            if each.opt_out_change is not None:
+                outputs.append(OutRecord(OPT_OUTS, key, each.opt_out_change))
+            outputs.append(OutRecord(LAST_INBOUND, key, each.last_inbound))
         outputs.append(
             self.store.put(
                 partition,
@@ -437,8 +446,9 @@ class NormalizerHandler:
                 "%s reply dead-lettered: no tenant and no dispatch record in time", provider
             )
         for reply in change.replies:
-            if reply.routed is not None:
-                _observe_reply(reply.event, reply.routed)
+            if reply.routed:
+                for routed in reply.routed:
+                    _observe_reply(reply.event, routed)
             else:
                 metrics.INBOUND_UNROUTABLE.labels(reply.event.provider_kind).inc()
                 log.warning("reply dead-lettered: %s", reply.unroutable)
@@ -447,7 +457,7 @@ class NormalizerHandler:
         """Forget that these replies were forwarded: their publication failed."""
         with contextlib.suppress(PartitionNotReady):
             for reply in replies:
-                if reply.routed is not None:
+                if reply.routed:
                     self.store.put(partition, SEEN_REPLY_PREFIX + reply.event.event_id, None)
 
     def _undo(self, partition: int, written: Iterable[_Change]) -> None:

@@ -11,6 +11,10 @@ dropped, an event seen twice changes nothing, and ``sent`` after ``delivered`` i
 A reply that carries its message's id but can be given a tenant only through that message's
 dispatch record (``replies.py``) is held like an early status; the dispatch releases it to the
 caller (``JoinResult.released_replies``), the unmatched timer dead-letters it.
+
+For providers whose send answer names no message (OpenSMS, ``Provider.matched_by_number``) the
+key is the account and the number, and its state holds every recent message sent there
+(``JoinState.messages``); ``number_match.py`` says which of them a report is for.
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel
 
+from services.normalizer import number_match
+from services.normalizer.number_match import NumberSlot
 from shared import ids
 from shared.events import (
     FINAL_STATUSES,
@@ -52,6 +58,12 @@ def provider_status_mapper(
     return provider.canonical(provider_status) if provider is not None else None
 
 
+def matched_by_number(provider_kind: str) -> bool:
+    """Are this provider's reports matched to sends by number (``number_match.py``)?"""
+    provider = PROVIDER_KINDS.get(provider_kind)
+    return provider is not None and provider.matched_by_number
+
+
 @dataclass(frozen=True)
 class JoinPolicy:
     # A provider event whose dispatch record has not arrived by then is dead-lettered.
@@ -62,6 +74,12 @@ class JoinPolicy:
     keep_finished_s: float = 24 * 3600.0
     # Provider event ids remembered per message to recognise a repeated callback.
     max_seen_event_ids: int = 32
+    # Keys matched by number (number_match.py): how long before a report its message may have
+    # been sent, how long after (clock skew, a report overtaking its dispatch record), and how
+    # many messages one number's key remembers.
+    number_window_s: float = 24 * 3600.0
+    number_skew_s: float = 60.0
+    max_messages_per_number: int = 32
 
 
 class JoinState(BaseModel):
@@ -75,6 +93,9 @@ class JoinState(BaseModel):
     sub_status: str = ""
     finished_at: float | None = None
     seen_event_ids: list[str] = []
+    # A key matched by number: every recent message sent to it (the fields above but ``held``,
+    # ``held_since`` and ``seen_event_ids`` stay unused).
+    messages: list[NumberSlot] = []
 
     def to_value(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
@@ -113,10 +134,20 @@ class Joiner:
         """When ``on_timer`` has something to do for this state (Unix seconds), if ever."""
         if state is None:
             return None
+        unmatched = (
+            state.held_since + self.policy.unmatched_after_s
+            if state.held_since is not None
+            else None
+        )
+        if state.messages:
+            due = number_match.due_at(
+                state.messages,
+                dlr_timeout_s=self.policy.dlr_timeout_s,
+                keep_finished_s=self.policy.keep_finished_s,
+            )
+            return min(t for t in (due, unmatched) if t is not None)
         if state.dispatch is None:
-            if state.held_since is None:
-                return None
-            return state.held_since + self.policy.unmatched_after_s
+            return unmatched
         if state.status in FINAL_STATUSES and state.finished_at is not None:
             return state.finished_at + self.policy.keep_finished_s
         return state.dispatch.dispatched_at.timestamp() + self.policy.dlr_timeout_s
@@ -126,28 +157,13 @@ class Joiner:
     def on_dispatch(
         self, stored: JoinState | None, dispatch: DispatchRecord, now: float
     ) -> JoinResult:
+        if dispatch.outcome == "accepted" and matched_by_number(dispatch.provider_kind):
+            return self._on_number_dispatch(stored, dispatch, now)
         state = _working_copy(stored)
         result = JoinResult(state, changed=True)
         if state.dispatch is None:
             state.dispatch = dispatch
-        if dispatch.outcome == "accepted":
-            status: CanonicalStatus = "sent"
-            # ``Sent``, or a dry run's ``DryRun:Sent`` (shared/providers/dryrun.py).
-            sub_status = dispatch.sub_status or SubStatus.SENT.value
-        else:
-            status = "failed"
-            sub_status = dispatch.sub_status or SubStatus.PROVIDER_ERROR.value
-        self._advance(
-            state,
-            result,
-            status,
-            sub_status,
-            now=now,
-            detail=dispatch.detail,
-            occurred_at=dispatch.dispatched_at,
-            provider_account=dispatch.provider_account,
-            provider_message_id=dispatch.provider_message_id,
-        )
+        self._dispatched(state, result, dispatch, now)
         held, state.held, state.held_since = state.held, [], None
         for event in held:
             if event.kind in REPLY_KINDS:
@@ -175,12 +191,15 @@ class Joiner:
         state.seen_event_ids = [*state.seen_event_ids, event.event_id][
             -self.policy.max_seen_event_ids :
         ]
-        if state.dispatch is None:
+        target: JoinState | NumberSlot | None = state if state.dispatch is not None else None
+        if matched_by_number(event.provider_kind):
+            target = self._slot_for(state, event)
+        if target is None:
             state.held.append(event)
             if state.held_since is None:
                 state.held_since = now
             return result
-        self._apply_event(state, result, event, now)
+        self._apply_event(target, result, event, now)
         return result
 
     def hold_reply(self, stored: JoinState | None, event: ProviderEvent, now: float) -> JoinResult:
@@ -205,38 +224,156 @@ class Joiner:
         if due > now:
             # Not due after all (the policy changed since): the caller re-arms it at ``due``.
             return JoinResult(stored, changed=True)
+        if stored.messages:
+            return self._on_number_timer(stored, now)
         if stored.dispatch is None:
-            return self._give_up_unmatched(stored)
+            given_up = JoinResult(None, changed=True)
+            _dead_letter_held(stored.held, given_up, self.policy.number_window_s)
+            return given_up
         if stored.status not in FINAL_STATUSES:
             state = _working_copy(stored)
             result = JoinResult(state, changed=True)
-            self._advance(
-                state,
-                result,
-                "failed",
-                SubStatus.EXPIRED.value,
-                now=now,
-                detail=f"no final delivery report within {self.policy.dlr_timeout_s:g}s",
-                occurred_at=datetime.fromtimestamp(now, UTC),
-                provider_account=stored.dispatch.provider_account,
-                provider_message_id=stored.dispatch.provider_message_id,
-            )
+            self._expire(state, result, now)
             return result
         # Finished long enough ago: late reports no longer need recognising.
         return JoinResult(None, changed=True)
 
+    # -- keys matched by number (number_match.py) ------------------------------------------
+
+    def _on_number_dispatch(
+        self, stored: JoinState | None, dispatch: DispatchRecord, now: float
+    ) -> JoinResult:
+        state = _working_copy(stored)
+        result = JoinResult(state, changed=True)
+        message_id = dispatch.context.message_id
+        if any(slot.dispatch.context.message_id == message_id for slot in state.messages):
+            return JoinResult(stored)  # a replayed dispatch record
+        slot = NumberSlot(dispatch=dispatch, provider_message_id=dispatch.provider_message_id)
+        state.messages = number_match.insert(state.messages, slot)
+        self._dispatched(slot, result, dispatch, now)
+        while len(state.messages) > self.policy.max_messages_per_number:
+            evicted = state.messages.pop(number_match.to_evict(state.messages))
+            if not evicted.finished:
+                self._expire(
+                    evicted,
+                    result,
+                    now,
+                    f"more than {self.policy.max_messages_per_number} messages to this number "
+                    "awaiting reports; the oldest is given up",
+                )
+        # Reports that came before this record may be for it (or for nothing sent yet).
+        held, state.held = state.held, []
+        for event in held:
+            target = self._slot_for(state, event)
+            if target is None:
+                state.held.append(event)
+            else:
+                self._apply_event(target, result, event, now)
+        if not state.held:
+            state.held_since = None
+        result.changed = state != stored
+        return result
+
+    def _slot_for(self, state: JoinState, event: ProviderEvent) -> NumberSlot | None:
+        """The message of ``state`` this report is for, which learns the report's id."""
+        index = number_match.pick(
+            state.messages,
+            event.provider_message_id,
+            event.received_at.timestamp(),
+            window_s=self.policy.number_window_s,
+            skew_s=self.policy.number_skew_s,
+        )
+        if index is None:
+            return None
+        slot = state.messages[index]
+        if not slot.provider_message_id:
+            slot.provider_message_id = event.provider_message_id
+        return slot
+
+    def _on_number_timer(self, stored: JoinState, now: float) -> JoinResult:
+        state = _working_copy(stored)
+        result = JoinResult(state, changed=True)
+        kept: list[NumberSlot] = []
+        for slot in state.messages:
+            if slot.finished:
+                if slot.finished_at is not None and (
+                    slot.finished_at + self.policy.keep_finished_s <= now
+                ):
+                    continue  # late reports for it no longer need recognising
+            elif slot.sent_at + self.policy.dlr_timeout_s <= now:
+                self._expire(slot, result, now)
+            kept.append(slot)
+        state.messages = kept
+        if state.held_since is not None and state.held_since + self.policy.unmatched_after_s <= now:
+            _dead_letter_held(state.held, result, self.policy.number_window_s)
+            state.held, state.held_since = [], None
+        if not state.messages and not state.held:
+            result.state = None
+        return result
+
     # -- steps -------------------------------------------------------------------------------------
 
+    def _dispatched(
+        self,
+        target: JoinState | NumberSlot,
+        result: JoinResult,
+        dispatch: DispatchRecord,
+        now: float,
+    ) -> None:
+        if dispatch.outcome == "accepted":
+            status: CanonicalStatus = "sent"
+            # ``Sent``, or a dry run's ``DryRun:Sent`` (shared/providers/dryrun.py).
+            sub_status = dispatch.sub_status or SubStatus.SENT.value
+        else:
+            status = "failed"
+            sub_status = dispatch.sub_status or SubStatus.PROVIDER_ERROR.value
+        _advance(
+            target,
+            result,
+            status,
+            sub_status,
+            now=now,
+            detail=dispatch.detail,
+            occurred_at=dispatch.dispatched_at,
+            provider_account=dispatch.provider_account,
+            provider_message_id=dispatch.provider_message_id,
+        )
+
+    def _expire(
+        self, target: JoinState | NumberSlot, result: JoinResult, now: float, detail: str = ""
+    ) -> None:
+        dispatch = target.dispatch
+        assert dispatch is not None, "only a dispatched message expires"
+        _advance(
+            target,
+            result,
+            "failed",
+            SubStatus.EXPIRED.value,
+            now=now,
+            detail=detail or f"no final delivery report within {self.policy.dlr_timeout_s:g}s",
+            occurred_at=datetime.fromtimestamp(now, UTC),
+            provider_account=dispatch.provider_account,
+            provider_message_id=(
+                target.provider_message_id
+                if isinstance(target, NumberSlot)
+                else dispatch.provider_message_id
+            ),
+        )
+
     def _apply_event(
-        self, state: JoinState, result: JoinResult, event: ProviderEvent, now: float
+        self,
+        target: JoinState | NumberSlot,
+        result: JoinResult,
+        event: ProviderEvent,
+        now: float,
     ) -> None:
         mapped = self.classify(event)
         if mapped is None:
             result.dropped.append("unknown_status")
             return
         status, sub_status = mapped
-        self._advance(
-            state,
+        _advance(
+            target,
             result,
             status,
             sub_status,
@@ -247,67 +384,77 @@ class Joiner:
             provider_message_id=event.provider_message_id,
         )
 
-    def _advance(
-        self,
-        state: JoinState,
-        result: JoinResult,
-        status: CanonicalStatus,
-        sub_status: str,
-        *,
-        now: float,
-        detail: str,
-        occurred_at: datetime,
-        provider_account: str,
-        provider_message_id: str,
-    ) -> None:
-        if not is_forward(state.status, status):
-            final = state.status in FINAL_STATUSES
-            result.dropped.append("after_final" if final else "not_forward")
-            return
-        dispatch = state.dispatch
-        assert dispatch is not None, "a status needs the dispatch record's context"
-        state.status = status
-        state.sub_status = sub_status
-        if status in FINAL_STATUSES:
-            state.finished_at = now
-        message_id = dispatch.context.message_id
-        result.statuses.append(
-            StatusEvent(
-                event_id=ids.event_id(message_id, status),
-                context=dispatch.context,
-                status=status,
-                sub_status=sub_status,
-                provider_account=provider_account or dispatch.provider_account,
-                provider_message_id=provider_message_id or dispatch.provider_message_id,
-                detail=detail,
-                occurred_at=occurred_at,
+
+def _advance(
+    target: JoinState | NumberSlot,
+    result: JoinResult,
+    status: CanonicalStatus,
+    sub_status: str,
+    *,
+    now: float,
+    detail: str,
+    occurred_at: datetime,
+    provider_account: str,
+    provider_message_id: str,
+) -> None:
+    """Move one message forward to ``status`` and emit it, or count why not."""
+    if not is_forward(target.status, status):
+        final = target.status in FINAL_STATUSES
+        result.dropped.append("after_final" if final else "not_forward")
+        return
+    dispatch = target.dispatch
+    assert dispatch is not None, "a status needs the dispatch record's context"
+    target.status = status
+    target.sub_status = sub_status
+    if status in FINAL_STATUSES:
+        target.finished_at = now
+    message_id = dispatch.context.message_id
+    result.statuses.append(
+        StatusEvent(
+            event_id=ids.event_id(message_id, status),
+            context=dispatch.context,
+            status=status,
+            sub_status=sub_status,
+            provider_account=provider_account or dispatch.provider_account,
+            provider_message_id=provider_message_id or dispatch.provider_message_id,
+            detail=detail,
+            occurred_at=occurred_at,
+        )
+    )
+
+
+def _dead_letter_held(
+    held: list[ProviderEvent], result: JoinResult, number_window_s: float
+) -> None:
+    """Dead-letter the held events, each with the reason nothing matched it."""
+    for event in held:
+        if event.kind in REPLY_KINDS:
+            result.unmatched_reply_providers.append(event.provider_kind)
+            reason = (
+                f"{event.kind}: no tenant for the reply and no dispatch record for "
+                f"{event.correlation_key}"
+            )
+        elif matched_by_number(event.provider_kind):
+            result.unmatched_providers.append(event.provider_kind)
+            # No number in the reason: the key (which holds it) is the dead letter's own.
+            reason = (
+                f"no message sent to this number on {event.provider_account} in the "
+                f"{number_window_s:g}s before the report, none named by its message id"
+            )
+        else:
+            result.unmatched_providers.append(event.provider_kind)
+            reason = f"no dispatch record for {event.correlation_key}"
+        result.dead_letters.append(
+            DeadLetter(
+                source_topic=PROVIDER_EVENTS.name,
+                stage=STAGE,
+                reason=reason,
+                key=event.correlation_key,
+                payload=event.to_bytes().decode("utf-8"),
+                attempts=1,
+                redrive_topic=PROVIDER_EVENTS.name,
             )
         )
-
-    def _give_up_unmatched(self, state: JoinState) -> JoinResult:
-        result = JoinResult(None, changed=True)
-        for event in state.held:
-            if event.kind in REPLY_KINDS:
-                result.unmatched_reply_providers.append(event.provider_kind)
-                reason = (
-                    f"{event.kind}: no tenant for the reply and no dispatch record for "
-                    f"{event.correlation_key}"
-                )
-            else:
-                result.unmatched_providers.append(event.provider_kind)
-                reason = f"no dispatch record for {event.correlation_key}"
-            result.dead_letters.append(
-                DeadLetter(
-                    source_topic=PROVIDER_EVENTS.name,
-                    stage=STAGE,
-                    reason=reason,
-                    key=event.correlation_key,
-                    payload=event.to_bytes().decode("utf-8"),
-                    attempts=1,
-                    redrive_topic=PROVIDER_EVENTS.name,
-                )
-            )
-        return result
 
 
 def _working_copy(state: JoinState | None) -> JoinState:
@@ -315,9 +462,14 @@ def _working_copy(state: JoinState | None) -> JoinState:
 
     The joiner assigns fields and appends to the lists; the records inside are frozen events.
     So new lists are enough: a deep copy of every record was a tenth of the normalizer's time.
+    A number-matched key's messages are copied one level down: their fields change too.
     """
     if state is None:
         return JoinState()
     return state.model_copy(
-        update={"held": list(state.held), "seen_event_ids": list(state.seen_event_ids)}
+        update={
+            "held": list(state.held),
+            "seen_event_ids": list(state.seen_event_ids),
+            "messages": [slot.model_copy() for slot in state.messages],
+        }
     )

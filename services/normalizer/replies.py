@@ -5,14 +5,19 @@ Plain logic over plain values (decisions.md §5, §6): which tenant a reply belo
 customer's opt-out. Nothing here touches Kafka; the number directory is read through a lookup
 function (in the service, ``GlobalTable.get`` on ``sms.number-formats``).
 
-Which tenant:
+Which tenant, for a reply:
 1. the tenant of the dispatch the reply's correlation key joins (a reply carrying the original
    message id);
 2. else the tenants whose routes use the provider account: exactly one is it; among several, the
-   one whose number directory saw the number most recently;
+   one that sent to the number through that account last (the number directory says when);
 3. else nobody: ``UnroutableReply``. The service then holds a reply that names its message until
    that message's dispatch record arrives (``join.Joiner.hold_reply``), and dead-letters any
    other with the reason.
+
+Which tenants, for a STOP (a provider STOP or an opt-out keyword) or an opt-in keyword: the
+customer spoke to the account's sender, so every tenant that sent to the number through that
+account (and the replied-to message's tenant) is concerned. Each gets the opt-out change and the
+message; on an account of one tenant, that tenant does, as above.
 """
 
 from __future__ import annotations
@@ -32,11 +37,12 @@ from shared.config import Settings, TenantSettings
 from shared.events import (
     DispatchRecord,
     InboundMessage,
+    LastInbound,
     NumberFormat,
     OptOutChange,
     ProviderEvent,
 )
-from shared.keywords import KeywordRules
+from shared.keywords import KeywordAction, KeywordRules
 from shared.logs import mask_number
 from shared.numbers import InvalidNumber, digits_only, to_e164
 
@@ -59,7 +65,8 @@ def tenant_number_key(tenant: str, e164: str) -> str:
 
 
 def customer_e164(raw: str, region: str) -> str | None:
-    """The customer's number in E.164, as ingress would have normalised it, or None.
+    """The customer's number in E.164, or None. Providers write international digits, so bare
+    digits valid both ways are read internationally (6596234567 is Singapore, not +1 659...).
 
     A number ``phonenumbers`` finds invalid is still kept when the provider wrote it as
     "+digits" or as international digits: the provider knows where the reply came from, and a
@@ -110,18 +117,73 @@ def choose_tenant(
     account: str, candidates: Sequence[str], last_seen: Callable[[str], datetime | None]
 ) -> str:
     """The tenant an unmatched reply on ``account`` belongs to; ``last_seen(tenant)`` says when
-    that tenant's number directory last saw the number (None: never)."""
+    that tenant last sent to the number through the account (None: never)."""
     if not candidates:
         raise UnroutableReply(f"provider account {account!r} is in no tenant's routes")
     if len(candidates) == 1:
         return candidates[0]
     seen = [(moment, tenant) for tenant in candidates if (moment := last_seen(tenant)) is not None]
     if not seen:
-        raise UnroutableReply(
-            f"provider account {account!r} serves tenants {sorted(candidates)} "
-            "and none of them has sent to this number"
-        )
+        raise _nobody_sent(account, candidates)
     return max(seen)[1]
+
+
+def opt_out_tenants(
+    account: str,
+    candidates: Sequence[str],
+    joined: str | None,
+    last_seen: Callable[[str], datetime | None],
+) -> tuple[str, ...]:
+    """Every tenant a STOP (or START) on ``account`` concerns, the one it would be a reply of
+    first: the tenant of the replied-to message (``joined``) and each of the account's tenants
+    that sent to the number through it, most recent first. On an account of one tenant, that
+    tenant even if it never sent there (as ``choose_tenant``)."""
+    sent = [(moment, tenant) for tenant in candidates if (moment := last_seen(tenant)) is not None]
+    others = tuple(tenant for _, tenant in sorted(sent, reverse=True) if tenant != joined)
+    if joined is not None:
+        return (joined, *others)
+    if others:
+        return others
+    return (choose_tenant(account, candidates, last_seen),)
+
+
+def _nobody_sent(account: str, candidates: Sequence[str]) -> UnroutableReply:
+    return UnroutableReply(
+        f"provider account {account!r} serves tenants {sorted(candidates)} "
+        "and none of them has sent to this number"
+    )
+
+
+def sent_through(record: NumberFormat | None, account: str) -> datetime | None:
+    """When ``record``'s tenant last sent to its number through ``account`` (None: never). A
+    record written before accounts were recorded counts for every account, from its ``seen_at``."""
+    if record is None:
+        return None
+    if not record.accounts:
+        return record.seen_at
+    return record.accounts.get(account)
+
+
+def stamp_due(
+    current: NumberFormat | None,
+    mobile_number: str,
+    account: str,
+    now: datetime,
+    refresh_s: float,
+    rivals_since: Callable[[datetime], bool],
+) -> bool:
+    """Whether a dispatch to the number through ``account`` must be written to the directory.
+
+    When nothing is known, Optimove respelt the number, the account is new for the tenant, the
+    stamp is older than ``refresh_s``, or ``rivals_since(stamp)``: another tenant sharing the
+    account sent to the number since our stamp, so that a reply still goes to whoever sent last.
+    """
+    if current is None or current.mobile_number != mobile_number:
+        return True
+    stamp = current.accounts.get(account) if account else current.seen_at
+    if stamp is None:
+        return True
+    return (now - stamp).total_seconds() >= refresh_s or rivals_since(stamp)
 
 
 class NumberDirectory:
@@ -131,6 +193,10 @@ class NumberDirectory:
     are also remembered locally (a bounded LRU) from the moment it decides, so that neither the
     topic's short lag behind our own writes nor two messages to one number handled at once make
     a campaign write the same number twice.
+
+    Each record also says when its tenant last sent to the number through each provider account
+    (``NumberFormat.accounts``): ``tenants_by_account`` names the tenants sharing an account, whose
+    later stamps make ours stale (``stamp_due``).
     """
 
     def __init__(
@@ -138,10 +204,12 @@ class NumberDirectory:
         lookup: Callable[[str], Mapping[str, Any] | None],
         *,
         refresh_s: float,
+        tenants_by_account: Mapping[str, Sequence[str]] | None = None,
         remember_at_most: int = 50_000,
     ) -> None:
         self.lookup = lookup
         self.refresh_s = refresh_s
+        self.tenants_by_account = dict(tenants_by_account or {})
         self.remember_at_most = remember_at_most
         self._written: OrderedDict[str, NumberFormat] = OrderedDict()
 
@@ -157,22 +225,37 @@ class NumberDirectory:
         """The record to write for this newly joined dispatch, or None if the directory has it."""
         if dispatch.outcome != "accepted" or not dispatch.destination:
             return None
-        tenant = dispatch.context.tenant
-        current = self.known(tenant, dispatch.destination)
-        if (
-            current is not None
-            and current.mobile_number == dispatch.context.mobile_number
-            and (now - current.seen_at).total_seconds() < self.refresh_s
-        ):
+        tenant, number = dispatch.context.tenant, dispatch.destination
+        account = dispatch.provider_account
+        current = self.known(tenant, number)
+
+        def rivals_since(stamp: datetime) -> bool:
+            return any(
+                (theirs := sent_through(self.known(rival, number), account)) is not None
+                and theirs > stamp
+                for rival in self.tenants_by_account.get(account, ())
+                if rival != tenant
+            )
+
+        mobile_number = dispatch.context.mobile_number
+        if not stamp_due(current, mobile_number, account, now, self.refresh_s, rivals_since):
             return None
+        accounts = dict(current.accounts) if current is not None else {}
+        if account:
+            accounts[account] = now
         record = NumberFormat(
             tenant=tenant,
-            number=dispatch.destination,
-            mobile_number=dispatch.context.mobile_number,
+            number=number,
+            mobile_number=mobile_number,
             seen_at=now,
+            accounts=accounts,
         )
         self._remember(record)
         return record
+
+    def sent_through(self, tenant: str, e164: str, account: str) -> datetime | None:
+        """When ``tenant`` last sent to ``e164`` through ``account``, as far as known."""
+        return sent_through(self.known(tenant, e164), account)
 
     def withdraw(self, record: NumberFormat) -> None:
         """``record`` from ``update_for`` could not be written: let the next dispatch write it."""
@@ -200,11 +283,13 @@ def _number_format(value: Mapping[str, Any] | None) -> NumberFormat | None:
 
 @dataclass(frozen=True)
 class RoutedReply:
-    """What one reply becomes: the message for Optimove and, maybe, an opt-out change."""
+    """What one reply becomes for one tenant: the message for Optimove, the time the customer
+    wrote (for auto replies, ``sms.last-inbound``) and, maybe, an opt-out change."""
 
     tenant: str
     number: str  # E.164
     inbound: InboundMessage
+    last_inbound: LastInbound
     opt_out_change: OptOutChange | None
     # The message replied to, when the reply joined its dispatch.
     message_id: str | None
@@ -235,11 +320,33 @@ class ReplyRouter:
         keywords = KeywordRules.of(normalizer.opt_out_keywords, normalizer.opt_in_keywords)
         return cls(settings.tenants, keywords, directory)
 
-    def route(self, event: ProviderEvent, dispatch: DispatchRecord | None) -> RoutedReply:
-        """Raises UnroutableReply when no tenant or no usable number can be found."""
+    def route(
+        self, event: ProviderEvent, dispatch: DispatchRecord | None
+    ) -> tuple[RoutedReply, ...]:
+        """One ``RoutedReply`` per tenant concerned: one for a reply, every tenant that sent to
+        the number through the account for a STOP or START. Raises UnroutableReply when no
+        tenant or no usable number can be found."""
         if event.kind not in ("inbound", "opt_out"):
             raise ValueError(f"not a reply: {event.kind}")
-        tenant, e164 = self._tenant_and_number(event, dispatch)
+        action: KeywordAction | None = (
+            "opt_out" if event.kind == "opt_out" else self.keywords.classify(event.text)
+        )
+        targets = self._targets(event, dispatch, every=action is not None)
+        return tuple(
+            self._routed(event, tenant, e164, dispatch if index == 0 else None, action, index)
+            for index, (tenant, e164) in enumerate(targets)
+        )
+
+    def _routed(
+        self,
+        event: ProviderEvent,
+        tenant: str,
+        e164: str,
+        dispatch: DispatchRecord | None,
+        action: KeywordAction | None,
+        index: int,
+    ) -> RoutedReply:
+        """``dispatch``: the replied-to message, when it is this tenant's."""
         settings = self.tenants[tenant]
         if dispatch is not None:
             known_as: str | None = dispatch.context.mobile_number
@@ -249,9 +356,18 @@ class ReplyRouter:
             known_as = known.mobile_number if known is not None else None
             dispatch_sender = ""
         sent_at = as_utc(event.occurred_at or event.received_at)
-        change = self._opt_out_change(event, tenant, e164, sent_at)
+        change = None
+        if action is not None:
+            change = OptOutChange(
+                tenant=tenant,
+                number=e164,
+                opted_out=action == "opt_out",
+                source="provider" if event.kind == "opt_out" else "keyword",
+                at=sent_at,
+            )
         inbound = InboundMessage(
-            event_id=ids.event_id("inbound", event.event_id),
+            # The first tenant keeps the id a reply always had; the others' are their own.
+            event_id=ids.event_id("inbound", event.event_id, *([tenant] if index else [])),
             tenant=tenant,
             to=reply_to(event.to, dispatch_sender, settings.default_sender_id),
             from_number=optimove_from(e164, known_as),
@@ -265,13 +381,18 @@ class ReplyRouter:
             tenant=tenant,
             number=e164,
             inbound=inbound,
+            # Our clock: the provider's may be off by hours (Octopush writes Paris time).
+            last_inbound=LastInbound(tenant=tenant, number=e164, at=as_utc(event.received_at)),
             opt_out_change=change,
             message_id=dispatch.context.message_id if dispatch is not None else None,
         )
 
-    def _tenant_and_number(
-        self, event: ProviderEvent, dispatch: DispatchRecord | None
-    ) -> tuple[str, str]:
+    def _targets(
+        self, event: ProviderEvent, dispatch: DispatchRecord | None, *, every: bool
+    ) -> list[tuple[str, str]]:
+        """(tenant, E.164) the reply goes to, the replied-to message's tenant first; ``every``:
+        all the tenants a STOP or START concerns (``opt_out_tenants``), else one."""
+        joined: tuple[str, str] | None = None
         if dispatch is not None:
             tenant = dispatch.context.tenant
             if tenant not in self.tenants:
@@ -284,37 +405,31 @@ class ReplyRouter:
             )
             if e164 is None:
                 raise UnroutableReply("reply without a usable sender number")
-            return tenant, e164
-        candidates = self.accounts.get(event.provider_account, ())
+            joined = (tenant, e164)
+            if not every:
+                return [joined]
+        account = event.provider_account
+        candidates = self.accounts.get(account, ())
         numbers = {
             tenant: e164
             for tenant in candidates
             if (e164 := customer_e164(event.number, self.tenants[tenant].default_region))
         }
-        if candidates and not numbers:
+        if joined is not None:
+            numbers[joined[0]] = joined[1]
+        elif candidates and not numbers:
             raise UnroutableReply(
                 f"reply without a usable sender number ({mask_number(event.number)})"
             )
 
         def last_seen(tenant: str) -> datetime | None:
-            known = self.directory.known(tenant, numbers[tenant]) if tenant in numbers else None
-            return known.seen_at if known is not None else None
+            if tenant not in numbers:
+                return None
+            return self.directory.sent_through(tenant, numbers[tenant], account)
 
-        tenant = choose_tenant(
-            event.provider_account, [t for t in candidates if t in numbers], last_seen
-        )
-        return tenant, numbers[tenant]
-
-    def _opt_out_change(
-        self, event: ProviderEvent, tenant: str, e164: str, at: datetime
-    ) -> OptOutChange | None:
-        if event.kind == "opt_out":
-            return OptOutChange(
-                tenant=tenant, number=e164, opted_out=True, source="provider", at=at
-            )
-        action = self.keywords.classify(event.text)
-        if action is None:
-            return None
-        return OptOutChange(
-            tenant=tenant, number=e164, opted_out=action == "opt_out", source="keyword", at=at
-        )
+        usable = [t for t in candidates if t in numbers]
+        if every:
+            chosen = opt_out_tenants(account, usable, joined[0] if joined else None, last_seen)
+            return [(tenant, numbers[tenant]) for tenant in chosen]
+        tenant = choose_tenant(account, usable, last_seen)
+        return [(tenant, numbers[tenant])]

@@ -43,7 +43,8 @@ reported ``Expired`` again).
 Scheduling and retries never block a partition: a message that is not due yet, waits for a
 retry, or waits for a circuit breaker is parked in the store with its ``due_at`` and its input
 offset is committed; the timer task sends it when due. Opt-outs (``sms.opt-outs``, mirrored by a
-``GlobalTable``) are consulted right before every send attempt, scheduled ones included.
+``GlobalTable``) are consulted right before every send attempt, scheduled ones included; an auto
+reply to a customer who just wrote to us goes out all the same (``optouts.py``).
 
 Campaign controls
 -----------------
@@ -86,6 +87,7 @@ from aiokafka import TopicPartition
 from services.sender import metrics
 from services.sender.accounts import AccountSender, CircuitOpen, SendJob, Withheld
 from services.sender.controls import ControlGate, released_by
+from services.sender.optouts import OptOutVerdict, opt_out_verdict
 from services.sender.routing import (
     Exhausted,
     RetrySchedule,
@@ -135,6 +137,7 @@ from shared.topics import (
     CAMPAIGN_CONTROL,
     DEAD_LETTERS,
     DISPATCHES,
+    LAST_INBOUND,
     OPT_OUTS,
     PROVIDER_EVENTS,
     RECIPIENTS,
@@ -204,12 +207,15 @@ class Dispatcher:
         *,
         providers: Mapping[str, Provider] | None = None,
         opt_outs: TableLookup | None = None,
+        last_inbound: TableLookup | None = None,
         controls: TableLookup | None = None,
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         """``providers``: ready clients by account (others are built on first use);
         ``opt_outs``: the opt-out list (else a ``GlobalTable`` on ``sms.opt-outs`` is started);
+        ``last_inbound``: when customers last wrote (else one on ``sms.last-inbound``; empty
+        when only ``opt_outs`` is given);
         ``controls``: the campaign controls (else one on ``sms.campaign-control``; a caller
         that gives its own calls ``controls_changed`` when they change)."""
         self.settings = settings
@@ -234,6 +240,10 @@ class Dispatcher:
         self._given_providers = dict(providers or {})
         self._opt_outs = opt_outs
         self._opt_out_table: GlobalTable | None = None
+        self._last_inbound: TableLookup | None = (
+            last_inbound if opt_outs is None else (last_inbound or {})
+        )
+        self._last_inbound_table: GlobalTable | None = None
         self._gate = ControlGate(controls.get) if controls is not None else None
         self._control_table: GlobalTable | None = None
         # Partitions whose parked messages must be looked at again (the controls changed, or
@@ -287,6 +297,12 @@ class Dispatcher:
             # fails the start.
             await self._opt_out_table.start()
             self._opt_outs = self._opt_out_table
+        if self._last_inbound is None:
+            self._last_inbound_table = GlobalTable(
+                self.settings.kafka, LAST_INBOUND, name=f"{NAME}-last-inbound"
+            )
+            await self._last_inbound_table.start()
+            self._last_inbound = self._last_inbound_table
         if self._gate is None:
             self._control_table = GlobalTable(
                 self.settings.kafka,
@@ -329,6 +345,10 @@ class Dispatcher:
             await self._opt_out_table.stop()
             self._opt_out_table = None
             self._opt_outs = None
+        if self._last_inbound_table is not None:
+            await self._last_inbound_table.stop()
+            self._last_inbound_table = None
+            self._last_inbound = None
         if self._control_table is not None:
             await self._control_table.stop()
             self._control_table = None
@@ -537,10 +557,24 @@ class Dispatcher:
         return self._gate.effect(message.context.tenant, message.context.campaign_id)
 
     def _opted_out(self, message: RecipientMessage) -> bool:
-        if self._opt_outs is None:
+        """The opt-out list stops the message (``optouts.py`` decides)."""
+        opt_outs, last_inbound = self._opt_outs, self._last_inbound
+        if opt_outs is None or last_inbound is None:
             raise RuntimeError("Dispatcher.start() was not called (no opt-out list)")
-        entry = self._opt_outs.get(recipient_key(message.context.tenant, message.destination))
-        return entry is not None and entry.get("opted_out") is True
+        key = recipient_key(message.context.tenant, message.destination)
+        verdict = opt_out_verdict(
+            message,
+            opt_outs.get(key),
+            lambda: last_inbound.get(key),
+            self.settings.sender.reply_window_s,
+        )
+        if verdict is OptOutVerdict.SEND_AUTO_REPLY:
+            log.info(
+                "auto reply to opted-out %s let through: the customer wrote to us lately",
+                mask_number(message.destination),
+                extra={"message_id": message.context.message_id},
+            )
+        return verdict is OptOutVerdict.SUPPRESS
 
     # -- one attempt: intent, provider call, outcome -------------------------------------------
 

@@ -103,6 +103,10 @@ class Provider(ABC):
     # in the same order; Octopush's ``request_id``): such a call may be sent again when its first
     # outcome is unknown.
     deduplicates_resends: ClassVar[bool] = False
+    # True when the send answer may name no message (OpenSMS): ``correlation_key`` is then the
+    # account and number, and the normalizer matches a report to a recent send to that number
+    # (``services/normalizer/number_match.py``).
+    matched_by_number: ClassVar[bool] = False
 
     def __init__(
         self,

@@ -2,10 +2,15 @@
 
 Send: ``POST {base_url}/sms-campaign/send`` (base URL e.g. ``https://api.octopush.com/v1/public``)
 with headers ``api-key`` and ``api-login``; JSON ``{recipients: [{phone_number}], text, type,
-purpose, sender, request_id, with_replies, auto_optimize_text}``, up to 500 recipients sharing
-text and sender. The answer's ``sms_ticket`` covers the whole call, so a message is identified by
-ticket and number: ``correlation_key`` is ``account:ticket:number`` (E.164 with ``+``, as the
-callbacks write it). ``request_id`` is derived from our message ids, so a resent call is
+purpose, sender, request_id, with_replies, auto_optimize_text, auto_remove_blacklisted_numbers}``,
+up to 500 recipients sharing text and sender. ``with_replies`` is the account's setting (off by
+default: in France it replaces an alphanumeric sender with a short number).
+``auto_remove_blacklisted_numbers`` is always on, so that one blacklisted number does not fail a
+call of 500; Octopush does not say which it removed, so such a recipient stays ``Sent`` until its
+report (``BLACKLISTED_NUMBER``, if Octopush sends one) or the DLR timeout.
+The answer's ``sms_ticket`` covers the whole call, so a message is identified by ticket and
+number: ``correlation_key`` is ``account:ticket:number`` (E.164 with ``+``, as the callbacks
+write it). ``request_id`` is derived from our message ids, so a resent call is
 de-duplicated by Octopush for 24 h.
 
 Callbacks (one dashboard URL for all three; JSON or form-encoded; field names in any case):
@@ -20,6 +25,8 @@ What the documentation leaves out, and what this module assumes (only here):
 - **Errors**: the v1 error body is undocumented. The legacy codes (``ERROR_CODES``) are looked for
   in ``code``/``error_code``/``errorCode`` (also inside an ``error`` object); otherwise the HTTP
   status decides (429 and 5xx retry, 401/403 retry as an account problem, other 4xx terminal).
+- **A STOP without ``text``** is still an opt-out (``stop_date`` decides, providers.md §3.4); it
+  is forwarded to Optimove with the text ``STOP_TEXT``, so that Optimove sees an opt-out too.
 - **Duplicate ``request_id``** (legacy 120): our earlier attempt of this very call went through,
   but its ticket is unknown, so its reports can never be matched. Terminal ``ProviderError``,
   never retried (Octopush would refuse it again).
@@ -70,6 +77,7 @@ FIXTURES: dict[str, Any] = {
         "request_id": "my-request-1",
         "with_replies": True,
         "auto_optimize_text": False,
+        "auto_remove_blacklisted_numbers": True,
     },
     "send_response": {
         "sms_ticket": "sms_5fec89fe97109",
@@ -153,6 +161,8 @@ _DUPLICATE_TEXT = re.compile(r"request[_ ]?id.*(duplicat|already|exist|used)", r
 _INVALID_NUMBER_TEXT = re.compile(r"\binvalid\b.*\b(phone|number|recipient)", re.I | re.S)
 
 STOP_DATE, DELIVERY_DATE = "stop_date", "delivery_date"
+# The customer's words of a STOP callback that gives none (see the module docstring).
+STOP_TEXT = "STOP"
 INBOUND_DATES = ("answer_date", "reception_date")
 
 
@@ -196,8 +206,9 @@ class Octopush(Provider):
             "type": SMS_TYPE,
             "purpose": self.settings.purpose,
             "request_id": request_id(call),
-            "with_replies": True,
+            "with_replies": self.settings.with_replies,
             "auto_optimize_text": False,
+            "auto_remove_blacklisted_numbers": True,
         }
         if first.sender_id:
             body["sender"] = first.sender_id
@@ -407,7 +418,9 @@ def _inbound(
     if isinstance(text, int | float) and not isinstance(text, bool):
         text = str(text)
     if not isinstance(text, str):
-        raise CallbackRejected("text is missing")
+        if kind != "opt_out":
+            raise CallbackRejected("text is missing")
+        text = STOP_TEXT  # a STOP is a STOP, whatever the customer wrote (providers.md §3.4)
     return ParsedCallback(
         kind=kind,
         provider_message_id=_text(fields.get("message_id")),

@@ -11,21 +11,27 @@ No inbound or STOP webhook is documented. Answer: 200 ``{"status":"received"}``.
 What the documentation leaves out, and what this module assumes (only here):
 
 - **Message ids in the send answer.** Documented only as ``{"status":"success","data":"sms
-  reports with all details"}``. ``message_ids`` looks for per-recipient records in ``data`` (an
-  object, a list, or a list under ``messages``/``data``/``reports``/``recipients``), else in the
-  answer itself, and takes the id from ``message_id``, ``uid``, ``messageId`` or ``id``. Records
-  are matched to recipients by number (``recipient``/``phone``/``to``/``number``/``msisdn``,
-  international or national), else by position when there is one record per recipient. A
-  recipient left without an id of its own is a terminal error: the call was accepted, so a retry
-  could send twice, and without an id its delivery reports could never be matched.
+  reports with all details"}``: no id per recipient. Such a recipient is sent (``Sent``), and its
+  reports are matched by number: ``correlation_key`` is ``account:+E164`` for the dispatch and
+  for every report (which carries ``phone``), and the normalizer gives a report to the message
+  its ``message_id`` names, else to the latest message sent to that number on that account
+  within a window before it (``services/normalizer/number_match.py``). Should a real answer carry
+  ids after all, ``message_ids`` finds them: per-recipient records in ``data`` (an object, a
+  list, or a list under ``messages``/``data``/``reports``/``recipients``), else in the answer
+  itself, with the id in ``message_id``, ``uid``, ``messageId`` or ``id``, matched to recipients
+  by number (``recipient``/``phone``/``to``/``number``/``msisdn``, international or national),
+  else by position when there is one record per recipient. A report naming that id then goes to
+  that message, whatever else was sent to the number.
 - **Error codes** (1001-1008) are read from ``code``/``error_code``/``errorCode`` (also inside an
   ``error`` object), else from the error text. Refusals may come inside an HTTP 200 with
   ``"status": "error"``.
 - **Duplicate (1005)** is an unknown outcome (``maybe_accepted``, never retried), not "already
   sent" nor "rejected": we cannot tell a true duplicate from an earlier attempt of ours that went
   through, and there is no id to join reports to either way.
-- **An unreadable 2xx answer** is an unknown outcome too; an accepted answer without an id for a
-  recipient is a known one (accepted, untrackable): both terminal ``ProviderError``.
+- **An unreadable 2xx answer** is an unknown outcome too: terminal ``ProviderError``.
+- **A report without ``phone``** cannot be keyed by number: it is keyed ``account:id:<its
+  message_id>``, meets no dispatch, and is dead-lettered with the reason once
+  ``unmatched_after_s`` passed.
 - **A failure's ``error``** saying the number is invalid turns the provider status ``failed``
   into ``failed_invalid_number`` (``InvalidNumber``): statuses are mapped on the status alone.
 - **``X-RateLimit-Reset``** is Unix time (as documented), or seconds from now when too small to be
@@ -139,6 +145,7 @@ class OpenSms(Provider):
     # Not documented; a comma-separated list of a hundred numbers keeps requests small.
     max_batch = 100
     number_style = "plus"
+    matched_by_number = True
     status_map: ClassVar[Mapping[str, tuple[CanonicalStatus, str]]] = {
         "PENDING": ("sent", SubStatus.SENT),
         "DELIVERED": ("delivered", SubStatus.DELIVERED),
@@ -149,6 +156,14 @@ class OpenSms(Provider):
     @property
     def send_url(self) -> str:
         return f"{self.settings.base_url.rstrip('/')}/sms/send"
+
+    @classmethod
+    def correlation_key(cls, account: str, provider_message_id: str, number: str) -> str:
+        """``account:+E164``: the send answer may name no message, the reports name the phone."""
+        digits = digits_only(number)
+        if digits:
+            return f"{account}:+{digits}"
+        return f"{account}:id:{provider_message_id}"
 
     def request_body(self, call: Sequence[OutboundSms]) -> dict[str, Any]:
         first = call[0]
@@ -212,26 +227,14 @@ class OpenSms(Provider):
             return [error_for(status, {}, received, clock, detail) for _ in call]
         if status >= 300 or str(body.get("status", "")).lower() == "error":
             return [error_for(status, body, received, clock) for _ in call]
-        return self._accepted(call, status, body)
+        return self._accepted(call, body)
 
-    def _accepted(
-        self, call: Sequence[OutboundSms], status: int, body: Mapping[str, Any]
-    ) -> list[SendResult]:
+    def _accepted(self, call: Sequence[OutboundSms], body: Mapping[str, Any]) -> list[SendResult]:
+        """Every recipient of an accepted call is sent, with its id when the answer names one."""
         ids = message_ids(body, [sms.destination for sms in call])
         results: list[SendResult] = []
         for sms in call:
-            provider_id = ids.get(sms.destination)
-            if provider_id is None:
-                results.append(
-                    SendError(
-                        f"OpenSMS accepted the send (HTTP {status}) but its answer has no message "
-                        "id for this recipient; not retried, as it may have been sent",
-                        retryable=False,
-                        sub_status=SubStatus.PROVIDER_ERROR,
-                        status_code=status,
-                    )
-                )
-                continue
+            provider_id = ids.get(sms.destination, "")
             key = self.correlation_key(self.account, provider_id, sms.destination)
             results.append(SendAccepted(sms.message_id, provider_id, key))
         return results

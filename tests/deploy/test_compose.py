@@ -70,6 +70,16 @@ def listen_port(settings: Settings, service: str) -> int:
     return port
 
 
+def ops_port(settings: Settings, service: str) -> int:
+    """Where /metrics, /healthz and /readyz answer: ingress's and callbacks' ops_listen."""
+    ops = {"ingress": settings.ingress.ops_listen, "callbacks": settings.callbacks.ops_listen}
+    if service not in ops:
+        return listen_port(settings, service)
+    host, port = split_listen(ops[service])
+    assert host == "0.0.0.0", f"{service}: Prometheus scrapes ops_listen from another container"
+    return port
+
+
 def test_every_container_runs_a_command_the_cli_accepts() -> None:
     parser = build_parser()
     for name, spec in services().items():
@@ -109,13 +119,17 @@ def test_ports_agree_between_config_compose_and_prometheus(settings: Settings) -
     scrape = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
     jobs = {job["job_name"]: job for job in scrape["scrape_configs"]}
     for name in SERVICES:
-        port = listen_port(settings, name)
+        port, ops = listen_port(settings, name), ops_port(settings, name)
         spec = services()[name]
-        assert f":{port}/healthz" in " ".join(spec["healthcheck"]["test"]), name
+        assert f":{ops}/healthz" in " ".join(spec["healthcheck"]["test"]), name
         [discovery] = jobs[f"smsbridge-{name}"]["dns_sd_configs"]
-        assert discovery["names"] == [name] and discovery["port"] == port, name
+        assert discovery["names"] == [name] and discovery["port"] == ops, name
         for published in spec.get("ports", []):
             assert published.endswith(f":{port}"), name
+    for name in ("ingress", "callbacks"):  # the host gets the public port, not the ops one
+        port = listen_port(settings, name)
+        assert ops_port(settings, name) != port
+        assert services()[name]["ports"] == [f"{port}:{port}"], name
     for simulator, base_url in (
         ("sim-optimove", next(iter(settings.tenants.values())).optimove_base_url),
         ("sim-providers", next(iter(settings.providers.values())).base_url),

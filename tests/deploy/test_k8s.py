@@ -50,6 +50,7 @@ def settings(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> Settings:
 
 
 def port_of(settings: Settings, service: str) -> int:
+    """The port the service's Service exposes: the public one of ingress and callbacks."""
     return split_listen(
         {
             "ingress": settings.ingress.listen,
@@ -60,6 +61,12 @@ def port_of(settings: Settings, service: str) -> int:
             "reporter": settings.reporter.metrics_listen,
         }[service]
     )[1]
+
+
+def ops_port_of(settings: Settings, service: str) -> int:
+    """Where /metrics, /healthz and /readyz answer."""
+    ops = {"ingress": settings.ingress.ops_listen, "callbacks": settings.callbacks.ops_listen}
+    return split_listen(ops[service])[1] if service in ops else port_of(settings, service)
 
 
 def test_kustomization_lists_every_manifest_but_the_example_secret() -> None:
@@ -78,17 +85,37 @@ def test_each_service_has_a_deployment_running_it_and_a_service(settings: Settin
         [container] = pod["spec"]["containers"]
         args = parser.parse_args(container["args"])
         assert args.command == "run" and args.service == name
-        [port] = container["ports"]
-        assert port["containerPort"] == port_of(settings, name)
-        assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
-        assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
-        assert pod["metadata"]["annotations"]["prometheus.io/port"] == str(port["containerPort"])
+        ports = {port["name"]: port["containerPort"] for port in container["ports"]}
+        ops = ops_port_of(settings, name)
+        assert set(ports.values()) == {port_of(settings, name), ops}, name
+        for probe, path in (("readinessProbe", "/readyz"), ("livenessProbe", "/healthz")):
+            assert container[probe]["httpGet"]["path"] == path
+            assert ports[container[probe]["httpGet"]["port"]] == ops, name
+        assert pod["metadata"]["annotations"]["prometheus.io/port"] == str(ops)
         labels = pod["metadata"]["labels"]
         assert deployments[name]["spec"]["selector"]["matchLabels"].items() <= labels.items()
         assert services[name]["spec"]["selector"].items() <= labels.items()
-        assert services[name]["spec"]["ports"][0]["port"] == port["containerPort"]
+        exposed = [port["port"] for port in services[name]["spec"]["ports"]]
+        assert exposed == [port_of(settings, name)], name
     job_pod = of_kind("Job")["smsbridge-topics"]["spec"]["template"]["spec"]
     assert parser.parse_args(job_pod["containers"][0]["args"]).command == "topics"
+
+
+def test_the_internet_facing_services_keep_their_ops_endpoints_off_the_exposed_port(
+    settings: Settings,
+) -> None:
+    services = of_kind("Service")
+    for name in ("ingress", "callbacks"):
+        assert ops_port_of(settings, name) != port_of(settings, name)
+        exposed = {port["port"] for port in services[name]["spec"]["ports"]}
+        assert ops_port_of(settings, name) not in exposed, name
+
+
+def test_the_production_example_speaks_https_only(settings: Settings) -> None:
+    assert settings.allow_plain_http is False
+    urls = settings.urls_in_use()
+    assert set(urls) >= {"ingress.public_url", "callbacks.public_url"}
+    assert all(url.startswith("https://") for url in urls.values()), urls
 
 
 def test_consumers_stop_within_their_grace_period(settings: Settings) -> None:

@@ -13,7 +13,6 @@ from collections.abc import AsyncIterator
 
 import aiohttp
 import pytest
-from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
 from services.callbacks.app import build as build_callbacks
@@ -24,7 +23,7 @@ from services.reporter.app import build as build_reporter
 from services.sender.app import build as build_sender
 from shared.broker import EmbeddedBroker
 from shared.config import Settings
-from shared.service import Service, add_ops_routes, serve
+from shared.service import OpsServer, Service
 from tests.deploy.promql import dashboard_expressions, metric_names, rule_expressions
 from tests.support import make_settings, running
 
@@ -57,13 +56,12 @@ def exposed_names(exposition: str) -> set[str]:
 @contextlib.asynccontextmanager
 async def ops_server(service: Service, listen: str) -> AsyncIterator[None]:
     """The ops endpoints ``run_service`` serves beside a consumer service."""
-    app = web.Application()
-    add_ops_routes(app, service.ready)
-    runner = await serve(app, listen)
+    server = OpsServer(listen, service.ready)
+    await server.start()
     try:
         yield
     finally:
-        await runner.cleanup()
+        await server.stop()
 
 
 async def scrape(url: str) -> str:
@@ -75,8 +73,8 @@ async def scrape(url: str) -> str:
 
 def metrics_urls(settings: Settings) -> dict[str, str]:
     return {
-        "ingress": f"http://{settings.ingress.listen}/metrics",
-        "callbacks": f"http://{settings.callbacks.listen}/metrics",
+        "ingress": f"http://{settings.ingress.ops_listen}/metrics",
+        "callbacks": f"http://{settings.callbacks.ops_listen}/metrics",
         "sender": f"http://{settings.sender.metrics_listen}/metrics",
         "normalizer": f"http://{settings.normalizer.metrics_listen}/metrics",
         "reporter": f"http://{settings.reporter.metrics_listen}/metrics",

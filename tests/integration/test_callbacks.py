@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import asyncio
+import statistics
+import time
 from typing import Any
 
 import aiohttp
@@ -111,7 +113,7 @@ async def test_refused_callbacks_never_reach_kafka(kafka: EmbeddedBroker) -> Non
             callback_url(settings, account="nobody"),
             good,
             GOOD_HEADERS,
-            404,
+            401,
             "unknown_account",
         ),
         (
@@ -119,7 +121,15 @@ async def test_refused_callbacks_never_reach_kafka(kafka: EmbeddedBroker) -> Non
             callback_url(settings, kind="opensms"),
             good,
             GOOD_HEADERS,
-            404,
+            401,
+            "unknown_account",
+        ),
+        (
+            "unknown kind",
+            callback_url(settings, kind="nosuch"),
+            good,
+            GOOD_HEADERS,
+            401,
             "unknown_account",
         ),
         ("not json", callback_url(settings), b"status=delivered", GOOD_HEADERS, 400, "malformed"),
@@ -145,17 +155,56 @@ async def test_refused_callbacks_never_reach_kafka(kafka: EmbeddedBroker) -> Non
             assert refused(reason, kind) == before + 1, name
         _, missing = await post(http, callback_url(settings), no_sms_id, GOOD_HEADERS)
         assert missing == {"error": "smsId is missing"}
-        _, unknown = await post(http, callback_url(settings, account="nobody"), good, GOOD_HEADERS)
-        assert unknown == {"error": "unknown callback endpoint"}  # says nothing about accounts
+        # One answer whether the token, the account or the kind is wrong: no account list.
+        answers = [
+            await post(http, url, good, GOOD_HEADERS)
+            for url in (
+                callback_url(settings, token="wrong-token"),
+                callback_url(settings, account="nobody"),
+                callback_url(settings, account="nobody", token="wrong-token"),
+                callback_url(settings, kind="opensms"),
+                callback_url(settings, kind="nosuch", account="nobody"),
+            )
+        ]
+        assert answers == [(401, {"error": "not authorised"})] * len(answers)
 
-        # The ops endpoints share the listener.
-        base = f"http://{settings.callbacks.listen}"
+        # The ops endpoints answer on ops_listen (never on the public listener).
+        base = f"http://{settings.callbacks.ops_listen}"
         async with http.get(f"{base}/healthz") as health, http.get(f"{base}/readyz") as ready:
             assert (health.status, ready.status) == (200, 200)
         async with http.get(f"{base}/metrics") as scraped:
             assert "smsbridge_callbacks_refused_total" in await scraped.text()
 
     assert await read_topic(settings, PROVIDER_EVENTS, ProviderEvent, settle_s=1.0) == []
+
+
+async def test_an_unknown_account_is_refused_as_fast_as_a_wrong_token(
+    kafka: EmbeddedBroker,
+) -> None:
+    """Probing account names learns nothing from the clock either (issue 14, point 10)."""
+    settings = make_settings()
+    body = orjson.dumps(FIXTURES["callback_delivered"])
+    urls = [callback_url(settings, token="wrong-token"), callback_url(settings, account="nobody")]
+    async with running(build(settings)), aiohttp.ClientSession() as http:
+
+        async def timed(url: str) -> float:
+            started = time.perf_counter()
+            status, answer = await post(http, url, body, GOOD_HEADERS)
+            elapsed = time.perf_counter() - started
+            assert (status, answer) == (401, {"error": "not authorised"})
+            return elapsed
+
+        for url in urls * 20:  # connections and code paths warm
+            await timed(url)
+        # Pairs in alternating order, so that a slow moment of the machine hits both sides.
+        differences = []
+        for turn in range(300):
+            first, second = urls if turn % 2 else urls[::-1]
+            times = {first: await timed(first), second: await timed(second)}
+            differences.append(times[urls[1]] - times[urls[0]])
+
+    # Measured: a few microseconds apart, each request about a millisecond.
+    assert abs(statistics.median(differences)) < 0.00025, statistics.median(differences)
 
 
 async def post_until_taken(

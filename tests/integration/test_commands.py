@@ -16,6 +16,7 @@ import aiohttp
 import orjson
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from pydantic import SecretStr
 
 from services.admin import (
     EndpointUnreachable,
@@ -27,6 +28,7 @@ from services.admin import (
     mask_key,
     parse_since,
 )
+from services.cli import SERVICES
 from services.ingress.app import build as build_ingress
 from services.reporter.app import build as build_reporter
 from services.simulators.optimove import FailureMode, OptimoveSimulator
@@ -46,7 +48,7 @@ from tests.support import (
     running,
     wait_for,
 )
-from tests.support.ops import publisher, smsbridge
+from tests.support.ops import config_data, publisher, smsbridge, to_toml, write_config
 from tests.support.pipeline import simulated_optimove
 
 pytestmark = pytest.mark.integration
@@ -79,11 +81,17 @@ async def test_handshake_registers_the_campaign_endpoint_signed(
     settings = handshake_settings(optimove, free_port())
     out, err = io.StringIO(), io.StringIO()
 
-    async with running(build_ingress(settings)):
+    # The same tenant with a key the ingress there does not know.
+    stranger = settings.model_copy(deep=True)
+    stranger.tenants[TENANT].aggregator_api_key = SecretStr("not-the-key")
+
+    async with running(build_ingress(settings)), aiohttp.ClientSession() as session:
         code = await handshake_command(settings, TENANT, out, err)
-        async with aiohttp.ClientSession() as session:
-            with pytest.raises(EndpointUnreachable, match="404"):
-                await check_campaign_endpoint(session, settings, "ghost")
+        with pytest.raises(EndpointUnreachable, match="401: ingress there does not know"):
+            await check_campaign_endpoint(session, stranger, TENANT)
+        # The operations endpoints are not on the public URL the handshake checks.
+        async with session.get(f"{settings.ingress.public_url.rstrip('/')}/readyz") as ready:
+            assert ready.status == 404
 
     assert code == 0, err.getvalue()
     (request,) = optimove.received(endpoint="handshake", tenant=TENANT)
@@ -109,6 +117,8 @@ async def test_handshake_refuses_while_the_campaign_endpoint_is_unreachable(
     config = tmp_path / "smsbridge.toml"
     config.write_text(
         f"""
+allow_plain_http = true
+
 [ingress]
 public_url = "http://127.0.0.1:{closed}"
 
@@ -138,6 +148,80 @@ callback_token = "cb"
     assert f"127.0.0.1:{closed} is not reachable" in err
     assert optimove.received() == []  # Optimove was never asked
     assert (unknown, "unknown tenant 'ghost'") == (2, unknown_err.strip().split(" (")[0])
+
+
+async def test_handshake_refuses_to_register_plain_http_unless_allowed(
+    kafka: EmbeddedBroker, optimove: OptimoveSimulator, tmp_path: Path
+) -> None:
+    settings = handshake_settings(optimove, free_port())
+    assert settings.allow_plain_http  # the test configuration's loopback URLs are http://
+    settings.allow_plain_http = False  # as if the check at load time had been passed by
+    out, err = io.StringIO(), io.StringIO()
+
+    async with running(build_ingress(settings)):
+        code = await handshake_command(settings, TENANT, out, err)
+
+    assert code == 1
+    assert err.getvalue().strip() == (
+        f"refusing the handshake for {TENANT}: ingress.public_url, "
+        f"tenants.{TENANT}.optimove_base_url must be https:// (allow_plain_http = true permits "
+        "http://, for development and tests only)"
+    )
+    assert optimove.received() == []  # Optimove was never asked
+
+    # Through the command line the configuration itself is refused, naming the key.
+    config = tmp_path / "smsbridge.toml"
+    data = config_data(optimove_url="https://optimove.example")
+    data["ingress"]["public_url"] = "http://sms.example.com"
+    data["callbacks"]["public_url"] = "https://callbacks.example.com"
+    del data["allow_plain_http"]
+    config.write_text(to_toml(data), encoding="utf-8")
+    code, _, cli_err = await smsbridge("--config", str(config), "handshake", "--tenant", TENANT)
+    assert code == 2
+    assert cli_err.strip() == (
+        f"invalid configuration in {config}: ingress.public_url: must be https:// "
+        "(allow_plain_http = true permits http://, for development and tests only)"
+    )
+
+
+# -- a Kafka that cannot be reached, a bad log level ----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "argv", [["run", service] for service in SERVICES] + [["topics", "ensure"]], ids=" ".join
+)
+async def test_a_kafka_that_cannot_be_reached_is_one_clear_line(
+    tmp_path: Path, argv: list[str]
+) -> None:
+    closed = free_port()  # nothing listens there
+    kafka = {"bootstrap_servers": f"127.0.0.1:{closed}", "request_timeout_ms": 2000}
+    config = tmp_path / "smsbridge.toml"
+    write_config(config, config_data(overrides={"kafka": kafka}))
+
+    code, _, err = await smsbridge("--config", str(config), *argv)
+
+    assert code == 1, err
+    assert "Traceback" not in err and "Unclosed" not in err, err
+    # `run` logs as JSON (aiokafka's own line about the refused connection among them);
+    # besides the log, one line.
+    plain = [line for line in err.splitlines() if not line.startswith("{")]
+    assert plain == [
+        f"cannot reach Kafka at 127.0.0.1:{closed}: check [kafka] bootstrap_servers and that "
+        "the broker is up"
+    ]
+
+
+async def test_an_unknown_log_level_is_one_clear_line(tmp_path: Path) -> None:
+    config = tmp_path / "smsbridge.toml"
+    config.write_text(to_toml({**config_data(), "log_level": "LOUD"}), encoding="utf-8")
+
+    code, _, err = await smsbridge("--config", str(config), "run", "sender")
+
+    assert code == 2
+    assert err.strip() == (
+        f"invalid configuration in {config}: log_level: unknown log level 'LOUD' "
+        "(one of DEBUG, INFO, WARNING, ERROR, CRITICAL)"
+    )
 
 
 # -- tenants check ---------------------------------------------------------------------------------

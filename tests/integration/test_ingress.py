@@ -14,10 +14,11 @@ import pytest
 from prometheus_client import REGISTRY
 
 from services.ingress.app import IngressService, build
+from services.ingress.ledger import ledger_key
 from shared.broker import EmbeddedBroker
 from shared.config import Settings
 from shared.events import DispatchRecord, IngressRequestAccepted, RecipientMessage
-from shared.ids import message_id
+from shared.ids import message_id, request_key
 from shared.kafka import make_admin
 from shared.signing import sign
 from shared.topics import DISPATCHES, INGRESS_REQUESTS, RECIPIENTS, ensure_topics
@@ -82,6 +83,10 @@ async def post(
         return response.status, await response.json(), dict(response.headers)
 
 
+def without_date(headers: dict[str, str]) -> dict[str, str]:
+    return {name: value for name, value in headers.items() if name.lower() != "date"}
+
+
 def metric(name: str, **labels: str) -> float:
     return REGISTRY.get_sample_value(name, labels) or 0.0
 
@@ -100,6 +105,7 @@ RECIPIENTS_OK = [
     {"message": "Hello Cy", "mobileNumber": "07911 123 457", "customerId": "cust-3"},
 ]
 E164 = ["+447911123456", "+447911123458", "+447911123457"]
+REQUEST_KEY = request_key("batch-1", "req-1") or "(has ids)"
 
 
 async def test_signed_batch_is_accepted_and_every_recipient_published(
@@ -110,13 +116,19 @@ async def test_signed_batch_is_accepted_and_every_recipient_published(
     accepted_before = metric("smsbridge_ingress_recipients_total", tenant=TENANT, result="accepted")
     async with ingress(settings), aiohttp.ClientSession() as client:
         status, answer, _ = await post(client, url_for(settings), body, headers_for(body))
-        async with client.get(f"http://{settings.ingress.listen}/readyz") as ready:
+        async with client.get(f"http://{settings.ingress.ops_listen}/readyz") as ready:
             assert ready.status == 200
-        async with client.get(f"http://{settings.ingress.listen}/metrics") as exported:
+        async with client.get(f"http://{settings.ingress.ops_listen}/metrics") as exported:
             exposition = await exported.text()
 
     assert status == 202, answer
-    assert answer == {"requestId": "req-1", "batchId": "batch-1", "accepted": 3, "rejected": []}
+    assert answer == {
+        "requestId": "req-1",
+        "batchId": "batch-1",
+        "accepted": 3,
+        "rejected": [],
+        "ambiguousNumbers": [],
+    }
     assert 'smsbridge_ingress_requests_total{result="accepted",tenant="acme"}' in exposition
     assert metric("smsbridge_ingress_recipients_total", tenant=TENANT, result="accepted") == (
         accepted_before + 3
@@ -134,7 +146,8 @@ async def test_signed_batch_is_accepted_and_every_recipient_published(
         assert message.scheduled_at is not None
         assert message.scheduled_at.isoformat() == SCHEDULED_AT_ISO
         context = message.context
-        assert context.message_id == message_id(TENANT, "r:req-1", index, recipient["mobileNumber"])
+        key = REQUEST_KEY
+        assert context.message_id == message_id(TENANT, key, index, recipient["mobileNumber"])
         assert context.mobile_number == recipient["mobileNumber"]  # exactly as received
         assert context.metadata_json == METADATA_TEXT  # byte for byte
         assert (context.tenant, context.batch_id, context.request_id) == (
@@ -146,7 +159,7 @@ async def test_signed_batch_is_accepted_and_every_recipient_published(
 
     ledger = await read_topic(settings, INGRESS_REQUESTS, IngressRequestAccepted, expect=1)
     assert [(key, event.accepted, event.rejected) for key, event in ledger] == [
-        (f"{TENANT}:r:req-1", 3, [])
+        (ledger_key(TENANT, REQUEST_KEY), 3, [])
     ]
     assert await read_topic(settings, DISPATCHES, DispatchRecord, settle_s=0.2) == []
 
@@ -190,14 +203,21 @@ async def test_refused_requests_publish_nothing(kafka: EmbeddedBroker) -> None:
             assert status == expected, what
             assert set(answer) >= {"error", "reason"}, what
             assert "Hello" not in orjson.dumps(answer).decode(), what
-        status, answer, _ = await post(
-            client, url_for(settings, "no-such-tenant"), body, headers_for(body)
-        )
-        assert (status, answer["error"]) == (404, "unknown tenant")
+        # Issue 14, point 10: an unknown tenant is answered exactly as a wrong key is.
+        for api_key in (AGGREGATOR_API_KEY, "not-the-key", None):
+            unknown = await post(
+                client, url_for(settings, "ghost"), body, headers_for(body, api_key=api_key)
+            )
+            wrong = await post(
+                client, url, body, headers_for(body, api_key=api_key and "not-the-key")
+            )
+            assert unknown[0] == wrong[0] == 401, api_key
+            assert unknown[1] == wrong[1], api_key
+            assert without_date(unknown[2]) == without_date(wrong[2]), api_key
 
     assert {reason: refusals(reason) - before[reason] for reason in reasons} == {
-        "api_key_mismatch": 1,
-        "api_key_missing": 1,
+        "api_key_mismatch": 3,
+        "api_key_missing": 2,
         "signature_mismatch": 2,
         "signature_missing": 1,
         "signature_unknown_algorithm": 1,
@@ -296,6 +316,7 @@ async def test_rejected_recipients_are_listed_and_reported_failed(kafka: Embedde
             {"index": 2, "reason": "missing mobile number"},
             {"index": 3, "reason": "empty message"},
         ],
+        "ambiguousNumbers": [],
     }
     dispatches = await read_topic(settings, DISPATCHES, DispatchRecord, expect=3)
     by_customer = {record.context.customer_id: (key, record) for key, record in dispatches}
@@ -367,5 +388,5 @@ async def _outage_then_retry(
     assert status == 202, answer
     assert answer["accepted"] == 3
     ledger = await read_topic(settings, INGRESS_REQUESTS, IngressRequestAccepted, expect=1)
-    assert [key for key, _ in ledger] == [f"{TENANT}:r:req-1"]
+    assert [key for key, _ in ledger] == [ledger_key(TENANT, REQUEST_KEY)]
     return await read_topic(settings, RECIPIENTS, RecipientMessage, expect=3)

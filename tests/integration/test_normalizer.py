@@ -23,6 +23,7 @@ from shared.events import (
     utcnow,
 )
 from shared.kafka import OutRecord, Publisher, make_producer
+from shared.providers.opensms import OpenSms
 from shared.providers.otpiq import FIXTURES, Otpiq
 from shared.topics import DEAD_LETTERS, DISPATCHES, INBOUND, PROVIDER_EVENTS, STATUSES
 from tests.support import TENANT, make_settings, read_topic, running, wait_for
@@ -188,6 +189,83 @@ async def test_state_survives_a_restart_from_the_changelog(
     assert found == {
         "m-5": [("sent", "Sent"), ("delivered", "Delivered")],
         "m-6": [("sent", "Sent"), ("delivered", "Delivered")],
+    }
+
+
+OPENSMS_ACCOUNT = "opensms-ke"
+KENYAN = "+254712345678"
+
+
+def opensms_dispatch(message_id: str) -> DispatchRecord:
+    """An OpenSMS send answered with the documented success body: no provider id."""
+    return DispatchRecord(
+        context=MessageContext(
+            tenant=TENANT,
+            message_id=message_id,
+            batch_id="batch-ke",
+            mobile_number=KENYAN,
+            metadata_json="{}",
+        ),
+        correlation_key=OpenSms.correlation_key(OPENSMS_ACCOUNT, "", KENYAN),
+        outcome="accepted",
+        sub_status="Sent",
+        provider_kind="opensms",
+        provider_account=OPENSMS_ACCOUNT,
+        destination=KENYAN,
+    )
+
+
+def opensms_report(status: str, message_id: str) -> ProviderEvent:
+    """The event the callbacks service stores for an OpenSMS webhook (providers.md §2.2)."""
+    body = orjson.dumps(
+        {
+            "event": f"sms.{status}",
+            "message_id": message_id,
+            "phone": KENYAN,
+            "status": status,
+            "timestamp": "2024-01-13T12:00:00Z",
+        }
+    )
+    parsed = OpenSms.parse_callback(body, "application/json")
+    [event] = provider_events(OpenSms, OPENSMS_ACCOUNT, body, parsed, utcnow())
+    return event
+
+
+async def test_messages_matched_by_number_survive_a_restart(
+    kafka: EmbeddedBroker, publisher: Publisher, tmp_path: Path
+) -> None:
+    quick = {"max_in_flight": 1, "session_timeout_ms": 3000, "heartbeat_interval_ms": 500}
+    first = normalizer_settings(tmp_path / "first", runner=quick)
+    pending = {"provider": "opensms", "status": "sent"}
+    async with running(build(first)):
+        await publish(publisher, opensms_dispatch("m-ke-1"), opensms_dispatch("m-ke-2"))
+        assert await statuses_by_message(first, expect=2) == {
+            "m-ke-1": [("sent", "Sent")],
+            "m-ke-2": [("sent", "Sent")],
+        }
+        before = REGISTRY.get_sample_value("smsbridge_dlr_received_total", pending) or 0.0
+        # The latest send without an id takes it, and keeps its id from now on.
+        await publish(publisher, opensms_report("pending", "msg_b"))
+        await wait_for(
+            lambda: (
+                (REGISTRY.get_sample_value("smsbridge_dlr_received_total", pending) or 0.0) > before
+            ),
+            what="the pending report",
+        )
+
+    second = normalizer_settings(tmp_path / "second", runner=quick)
+    async with running(build(second)):
+        await publish(
+            publisher,
+            opensms_dispatch("m-ke-1"),  # replayed: not Sent again
+            opensms_report("failed", "msg_a"),  # an id no message has: m-ke-1, the one left
+            opensms_report("delivered", "msg_b"),  # m-ke-2's id, learned before the restart
+        )
+        found = await statuses_by_message(second, expect=4)
+
+    assert found == {
+        "m-ke-1": [("sent", "Sent"), ("failed", "Undeliverable")],
+        "m-ke-2": [("sent", "Sent"), ("delivered", "Delivered")],
     }
 
 

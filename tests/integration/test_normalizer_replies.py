@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from prometheus_client import REGISTRY
 
+from services.callbacks.app import build as build_callbacks
 from services.normalizer.app import build
 from shared.broker import EmbeddedBroker
 from shared.config import Settings
@@ -22,22 +23,28 @@ from shared.events import (
     DeadLetter,
     DispatchRecord,
     InboundMessage,
+    LastInbound,
     MessageContext,
     NumberFormat,
     OptOutChange,
     ProviderEvent,
     ProviderEventKind,
+    StatusEvent,
 )
 from shared.kafka import OutRecord, Publisher, make_producer
+from shared.providers import callback_url
 from shared.topics import (
     DEAD_LETTERS,
     DISPATCHES,
     INBOUND,
+    LAST_INBOUND,
     NUMBER_FORMATS,
     OPT_OUTS,
     PROVIDER_EVENTS,
+    STATUSES,
 )
 from tests.support import make_settings, read_topic, running, wait_for
+from tests.support.providers import post_provider_callback
 
 pytestmark = pytest.mark.integration
 
@@ -314,3 +321,75 @@ async def test_stop_start_provider_stops_duplicates_and_unroutable_replies(
     assert counter("smsbridge_optin_total") == optin_before + 1
     forwarded = counter("smsbridge_inbound_messages_total", provider="otpiq", kind="inbound")
     assert forwarded == forwarded_before + 2  # STOP once, START
+
+
+# -- a provider account shared by tenants: the documented Octopush callbacks ---------------------
+
+# providers.md §3.3 and §3.4, verbatim.
+OCTOPUSH_REPLY = (
+    b'{"message_id":"sms_5fa275dbf21dc","number":"+33600000000","text":"some reply",\n'
+    b' "sim_card_number":"12345","reception_date":"2020-11-04 11:11:45"}'
+)
+OCTOPUSH_STOP = (
+    b'{"message_id":"sms_5fa275dbf21dc","number":"+33600000000","text":"stop",'
+    b'"stop_date":"2020-11-04 11:11:45"}'
+)
+CUSTOMER = "+33600000000"
+
+
+def shared_account_settings(state_dir: Path) -> Settings:
+    """acme and beta share ``octo-shared`` (as in ``replies_settings``); gamma routes it too
+    (and ``otpiq-main``)."""
+    settings = replies_settings(state_dir)
+    gamma = settings.tenants["beta"].model_copy(
+        update={
+            "default_sender_id": "GAMMA",
+            "routes": [*settings.tenants["beta"].routes, *settings.tenants["acme"].routes[:1]],
+        }
+    )
+    settings.tenants["gamma"] = gamma
+    return settings
+
+
+async def test_shared_account_stop_opts_out_all_that_sent_there_and_a_reply_goes_to_the_last(
+    kafka: EmbeddedBroker, publisher: Publisher, tmp_path: Path
+) -> None:
+    settings = shared_account_settings(tmp_path)
+    sends = [
+        # acme and beta send to the customer through the shared account, acme last; gamma sends
+        # to the customer only through otpiq-main.
+        dispatch("acme", f"octo-shared:sms_a1:{CUSTOMER}", CUSTOMER, "0033600000000"),
+        dispatch("beta", f"octo-shared:sms_b1:{CUSTOMER}", CUSTOMER, "06 00 00 00 00"),
+        dispatch("gamma", "otpiq-main:sms-g1", CUSTOMER, "+33600000000"),
+        dispatch("acme", f"octo-shared:sms_a2:{CUSTOMER}", CUSTOMER, "0033600000000"),
+    ]
+    url = callback_url(settings, "octo-shared")
+    async with running(build(settings)), running(build_callbacks(settings)):
+        # One at a time, each joined before the next is sent: the order is the order they went.
+        for count, sent in enumerate(sends, start=1):
+            await publish(publisher, sent)
+            await read_topic(settings, STATUSES, StatusEvent, expect=count, settle_s=0.1)
+
+        await post_provider_callback(url, OCTOPUSH_REPLY)
+        await inbound_by_text(settings, expect=1)
+        await post_provider_callback(url, OCTOPUSH_STOP)
+        inbound = await read_topic(settings, INBOUND, InboundMessage, expect=3, timeout_s=30)
+        changes = await read_topic(settings, OPT_OUTS, OptOutChange, expect=2)
+        wrote = await read_topic(settings, LAST_INBOUND, LastInbound, expect=3)
+
+    # The reply goes to the tenant that sent to the number last, though not first.
+    assert sorted((m.text, m.tenant, m.from_number, m.opt_out) for _, m in inbound) == [
+        ("some reply", "acme", "0033600000000", False),
+        ("stop", "acme", "0033600000000", True),
+        ("stop", "beta", "06 00 00 00 00", True),
+    ]
+    # The STOP opts the customer out for acme and beta, not for gamma.
+    assert sorted((key, c.opted_out, c.source) for key, c in changes) == [
+        (f"acme:{CUSTOMER}", True, "provider"),
+        (f"beta:{CUSTOMER}", True, "provider"),
+    ]
+    assert sorted((key, w.tenant) for key, w in wrote) == [
+        (f"acme:{CUSTOMER}", "acme"),
+        (f"acme:{CUSTOMER}", "acme"),
+        (f"beta:{CUSTOMER}", "beta"),
+    ]

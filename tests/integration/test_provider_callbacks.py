@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import urllib.parse
 from collections.abc import AsyncIterator
 from typing import Any
@@ -91,7 +92,8 @@ async def test_documented_payloads_become_events_keyed_for_the_join(
 
     grouped = by_key(await read_topic(settings, PROVIDER_EVENTS, ProviderEvent, expect=8))
 
-    opensms = grouped.pop(f"{OPENSMS_ACCOUNT}:msg_123456")
+    # OpenSMS reports are keyed by number: its send answer may name no message to key them by.
+    opensms = grouped.pop(f"{OPENSMS_ACCOUNT}:+254712345678")
     assert [e.provider_status for e in opensms] == ["pending", "delivered", "failed_invalid_number"]
     assert {(e.kind, e.provider_kind, e.provider_account) for e in opensms} == {
         ("status", "opensms", OPENSMS_ACCOUNT)
@@ -207,3 +209,33 @@ async def test_simulated_providers_call_back_our_service_with_joinable_keys(
     first, second = (grouped[accepted[i].correlation_key] for i in (1, 2))
     assert [(e.kind, e.text) for e in first if e.kind != "status"] == [("inbound", "Merci !")]
     assert [(e.kind, e.text) for e in second if e.kind != "status"] == [("opt_out", "STOP")]
+
+
+async def test_octopush_stop_without_text_is_stored_as_an_opt_out(
+    kafka: EmbeddedBroker, http: aiohttp.ClientSession
+) -> None:
+    # providers.md §3.4's example, verbatim, without its ``text``: stop_date makes it a STOP.
+    documented = orjson.loads(
+        b'{"message_id":"sms_5fa275dbf21dc","number":"+33600000000","text":"stop",'
+        b'"stop_date":"2020-11-04 11:11:45"}'
+    )
+    without_text = {name: value for name, value in documented.items() if name != "text"}
+    settings = bulk_provider_settings()
+    url = callback_url(settings, OCTOPUSH_ACCOUNT)
+    async with running(build(settings)):
+        for body, content_type in ((orjson.dumps(without_text), JSON), (form(without_text), FORM)):
+            # A 503 (not stored in time) is retried, as Octopush retries it.
+            for _ in range(20):
+                answer = await post(http, url, body, content_type)
+                if answer[0] != 503:
+                    break
+                await asyncio.sleep(0.2)
+            assert answer == (200, b"", None)
+
+    records = await read_topic(settings, PROVIDER_EVENTS, ProviderEvent, expect=2)
+    # A callback answered 503 may still have been stored: its retry is the same event.
+    events = {event.event_id: event for _, event in records}
+    assert [(e.kind, e.number, e.text) for e in events.values()] == [
+        ("opt_out", "+33600000000", "STOP")
+    ] * 2
+    assert {key for key, _ in records} == {f"{OCTOPUSH_ACCOUNT}:sms_5fa275dbf21dc:+33600000000"}

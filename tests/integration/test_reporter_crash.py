@@ -33,6 +33,7 @@ def write_config(path: Path, simulator_port: int) -> None:
     path.write_text(
         f"""
 log_level = "WARNING"
+allow_plain_http = true
 
 [kafka]
 bootstrap_servers = "embedded"

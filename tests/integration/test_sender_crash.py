@@ -46,6 +46,7 @@ def sender_config(path: Path, provider_url: str) -> Path:
     path.write_text(
         f"""
 log_level = "INFO"
+allow_plain_http = true
 
 [kafka]
 bootstrap_servers = "embedded"

@@ -31,7 +31,7 @@ from phonenumbers.phonenumberutil import SUPPORTED_REGIONS
 
 from services.callbacks.app import encode_events, provider_events
 from services.ingress.campaign import InvalidJson, SchemaViolation, build_records, parse_campaign
-from services.ingress.e164 import normaliser
+from services.ingress.e164 import reader
 from shared.events import DispatchRecord, ProviderEvent, RecipientMessage, decode
 from shared.numbers import InvalidNumber, to_e164
 from shared.providers import PROVIDER_KINDS
@@ -51,7 +51,7 @@ PROPERTY = settings(
 )
 ACCEPTED_AT = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 TENANT_SETTINGS = make_settings().tenants[TENANT]
-NORMALISE = normaliser(TENANT_SETTINGS.default_region)
+READ = reader(TENANT_SETTINGS.default_region, TENANT_SETTINGS.bare_digits)
 
 # -- generic input ---------------------------------------------------------------------------------
 
@@ -184,7 +184,7 @@ def test_campaign_requests_are_accepted_or_refused_with_a_reason(raw: bytes) -> 
         tenant=TENANT,
         settings=TENANT_SETTINGS,
         campaign=campaign,
-        normalise=NORMALISE,
+        read=READ,
         accepted_at=ACCEPTED_AT,
     )
     assert records.accepted + len(records.rejections) == len(campaign.recipients)
@@ -348,7 +348,7 @@ def test_phone_normalisation_answers_e164_or_invalid_number(raw: str, region: st
     except InvalidNumber:
         e164 = None
     try:
-        fast = normaliser(region)(raw)
+        fast = reader(region, "international")(raw).e164  # to_e164's reading
     except InvalidNumber:
         fast = None
     assert fast == e164

@@ -60,11 +60,22 @@ def settings_data(
     """The data of ``make_settings`` (also what the operations tests write as a config file)."""
     callbacks_listen = f"127.0.0.1:{free_port()}"
     data: dict[str, Any] = {
+        # Loopback servers and simulators speak plain HTTP.
+        "allow_plain_http": True,
         "kafka": {"bootstrap_servers": "embedded"},
-        "ingress": {"listen": f"127.0.0.1:{free_port()}"},
+        "ingress": {
+            "listen": f"127.0.0.1:{free_port()}",
+            "ops_listen": f"127.0.0.1:{free_port()}",
+        },
         "callbacks": {
             "listen": callbacks_listen,
+            "ops_listen": f"127.0.0.1:{free_port()}",
             "public_url": callbacks_url or f"http://{callbacks_listen}",
+            # A topic created a moment ago may take seconds to take its first write on a busy
+            # machine: in tests the producer's timeout decides, not a provider's deadline
+            # (tests/integration/test_callback_deadline.py sets Octopush's).
+            "deadline_s": 10.0,
+            "deadline_by_kind_s": {"octopush": 10.0},
         },
         "sender": {"metrics_listen": f"127.0.0.1:{free_port()}"},
         "normalizer": {"metrics_listen": f"127.0.0.1:{free_port()}"},

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
+
+import aiohttp
 
 from shared.config import Settings
 from tests.support import deep_merge, make_settings
@@ -49,3 +52,18 @@ def bulk_provider_settings(
     }
     deep_merge(accounts, overrides or {})
     return make_settings(provider_url=provider_url, callbacks_url=callbacks_url, overrides=accounts)
+
+
+async def post_provider_callback(url: str, body: bytes) -> None:
+    """POST a JSON callback as a provider does: a 503 (past our answer deadline, or Kafka not
+    taking it) is retried, as the provider would."""
+    async with aiohttp.ClientSession() as client:
+        for _ in range(20):
+            async with client.post(
+                url, data=body, headers={"content-type": "application/json"}
+            ) as response:
+                if response.status != 503:
+                    assert response.status == 200, await response.text()
+                    return
+            await asyncio.sleep(0.2)
+    raise AssertionError("the callback was never taken")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from datetime import UTC, datetime
 from functools import partial
@@ -23,12 +22,13 @@ from services.ingress.campaign import (
     parse_campaign,
     top_level_members,
 )
-from services.ingress.e164 import normaliser
+from services.ingress.e164 import reader
 from shared.config import TenantSettings
 from shared.events import DispatchRecord, MessageContext, RecipientMessage, decode
-from shared.ids import message_id
-from shared.numbers import to_e164
+from shared.ids import content_key, content_request_key, message_id, request_key
+from shared.numbers import read_number, to_e164
 from tests.support import TENANT, make_settings
+from tests.support.optimove_bodies import AUTO_REPLY_METADATA, SECTION_3_2, SPEC, campaign_body
 
 ACCEPTED_AT = datetime(2026, 3, 1, 12, 0, 0, 123456, tzinfo=UTC)
 METADATA = {"appId": 7, "brandId": "b", "campaignId": "spring", "scheduledTime": 0}
@@ -46,11 +46,14 @@ def body(**members: Any) -> bytes:
 
 def records_for(raw: bytes, **tenant_changes: Any) -> tuple[ParsedCampaign, CampaignRecords]:
     campaign = parse_campaign(raw)
+    settings = tenant_settings(**tenant_changes)
     records = build_records(
         tenant=TENANT,
-        settings=tenant_settings(**tenant_changes),
+        settings=settings,
         campaign=campaign,
-        normalise=partial(to_e164, default_region="GB"),
+        read=partial(
+            read_number, default_region=settings.default_region, bare_digits=settings.bare_digits
+        ),
         accepted_at=ACCEPTED_AT,
     )
     return campaign, records
@@ -74,7 +77,8 @@ def test_parses_the_documented_shape() -> None:
     assert campaign.recipients == [
         {"message": "hi", "mobileNumber": "+447911123456", "customerId": "c1"}
     ]
-    assert campaign.request_key == "r:req-1"
+    assert campaign.identity == request_key("batch-1", "req-1")
+    assert not campaign.by_content
     assert campaign.scheduled_at is None  # scheduledTime 0 = now
 
 
@@ -229,7 +233,7 @@ def test_one_recipient_message_per_sendable_recipient() -> None:
         + "}"
     ).encode()
     _, records = records_for(raw)
-    assert records.request_key == "r:req-9"
+    assert records.request_key == request_key("batch-1", "req-9")
     assert records.accepted == len(NUMBERS)
     assert records.rejections == [] and records.dispatches == []
     for index, ((key, value), number) in enumerate(zip(records.recipients, NUMBERS, strict=True)):
@@ -238,7 +242,7 @@ def test_one_recipient_message_per_sendable_recipient() -> None:
         expected = RecipientMessage(
             context=MessageContext(
                 tenant=TENANT,
-                message_id=message_id(TENANT, "r:req-9", index, number),
+                message_id=message_id(TENANT, records.request_key, index, number),
                 batch_id="batch-1",
                 request_id="req-9",
                 campaign_id="spring",
@@ -266,14 +270,100 @@ def test_ids_are_deterministic_and_distinct() -> None:
     assert len(set(ids)) == len(ids)  # even the repeated number at another index
 
 
-def test_request_key_prefers_request_id_then_batch_id_then_body() -> None:
-    assert parse_campaign(body(requestId="r", batchId="b")).request_key == "r:r"
-    assert parse_campaign(body(requestId="", batchId="b")).request_key == "b:b"
-    assert parse_campaign(body(batchId="b")).request_key == "b:b"
-    auto_reply = body(batchId="", metadata={"appId": 1, "brandId": "", "campaignId": ""})
-    assert parse_campaign(auto_reply).request_key == (
-        "h:" + hashlib.sha256(auto_reply).hexdigest()[:32]
+DOCUMENTED_RECIPIENTS = [
+    {"message": "Hello Ann", "mobileNumber": "447911123456", "customerId": "cust-1"},
+    {"message": "Hello Bob", "mobileNumber": "+447911123457", "customerId": "cust-2"},
+]
+
+
+def test_the_documented_body_is_the_specs_text() -> None:
+    if SPEC.exists():  # the spec lives beside the repository
+        assert SECTION_3_2 in SPEC.read_text(encoding="utf-8")
+    assert parse_campaign(campaign_body(DOCUMENTED_RECIPIENTS)).recipients == DOCUMENTED_RECIPIENTS
+
+
+def message_ids(records: CampaignRecords) -> list[str]:
+    return [decode(RecipientMessage, value).context.message_id for _, value in records.recipients]
+
+
+def test_two_batches_sharing_a_request_id_are_two_requests() -> None:
+    """Issue 14, point 1: keyed on requestId alone, the second batch was taken for a retry."""
+    first, first_records = records_for(campaign_body(DOCUMENTED_RECIPIENTS, batch_id="batch-1"))
+    second, second_records = records_for(campaign_body(DOCUMENTED_RECIPIENTS, batch_id="batch-2"))
+    assert first.identity != second.identity
+    assert not set(message_ids(first_records)) & set(message_ids(second_records))
+    # A true retry (same ids, same content, other whitespace) is the same request.
+    retry, retry_records = records_for(compact_of(campaign_body(DOCUMENTED_RECIPIENTS)))
+    assert retry.identity == first.identity
+    assert message_ids(retry_records) == message_ids(first_records)
+
+
+def compact_of(raw: bytes) -> bytes:
+    return json.dumps(json.loads(raw), separators=(",", ":")).encode()
+
+
+def test_request_identity_of_each_combination_of_ids() -> None:
+    assert parse_campaign(body(requestId="r", batchId="b")).identity == request_key("b", "r")
+    assert parse_campaign(body(requestId="", batchId="b")).identity == "b:b"
+    assert parse_campaign(body(batchId="b")).identity == "b:b"
+    assert parse_campaign(body(batchId="", requestId="r")).identity == "r:r"
+    # Whatever the ids contain, two different pairs never share a key.
+    assert request_key("a:b", "c") != request_key("a", "b:c")
+    assert request_key('a","b', "c") != request_key("a", 'b","c')
+
+
+def auto_reply(recipients: list[dict[str, str]], request_id: str | None = None) -> bytes:
+    return campaign_body(
+        recipients, batch_id="", request_id=request_id, metadata=AUTO_REPLY_METADATA
     )
+
+
+def test_an_id_less_request_is_known_by_its_content_whatever_the_whitespace() -> None:
+    """Issue 14, point 2: whitespace variants of one signed body were three requests."""
+    documented = auto_reply(DOCUMENTED_RECIPIENTS)
+    variants = [
+        documented,
+        compact_of(documented),
+        json.dumps(json.loads(documented), indent=4, ensure_ascii=False).encode() + b"\n",
+    ]
+    assert len(set(variants)) == 3
+    parsed = [parse_campaign(variant) for variant in variants]
+    assert all(campaign.by_content for campaign in parsed)
+    expected = content_key(orjson.dumps(orjson.loads(documented), option=orjson.OPT_SORT_KEYS))
+    assert {campaign.identity for campaign in parsed} == {expected}
+    # requestId "" is no id either; other words are another request.
+    assert parse_campaign(auto_reply(DOCUMENTED_RECIPIENTS, request_id="")).by_content
+    other = [{**DOCUMENTED_RECIPIENTS[0], "message": "Hello again"}]
+    assert parse_campaign(auto_reply(other)).identity != expected
+
+
+def test_an_id_less_requests_message_ids_carry_its_first_acceptance() -> None:
+    """Issue 14, point 1: the same auto reply a day later must not share the first's ids (the
+    sender would take it for a repeat)."""
+    campaign = parse_campaign(auto_reply(DOCUMENTED_RECIPIENTS))
+    settings = tenant_settings()
+
+    def ids_at(first_accepted_ms: int) -> list[str]:
+        return message_ids(
+            build_records(
+                tenant=TENANT,
+                settings=settings,
+                campaign=campaign,
+                read=reader("GB", "international"),
+                accepted_at=ACCEPTED_AT,
+                request_key=content_request_key(campaign.identity, first_accepted_ms),
+            )
+        )
+
+    today = ids_at(1_767_225_600_000)
+    assert ids_at(1_767_225_600_000) == today
+    assert not set(ids_at(1_767_225_600_000 + 86_400_000)) & set(today)
+
+
+def test_a_body_nested_beyond_what_can_be_re_serialised_is_a_schema_violation() -> None:
+    deep = b'{"batchId": "", "metadata": {"appId": 1}, "x": ' + b"[" * 300 + b"]" * 300 + b"}"
+    with pytest.raises(SchemaViolation, match="nested too deeply"):
+        parse_campaign(deep)
 
 
 def test_auto_replies_are_valid() -> None:
@@ -294,7 +384,7 @@ def test_auto_replies_are_valid() -> None:
         metadata={"appId": 1, "brandId": "", "campaignId": ""},
         recipients=[{"message": "Thanks again!", "mobileNumber": "+447911123456"}],
     )
-    assert parse_campaign(other).request_key != campaign.request_key
+    assert parse_campaign(other).identity != campaign.identity
 
 
 @pytest.mark.parametrize("sender", [..., None, ""])
@@ -338,7 +428,7 @@ def test_unsendable_recipients_are_rejected_with_a_failed_dispatch() -> None:
         records.dispatches, records.rejections, numbers, strict=True
     ):
         record = decode(DispatchRecord, value)
-        identifier = message_id(TENANT, "r:req-2", rejection.index, number)
+        identifier = message_id(TENANT, records.request_key, rejection.index, number)
         assert key == f"message:{identifier}".encode()
         assert record.correlation_key == f"message:{identifier}"
         assert record.context.message_id == identifier
@@ -360,14 +450,66 @@ def test_fast_normaliser_builds_the_same_records() -> None:
         tenant=TENANT,
         settings=tenant_settings(),
         campaign=campaign,
-        normalise=partial(to_e164, default_region="GB"),
+        read=partial(read_number, default_region="GB", bare_digits="international"),
         accepted_at=ACCEPTED_AT,
     )
     fast = build_records(
         tenant=TENANT,
         settings=tenant_settings(),
         campaign=campaign,
-        normalise=normaliser("GB"),
+        read=reader("GB", "international"),
         accepted_at=ACCEPTED_AT,
     )
     assert fast == reference
+
+
+# -- bare digits (issue 14, point 5) ---------------------------------------------------------------
+
+# Singapore +65 9623 4567 written as Optimove writes international numbers (optimove-sms-api.md
+# §5: "44123456789"), which is also a valid US number, +1 659-623-4567.
+SINGAPORE_BARE = "6596234567"
+BARE_DIGIT_RECIPIENTS = [
+    {"message": "Hi", "mobileNumber": SINGAPORE_BARE, "customerId": "sg"},
+    {"message": "Hi", "mobileNumber": "+16596234567", "customerId": "us-plus"},
+    {"message": "Hi", "mobileNumber": "447911123456", "customerId": "gb-bare"},
+    {"message": "Hi", "mobileNumber": "2025550123", "customerId": "us-national"},
+    # The documented example itself: no valid number either way (libphonenumber), so refused,
+    # never sent to a number of the tenant's own country.
+    {"message": "Hi", "mobileNumber": "44123456789", "customerId": "documented"},
+]
+
+
+def destinations(records: CampaignRecords) -> dict[str, str]:
+    return {
+        message.context.customer_id: message.destination
+        for message in (decode(RecipientMessage, value) for _, value in records.recipients)
+    }
+
+
+def test_bare_digits_are_international_by_default_and_the_answer_says_which() -> None:
+    """Issue 14, point 5: for a US tenant 6596234567 became +16596234567, another person."""
+    assert tenant_settings().bare_digits == "international"
+    _, records = records_for(campaign_body(BARE_DIGIT_RECIPIENTS), default_region="US")
+    assert destinations(records) == {
+        "sg": "+6596234567",
+        "us-plus": "+16596234567",
+        "gb-bare": "+447911123456",  # valid only internationally: not ambiguous
+        "us-national": "+12025550123",  # +20 25550123 is no number: not ambiguous
+    }
+    assert [(r.index, r.reason) for r in records.rejections] == [(4, "not a valid mobile number")]
+    assert (records.ambiguous, records.ambiguous_read_as) == ([0], "international")
+
+
+def test_bare_digits_national_keeps_the_old_reading_and_still_says_so() -> None:
+    _, records = records_for(
+        campaign_body(BARE_DIGIT_RECIPIENTS), default_region="US", bare_digits="national"
+    )
+    assert destinations(records)["sg"] == "+16596234567"
+    assert (records.ambiguous, records.ambiguous_read_as) == ([0], "national")
+
+
+def test_an_ambiguous_number_with_an_empty_message_is_not_listed() -> None:
+    recipients = [{"message": " ", "mobileNumber": SINGAPORE_BARE, "customerId": "sg"}]
+    _, records = records_for(campaign_body(recipients), default_region="US")
+    assert records.ambiguous == []
+    assert decode(DispatchRecord, records.dispatches[0][1]).destination == "+6596234567"

@@ -96,7 +96,8 @@ def test_request_ids_give_distinct_message_ids() -> None:
     message_ids = set()
     for batch in built.batches:
         body = orjson.loads(batch.body)
-        key = ids.request_key(body["batchId"], body["requestId"], batch.body)
+        key = ids.request_key(body["batchId"], body["requestId"])
+        assert key is not None
         for index, recipient in enumerate(body["recipients"]):
             message_ids.add(ids.message_id("dev", key, index, recipient["mobileNumber"]))
     assert len(message_ids) == 7

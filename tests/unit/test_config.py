@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from shared.config import (
     CONFIG_ENV_VAR,
@@ -16,6 +17,12 @@ from shared.config import (
 )
 
 TENANT = """
+[ingress]
+public_url = "https://sms.example.com"
+
+[callbacks]
+public_url = "https://callbacks.example.com"
+
 [tenants.acme]
 optimove_base_url = "https://optimove.example/acme/"
 api_token = "env:ACME_TOKEN"
@@ -115,3 +122,98 @@ def test_dev_commands_fall_back_to_the_dev_stack_configuration(
     monkeypatch.setenv(CONFIG_ENV_VAR, "/etc/smsbridge.toml")
     assert dev_config_path(None) == "/etc/smsbridge.toml"
     assert dev_config_path("mine.toml") == "mine.toml"
+
+
+# -- HTTPS (issue 14, point 12) --------------------------------------------------------------------
+
+
+def test_a_plain_http_optimove_url_is_refused_naming_its_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("ACME_TOKEN", "t")
+    path = write_config(tmp_path)
+    text = path.read_text()
+    path.write_text(text.replace("https://optimove.example", "http://optimove.example"))
+    with pytest.raises(ConfigError) as caught:
+        load_settings(path)
+    message = str(caught.value)
+    assert "\n" not in message
+    assert message.endswith(
+        "tenants.acme.optimove_base_url: must be https:// (allow_plain_http = true permits "
+        "http://, for development and tests only)"
+    )
+
+    path.write_text("allow_plain_http = true\n" + path.read_text())
+    assert load_settings(path).tenants["acme"].optimove_base_url == "http://optimove.example/acme"
+
+
+@pytest.mark.parametrize("key", ["ingress.public_url", "callbacks.public_url"])
+def test_a_plain_http_public_url_is_refused_naming_its_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, key: str
+) -> None:
+    monkeypatch.setenv("ACME_TOKEN", "t")
+    url = {"ingress.public_url": "sms.example.com", "callbacks.public_url": "callbacks.example.com"}
+    path = write_config(tmp_path)
+    path.write_text(path.read_text().replace(f"https://{url[key]}", f"http://{url[key]}"))
+    with pytest.raises(ConfigError, match=rf"^invalid configuration in .*: {key}: must be https"):
+        load_settings(path)
+    monkeypatch.setenv("SMSBRIDGE_ALLOW_PLAIN_HTTP", "true")
+    assert load_settings(path).allow_plain_http
+
+
+def test_public_url_defaults_count_only_where_they_are_used(tmp_path: Path) -> None:
+    # Without tenants and providers nobody is told the loopback defaults: a Kafka-only
+    # configuration (topics ensure, replay) needs no public_url.
+    path = tmp_path / "kafka-only.toml"
+    path.write_text('[kafka]\nbootstrap_servers = "kafka:9092"\n')
+    assert load_settings(path).ingress.public_url.startswith("http://")
+    # With a tenant, the forgotten public_url is what its Optimove would be told.
+    with pytest.raises(ValidationError, match=r"ingress\.public_url: must be https://"):
+        Settings(
+            callbacks={"public_url": "https://callbacks.example.com"},
+            tenants={
+                "acme": {
+                    "optimove_base_url": "https://optimove.example/acme",
+                    "api_token": "t",
+                    "secret_key": "s",
+                    "aggregator_api_key": "k",
+                    "routes": [{"provider": "p"}],
+                }
+            },
+            providers={
+                "p": {
+                    "kind": "otpiq",
+                    "base_url": "https://p.example",
+                    "api_key": "k",
+                    "callback_token": "c",
+                }
+            },
+        )
+
+
+def test_the_dev_configurations_allow_plain_http() -> None:
+    root = Path(__file__).resolve().parents[2]
+    for path in ("deploy/dev/smsbridge.toml", "deploy/compose/smsbridge.toml"):
+        assert "\nallow_plain_http = true\n" in (root / path).read_text(), path
+
+
+# -- small ones ----------------------------------------------------------------------------------
+
+
+def test_an_unknown_log_level_is_one_clear_error(tmp_path: Path) -> None:
+    path = tmp_path / "smsbridge.toml"
+    path.write_text('log_level = "LOUD"\n')
+    with pytest.raises(ConfigError) as caught:
+        load_settings(path)
+    assert str(caught.value) == (
+        f"invalid configuration in {path}: log_level: unknown log level 'LOUD' "
+        "(one of DEBUG, INFO, WARNING, ERROR, CRITICAL)"
+    )
+    path.write_text('log_level = "debug"\n')
+    assert load_settings(path).log_level == "DEBUG"
+
+
+def test_ops_listen_must_be_apart_from_the_public_listener() -> None:
+    with pytest.raises(ValueError, match="ops_listen must use another port than listen"):
+        Settings(ingress={"listen": "0.0.0.0:8080", "ops_listen": "127.0.0.1:8080"})
+    assert Settings().ingress.ops_listen != Settings().ingress.listen

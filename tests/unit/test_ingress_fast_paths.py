@@ -15,12 +15,12 @@ from hypothesis import strategies as st
 from phonenumbers.phonenumberutil import COUNTRY_CODE_TO_REGION_CODE, SUPPORTED_REGIONS
 
 from services.ingress.campaign import build_records, parse_campaign
-from services.ingress.e164 import fast_to_e164
+from services.ingress.e164 import fast_read, reader
 from services.ingress.produce import murmur2, partition_for
 from shared.config import TenantSettings
 from shared.events import MessageContext, RecipientMessage
 from shared.ids import message_id
-from shared.numbers import InvalidNumber, to_e164
+from shared.numbers import BareDigits, InvalidNumber, read_number, to_e164
 
 REGIONS = sorted(SUPPORTED_REGIONS)
 CALLING_CODES = sorted(COUNTRY_CODE_TO_REGION_CODE)
@@ -28,16 +28,32 @@ CALLING_CODES = sorted(COUNTRY_CODE_TO_REGION_CODE)
 INTERESTING_REGIONS = ["GB", "US", "CA", "DE", "FR", "IT", "IQ", "JE", "AR", "MX", "BR", "RU", "AU"]
 
 
-def verdict(function: object, raw: str, region: str) -> str:
+def verdict(function: object, raw: str, region: str, *args: object) -> str:
     assert callable(function)
     try:
-        return str(function(raw, region))
+        return str(function(raw, region, *args))
     except InvalidNumber as exc:
         return f"invalid: {exc}"
 
 
+def e164_verdict(raw: str, region: str, bare_digits: BareDigits) -> str:
+    try:
+        return fast_read(raw, region, bare_digits).e164
+    except InvalidNumber as exc:
+        return f"invalid: {exc}"
+
+
+READINGS: tuple[BareDigits, ...] = ("international", "national")
+
+
 def assert_same(raw: str, region: str) -> None:
-    assert verdict(fast_to_e164, raw, region) == verdict(to_e164, raw, region), (raw, region)
+    """The fast path reads as the reference does, both ways of reading bare digits; read
+    internationally, that is ``to_e164``'s answer (the reading of the normalizer's replies)."""
+    for bare_digits in READINGS:
+        fast = verdict(fast_read, raw, region, bare_digits)
+        assert fast == verdict(read_number, raw, region, bare_digits), (raw, region, bare_digits)
+    reference = verdict(to_e164, raw, region)
+    assert e164_verdict(raw, region, "international") == reference, (raw, region)
 
 
 def spellings(rng: random.Random, country_code: int, national: str) -> list[str]:
@@ -110,14 +126,39 @@ def test_agrees_with_to_e164_on_arbitrary_spellings(raw: str, region: str) -> No
     ],
 )
 def test_examples(raw: str, expected: str) -> None:
-    assert fast_to_e164(raw, "GB") == expected
+    for bare_digits in READINGS:
+        assert fast_read(raw, "GB", bare_digits) == (expected, False)
 
 
-def test_invalid_numbers_carry_to_e164s_reason() -> None:
-    with pytest.raises(InvalidNumber, match="not a valid mobile number"):
-        fast_to_e164("12345", "GB")
-    with pytest.raises(InvalidNumber, match="empty mobile number"):
-        fast_to_e164("  ", "GB")
+@pytest.mark.parametrize(
+    ("raw", "region", "international", "national"),
+    [
+        # Singapore +65 9623 4567, or a US number: issue 14, point 5.
+        ("6596234567", "US", "+6596234567", "+16596234567"),
+        ("65 9623-4567", "US", "+6596234567", "+16596234567"),
+    ],
+)
+def test_bare_digits_valid_both_ways_are_read_as_configured_and_flagged(
+    raw: str, region: str, international: str, national: str
+) -> None:
+    assert fast_read(raw, region, "international") == (international, True)
+    assert fast_read(raw, region, "national") == (national, True)
+    # With a "+" or a national "0" there is nothing to choose.
+    assert fast_read("+" + raw, region, "national") == (international, False)
+    read = reader(region, "international")
+    assert read(raw) == (international, True)
+
+
+def test_invalid_numbers_carry_the_references_reason() -> None:
+    for bare_digits in READINGS:
+        with pytest.raises(InvalidNumber, match="not a valid mobile number"):
+            fast_read("12345", "GB", bare_digits)
+        with pytest.raises(InvalidNumber, match="empty mobile number"):
+            fast_read("  ", "GB", bare_digits)
+        # optimove-sms-api.md §5's example: no valid number either way, for any tenant.
+        for region in ("GB", "US", "SG"):
+            with pytest.raises(InvalidNumber, match="not a valid mobile number"):
+                fast_read("44123456789", region, bare_digits)
 
 
 @given(st.binary(max_size=64))
@@ -174,7 +215,7 @@ def test_recipient_values_are_exactly_the_models_bytes(
         tenant="acme",
         settings=settings_,
         campaign=campaign,
-        normalise=lambda raw: to_e164(raw, "GB"),
+        read=lambda raw: read_number(raw, "GB", "international"),
         accepted_at=accepted_at,
     )
     sendable = [(i, r) for i, r in enumerate(recipients) if r["message"].strip()]
@@ -183,9 +224,7 @@ def test_recipient_values_are_exactly_the_models_bytes(
         expected = RecipientMessage(
             context=MessageContext(
                 tenant="acme",
-                message_id=message_id(
-                    "acme", campaign.request_key, index, recipient["mobileNumber"]
-                ),
+                message_id=message_id("acme", campaign.identity, index, recipient["mobileNumber"]),
                 batch_id=request_field,
                 request_id=request_field or "r",
                 campaign_id=request_field,

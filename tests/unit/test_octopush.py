@@ -89,9 +89,44 @@ async def test_request_body_follows_the_documented_shape(session: aiohttp.Client
     assert body["sender"] == "ACME"
     assert body["type"] == "sms_premium"  # the low-cost type has no delivery reports
     assert body["purpose"] == "alert"
-    assert body["with_replies"] is True
+    # Off unless the account asks: in France it replaces an alphanumeric sender.
+    assert body["with_replies"] is False
     assert body["auto_optimize_text"] is False
     assert body["request_id"] == request_id([FIRST, SECOND, THIRD])
+
+
+# providers.md §3.1, the send fields of the v1 API (the table's names, verbatim).
+DOCUMENTED_SEND_FIELDS = {
+    "recipients",
+    "text",
+    "type",
+    "sender",
+    "purpose",
+    "send_at",
+    "with_replies",
+    "simulation_mode",
+    "request_id",
+    "auto_optimize_text",
+    "auto_remove_blacklisted_numbers",
+    "list_name",
+    "recipient_tracking",
+}
+
+
+async def test_replies_are_an_account_setting_off_by_default(
+    session: aiohttp.ClientSession,
+) -> None:
+    assert make_provider(session).request_body([FIRST])["with_replies"] is False
+    wanted = make_provider(session, with_replies=True).request_body([FIRST])
+    assert wanted["with_replies"] is True
+
+
+async def test_blacklisted_numbers_are_removed_not_failing_the_call(
+    session: aiohttp.ClientSession,
+) -> None:
+    body = make_provider(session).request_body([FIRST, SECOND, THIRD])
+    assert body["auto_remove_blacklisted_numbers"] is True
+    assert set(body) <= DOCUMENTED_SEND_FIELDS
 
 
 async def test_purpose_is_configurable_and_an_absent_sender_is_omitted(
@@ -305,6 +340,27 @@ def test_documented_inbound_reply() -> None:
     assert parsed.number == "+33600000000"
     assert parsed.text == "some reply"
     assert parsed.to == "12345"
+    assert parsed.occurred_at == datetime(2020, 11, 4, 10, 11, 45, tzinfo=UTC)
+
+
+# providers.md §3.4, verbatim.
+DOCUMENTED_STOP = (
+    b'{"message_id":"sms_5fa275dbf21dc","number":"+33600000000","text":"stop",'
+    b'"stop_date":"2020-11-04 11:11:45"}'
+)
+
+
+@pytest.mark.parametrize("content_type", ["application/json", FORM])
+def test_stop_without_text_is_an_opt_out(content_type: str) -> None:
+    payload = {k: v for k, v in orjson.loads(DOCUMENTED_STOP).items() if k != "text"}
+    raw = (
+        urllib.parse.urlencode(payload).encode() if content_type == FORM else orjson.dumps(payload)
+    )
+    [parsed] = Octopush.parse_callback(raw, content_type)
+    assert parsed.kind == "opt_out"
+    assert (parsed.provider_message_id, parsed.number) == ("sms_5fa275dbf21dc", "+33600000000")
+    # Forwarded to Optimove as a STOP: the callback says so, whatever the customer wrote.
+    assert parsed.text == "STOP"
     assert parsed.occurred_at == datetime(2020, 11, 4, 10, 11, 45, tzinfo=UTC)
 
 

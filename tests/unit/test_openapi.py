@@ -8,6 +8,7 @@ from typing import Any, get_args
 
 import yaml
 from aiohttp import web
+from openapi_spec_validator import validate
 
 from services.callbacks.app import ROUTE as CALLBACK_ROUTE
 from services.callbacks.app import CallbacksService
@@ -51,11 +52,28 @@ def documented() -> set[tuple[str, str]]:
     return found
 
 
+def test_the_description_is_valid_openapi() -> None:
+    # Raises, naming the place, for what a YAML parser takes but OpenAPI does not (a flow
+    # mapping whose text holds a comma, a schema keyword misspelt, a $ref to nowhere).
+    validate(spec())
+
+
 async def test_every_route_of_ingress_and_callbacks_is_documented_and_nothing_else() -> None:
     settings = make_settings()
-    served = routes(IngressService(settings).app) | routes(CallbacksService(settings).app)
-    served |= routes(CampaignsService(settings).app)
+    ingress, callbacks = IngressService(settings), CallbacksService(settings)
+    served = routes(ingress.app) | routes(callbacks.app) | routes(CampaignsService(settings).app)
+    served |= routes(ingress.ops.app) | routes(callbacks.ops.app)
     assert documented() == served
+
+
+async def test_the_public_listeners_serve_no_operations_endpoint() -> None:
+    settings = make_settings()
+    ingress, callbacks = IngressService(settings), CallbacksService(settings)
+    operations = {("get", path) for path in ("/metrics", "/healthz", "/readyz")}
+    assert routes(ingress.ops.app) == routes(callbacks.ops.app) == operations
+    assert not operations & (routes(ingress.app) | routes(callbacks.app))
+    assert ingress.ops.listen == settings.ingress.ops_listen != settings.ingress.listen
+    assert callbacks.ops.listen == settings.callbacks.ops_listen != settings.callbacks.listen
 
 
 def test_each_provider_kind_has_its_callback_documented() -> None:

@@ -108,20 +108,21 @@ async def test_unreachable_provider_gives_each_message_a_retryable_error(
 # -- accepted sends ------------------------------------------------------------------------------
 
 
-async def test_documented_placeholder_answer_has_no_id_so_each_message_is_terminal(
+# providers.md §2.1, verbatim: the documented success answer names no message.
+DOCUMENTED_SUCCESS = b'{"status":"success","data":"sms reports with all details"}'
+
+
+async def test_documented_success_answer_sends_every_recipient_keyed_by_number(
     session: aiohttp.ClientSession,
 ) -> None:
-    results = make_provider(session).read_send_response(
-        [FIRST, SECOND], 200, answer(FIXTURES["send_response"])
-    )
+    results = make_provider(session).read_send_response([FIRST, SECOND], 200, DOCUMENTED_SUCCESS)
     assert len(results) == 2
-    for result in results:
-        error = as_error(result)
-        # Accepted: a retry could send twice, and no id means no report could be matched.
-        assert not error.retryable
-        assert not error.maybe_accepted  # accepted for sure, just not trackable
-        assert error.sub_status == SubStatus.PROVIDER_ERROR
-        assert "no message id" in error.detail
+    first, second = (as_accepted(result) for result in results)
+    # Sent, with no provider id: its reports are matched by account and number.
+    assert (first.message_id, first.provider_message_id) == ("m-1", "")
+    assert (second.message_id, second.provider_message_id) == ("m-2", "")
+    assert first.correlation_key == f"{ACCOUNT}:+254712345678"
+    assert second.correlation_key == f"{ACCOUNT}:+254712345679"
 
 
 @pytest.mark.parametrize(
@@ -140,7 +141,8 @@ async def test_single_recipient_ids_are_found_in_plausible_places(
     accepted = as_accepted(result)
     assert [accepted.provider_message_id] == expected
     assert accepted.message_id == "m-1"
-    assert accepted.correlation_key == f"{ACCOUNT}:{expected[0]}"
+    # Keyed by number all the same: the report's key cannot know whether the answer had ids.
+    assert accepted.correlation_key == f"{ACCOUNT}:+254712345678"
 
 
 async def test_bulk_ids_are_matched_by_number_whatever_their_order_and_format(
@@ -169,7 +171,7 @@ async def test_bulk_ids_without_numbers_are_matched_by_position(
     assert [as_accepted(r).provider_message_id for r in results] == ["u1", "u2"]
 
 
-async def test_recipient_missing_from_the_answer_is_terminal_the_others_accepted(
+async def test_recipient_missing_from_the_answer_is_sent_without_an_id(
     session: aiohttp.ClientSession,
 ) -> None:
     payload = {
@@ -183,7 +185,7 @@ async def test_recipient_missing_from_the_answer_is_terminal_the_others_accepted
         [FIRST, SECOND, THIRD], 200, answer(payload)
     )
     assert as_accepted(first).provider_message_id == "msg_a"
-    assert not as_error(second).retryable
+    assert as_accepted(second).provider_message_id == ""
     assert as_accepted(third).provider_message_id == "msg_c"
 
 
@@ -201,7 +203,7 @@ async def test_ids_that_cannot_tell_recipients_apart_are_not_used(
     session: aiohttp.ClientSession, payload: dict[str, Any]
 ) -> None:
     results = make_provider(session).read_send_response([FIRST, SECOND], 200, answer(payload))
-    assert [as_error(r).sub_status for r in results] == [SubStatus.PROVIDER_ERROR] * 2
+    assert [as_accepted(r).provider_message_id for r in results] == ["", ""]
     assert message_ids(payload, [FIRST.destination, SECOND.destination]) == {}
 
 
@@ -365,9 +367,18 @@ def test_parse_documented_callbacks(
     assert parsed.occurred_at == datetime(2024, 1, 13, 12, 0, tzinfo=UTC)
     assert parsed.raw == FIXTURES[fixture]
     assert OpenSms.canonical(parsed.provider_status) == canonical
+    # The key of the send to that number: reports are matched by number (number_match.py).
     assert OpenSms.correlation_key(ACCOUNT, parsed.provider_message_id, parsed.number) == (
-        f"{ACCOUNT}:msg_123456"
+        f"{ACCOUNT}:+254712345678"
     )
+
+
+def test_a_report_without_phone_is_keyed_by_its_id() -> None:
+    payload = {k: v for k, v in FIXTURES["callback_delivered"].items() if k != "phone"}
+    [parsed] = OpenSms.parse_callback(orjson.dumps(payload), "application/json")
+    assert parsed.number == ""
+    key = OpenSms.correlation_key(ACCOUNT, parsed.provider_message_id, parsed.number)
+    assert key == f"{ACCOUNT}:id:msg_123456"
 
 
 def test_failure_for_another_reason_is_undeliverable() -> None:

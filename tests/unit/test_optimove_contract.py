@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
-from pydantic import SecretStr
+from pydantic import SecretStr, ValidationError
 
-from shared.config import OptimoveContractSettings, TenantSettings
+from bench.stack import to_toml
+from shared.config import (
+    DELIVERY_REPORT_FIELDS,
+    OptimoveContractSettings,
+    TenantSettings,
+    load_settings,
+)
 from shared.events import CanonicalStatus, InboundMessage, MessageContext, StatusEvent
 from shared.optimove import API_KEY_HEADER, OptimoveContract
 from shared.signing import SIGNATURE_HEADER, verify
@@ -18,6 +27,7 @@ from tests.support import (
     TENANT_API_TOKEN,
     TENANT_SECRET,
     make_settings,
+    settings_data,
 )
 
 # Spacing, key order, escapes and non-ASCII exactly as a campaign request might carry them.
@@ -190,3 +200,111 @@ def test_signature_matches_the_documented_test_vector(tenant: TenantSettings) ->
     assert request.headers[SIGNATURE_HEADER] == (
         "sha256=523c5914fcb59da75707e9363fd521d7b1d761e0a1733c38fa05982e51d65454"
     )
+
+
+# -- report fields and sub-status names from configuration (issue 14, point 8) ------------------
+
+# decisions.md §4, verbatim: the body we promise, in this order.
+DECISIONS_REPORT_EXAMPLE = """{
+  "type": {"status": "Delivered", "subStatus": "Delivered"},
+  "metadata": {"...": "byte-for-byte the object received in the campaign request"},
+  "batchId": "...", "requestId": "...",
+  "customerId": "...", "mobileNumber": "exactly as received",
+  "messageId": "our message id", "providerMessageId": "...",
+  "timestamp": "2026-11-23T10:00:00Z"
+}"""
+
+
+def test_default_report_is_the_body_decisions_md_promises() -> None:
+    body = OptimoveContract(OptimoveContractSettings()).delivery_report_body(status_event())
+
+    assert list(orjson.loads(body)) == list(orjson.loads(DECISIONS_REPORT_EXAMPLE))
+    assert body == (
+        b'{"type":{"status":"Delivered","subStatus":"Delivered"},"metadata":'
+        + METADATA_JSON.encode("utf-8")
+        + b',"batchId":"batch-1","requestId":"req-1","customerId":"cust-9",'
+        b'"mobileNumber":"07911 123 456","messageId":"m-abc","providerMessageId":"prov-77",'
+        b'"timestamp":"2026-11-23T10:00:05Z"}'
+    )
+
+
+def test_report_fields_are_renamed_or_left_out_by_configuration() -> None:
+    settings = OptimoveContractSettings(
+        report_fields={"providerMessageId": "", "customerId": "customerID", "timestamp": ""}
+    )
+    body = OptimoveContract(settings).delivery_report_body(status_event())
+
+    report = orjson.loads(body)
+    assert list(report) == [
+        "type",
+        "metadata",
+        "batchId",
+        "requestId",
+        "customerID",
+        "mobileNumber",
+        "messageId",
+    ]
+    assert report["customerID"] == "cust-9"
+    assert b'"metadata":' + METADATA_JSON.encode("utf-8") + b"," in body  # still byte for byte
+
+
+@pytest.mark.parametrize(
+    ("sub_status", "expected"),
+    [
+        ("OptedOut", "Unsubscribed"),
+        ("InvalidNumber", "BadNumber"),
+        ("Delivered", "Delivered"),  # not listed: as it is
+        ("DryRun:OptedOut", "DryRun:Unsubscribed"),  # a dry run keeps its mark
+    ],
+)
+def test_sub_status_names_come_from_configuration(sub_status: str, expected: str) -> None:
+    settings = OptimoveContractSettings(
+        sub_status_names={"OptedOut": "Unsubscribed", "InvalidNumber": "BadNumber"}
+    )
+    status: CanonicalStatus = "delivered" if sub_status == "Delivered" else "failed"
+    body = OptimoveContract(settings).delivery_report_body(status_event(status, sub_status))
+    assert orjson.loads(body)["type"]["subStatus"] == expected
+
+
+def test_a_partial_report_fields_table_in_the_file_keeps_the_other_fields(
+    tmp_path: Path,
+) -> None:
+    # What an operator writes when Optimove refuses one field: that field alone.
+    path = tmp_path / "smsbridge.toml"
+    path.write_text(
+        to_toml(
+            {
+                **settings_data(),
+                "optimove": {
+                    "report_fields": {"providerMessageId": ""},
+                    "sub_status_names": {"OptedOut": "Unsubscribed"},
+                },
+            }
+        ),
+        encoding="utf-8",
+    )
+    optimove = load_settings(path).optimove
+
+    assert optimove.report_fields == {
+        **{name: name for name in DELIVERY_REPORT_FIELDS},
+        "providerMessageId": "",
+    }
+    assert optimove.sub_status_names == {"OptedOut": "Unsubscribed"}
+
+
+@pytest.mark.parametrize(
+    ("settings", "complaint"),
+    [
+        ({"report_fields": {"providerMessageID": ""}}, "unknown fields ['providerMessageID']"),
+        ({"report_fields": {"customerId": "messageId"}}, "share one name"),
+        ({"report_fields": {"timestamp": "type"}}, "named type or metadata"),
+        ({"sub_status_names": {"Optedout": "Unsubscribed"}}, "unknown sub-statuses"),
+        ({"sub_status_names": {"OptedOut": ""}}, "must not be empty"),
+    ],
+)
+def test_report_names_that_cannot_work_are_refused_at_start(
+    settings: dict[str, Any], complaint: str
+) -> None:
+    # A typo would otherwise leave the refused field in every report, silently.
+    with pytest.raises(ValidationError, match=re.escape(complaint)):
+        OptimoveContractSettings(**settings)

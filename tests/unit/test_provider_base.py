@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from shared.providers import PROVIDER_KINDS
 from shared.providers.base import fallback_error, first_message
 from shared.statuses import SubStatus
 
@@ -56,3 +57,12 @@ def test_first_message_takes_the_first_text_among_the_fields(
     body: dict[str, Any], expected: str
 ) -> None:
     assert first_message(body, ("message", "error", "detail")) == expected
+
+
+def test_only_opensms_is_matched_by_number_and_keys_its_sends_so() -> None:
+    assert {kind for kind, cls in PROVIDER_KINDS.items() if cls.matched_by_number} == {"opensms"}
+    opensms, otpiq = PROVIDER_KINDS["opensms"], PROVIDER_KINDS["otpiq"]
+    # The send answer's id does not change the key: a report cannot know whether there was one.
+    assert opensms.correlation_key("ke", "", "+254712345678") == "ke:+254712345678"
+    assert opensms.correlation_key("ke", "msg_1", "+254712345678") == "ke:+254712345678"
+    assert otpiq.correlation_key("iq", "sms-1", "+9647501234567") == "iq:sms-1"

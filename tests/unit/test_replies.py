@@ -17,14 +17,19 @@ from services.normalizer.replies import (
     as_utc,
     choose_tenant,
     customer_e164,
+    opt_out_tenants,
     optimove_from,
     reply_to,
+    sent_through,
+    stamp_due,
     tenant_number_key,
     tenants_by_account,
 )
+from shared import ids
 from shared.config import NormalizerSettings, TenantSettings
 from shared.events import (
     DispatchRecord,
+    LastInbound,
     MessageContext,
     NumberFormat,
     ProviderEvent,
@@ -64,8 +69,22 @@ class Directory:
     def lookup(self, key: str) -> Mapping[str, Any] | None:
         return self.topic.get(key)
 
-    def write(self, tenant: str, e164: str, written_as: str, seen_at: datetime) -> None:
-        record = NumberFormat(tenant=tenant, number=e164, mobile_number=written_as, seen_at=seen_at)
+    def write(
+        self,
+        tenant: str,
+        e164: str,
+        written_as: str,
+        seen_at: datetime,
+        accounts: Mapping[str, datetime] | None = None,
+    ) -> None:
+        """``accounts`` None: a record written before they were recorded."""
+        record = NumberFormat(
+            tenant=tenant,
+            number=e164,
+            mobile_number=written_as,
+            seen_at=seen_at,
+            accounts=dict(accounts or {}),
+        )
         self.topic[tenant_number_key(tenant, e164)] = record.model_dump(mode="json")
 
 
@@ -175,6 +194,8 @@ def test_a_word_cannot_both_opt_out_and_opt_in() -> None:
         ("+447700900123", "GB", "+447700900123"),
         ("+44 7700 900123", "GB", "+447700900123"),
         ("447700900123", "GB", "+447700900123"),
+        # Valid as a US national number too: a reply from Singapore must not opt out a US customer.
+        ("6596234567", "US", "+6596234567"),
         ("", "GB", None),
         ("SENDER", "GB", None),
         ("+12", "GB", None),
@@ -235,7 +256,11 @@ def test_directory_writes_a_number_only_when_new_changed_or_stale() -> None:
 
     first = directory.update_for(sent, T0)
     assert first == NumberFormat(
-        tenant="beta", number="+33600000001", mobile_number="06 00 00 00 01", seen_at=T0
+        tenant="beta",
+        number="+33600000001",
+        mobile_number="06 00 00 00 01",
+        seen_at=T0,
+        accounts={"octo-shared": T0},
     )
     # Being written, or written but not yet back from the topic: not written twice.
     assert directory.update_for(sent, T0 + timedelta(minutes=1)) is None
@@ -244,7 +269,7 @@ def test_directory_writes_a_number_only_when_new_changed_or_stale() -> None:
     retried = directory.update_for(sent, T0 + timedelta(minutes=2))
     assert retried is not None and retried.seen_at == T0 + timedelta(minutes=2)
 
-    topic.write("beta", "+33600000001", "06 00 00 00 01", T0)
+    topic.write("beta", "+33600000001", "06 00 00 00 01", T0, {"octo-shared": T0})
     assert directory.update_for(sent, T0 + timedelta(minutes=59)) is None
     stale = directory.update_for(sent, T0 + timedelta(hours=2))
     assert stale is not None and stale.seen_at == T0 + timedelta(hours=2)
@@ -286,7 +311,7 @@ def router(topic: Directory | None = None) -> ReplyRouter:
 
 def test_a_reply_to_a_known_message_belongs_to_its_tenant_and_uses_its_spelling() -> None:
     event = reply("Oui", account="octo-shared", number="+33600000001", to="36000")
-    routed = router().route(event, dispatch("beta", sender_id="BETA-PROMO"))
+    [routed] = router().route(event, dispatch("beta", sender_id="BETA-PROMO"))
     assert routed.tenant == "beta"
     assert routed.number == "+33600000001"
     assert routed.message_id == "m-1"
@@ -304,13 +329,12 @@ def test_a_reply_to_a_known_message_belongs_to_its_tenant_and_uses_its_spelling(
 
     # No receiving number in the callback: the sender id the message went out from.
     no_to = reply("Oui", account="octo-shared", number="+33600000001")
-    assert router().route(no_to, dispatch("beta", sender_id="BETA-PROMO")).inbound.to == (
-        "BETA-PROMO"
-    )
+    [routed] = router().route(no_to, dispatch("beta", sender_id="BETA-PROMO"))
+    assert routed.inbound.to == "BETA-PROMO"
 
 
 def test_an_unmatched_reply_on_a_single_tenant_account() -> None:
-    routed = router().route(reply(" Thanks ", occurred_at=None), None)
+    [routed] = router().route(reply(" Thanks ", occurred_at=None), None)
     assert routed.tenant == "acme"
     assert routed.message_id is None
     assert routed.inbound.from_number == "447700900123"  # never seen: international digits
@@ -320,7 +344,8 @@ def test_an_unmatched_reply_on_a_single_tenant_account() -> None:
 
     topic = Directory()
     topic.write("acme", "+447700900123", "07700 900123", T0)
-    assert router(topic).route(reply(), None).inbound.from_number == "07700 900123"
+    [routed] = router(topic).route(reply(), None)
+    assert routed.inbound.from_number == "07700 900123"
 
 
 def test_an_unmatched_reply_on_a_shared_account_goes_to_who_sent_there_last() -> None:
@@ -330,9 +355,9 @@ def test_an_unmatched_reply_on_a_shared_account_goes_to_who_sent_there_last() ->
         router(topic).route(event, None)
 
     topic.write("acme", "+33600000001", "0033600000001", T0)
-    assert router(topic).route(event, None).tenant == "acme"
+    assert [r.tenant for r in router(topic).route(event, None)] == ["acme"]
     topic.write("beta", "+33600000001", "06 00 00 00 01", T0 + timedelta(days=1))
-    routed = router(topic).route(event, None)
+    [routed] = router(topic).route(event, None)
     assert (routed.tenant, routed.inbound.from_number, routed.inbound.to) == (
         "beta",
         "06 00 00 00 01",
@@ -363,7 +388,7 @@ def test_unroutable_replies() -> None:
 def test_keywords_and_provider_stops_change_the_opt_out(
     event: ProviderEvent, opted_out: bool, source: str
 ) -> None:
-    routed = router().route(event, None)
+    [routed] = router().route(event, None)
     change = routed.opt_out_change
     assert change is not None
     assert (change.tenant, change.number, change.opted_out, change.source) == (
@@ -381,7 +406,8 @@ def test_keywords_and_provider_stops_change_the_opt_out(
 def test_an_opt_out_is_keyed_by_the_number_the_message_went_to() -> None:
     # The sender checks ``tenant:destination``; the provider may spell the number otherwise.
     event = reply("STOP", account="octo-shared", number="0600000001")
-    change = router().route(event, dispatch("beta")).opt_out_change
+    [routed] = router().route(event, dispatch("beta"))
+    change = routed.opt_out_change
     assert change is not None and change.number == "+33600000001"
 
 
@@ -446,3 +472,186 @@ def test_a_reply_is_never_held_once_its_dispatch_is_here() -> None:
     joined = JOINER.on_dispatch(None, dispatch(), NOW)
     with pytest.raises(ValueError, match="route the reply"):
         JOINER.hold_reply(round_trip(joined.state), ticket_reply("e-1"), NOW)
+
+
+# -- shared provider accounts: who a STOP and a reply concern ------------------------------------
+
+NUMBER = "+33600000001"
+# acme and beta send to the customer through the shared Octopush account; gamma routes it too but
+# sent to the customer only through otpiq-main; delta routes it and never sent to the customer.
+SHARED = {
+    "acme": tenant("otpiq-main", "octo-shared", sender="ACME"),
+    "beta": tenant("octo-shared", sender="BETA", region="FR"),
+    "gamma": tenant("octo-shared", "otpiq-main", sender="GAMMA"),
+    "delta": tenant("octo-shared", sender="DELTA", region="FR"),
+}
+
+
+def shared_topic() -> Directory:
+    topic = Directory()
+    topic.write("acme", NUMBER, "0033600000001", T0, {"octo-shared": T0})
+    topic.write("beta", NUMBER, "06 00 00 00 01", T0 + timedelta(hours=1), {"octo-shared": T0})
+    topic.write("gamma", NUMBER, "+33600000001", T0 + timedelta(hours=2), {"otpiq-main": T0})
+    return topic
+
+
+def shared_router(topic: Directory) -> ReplyRouter:
+    directory = NumberDirectory(
+        topic.lookup, refresh_s=3600, tenants_by_account=tenants_by_account(SHARED)
+    )
+    return ReplyRouter(SHARED, RULES, directory)
+
+
+def test_opt_out_tenants_are_the_replied_to_tenant_and_all_that_sent_through_the_account() -> None:
+    seen = {"acme": T0, "beta": T0 + timedelta(hours=1)}
+    everyone = ["acme", "beta", "gamma"]
+    assert opt_out_tenants("octo-shared", everyone, None, seen.get) == ("beta", "acme")
+    assert opt_out_tenants("octo-shared", everyone, "acme", seen.get) == ("acme", "beta")
+    # The replied-to message's tenant counts even if the directory has not caught up.
+    assert opt_out_tenants("octo-shared", everyone, "gamma", seen.get) == ("gamma", "beta", "acme")
+    # An account of one tenant: that tenant, as for any reply.
+    assert opt_out_tenants("otpiq-main", ["acme"], None, lambda tenant: None) == ("acme",)
+    with pytest.raises(UnroutableReply, match="none of them has sent to this number"):
+        opt_out_tenants("octo-shared", everyone, None, lambda tenant: None)
+    with pytest.raises(UnroutableReply, match="in no tenant's routes"):
+        opt_out_tenants("octo-orphan", [], None, seen.get)
+
+
+def test_sent_through_reads_the_account_stamp_and_counts_old_records_for_every_account() -> None:
+    record = NumberFormat(
+        tenant="acme", number=NUMBER, mobile_number="x", seen_at=T0, accounts={"a": T0}
+    )
+    assert sent_through(record, "a") == T0
+    assert sent_through(record, "b") is None
+    assert sent_through(record.model_copy(update={"accounts": {}}), "b") == T0
+    assert sent_through(None, "a") is None
+
+
+@pytest.mark.parametrize(
+    ("current", "mobile", "rival_later", "due"),
+    [
+        (None, "06", False, True),
+        ({"accounts": {"octo-shared": T0}, "mobile_number": "06"}, "06", False, False),
+        ({"accounts": {"octo-shared": T0}, "mobile_number": "06"}, "6", False, True),  # respelt
+        ({"accounts": {"otpiq-main": T0}, "mobile_number": "06"}, "06", False, True),  # new account
+        ({"accounts": {}, "mobile_number": "06"}, "06", False, True),  # written before accounts
+        # Another tenant sharing the account sent to the number after our stamp.
+        ({"accounts": {"octo-shared": T0}, "mobile_number": "06"}, "06", True, True),
+        # Stale.
+        (
+            {"accounts": {"octo-shared": T0 - timedelta(hours=2)}, "mobile_number": "06"},
+            "06",
+            False,
+            True,
+        ),
+    ],
+)
+def test_stamp_due(
+    current: dict[str, Any] | None, mobile: str, rival_later: bool, due: bool
+) -> None:
+    record = (
+        NumberFormat(tenant="beta", number=NUMBER, seen_at=T0, **current)
+        if current is not None
+        else None
+    )
+    now = T0 + timedelta(minutes=30)
+    assert stamp_due(record, mobile, "octo-shared", now, 3600, lambda stamp: rival_later) is due
+
+
+def test_the_directory_restamps_a_number_another_tenant_sent_to_since() -> None:
+    # beta, then acme, then beta again, all within the refresh period: beta sent last.
+    topic = Directory()
+    directory = NumberDirectory(
+        topic.lookup, refresh_s=24 * 3600, tenants_by_account=tenants_by_account(SHARED)
+    )
+    beta = dispatch("beta")
+    acme = dispatch("acme")
+    for sent, moment in ((beta, T0), (acme, T0 + timedelta(minutes=1))):
+        record = directory.update_for(sent, moment)
+        assert record is not None
+        topic.topic[tenant_number_key(record.tenant, record.number)] = record.model_dump(
+            mode="json"
+        )
+    again = directory.update_for(beta, T0 + timedelta(minutes=2))
+    assert again is not None and again.accounts == {"octo-shared": T0 + timedelta(minutes=2)}
+    # beta sending again with nobody in between: nothing to write.
+    assert directory.update_for(beta, T0 + timedelta(minutes=3)) is None
+
+    [routed] = ReplyRouter(SHARED, RULES, directory).route(
+        reply("Merci", account="octo-shared", number=NUMBER), None
+    )
+    assert routed.tenant == "beta"
+
+
+def test_a_reply_on_a_shared_account_goes_to_the_tenant_that_sent_through_it_last() -> None:
+    topic = shared_topic()
+    # gamma's record is the newest, but it never sent to the number through octo-shared.
+    topic.write("beta", NUMBER, "06 00 00 00 01", T0, {"octo-shared": T0 + timedelta(minutes=5)})
+    [routed] = shared_router(topic).route(
+        reply("Merci", account="octo-shared", number=NUMBER), None
+    )
+    assert (routed.tenant, routed.inbound.from_number, routed.opt_out_change) == (
+        "beta",
+        "06 00 00 00 01",
+        None,
+    )
+
+
+@pytest.mark.parametrize("kind", ["opt_out", "inbound"])
+def test_a_stop_on_a_shared_account_opts_out_every_tenant_that_sent_there(
+    kind: ProviderEventKind,
+) -> None:
+    topic = shared_topic()
+    topic.write("acme", NUMBER, "0033600000001", T0, {"octo-shared": T0 + timedelta(minutes=5)})
+    event = reply("STOP", account="octo-shared", number=NUMBER, to="36000", kind=kind)
+    routed = shared_router(topic).route(event, None)
+
+    # acme sent there last; gamma (only through otpiq-main) and delta (never) are not concerned.
+    assert [(r.tenant, r.number) for r in routed] == [("acme", NUMBER), ("beta", NUMBER)]
+    for each in routed:
+        change = each.opt_out_change
+        assert change is not None
+        assert (change.tenant, change.number, change.opted_out) == (each.tenant, NUMBER, True)
+        assert change.source == ("provider" if kind == "opt_out" else "keyword")
+        # Each tenant's Optimove hears of the STOP, with the number as it wrote it.
+        assert (each.inbound.tenant, each.inbound.text, each.inbound.opt_out) == (
+            each.tenant,
+            "STOP",
+            True,
+        )
+        assert each.last_inbound.tenant == each.tenant
+    assert [r.inbound.from_number for r in routed] == ["0033600000001", "06 00 00 00 01"]
+    # The first keeps the id a reply always had.
+    assert routed[0].inbound.event_id == ids.event_id("inbound", event.event_id)
+    assert len({r.inbound.event_id for r in routed}) == 2
+
+    # START opts the same tenants back in.
+    start = reply("start", account="octo-shared", number=NUMBER)
+    assert [
+        (r.tenant, r.opt_out_change.opted_out if r.opt_out_change else None)
+        for r in shared_router(topic).route(start, None)
+    ] == [("acme", False), ("beta", False)]
+
+
+def test_a_stop_to_a_known_message_also_opts_out_the_others_that_sent_there() -> None:
+    event = reply("STOP", account="octo-shared", number=NUMBER, kind="opt_out")
+    routed = shared_router(shared_topic()).route(event, dispatch("beta", sender_id="BETA-PROMO"))
+    assert [(r.tenant, r.message_id, r.inbound.to) for r in routed] == [
+        ("beta", "m-1", "BETA-PROMO"),
+        ("acme", None, "ACME"),
+    ]
+    # A plain reply to the same message concerns its tenant alone.
+    plain = reply("Merci", account="octo-shared", number=NUMBER)
+    assert [r.tenant for r in shared_router(shared_topic()).route(plain, dispatch("beta"))] == [
+        "beta"
+    ]
+
+
+def test_last_inbound_is_when_we_received_the_message_not_the_providers_time() -> None:
+    # Octopush's verbatim STOP example is dated 2020: the provider's clock is no measure.
+    event = reply("stop", kind="opt_out", occurred_at=datetime(2020, 11, 4, 10, 11, 45, tzinfo=UTC))
+    [routed] = router().route(event, None)
+    assert routed.last_inbound == LastInbound(
+        tenant="acme", number="+447700900123", at=T0 + timedelta(seconds=5)
+    )
+    assert routed.inbound.sent_at == datetime(2020, 11, 4, 10, 11, 45, tzinfo=UTC)

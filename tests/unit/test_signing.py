@@ -99,6 +99,14 @@ def test_body_that_is_not_json_is_checked_as_raw_bytes_only() -> None:
     assert verify(body, sign(b"other", SECRET), SECRET) == SignatureFailure.MISMATCH
 
 
+@pytest.mark.parametrize("depth", [1_100, 100_000])
+def test_a_body_nested_deeper_than_json_reads_is_a_mismatch_not_an_error(depth: int) -> None:
+    """Issue 14, point 9: re-serialising it raised RecursionError (a 500 at ingress)."""
+    deep = b'{"batchId": ' + b"[" * depth + b"]" * depth + b"}"
+    assert verify(deep, sign(VECTOR_BODY, SECRET), SECRET) == SignatureFailure.MISMATCH
+    assert verify(deep, sign(deep, SECRET), SECRET) is None  # its own bytes still verify
+
+
 @pytest.mark.parametrize("header", [None, ""])
 def test_missing_signature(header: str | None) -> None:
     assert verify(VECTOR_BODY, header, SECRET) == SignatureFailure.MISSING
