@@ -7,6 +7,8 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY shared ./shared
 COPY services ./services
+COPY tools ./tools
+COPY simulators ./simulators
 RUN pip install --no-cache-dir --prefix=/install .
 
 FROM python:3.11-slim

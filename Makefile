@@ -50,8 +50,8 @@ test: $(STAMP) promtool broker
 		if [ $$rc -eq 5 ]; then echo "pytest: no tests were collected"; exit 0; fi; exit $$rc
 
 lint: $(STAMP)
-	$(BIN)/ruff check shared services tests bench
-	$(BIN)/ruff format --check shared services tests bench
+	$(BIN)/ruff check shared services tools simulators tests bench
+	$(BIN)/ruff format --check shared services tools simulators tests bench
 	$(BIN)/mypy
 
 # All benchmarks, or some: make bench BENCH="ingress e2e" BENCH_ARGS="--recipients 20000".

@@ -1,32 +1,10 @@
 """End-to-end benchmark: a campaign through every service and both simulators.
 
-Every service of ``services.dev.SERVICES`` and both simulators run as processes of their own
-(``bench.stack``), on a fresh embedded broker; the provider simulator answers at once and sends
-its delivery reports at once (zero latency), OTPIQ style: a ``sent`` and a final ``delivered``
-callback per message. Two phases, one after the other:
-
-1. **Throughput**: ``recipients`` (default 100,000) posted as signed batches of ``BATCH_SIZE`` by
-   ``CLIENTS`` concurrent clients as fast as ingress accepts them. The figure is messages per
-   second from the first post to the last final report at the Optimove simulator (its receive
-   times, ``/_simulator/report-times``). The CPU time every process used meanwhile is printed per
-   1,000 messages: the busiest service is the bottleneck on a machine with few cores.
-2. **Latency at a steady rate**: for ``STEADY_S`` seconds, recipients posted at a steady rate
-   (batches of 100, one every 100 ms at 1,000/s): first at ``STEADY_RATE`` (1,000 msg/s), then
-   at half the rate the throughput phase reached (what the machine sustains with room to spare).
-   Per message, the time from ingress's 202 for its batch (acceptance: every record on Kafka) to
-   its first report (``Sent``) and to its final report (``Delivered``) at the Optimove simulator;
-   p50/p99 over all but the first ``SETTLE_S`` seconds. When the pipeline cannot keep up with a
-   rate, its final reports fall behind the posts, latencies grow with the run's length, and the
-   table says so: that rate is beyond this machine.
-
-The broker is Apache Kafka (``--broker tansu``: Tansu, memory only). ``--compare-brokers`` then
-runs the throughput phase again on the other broker, on a stack of its own started after the
-first one stopped (same process, same campaign size, its own warm-up), and prints one table: per
-broker, msg/s end to end and CPU ms per message of all processes, of the six services together
-and of the broker process alone. The latency phases run on the main broker only: they take as
-long again as the throughput phase and mostly measure the pipeline's backlog, not the broker.
-
-Both simulators and this process share the machine with the services, as in ``make dev``.
+Every service and both simulators run as processes of their own (``bench.stack``) on a fresh
+broker, the provider simulator answering at once. Two phases: throughput (messages per second from
+the first post to the last final report, CPU per process) and latency at a steady rate (p50/p99 of
+acceptance to first and final report). ``--compare-brokers`` repeats the throughput phase on the
+other broker. Method: docs/benchmarks.md, "End to end".
 """
 
 from __future__ import annotations
@@ -74,7 +52,8 @@ STEADY_BATCH = 100
 STEADY_S = 20.0
 WARM_UP = 2_000
 SETTLE_S = 5.0  # of the latency phase, left out of its percentiles
-PROFILED = ("ingress", "sender", "callbacks", "normalizer", "reporter")
+# The services a message passes through (the campaigns service only counts them).
+PROFILED = tuple(name for name in SERVICES if name != "campaigns")
 
 # The OTPIQ account may send as fast as the simulator answers; the consumers keep their defaults.
 OVERRIDES: dict[str, Any] = {}

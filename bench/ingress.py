@@ -1,23 +1,10 @@
 """Ingress benchmark: recipients/s one ingress process puts on Kafka, beside raw aiokafka.
 
-One ingress process (``smsbridge run ingress``, through ``bench.stack``) on a fresh embedded
-broker. For batch sizes of 100, 1,000 and 10,000 recipients, ``CLIENTS[size]`` concurrent clients
-post signed Campaign Transmission requests (real HTTP, ``X-API-Key`` and ``x-hub-signature``)
-until ``PER_ROUND[size]`` recipients are in (more clients for small batches: each request waits
-for two acknowledgements in turn, its recipients' and then its ledger entry's, so it takes more of
-them at once to keep the process busy). The rate is recipients over the time from the first post
-to the last 202; every 202 promises the records are on Kafka (acks=all), checked at the end by
-counting the topic.
-
-Beside it, in the same run, on the same broker: the raw aiokafka produce rate of exactly the
-records ingress writes (same keys, same values: ``build_records`` of the same bodies, built before
-the clock starts), as many concurrent publishers of one batch each, waiting for acks=all, to a
-topic with the same partition count. Two raw ways: ``send()`` per record, the producer API
-("raw aiokafka produce", the target's baseline: >= 0.7 of it), and ``send_batch()`` per
-partition, the fastest the client offers, which does no work per record but append it (ingress
-also parses, validates and normalises every number, and builds its event): its ratio is printed
-too. Ingress and raw alternate over ``ROUNDS`` rounds and the best round of each counts, so that
-a burst of load from elsewhere on the machine hits one round, not the figure.
+For batches of 100, 1,000 and 10,000 recipients, concurrent clients post signed Campaign
+Transmission requests to one ingress process; the rate counts to the last 202 (every record on
+Kafka). Beside it, the raw aiokafka produce rate of the same records (``send()`` per record, the
+baseline: ingress reaches >= 0.7 of it, and ``send_batch()``).
+Method: docs/benchmarks.md, "Ingress".
 """
 
 from __future__ import annotations

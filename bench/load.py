@@ -3,7 +3,7 @@
 Numbers are valid GB mobiles from blocks where every number is valid (07400, 07500, 07800,
 07900: up to 4,000,000 distinct ones), written in the rotating formats Optimove's tenants use,
 so ingress normalises as it would in production; building a million of them takes seconds
-(``services.simulators.campaign.sample_numbers`` checks each with phonenumbers, about 75 µs).
+(``simulators.campaign_load.sample_numbers`` checks each with phonenumbers, about 75 µs).
 Each batch knows the message ids ingress will give its recipients (``shared.ids.message_id``),
 so a report at the Optimove simulator can be traced back to the batch that carried it.
 """
@@ -20,8 +20,8 @@ import aiohttp
 import orjson
 
 from bench.stack import AGGREGATOR_API_KEY, SENDER_ID, TENANT, TENANT_SECRET
-from services.simulators.campaign import NUMBER_FORMATS, campaign_metadata, signed_headers
 from shared.ids import message_id, request_key
+from simulators.campaign_load import NUMBER_FORMATS, campaign_metadata, signed_headers
 
 _BLOCKS = ("7400", "7500", "7800", "7900")
 MAX_NUMBERS = len(_BLOCKS) * 1_000_000

@@ -1,47 +1,9 @@
 """Memory benchmark: peak RSS per service during a 1,000,000-recipient campaign; it must stay flat.
 
-Every service and both simulators run as processes of their own (``bench.stack``), zero provider
-latency, as in the e2e benchmark. The campaign is posted in signed batches of ``BATCH_SIZE``,
-keeping at most ``WINDOW`` recipients between ingress and their final report, so the pipeline is
-busy all along without the whole campaign waiting in Kafka. The RSS of every service is sampled
-every ``INTERVAL_S`` seconds (``/proc``), with the campaign's progress (final reports at the
-Optimove simulator).
-
-The check, per service: the peak RSS over the whole campaign is at most ``GROWTH`` times the
-peak over its first half plus ``SLACK_MIB``. Every bounded structure fills early in a campaign:
-Kafka fetch buffers, batches in flight, SQLite page caches (2 MiB per partition file), the
-normalizer's directory of the 50,000 numbers it wrote last; with a million recipients the first
-half is 500,000 messages, ten times the largest of them. What still grows in the second half grows
-with the campaign: state kept in memory instead of on disk or in Kafka. For a service of ~130 MiB
-the allowance is ~45 MiB over 500,000 messages: a leak of more than about 100 bytes per message
-fails (with a smaller ``--recipients`` the check is coarser: fewer messages carry the same
-allowance, and the bounded caches may still be filling in the first half).
-
-The simulators and the broker are printed too but not checked: they keep every request, send and
-record on purpose. The broker is Apache Kafka (``--broker``): its logs are on disk (a temporary
-folder, whose size at the end is printed; about 10 KB per message, and free disk for it is checked
-before the run starts), so its RSS is its JVM heap and buffers whatever the campaign's size, and
-nothing about RAM is checked. On it the campaign runs at about 180 msg/s end to end on two cores,
-so a million recipients take about an hour and a half here. With ``--broker tansu`` the
-memory-only broker holds about 18 KB per message in RAM (it keeps every record batch, and the
-pipeline writes about fifteen small ones per message): a million recipients need about 18 GB of
-RAM for it, checked before the run starts. Tansu also slows down as it fills (220 msg/s end to end
-with 40,000 messages in it, 125 msg/s with 380,000, on two cores), so a million take about three
-hours on it here.
-
-``--max-minutes`` (``BENCH_MEMORY_MAX_MINUTES``) bounds the posting: once it has passed, no more
-batches are posted, the campaign ends with what was posted, and the check runs over that (the
-summary says how many of how many). A run stopped that way keeps its figures.
-
-``--dry-run`` gives the campaign's tenant ``dry_run = true`` (``shared/providers/dryrun.py``): the
-sender simulates the provider call and publishes the dispatch record with a simulated delivery
-report, which the normalizer and the reporter handle as usual. No provider HTTP call is made and
-no callback comes: the provider simulator and the callbacks service run but idle, so the CPU they
-take per message in a full run is free and the campaign goes faster. The tenant's default outcome
-mix is 95% ``DryRun:Delivered``, 5% ``DryRun:Undeliverable`` (failed): both are final reports. The
-run checks in addition that every final report carries the ``DryRun:`` mark and that the provider
-simulator received no send; its summary row, details and figures (``dry_run``) say it was a
-dry-run tenant, not a full run.
+The campaign is posted in signed batches, the RSS of every service sampled from ``/proc``; per
+service, the peak over the whole campaign must be at most ``GROWTH`` times the peak over its first
+half plus ``SLACK_MIB``. ``--max-minutes`` bounds the posting, ``--dry-run`` uses a dry-run tenant,
+``--broker`` picks the broker. Method, allowances and broker figures: docs/benchmarks.md, "Memory".
 """
 
 from __future__ import annotations

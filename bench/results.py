@@ -24,6 +24,7 @@ from typing import Any
 import orjson
 
 from shared.broker.distribution import kafka_version
+from shared.text_table import text_table as shared_text_table
 
 BENCH_DIR = Path(__file__).resolve().parent
 RESULTS_DIR = BENCH_DIR / "results"
@@ -99,15 +100,7 @@ def markdown_table(
 
 def text_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     """The same table for a terminal: columns padded, the first one left-aligned."""
-    cells = [list(header), *([str(cell) for cell in row] for row in rows)]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
-    lines = [
-        "  ".join(
-            cell.ljust(widths[i]) if i == 0 else cell.rjust(widths[i]) for i, cell in enumerate(row)
-        )
-        for row in cells
-    ]
-    return "\n".join(lines)
+    return shared_text_table(header, rows, right=range(1, len(header)))
 
 
 def percentile(ordered: Sequence[float], share: float) -> float:

@@ -1,24 +1,10 @@
 """Sender benchmark: rate-limit accuracy, raw throughput, and scaling over instances.
 
-Every scenario runs on a fresh embedded broker, with the provider simulator and each sender
-instance as processes of their own (``smsbridge simulate providers``, ``smsbridge run sender``),
-as in production. The campaign is published to ``sms.recipients`` before the senders start; the
-figures come from the simulator's own receive timestamps (``/_simulator/sends``), so they are what
-the provider saw, not what the sender believes it did.
-
-Scenarios:
-
-- ``limited``: one instance, 100 ms provider latency, account limit 1,000 msg/s. It must reach
-  at least 98% of the limit, and no one-second window (any start) may exceed it by more than 2%.
-- ``unlimited``: one instance, 100 ms latency, no limit: messages per second of one instance.
-- ``latency x1`` / ``latency x2``: a latency-bound provider (few calls in flight per instance):
-  two instances must reach at least 1.8x one.
-
-Every scenario starts once the instances hold their partitions, with a warm-up campaign (a fifth
-of the measured one, other numbers) kept out of the figures: the first sends open new connections
-on both sides and run first-time code paths, which delays them unevenly (the busiest window of the
-warm-up is printed too, for the limited scenario). Throughput is measured between the 10th and the
-90th percentile of the receive timestamps, so the ramp and the tail do not count.
+The provider simulator and each sender instance run as processes of their own on a fresh broker;
+the figures come from the simulator's receive timestamps (what the provider saw). Scenarios:
+``limited`` (98% of a 1,000 msg/s limit, no window over it by 2%), ``unlimited``, and
+``latency x1`` / ``latency x2`` (two instances reach 1.8x one).
+Method: docs/benchmarks.md, "Sender".
 """
 
 from __future__ import annotations
@@ -40,12 +26,13 @@ from aiokafka import AIOKafkaConsumer
 
 from bench.results import Options, Report, markdown_table, text_table
 from bench.stack import PROVIDER, TENANT, Stack
-from services.simulators.providers import ProviderSimulator
 from shared.config import Settings
 from shared.events import MessageContext, RecipientMessage
+from shared.ids import tenant_number_key
 from shared.kafka import OutRecord, bootstrap
 from shared.service import serve_until_signalled
 from shared.topics import DISPATCHES, RECIPIENTS
+from simulators.providers import ProviderSimulator
 
 RATE_LIMIT = 1000.0
 REQUIRED_SHARE_OF_LIMIT = 0.98
@@ -156,7 +143,10 @@ def middle_rate(timestamps: Sequence[float]) -> float:
 
 
 def publish_campaign(messages: Sequence[RecipientMessage]) -> list[OutRecord]:
-    return [OutRecord(RECIPIENTS, f"{m.context.tenant}:{m.destination}", m) for m in messages]
+    return [
+        OutRecord(RECIPIENTS, tenant_number_key(m.context.tenant, m.destination), m)
+        for m in messages
+    ]
 
 
 async def receive_times(stack: Stack) -> tuple[dict[str, list[float]], int]:

@@ -1,32 +1,15 @@
 """A process harness: the whole pipeline as child processes, for benchmarks and chaos tests.
 
-``Stack`` starts a fresh embedded broker (``shared.broker``: Apache Kafka, or Tansu when asked or
-when Java is missing) and creates every topic, writes one
-configuration (a tenant routed to the provider simulator, reporting to the Optimove simulator),
-then starts any set of services and simulators as child processes of their own, exactly as
-``smsbridge run <service>`` / ``smsbridge simulate <peer>`` run in production. Each child logs to
-``<run dir>/logs/<name>.log`` (appended across restarts) and is known by its name: the service
-name (``"sender"``), a further instance of it (``"sender-2"``), ``"sim-optimove"`` or
-``"sim-providers"``.
-
-::
+``Stack`` starts a fresh embedded broker, creates every topic, writes one configuration, then
+starts any set of services and simulators as child processes, exactly as ``smsbridge run`` /
+``smsbridge simulate`` run in production, each known by its name (``"sender"``, ``"sender-2"``,
+``"sim-optimove"``)::
 
     async with Stack(Path(run_dir), provider_options=ProviderSimulatorOptions(latency_ms=0)) as s:
         await s.start(*SERVICES, *SIMULATORS)       # waits until every /readyz answers 200
-        ...post a campaign to s.ingress_url...
-        await s.kill("normalizer")                  # SIGKILL by default
-        await s.restart("normalizer")               # same command, same config; waits ready
-        tally = await s.wait_for_final_reports(campaign_id, expected=n, timeout_s=300)
-        s.rss("reporter"), s.cpu_seconds("reporter")  # from /proc
+        await s.kill("normalizer"); await s.restart("normalizer")
 
-Every service instance gets its own configuration file (the base one with its own listen or
-metrics port and ``state_dir``), so several instances of one service can run side by side. The
-services are those of ``services.dev.SERVICES`` (read at import time: a service added there is
-started the same way). The in-process side (this benchmark's own producers and consumers) uses
-``stack.settings``, whose ``kafka.bootstrap_servers`` is the broker's address: nothing is passed
-through the environment.
-
-Linux only: ``rss`` and ``cpu_seconds`` read ``/proc``.
+Linux only (``rss`` and ``cpu_seconds`` read ``/proc``). More: docs/benchmarks.md, "Harness".
 """
 
 from __future__ import annotations
@@ -49,12 +32,12 @@ import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import NewTopic
 
-from services.dev import SERVICES as SERVICES
-from services.dev import SIMULATORS as SIMULATORS
+from services import SERVICES as SERVICES
 from shared.broker import embedded_broker, free_port
 from shared.config import Settings
 from shared.kafka import OutRecord, Publisher, bootstrap, is_tansu, make_admin, make_producer
 from shared.topics import ensure_topics, partition_numbers
+from tools.dev import SIMULATORS as SIMULATORS
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -221,7 +204,7 @@ def instance_config(
 
 @dataclass(frozen=True)
 class ProviderSimulatorOptions:
-    """``smsbridge simulate providers`` options (see services/simulators/providers.py)."""
+    """``smsbridge simulate providers`` options (see simulators/providers/)."""
 
     latency_ms: float = 0.0
     callback_delay_ms: float = 0.0
@@ -265,6 +248,42 @@ class Child:
     @property
     def running(self) -> bool:
         return self.process is not None and self.process.returncode is None
+
+    async def spawn(self, cwd: Path) -> None:
+        """Start (again) with the same command, appending to the same log."""
+        self.starts += 1
+        self.stopping = False
+        with self.log_path.open("ab") as log:
+            log.write(f"---- start {self.starts} at {time.strftime('%X')} ----\n".encode())
+            log.flush()
+            self.process = await asyncio.create_subprocess_exec(
+                *self.argv,
+                cwd=cwd,
+                env=self.env,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+            )
+
+    async def kill(self, signum: int = signal.SIGKILL) -> int:
+        """Send ``signum`` and wait for the exit; returns the exit code (negative: the signal)."""
+        if self.process is None or not self.running:
+            raise StackError(f"{self.name} is not running")
+        self.stopping = True
+        self.process.send_signal(signum)
+        return await self.process.wait()
+
+    async def terminate(self, timeout_s: float) -> int | None:
+        """SIGTERM, then SIGKILL after ``timeout_s``; the exit code (None if never started)."""
+        if self.process is None or not self.running:
+            return self.process.returncode if self.process is not None else None
+        self.stopping = True
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            return await asyncio.wait_for(self.process.wait(), timeout_s)
+        except TimeoutError:
+            self.process.kill()
+            return await self.process.wait()
 
 
 def process_rss(pid: int) -> int:
@@ -339,7 +358,60 @@ async def wait_until(
         await asyncio.sleep(interval_s)
 
 
-class Stack:
+class SimulatorPeers:
+    """What the Optimove and provider simulators of a run tell (and take) over HTTP."""
+
+    optimove_url: str
+    providers_url: str
+    _session: aiohttp.ClientSession | None
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            raise StackError("the stack is not open")
+        return self._session
+
+    async def get_json(self, url: str, **params: str) -> Any:
+        async with self.session.get(url, params=params) as response:
+            body = await response.read()
+            if response.status != 200:
+                raise StackError(f"GET {url} answered {response.status}: {body[:200]!r}")
+        return orjson.loads(body)
+
+    async def send_json(self, method: str, url: str, payload: Any = None) -> Any:
+        async with self.session.request(method, url, json=payload) as response:
+            body = await response.read()
+            if response.status != 200:
+                raise StackError(f"{method} {url} answered {response.status}: {body[:200]!r}")
+        return orjson.loads(body)
+
+    async def optimove_tally(self, campaign_id: str | None = None) -> dict[str, Any]:
+        """The Optimove simulator's tally of ``TENANT`` (one campaign's, or all of them)."""
+        params = {"tenant": TENANT, **({"campaign_id": campaign_id} if campaign_id else {})}
+        tally: dict[str, Any] = (
+            await self.get_json(f"{self.optimove_url}/_simulator/tally", **params)
+        )[TENANT]
+        return tally
+
+    async def optimove_report_times(self, campaign_id: str | None = None) -> dict[str, Any]:
+        """Per message id, when its first report and its first final report arrived (Unix s)."""
+        params = {"tenant": TENANT, **({"campaign_id": campaign_id} if campaign_id else {})}
+        times: dict[str, Any] = await self.get_json(
+            f"{self.optimove_url}/_simulator/report-times", **params
+        )
+        return times
+
+    async def provider_sends(self) -> dict[str, Any]:
+        """Every send the provider simulator accepted; counts per (provider, phone, text)."""
+        sends: dict[str, Any] = await self.get_json(f"{self.providers_url}/_simulator/sends")
+        return sends
+
+    async def provider_configure(self, **changes: Any) -> Any:
+        """Change the provider simulator's options (``fail_rate``, ``latency_ms``, ...)."""
+        return await self.send_json("POST", f"{self.providers_url}/_simulator/config", changes)
+
+
+class Stack(SimulatorPeers):
     """Broker, configuration and child processes of one run; see the module docstring.
 
     ``overrides`` are deep-merged over ``base_config`` (for example
@@ -397,13 +469,6 @@ class Stack:
     @property
     def callbacks_url(self) -> str:
         return f"http://{self.settings.callbacks.listen}"
-
-    def ops_url(self, name: str) -> str:
-        """``http://host:port`` of a child's /metrics, /healthz and /readyz."""
-        child = self.children[name]
-        if child.ready_url is None:
-            raise StackError(f"{name} has no ops endpoint")
-        return child.ready_url.rsplit("/", 1)[0]
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
@@ -481,27 +546,11 @@ class Stack:
 
     async def kill(self, name: str, signum: int = signal.SIGKILL) -> int:
         """Send ``signum`` and wait for the exit; returns the exit code (negative: the signal)."""
-        child = self.children[name]
-        if not child.running:
-            raise StackError(f"{name} is not running")
-        assert child.process is not None
-        child.stopping = True
-        child.process.send_signal(signum)
-        return await child.process.wait()
+        return await self.children[name].kill(signum)
 
     async def terminate(self, name: str, timeout_s: float = STOP_TIMEOUT_S) -> int | None:
         """SIGTERM, then SIGKILL after ``timeout_s``; the exit code (None if it was not running)."""
-        child = self.children[name]
-        if not child.running:
-            return child.process.returncode if child.process is not None else None
-        assert child.process is not None
-        child.stopping = True
-        child.process.send_signal(signal.SIGTERM)
-        try:
-            return await asyncio.wait_for(child.process.wait(), timeout_s)
-        except TimeoutError:
-            child.process.kill()
-            return await child.process.wait()
+        return await self.children[name].terminate(timeout_s)
 
     async def restart(
         self, name: str, *, wait_ready: bool = True, timeout_s: float = READY_TIMEOUT_S
@@ -511,7 +560,7 @@ class Stack:
         child = self.children[name]
         if child.running:
             await self.terminate(name)
-        await self._spawn(child)
+        await child.spawn(self.source_dir)
         if wait_ready:
             await self.wait_ready(name, timeout_s)
         return child
@@ -582,65 +631,6 @@ class Stack:
         pid = self.pid(name)
         return process_cpu_seconds(pid) if pid is not None else 0.0
 
-    # -- peers ------------------------------------------------------------------------------------
-
-    @property
-    def session(self) -> aiohttp.ClientSession:
-        if self._session is None:
-            raise StackError("the stack is not open")
-        return self._session
-
-    async def get_json(self, url: str, **params: str) -> Any:
-        async with self.session.get(url, params=params) as response:
-            body = await response.read()
-            if response.status != 200:
-                raise StackError(f"GET {url} answered {response.status}: {body[:200]!r}")
-        return orjson.loads(body)
-
-    async def send_json(self, method: str, url: str, payload: Any = None) -> Any:
-        async with self.session.request(method, url, json=payload) as response:
-            body = await response.read()
-            if response.status != 200:
-                raise StackError(f"{method} {url} answered {response.status}: {body[:200]!r}")
-        return orjson.loads(body)
-
-    async def optimove_tally(self, campaign_id: str | None = None) -> dict[str, Any]:
-        """The Optimove simulator's tally of ``TENANT`` (one campaign's, or all of them)."""
-        params = {"tenant": TENANT, **({"campaign_id": campaign_id} if campaign_id else {})}
-        tally: dict[str, Any] = (
-            await self.get_json(f"{self.optimove_url}/_simulator/tally", **params)
-        )[TENANT]
-        return tally
-
-    async def optimove_received(self, endpoint: str | None = None) -> list[dict[str, Any]]:
-        """The requests the Optimove simulator recorded (at most ``optimove_max_recorded``)."""
-        params = {"tenant": TENANT, **({"endpoint": endpoint} if endpoint else {})}
-        received: list[dict[str, Any]] = await self.get_json(
-            f"{self.optimove_url}/_simulator/received", **params
-        )
-        return received
-
-    async def optimove_report_times(self, campaign_id: str | None = None) -> dict[str, Any]:
-        """Per message id, when its first report and its first final report arrived (Unix s)."""
-        params = {"tenant": TENANT, **({"campaign_id": campaign_id} if campaign_id else {})}
-        times: dict[str, Any] = await self.get_json(
-            f"{self.optimove_url}/_simulator/report-times", **params
-        )
-        return times
-
-    async def optimove_mode(self, **mode: Any) -> Any:
-        """A failure mode of the Optimove simulator (``status``, ``count``/``seconds``, ...)."""
-        return await self.send_json("POST", f"{self.optimove_url}/_simulator/mode", mode)
-
-    async def provider_sends(self) -> dict[str, Any]:
-        """Every send the provider simulator accepted; counts per (provider, phone, text)."""
-        sends: dict[str, Any] = await self.get_json(f"{self.providers_url}/_simulator/sends")
-        return sends
-
-    async def provider_configure(self, **changes: Any) -> Any:
-        """Change the provider simulator's options (``fail_rate``, ``latency_ms``, ...)."""
-        return await self.send_json("POST", f"{self.providers_url}/_simulator/config", changes)
-
     async def wait_for_final_reports(
         self,
         campaign_id: str | None,
@@ -694,7 +684,7 @@ class Stack:
         return child
 
     def _cli(self, config: Path, *args: str) -> list[str]:
-        return [sys.executable, "-m", "services.cli", "--config", str(config), *args]
+        return [sys.executable, "-m", "tools.cli", "--config", str(config), *args]
 
     def _service_child(
         self, service: str, name: str, overrides: Mapping[str, Any] | None = None
@@ -723,23 +713,8 @@ class Stack:
 
     async def _launch_all(self, children: Sequence[Child], timeout_s: float) -> None:
         for child in children:
-            await self._spawn(child)
+            await child.spawn(self.source_dir)
         await asyncio.gather(*(self.wait_ready(child.name, timeout_s) for child in children))
-
-    async def _spawn(self, child: Child) -> None:
-        child.starts += 1
-        child.stopping = False
-        with child.log_path.open("ab") as log:
-            log.write(f"---- start {child.starts} at {time.strftime('%X')} ----\n".encode())
-            log.flush()
-            child.process = await asyncio.create_subprocess_exec(
-                *child.argv,
-                cwd=self.source_dir,
-                env=child.env,
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=log,
-                stderr=log,
-            )
 
 
 _SIMULATOR_NAMES = frozenset({OPTIMOVE_SIMULATOR, PROVIDER_SIMULATOR})

@@ -56,3 +56,9 @@ def event_id(*parts: str) -> str:
 def unsent_correlation_key(message_id: str) -> str:
     """Correlation key of a dispatch that never reached a provider: the message id itself."""
     return f"message:{message_id}"
+
+
+def tenant_number_key(tenant: str, e164: str) -> str:
+    """The key of one customer of one tenant: ``sms.recipients`` (a number's messages stay in one
+    partition, in order), ``sms.opt-outs`` and ``sms.number-formats``."""
+    return f"{tenant}:{e164}"

@@ -10,7 +10,6 @@ the status and sub-status names, and the extra delivery-report fields (each rena
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -19,6 +18,7 @@ from shared.config import OptimoveContractSettings, TenantSettings
 from shared.events import InboundMessage, StatusEvent
 from shared.providers.dryrun import MARK as DRY_RUN_MARK
 from shared.signing import SIGNATURE_HEADER, sign
+from shared.times import format_iso
 
 API_KEY_HEADER = "app-api-key"
 
@@ -28,10 +28,6 @@ class SignedRequest:
     url: str
     body: bytes
     headers: dict[str, str]
-
-
-def _iso(moment: datetime) -> str:
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 class OptimoveContract:
@@ -78,7 +74,7 @@ class OptimoveContract:
             "mobileNumber": context.mobile_number,
             "messageId": context.message_id,
             "providerMessageId": event.provider_message_id,
-            "timestamp": _iso(event.occurred_at),
+            "timestamp": format_iso(event.occurred_at, zulu=True),
         }
         for field, value in extras.items():
             wire_name = self.settings.report_fields[field]
@@ -101,7 +97,7 @@ class OptimoveContract:
                         "to": m.to,
                         "from": m.from_number,
                         "message": m.text,
-                        "sentAt": _iso(m.sent_at),
+                        "sentAt": format_iso(m.sent_at, zulu=True),
                     }
                     for m in messages
                 ]

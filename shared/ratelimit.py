@@ -1,40 +1,12 @@
 """Rate limits per provider account: exact over any window, paced inside it.
 
 A sliding-window log keeps every send (time and cost, in messages or segments): a send goes only
-if the units sent during the window that ends with it, plus its cost, stay within the limit. So
-the bound holds for every window of that length wherever it starts, not only for windows aligned
-to a clock tick as with a fixed-window counter:
-
-    for any t: units sent in [t, t + window_s) <= limit        (and in (t, t + window_s])
-
-(proof: take the last send inside such a window; when it went, every earlier send inside the
-window was less than ``window_s`` before it, so it was in the log and counted.)
-
-``SlidingWindowLimiter`` works in two steps:
-
-1. **Booking** (``acquire``/``book``): a send time is planned, paced by GCRA (one unit every
-   ``window_s / limit``, a burst allowance of ``burst_fraction`` of the window) on a grid of
-   ``quantum_s``, and checked against a log of bookings. Pacing spreads the sends evenly, which
-   keeps the provider's view (our sends shifted by network jitter) within the limit too; the grid
-   lets a few sends share one wake-up. ``acquire(cost, lead_s)`` returns ``lead_s`` before the
-   booked time, so that the caller can prepare (the sender records its intent on Kafka) without
-   that preparation's latency shifting the send.
-2. **Sending** (``keep``): at the booked time the send is checked against the log of actual
-   sends. A send that comes late (a stalled process, a slow preparation) waits until it fits:
-   late sends never pile up over the limit, and no capacity is lost (a missed time is not given
-   up, it is taken as soon as the window allows). Catching up is paced too, with an allowance of
-   ``catch_up_fraction`` of the window: a stall that short is made up at once, a longer one at
-   the limit's pace, so that a stall does not end in a burst.
-
-A single send larger than the whole limit (a bulk call of more segments than the account may send
-per window) goes once the window before it is empty; the pacing holds the following sends back by
-its full cost.
-
-Sharing between instances: ``set_share`` scales the limit by the fraction of the account's
-traffic this instance is responsible for (the sender uses the fraction of ``sms.recipients``
-partitions it owns). A lower share applies at once; a higher share only after one window,
-because the instance that gave the share up may have used it during the last window: the sum
-over all instances then never exceeds the account's limit, even across a rebalance.
+if the units sent during the window that ends with it, plus its cost, stay within the limit, so
+the bound holds for every window of that length wherever it starts. ``SlidingWindowLimiter``
+books a send time paced by GCRA (``acquire``/``book``), then checks the actual send against the
+log at that time (``keep``): late sends wait until they fit. ``set_share`` scales the limit to
+this instance's share of the traffic (lowered at once, raised one window later). The proof, the
+two steps in detail and the sharing rule: docs/sending.md, "Rate limits".
 """
 
 from __future__ import annotations

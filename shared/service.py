@@ -1,4 +1,5 @@
-"""Process lifecycle shared by all five services: event loop, signals, /metrics, /healthz, /readyz.
+"""Process lifecycle shared by all six services (``services.SERVICES``): event loop, signals,
+/metrics, /healthz, /readyz.
 
 ``run`` starts every long-running process (services and simulators) on the configured event loop.
 
@@ -21,7 +22,7 @@ import signal
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar, cast
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 from aiohttp import web
 from aiohttp.typedefs import Middleware
@@ -40,7 +41,7 @@ from shared.kafka import (
     make_consumer,
 )
 from shared.metrics import HTTP_DURATION, HTTP_REQUESTS
-from shared.runner import ConsumerRunner, Handler, PartitionAware
+from shared.runner import ConsumerRunner, PartitionAware, RecordHandler
 
 log = logging.getLogger(__name__)
 
@@ -193,7 +194,11 @@ async def run_service(service: Service, ops_listen: str | None = None) -> None:
     log.info("%s stopped", service.name)
 
 
+@runtime_checkable
 class HandlerLifecycle(Protocol):
+    """Optional on a handler: started with the service's publisher, stopped before the group is
+    left (its timers and batches end while the partitions are still this member's)."""
+
     async def start(self, publisher: Publisher) -> None: ...
 
     async def stop(self) -> None: ...
@@ -209,7 +214,7 @@ class ConsumerService:
         settings: Settings,
         runner_settings: RunnerSettings,
         topics: Sequence[str],
-        handler: Handler,
+        handler: RecordHandler,
         group_id: str | None = None,
     ) -> None:
         self.name = name
@@ -227,7 +232,7 @@ class ConsumerService:
             session_timeout_ms=runner_settings.session_timeout_ms,
             heartbeat_interval_ms=runner_settings.heartbeat_interval_ms,
         )
-        listener = cast(PartitionAware, handler) if _is_partition_aware(handler) else None
+        listener = handler if isinstance(handler, PartitionAware) else None
         self.runner = ConsumerRunner(
             name=name,
             consumer=self.consumer,
@@ -241,20 +246,19 @@ class ConsumerService:
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
+        lifecycle = self.handler if isinstance(self.handler, HandlerLifecycle) else None
         handler_started = False
         try:
             await self.publisher.start()
-            if _has_lifecycle(self.handler):
-                await cast(HandlerLifecycle, self.handler).start(self.publisher)
+            if lifecycle is not None:
+                await lifecycle.start(self.publisher)
                 handler_started = True
             await self.consumer.start()
         except BaseException:
             # Close what was made or started: a failed start (Kafka unreachable) ends with its
             # own error, not with warnings about clients left open.
-            if handler_started:
-                await _bounded(
-                    cast(HandlerLifecycle, self.handler).stop(), 5.0, f"{self.name} handler"
-                )
+            if lifecycle is not None and handler_started:
+                await _bounded(lifecycle.stop(), 5.0, f"{self.name} handler")
             await self.close()
             raise
         self._task = asyncio.create_task(self.runner.run(), name=f"{self.name}-runner")
@@ -286,9 +290,9 @@ class ConsumerService:
                     log.exception("%s runner ended with an error", self.name)
         # The handler's own work (timers, batches) ends while the partitions are still ours:
         # once the group is left, another member may already be working on them.
-        if _has_lifecycle(self.handler):
+        if isinstance(self.handler, HandlerLifecycle):
             await _bounded(
-                cast(HandlerLifecycle, self.handler).stop(),
+                self.handler.stop(),
                 deadline.left(share=0.5),
                 f"{self.name} handler",
             )
@@ -398,16 +402,6 @@ async def leave_group(settings: KafkaSettings, membership: GroupMembership) -> N
             log.info("left consumer group %s", membership.group_id)
     finally:
         await client.close()
-
-
-def _is_partition_aware(handler: object) -> bool:
-    return callable(getattr(handler, "on_assigned", None)) and callable(
-        getattr(handler, "on_revoked", None)
-    )
-
-
-def _has_lifecycle(handler: object) -> bool:
-    return callable(getattr(handler, "start", None)) and callable(getattr(handler, "stop", None))
 
 
 __all__ = [

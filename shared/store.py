@@ -1,24 +1,11 @@
 """Changelog-backed local state: a key/value store per input partition, rebuilt from Kafka.
 
-Each partition's entries live in their own SQLite file (WAL, ``synchronous=OFF``): memory stays
-bounded however many keys there are, and durability comes from Kafka, not the disk. Every change
-is also a record on a compacted changelog topic, co-partitioned with the input: ``put`` returns
-that record and the caller publishes it together with its other outputs, so an input offset is
-committed only once the state change it caused is on Kafka.
-
-A partition is served only after ``restore`` has read its changelog from the beginning to the
-high watermark (Tansu cannot answer ListOffsets for the latest offset, so the watermark comes from
-the fetch responses). Local files are never trusted across assignments: another instance may have
-owned the partition in between, so an assigned partition always starts from an empty file.
-
-Entries may carry ``due_at`` (Unix seconds); ``due`` lists those whose time has come, through an
-index, for the owner's timers.
-
-Each partition keeps a running count of its entries, and of those under the ``counted_prefixes``
-the owner named, kept on every write and recounted once per restore: a gauge reads them without
-a scan however many entries there are.
-
-``state_dir`` belongs to one process: files found there at start are deleted.
+Each partition's entries live in their own SQLite file; every change is also a record on a
+compacted changelog topic, co-partitioned with the input: ``put`` returns that record and the
+caller publishes it with its other outputs (``shared/unit_of_work.py``), so an input offset is
+committed only once the state change it caused is on Kafka. A partition is served only after
+``restore`` has read its changelog to the end. Entries may carry ``due_at`` for timers (``due``).
+Restore, counts and files: docs/architecture.md, "Changelog state".
 """
 
 from __future__ import annotations
@@ -267,7 +254,7 @@ class ChangelogStore:
         """Start ``partition`` afresh from changelog records (key, value), oldest first."""
         database = self._open_fresh(partition)
         try:
-            self._apply(database.connection, records)
+            _apply(self.name, database.connection, records)
             database.recount(self.counted_prefixes)
         except BaseException:
             database.close_and_remove()
@@ -320,8 +307,8 @@ class ChangelogStore:
         epochs = {p: self._epochs.get(p, 0) for p in partitions}
         databases = {p: self._open_fresh(p) for p in partitions}
         try:
-            counts = await self._read_changelog(
-                {p: database.connection for p, database in databases.items()}
+            counts = await _read_changelog(
+                self, {p: database.connection for p, database in databases.items()}
             )
             for database in databases.values():
                 database.recount(self.counted_prefixes)
@@ -343,71 +330,6 @@ class ChangelogStore:
             time.monotonic() - started,
         )
 
-    async def _read_changelog(self, connections: dict[int, sqlite3.Connection]) -> dict[int, int]:
-        """Apply every changelog record of these partitions up to the high watermark."""
-        counts = dict.fromkeys(connections, 0)
-        try:
-            async with self._restore_consumer() as consumer:
-                remaining = {TopicPartition(self.changelog.name, p) for p in connections}
-                consumer.assign(list(remaining))
-                await consumer.seek_to_beginning(*remaining)
-                last_progress = time.monotonic()
-                while remaining:
-                    batches = await consumer.getmany(*remaining, timeout_ms=200, max_records=10_000)
-                    for tp, records in batches.items():
-                        self._apply(connections[tp.partition], ((r.key, r.value) for r in records))
-                        counts[tp.partition] += len(records)
-                        last_progress = time.monotonic()
-                    for tp in list(remaining):
-                        highwater = consumer.highwater(tp)
-                        if highwater is not None and await consumer.position(tp) >= highwater:
-                            remaining.discard(tp)
-                            last_progress = time.monotonic()
-                    if time.monotonic() - last_progress > self.restore_stall_timeout_s:
-                        raise KafkaUnavailable(
-                            f"{self.changelog.name}: no progress restoring "
-                            f"{sorted(tp.partition for tp in remaining)} "
-                            f"for {self.restore_stall_timeout_s:g}s"
-                        )
-        except KafkaError as exc:
-            raise KafkaUnavailable(f"{type(exc).__name__}: {exc}") from exc
-        return counts
-
-    @contextlib.asynccontextmanager
-    async def _restore_consumer(self) -> AsyncIterator[Any]:
-        # No group: the changelog is read by position, and nothing is committed.
-        consumer = make_consumer(self.kafka, None, role=f"{self.name}-restore")
-        await consumer.start()
-        try:
-            yield consumer
-        finally:
-            await consumer.stop()
-
-    def _apply(
-        self,
-        connection: sqlite3.Connection,
-        records: Iterable[tuple[bytes | None, bytes | None]],
-    ) -> None:
-        with _transaction(connection):
-            for raw_key, raw_value in records:
-                if raw_key is None:
-                    log.error("%s: changelog record without a key skipped", self.name)
-                    continue
-                key = raw_key.decode("utf-8")
-                if raw_value is None:
-                    connection.execute("DELETE FROM entries WHERE key = ?", (key,))
-                    continue
-                try:
-                    value, due_at = _read_state_change(raw_value)
-                except ValueError as exc:
-                    # Losing one key's state beats serving none: the next input rebuilds it.
-                    log.error("%s: unreadable changelog record skipped: %s", self.name, exc)
-                    continue
-                connection.execute(
-                    "INSERT OR REPLACE INTO entries (key, value, due_at) VALUES (?, ?, ?)",
-                    (key, value, due_at),
-                )
-
     # -- files -----------------------------------------------------------------------------------
 
     def _open_fresh(self, partition: int) -> _Database:
@@ -422,6 +344,81 @@ class ChangelogStore:
         database = self._ready.pop(partition, None)
         if database is not None:
             database.close_and_remove()
+
+
+# -- restoring ----------------------------------------------------------------------------------
+
+
+async def _read_changelog(
+    store: ChangelogStore, connections: dict[int, sqlite3.Connection]
+) -> dict[int, int]:
+    """Apply every changelog record of these partitions up to the high watermark."""
+    counts = dict.fromkeys(connections, 0)
+    try:
+        async with _restore_consumer(store.kafka, store.name) as consumer:
+            remaining = {TopicPartition(store.changelog.name, p) for p in connections}
+            consumer.assign(list(remaining))
+            await consumer.seek_to_beginning(*remaining)
+            last_progress = time.monotonic()
+            while remaining:
+                batches = await consumer.getmany(*remaining, timeout_ms=200, max_records=10_000)
+                for tp, records in batches.items():
+                    _apply(
+                        store.name, connections[tp.partition], ((r.key, r.value) for r in records)
+                    )
+                    counts[tp.partition] += len(records)
+                    last_progress = time.monotonic()
+                for tp in list(remaining):
+                    highwater = consumer.highwater(tp)
+                    if highwater is not None and await consumer.position(tp) >= highwater:
+                        remaining.discard(tp)
+                        last_progress = time.monotonic()
+                if time.monotonic() - last_progress > store.restore_stall_timeout_s:
+                    raise KafkaUnavailable(
+                        f"{store.changelog.name}: no progress restoring "
+                        f"{sorted(tp.partition for tp in remaining)} "
+                        f"for {store.restore_stall_timeout_s:g}s"
+                    )
+    except KafkaError as exc:
+        raise KafkaUnavailable(f"{type(exc).__name__}: {exc}") from exc
+    return counts
+
+
+@contextlib.asynccontextmanager
+async def _restore_consumer(kafka: KafkaSettings, name: str) -> AsyncIterator[Any]:
+    # No group: the changelog is read by position, and nothing is committed.
+    consumer = make_consumer(kafka, None, role=f"{name}-restore")
+    await consumer.start()
+    try:
+        yield consumer
+    finally:
+        await consumer.stop()
+
+
+def _apply(
+    name: str,
+    connection: sqlite3.Connection,
+    records: Iterable[tuple[bytes | None, bytes | None]],
+) -> None:
+    with _transaction(connection):
+        for raw_key, raw_value in records:
+            if raw_key is None:
+                log.error("%s: changelog record without a key skipped", name)
+                continue
+            key = raw_key.decode("utf-8")
+            if raw_value is None:
+                connection.execute("DELETE FROM entries WHERE key = ?", (key,))
+                continue
+            try:
+                value, due_at = _read_state_change(raw_value)
+            except ValueError as exc:
+                # Losing one key's state beats serving none: the next input rebuilds it.
+                log.error("%s: unreadable changelog record skipped: %s", name, exc)
+                continue
+            connection.execute(
+                "INSERT OR REPLACE INTO entries (key, value, due_at) VALUES (?, ?, ?)",
+                (key, value, due_at),
+            )
 
 
 def _count_prefix(connection: sqlite3.Connection, prefix: str) -> int:

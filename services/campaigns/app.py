@@ -1,7 +1,7 @@
 """The campaigns service: live counts per campaign and the admin API (pause, resume, cancel).
 
-``tracker.py`` keeps the counts (its docstring says how they stay exact and bounded),
-``admin.py`` serves them and publishes the operator's controls; this module only wires them: a
+``tracker.py`` keeps the counts (``docs/campaigns.md`` says how they stay exact and bounded),
+``api.py`` serves them and publishes the operator's controls; this module only wires them: a
 consumer group on the pipeline's topics, a copy of ``sms.campaign-control`` for the controls in
 force, and one HTTP server on ``[campaigns] listen`` with ``/metrics``, ``/healthz``, ``/readyz``.
 """
@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 from aiohttp import web
 
-from services.campaigns.admin import AdminApi
+from services.campaigns.api import CampaignsApi
 from services.campaigns.counts import INPUT_TOPICS
 from services.campaigns.tracker import NAME, CountsTracker
 from shared.config import Settings
@@ -47,15 +47,15 @@ class CampaignsService:
             group_id=group_id,
         )
         self.controls = GlobalTable(settings.kafka, CAMPAIGN_CONTROL, name=f"{NAME}-controls")
-        self.admin = AdminApi(
+        self.api = CampaignsApi(
             settings,
             counts=self.tracker.mirror,
             controls=self.controls.get,
             publisher=self.consumer.publisher,
             clock=clock,
         )
-        self.app = web.Application(middlewares=self.admin.middlewares)
-        self.admin.add_routes(self.app)
+        self.app = web.Application(middlewares=self.api.middlewares)
+        self.api.add_routes(self.app)
         add_ops_routes(self.app, self.ready)
         self._http: web.AppRunner | None = None
         self._started: list[str] = []

@@ -28,6 +28,7 @@ import orjson
 
 from shared.campaigns import AUTO_REPLIES
 from shared.config import ConfigError, load_settings, resolve_secret, split_listen
+from shared.text_table import column_widths, table_line
 
 ACTIONS = ("pause", "resume", "cancel")
 BAR_CELLS = 20
@@ -52,7 +53,8 @@ COLUMNS = (
     "CONTROL",
     "LAST ACTIVITY",
 )
-_NUMERIC = frozenset(COLUMNS[3:12])
+# Indexes of the right-aligned (numeric) columns.
+_NUMERIC = frozenset(range(3, 12))
 
 
 class AdminError(Exception):
@@ -194,18 +196,10 @@ def render(campaigns: Sequence[dict[str, Any]], *, bars: bool = False) -> str:
     if not campaigns:
         return "no campaign counted yet\n"
     rows = [row(campaign, bars) for campaign in campaigns]
-    widths = [max(len(column), *(len(r[i]) for r in rows)) for i, column in enumerate(COLUMNS)]
-
-    def line(cells: Sequence[str]) -> str:
-        padded = (
-            cell.rjust(width) if column in _NUMERIC else cell.ljust(width)
-            for column, cell, width in zip(COLUMNS, cells, widths, strict=True)
-        )
-        return "  ".join(padded).rstrip()
-
-    lines = [line(COLUMNS)]
+    widths = column_widths(COLUMNS, rows)
+    lines = [table_line(COLUMNS, widths, _NUMERIC)]
     for campaign, cells in zip(campaigns, rows, strict=True):
-        lines.append(line(cells))
+        lines.append(table_line(cells, widths, _NUMERIC))
         failures = campaign["failed_by_sub_status"]
         if failures:
             detail = ", ".join(f"{sub_status} {n}" for sub_status, n in failures.items())

@@ -1,24 +1,10 @@
 """What one input record adds to which campaign, and how counters add up. No I/O here.
 
 Every input record is read leniently (orjson, only the fields counted): a record that cannot be
-read adds nothing to any campaign, except on ``sms.dead-letters``, where whatever a dead letter
-holds is counted, under ``UNKNOWN`` for the tenant or campaign it does not name.
-
-| input topic | adds |
-|---|---|
-| ``sms.ingress-requests`` | ``accepted``, ``rejected`` (``IngressRequestAccepted``) |
-| ``sms.recipients`` | ``scheduled``: a recipient whose ``scheduled_at`` is still ahead |
-| ``sms.statuses`` | ``sent``, ``delivered``, ``failed`` by sub-status (one per forward move) |
-| ``sms.dead-letters`` | ``dead_lettered``, the campaign read from the dead letter's payload |
-| ``sms.report-outcomes`` | ``reports_acknowledged`` (delivery), ``replies_acknowledged`` |
-
-Replies (incoming messages) belong to no campaign: they are counted under the tenant's
-``REPLIES`` group. Auto replies (empty ``campaignId``) are counted under ``AUTO_REPLIES``.
-
-"Held for schedule" is not a counter: each campaign keeps how many recipients are scheduled for
-each second still ahead (at most ``MAX_SCHEDULE_BUCKETS`` distinct seconds; a campaign's
-recipients usually share one ``scheduledTime``), and ``held`` is what is still in the future when
-asked. Seconds that have passed are dropped whenever the campaign's counters change.
+read adds nothing, except on ``sms.dead-letters``, where whatever a dead letter holds is counted
+under ``UNKNOWN`` for what it does not name. Replies are counted under the tenant's ``REPLIES``
+group, auto replies under ``AUTO_REPLIES``; "held for schedule" is worked out when asked from
+per-second buckets. The table of topics and counters: ``docs/campaigns.md``.
 """
 
 from __future__ import annotations
@@ -34,6 +20,7 @@ import orjson
 
 from shared.campaigns import campaign_group
 from shared.events import CampaignCounts
+from shared.times import parse_iso
 from shared.topics import (
     DEAD_LETTERS,
     INGRESS_REQUESTS,
@@ -282,15 +269,8 @@ def _count(value: object) -> int:
 
 
 def _timestamp(value: object) -> float | None:
-    if not isinstance(value, str):
-        return None
-    try:
-        moment = datetime.fromisoformat(value)
-    except ValueError:
-        return None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    return moment.timestamp()
+    moment = parse_iso(value)
+    return moment.timestamp() if moment is not None else None
 
 
 # -- sms.campaign-counts ---------------------------------------------------------------------------

@@ -1,45 +1,12 @@
 """Live counts per campaign, kept by a consumer of the pipeline's topics; rebuilt from Kafka,
 exact under restarts and rebalances, bounded.
 
-What is counted, from which topic, is ``counts.py``. This module keeps the counters.
-
-**State.** One set of counters per (tenant, campaign group, input partition), holding the offset
-of the last record of that partition it counted. Each set is a record of the compacted
-``sms.campaign-counts`` (``CampaignCounts``, key ``tenant|campaign|topic|partition``): the state
-grows with campaigns times the input partitions they touch (at most one per partition of the five
-input topics), never with messages. A campaign none of whose counters changed for
-``campaigns.expire_after_s`` (30 days) is deleted (tombstones), and input records older than that
-are not counted, so a replay cannot bring an expired campaign back.
-
-**Exact under restarts.** A counters record includes every record of its input partition up to
-its ``offset`` and none after it; a record read again at or below that offset is skipped (per
-campaign: a report outcome can count several). A record is applied to the counters in memory
-synchronously, then its handler waits until a write that covers it is acknowledged by Kafka
-(acks=all): only then does the runner count it finished, and the runner commits an input offset
-only over finished records. So every committed offset is covered by written counters, and every
-written counter says how far it counted: a crash between a write and a commit replays records the
-counters skip; a crash before the write replays records they still need.
-
-**Writes are coalesced.** Changed counters are written in batches, one at a time (each batch
-waits ``flush_linger_s`` for company): every record applied while batch *n* is being written goes
-into batch *n+1* and waits for it. A failed batch puts its counters back; the next one includes
-them, and the records wait for that one. Nothing is skipped, nothing is written twice over.
-
-**Order.** The runner runs one partition's records concurrently and keeps order only per key.
-This handler asks for no ordering (``ordering_key`` returns None) and applies a record before its
-first ``await``: the runner starts records in offset order, so they are applied in offset order,
-which is what "everything up to ``offset``" needs. Records that arrive while their partition's
-counters are still being loaded are queued and applied, in order, the moment they are.
-
-**Rebalances.** Every instance mirrors the whole of ``sms.campaign-counts`` (``CountsMirror``, a
-``GlobalTable``; the admin API reads it too). An assigned partition resumes from the counters in
-the mirror once the mirror is known to hold every write acknowledged before the assignment
-(``CountsMirror.sync``): the previous owner's last batch was acknowledged before it committed and
-gave the partition up. A revoked partition's counters are dropped after the batch being written
-(if any) ends, and no later batch writes them. No co-partitioning is needed: a counter belongs
-to one input partition, so its writer is that partition's owner, whichever topic it is; and
-the counts topic is read whole by everyone, so how its keys spread over its partitions does not
-matter.
+What is counted, from which topic, is ``counts.py``; this module keeps the counters: one set per
+(tenant, campaign group, input partition) on the compacted ``sms.campaign-counts``, each with the
+input offset it counts up to. A record is applied in memory at once (in offset order), and its
+handler waits until a coalesced write that covers it is acknowledged, so every committed offset
+is covered by written counters. Why that is exact, how writes batch, and what a rebalance does:
+``docs/campaigns.md``.
 """
 
 from __future__ import annotations
@@ -73,6 +40,7 @@ from services.campaigns.metrics import (
 from services.campaigns.mirror import CountsMirror
 from shared.config import Settings
 from shared.kafka import KafkaUnavailable, OutRecord, Publisher
+from shared.retry import RetryPolicy, retry
 from shared.runner import Record
 from shared.store import PartitionNotReady
 from shared.topics import CAMPAIGN_COUNTS
@@ -84,6 +52,9 @@ NAME = "campaigns"
 HOUSEKEEPING_INTERVAL_S = 10.0
 # How long a rebalance callback waits for the assigned partitions' counters; records wait longer.
 ASSIGN_WAIT_S = 30.0
+# Waits before writing counters again after a failed batch, and before loading them again.
+FLUSH_RETRY = RetryPolicy(base_s=0.2, cap_s=5.0)
+LOAD_RETRY = RetryPolicy(base_s=0.4, cap_s=5.0)
 
 _Dirty = tuple[TopicPartition, str, str]
 
@@ -161,6 +132,8 @@ class CountsTracker:
         return None  # applied in the order the runner starts them: offset order (see docstring)
 
     async def handle(self, record: Record) -> Sequence[OutRecord]:
+        """Nothing for the runner to publish: a batch of counters covering the record is on
+        Kafka when this returns (coalesced writes, ``flush``)."""
         tp = TopicPartition(record.topic, record.partition)
         at = record.timestamp / 1000 if record.timestamp and record.timestamp > 0 else self.clock()
         applied = self.apply_or_defer(tp, record.offset, at, record.value)
@@ -252,15 +225,14 @@ class CountsTracker:
     # -- loading ---------------------------------------------------------------------------------
 
     async def _load(self, partitions: set[TopicPartition]) -> None:
-        attempt = 0
-        while True:
-            try:
-                await self.mirror.sync(self.publisher)
-                break
-            except KafkaUnavailable as exc:
-                attempt += 1
-                log.warning("%s: counters not loaded yet (%s); retrying", NAME, exc)
-                await asyncio.sleep(min(5.0, 0.2 * 2**attempt))
+        await retry(
+            lambda: self.mirror.sync(self.publisher),
+            LOAD_RETRY,
+            on=KafkaUnavailable,
+            on_retry=lambda _attempt, exc, _wait: log.warning(
+                "%s: counters not loaded yet (%s); retrying", NAME, exc
+            ),
+        )
         me = asyncio.current_task()
         # Only what is still ours by this assignment (not revoked, not reassigned meanwhile).
         self.install({tp for tp in partitions if self._loading.get(tp) is me})
@@ -334,21 +306,14 @@ class CountsTracker:
         return OutRecord(CAMPAIGN_COUNTS, key, event)
 
     async def _flush_forever(self) -> None:
-        failures = 0
         while True:
             await self._wake.wait()
-            await asyncio.sleep(self.options.flush_linger_s)
-            try:
-                await self.flush()
-                failures = 0
-            except Exception as exc:
-                # Never give up: every record applied waits for a write that covers it.
-                failures += 1
-                if isinstance(exc, KafkaUnavailable):
-                    log.warning("%s: counters not written (%s); retrying", NAME, exc)
-                else:
-                    log.exception("%s: writing counters failed; retrying", NAME)
-                await asyncio.sleep(min(5.0, 0.1 * 2 ** min(failures, 6)))
+            # Never give up: every record applied waits for a write that covers it.
+            await retry(self._flush_after_linger, FLUSH_RETRY, on=Exception, on_retry=_flush_failed)
+
+    async def _flush_after_linger(self) -> None:
+        await asyncio.sleep(self.options.flush_linger_s)
+        await self.flush()
 
     # -- expiry ----------------------------------------------------------------------------------
 
@@ -383,3 +348,10 @@ class CountsTracker:
         task = asyncio.create_task(work, name=name)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+
+def _flush_failed(_attempt: int, exc: Exception, _wait_s: float) -> None:
+    if isinstance(exc, KafkaUnavailable):
+        log.warning("%s: counters not written (%s); retrying", NAME, exc)
+    else:
+        log.error("%s: writing counters failed; retrying", NAME, exc_info=exc)

@@ -19,7 +19,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from shared.config import TenantSettings
 from shared.events import DispatchRecord, MessageContext, RecipientMessage
-from shared.ids import content_key, message_id, request_key, unsent_correlation_key
+from shared.ids import (
+    content_key,
+    message_id,
+    request_key,
+    tenant_number_key,
+    unsent_correlation_key,
+)
 from shared.numbers import InvalidNumber, Reading
 from shared.statuses import SubStatus
 
@@ -227,11 +233,6 @@ class CampaignRecords:
         return len(self.recipients)
 
 
-def recipient_key(tenant: str, e164: str) -> str:
-    """sms.recipients key: one number's messages stay in one partition, in order."""
-    return f"{tenant}:{e164}"
-
-
 def build_records(
     *,
     tenant: str,
@@ -301,7 +302,7 @@ def build_records(
         message["context"] = context
         message["destination"] = destination
         message["text"] = text
-        append_recipient((recipient_key(tenant, destination).encode(), dumps(message)))
+        append_recipient((tenant_number_key(tenant, destination).encode(), dumps(message)))
         if ambiguous:
             records.ambiguous.append(index)
     return records

@@ -1,20 +1,10 @@
 """The normalizer's join: dispatch records and provider status events per correlation key.
 
-Pure logic over plain values. Given the state stored for one correlation key and one input (a
+Pure logic over plain values: given the state stored for one correlation key and one input (a
 dispatch record, a provider status event, or the clock), a ``Joiner`` returns the next state, the
-status events to emit and the events it gives up on. Nothing here touches Kafka or the store.
-
-The one monotonic guard of the pipeline lives here: a status is emitted only if it moves the
-message forward (``shared.statuses.is_forward``), so after a final status every later report is
-dropped, an event seen twice changes nothing, and ``sent`` after ``delivered`` is ignored.
-
-A reply that carries its message's id but can be given a tenant only through that message's
-dispatch record (``replies.py``) is held like an early status; the dispatch releases it to the
-caller (``JoinResult.released_replies``), the unmatched timer dead-letters it.
-
-For providers whose send answer names no message (OpenSMS, ``Provider.matched_by_number``) the
-key is the account and the number, and its state holds every recent message sent there
-(``JoinState.messages``); ``number_match.py`` says which of them a report is for.
+status events to emit and the events it gives up on. The pipeline's one monotonic guard lives
+here (``shared.statuses.is_forward``). Replies held for their dispatch record and matching by
+number (``number_match.py``) are explained in ``docs/normalizer.md``.
 """
 
 from __future__ import annotations

@@ -1,24 +1,11 @@
 """Which message a delivery report is for, when the provider's send answer named none.
 
-OpenSMS answers a send with ``{"status":"success","data":"sms reports with all details"}``
-(providers.md §2.1): no id per recipient. Its reports carry their own ``message_id`` and the
-``phone``. So for such providers (``Provider.matched_by_number``) dispatches and reports share
-the correlation key ``account:+E164``, and the join state of that key keeps every recent message
-sent to the number on the account, one ``NumberSlot`` each. A report goes to (``pick``):
-
-1. the message whose provider id it names: the send answer's id when there was one, else the
-   id learned from the first report given to that message (``pending``, then ``delivered``);
-2. else the latest message without an id that was sent at most ``window_s`` before the report
-   was received (or up to ``skew_s`` after: a fast report may overtake the sender's record of
-   its send, and hosts' clocks differ a little);
-3. else none: the report is held like any report that came before its dispatch record, and
-   dead-lettered with the reason if no message turns up within ``unmatched_after_s``.
-
-Times are the report's ``received_at`` (our clock, in the stored event: a replay matches the
-same way; the provider's own ``timestamp`` may be late or wrong) and the dispatch's
-``dispatched_at``. Two sends to one number awaiting their first report at once can only be told
-apart by order: the latest takes the first report, which is right when reports follow their
-send within seconds, as they do. Pure functions over plain values; ``join.py`` applies them.
+For providers whose send answer names no message (OpenSMS, ``Provider.matched_by_number``)
+dispatches and reports share the key ``account:+E164``, and its join state keeps every recent
+message sent there, one ``NumberSlot`` each. ``pick`` gives a report to the message whose
+provider id it names, else the latest message without an id sent within ``window_s`` before it,
+else none (held like an early report). Pure functions over plain values; ``join.py`` applies
+them. Why, and the clock rules: ``docs/normalizer.md``.
 """
 
 from __future__ import annotations

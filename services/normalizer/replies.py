@@ -1,23 +1,10 @@
 """Replies and STOPs: a provider ``inbound`` or ``opt_out`` event made into what Optimove needs.
 
-Plain logic over plain values (decisions.md §5, §6): which tenant a reply belongs to, how its
-``from`` and ``to`` are written for Optimove's Incoming Message flow, and whether it changes the
-customer's opt-out. Nothing here touches Kafka; the number directory is read through a lookup
-function (in the service, ``GlobalTable.get`` on ``sms.number-formats``).
-
-Which tenant, for a reply:
-1. the tenant of the dispatch the reply's correlation key joins (a reply carrying the original
-   message id);
-2. else the tenants whose routes use the provider account: exactly one is it; among several, the
-   one that sent to the number through that account last (the number directory says when);
-3. else nobody: ``UnroutableReply``. The service then holds a reply that names its message until
-   that message's dispatch record arrives (``join.Joiner.hold_reply``), and dead-letters any
-   other with the reason.
-
-Which tenants, for a STOP (a provider STOP or an opt-out keyword) or an opt-in keyword: the
-customer spoke to the account's sender, so every tenant that sent to the number through that
-account (and the replied-to message's tenant) is concerned. Each gets the opt-out change and the
-message; on an account of one tenant, that tenant does, as above.
+Plain logic over plain values (decisions.md §5, §6): which tenant a reply belongs to (the
+joined dispatch's, else the one tenant of the account, else the one that sent to the number
+there last, else ``UnroutableReply``), which tenants a STOP or START concerns, how ``from`` and
+``to`` are written for Optimove, and whether the opt-out changes. Nothing here touches Kafka; the
+number directory is read through a lookup function. The rules in full: ``docs/normalizer.md``.
 """
 
 from __future__ import annotations
@@ -42,6 +29,7 @@ from shared.events import (
     OptOutChange,
     ProviderEvent,
 )
+from shared.ids import tenant_number_key
 from shared.keywords import KeywordAction, KeywordRules
 from shared.logs import mask_number
 from shared.numbers import InvalidNumber, digits_only, to_e164
@@ -57,11 +45,6 @@ _INTERNATIONAL = re.compile(r"\+[1-9][0-9]{5,14}")
 
 class UnroutableReply(ValueError):
     """A reply no tenant can be found for (or without a usable number); the text says why."""
-
-
-def tenant_number_key(tenant: str, e164: str) -> str:
-    """Key of ``sms.opt-outs`` and ``sms.number-formats``: one customer of one tenant."""
-    return f"{tenant}:{e164}"
 
 
 def customer_e164(raw: str, region: str) -> str | None:

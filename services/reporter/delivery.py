@@ -15,13 +15,10 @@ passed since the first attempt. Not retried: any other non-2xx answer.
 from __future__ import annotations
 
 import asyncio
-import math
 import random
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
-from email.utils import parsedate_to_datetime
 from enum import StrEnum
 from typing import Protocol
 
@@ -29,36 +26,12 @@ import aiohttp
 
 from shared.config import ReporterSettings
 from shared.optimove import SignedRequest
+from shared.providers.http import RETRY_AFTER_HEADER, is_retryable_status, parse_retry_after
+from shared.retry import RetryPolicy as Waits
 
-RETRY_AFTER_HEADER = "Retry-After"
 EXCERPT_CHARS = 300
 # Enough bytes for EXCERPT_CHARS characters of any UTF-8 text.
 _EXCERPT_BYTES = EXCERPT_CHARS * 4
-
-
-def is_retryable_status(status: int) -> bool:
-    return status == 429 or 500 <= status <= 599
-
-
-def parse_retry_after(value: str | None, now: datetime | None = None) -> float | None:
-    """Seconds to wait per ``Retry-After`` (delay-seconds or HTTP-date); None if unusable."""
-    if value is None or not value.strip():
-        return None
-    text = value.strip()
-    try:
-        seconds = float(text)
-    except ValueError:
-        pass
-    else:
-        return max(0.0, seconds) if math.isfinite(seconds) else None
-    try:
-        moment = parsedate_to_datetime(text)
-    except (TypeError, ValueError, IndexError):
-        return None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    reference = now or datetime.now(UTC)
-    return max(0.0, (moment - reference).total_seconds())
 
 
 @dataclass(frozen=True)
@@ -120,8 +93,7 @@ class RetryPolicy:
 
     def backoff_ceiling_s(self, attempts: int) -> float:
         """The largest wait after ``attempts`` failed attempts: base * 2^(attempts-1), capped."""
-        exponent = min(max(attempts - 1, 0), 60)  # 2**60 s is already beyond any cap
-        return min(self.max_backoff_s, self.base_backoff_s * 2.0**exponent)
+        return Waits(base_s=self.base_backoff_s, cap_s=self.max_backoff_s).ceiling(attempts)
 
     def decide(
         self,
@@ -181,7 +153,7 @@ AttemptObserver = Callable[[AttemptResult, Decision], None]
 
 
 class Gate(Protocol):
-    """Whether a request may go now (``services/reporter/circuit.py``)."""
+    """Whether a request may go now (``services/reporter/tenant_circuits.py``)."""
 
     def acquire(self) -> object | None:
         """A permit to send one request, or None when none may go now."""

@@ -1,38 +1,12 @@
 """One provider account as the sender uses it: calls in flight, rate limit, circuit, bulk calls.
 
-``AccountSender.send(job)`` sends one message and returns its ``SendResult``. On the way:
-
-1. a slot among the account's ``max_in_flight`` calls;
-2. the circuit breaker's permission (``CircuitOpen`` when it refuses: nothing happened);
-3. a send time from the rate limiter, for the call's cost (messages or segments), booked
-   ``intent_lead_s`` ahead;
-4. the intent: each job's ``prepare_intent`` writes its local state and returns its changelog
-   records, and all of the call's records are published together and acknowledged by Kafka
-   (``KafkaUnavailable`` when they are not: each job's ``undo_intent`` runs, nothing was sent);
-5. at the booked time, the provider call; then the breaker learns the outcome.
-
-Before step 4 and again right before step 5, each job is asked whether it may still go
-(``SendJob.withheld``: the operator paused or cancelled its campaign while it waited for its
-turn). One that may not is left out of the call and answered ``Withheld``; no provider sees it.
-
-A job of a dry-run tenant (``SendJob.dry_run``) goes through all of it, but its call is made to
-the account's ``DryRun`` stand-in (``shared/providers/dryrun.py``) instead of the provider; it is
-never gathered with real sends.
-
-The slot stays taken until the caller has recorded every message's outcome
-(``SendJob.outcome_recorded``): at most ``max_in_flight`` calls are ever between intent and
-outcome, which bounds what a crash can leave unknown.
-
-Recording the intent while the booked time approaches keeps Kafka's latency out of the send
-schedule, so the provider sees the even flow the limiter planned.
-
-A job is ``committed`` from step 4 on: from then on its outcome must be recorded, so it must not
-be cancelled. Before that, cancelling it is harmless.
-
-For a provider with ``max_batch > 1`` due jobs with the same text and sender are gathered for
-``batch_window_s`` (or until the batch is full) and go out in one call; a call never names the
-same destination twice (``shared.providers.bulk``). A job marked ``alone`` is always a call of its
-own, so that a resend is the identical call a de-duplicating provider recognises.
+``AccountSender.send(job)`` sends one message and returns its ``SendResult``: a slot among the
+account's ``max_in_flight`` calls, the circuit breaker's permission (``CircuitOpen``), a send
+time booked from the rate limiter, the intent on Kafka, then at the booked time the provider call
+(a bulk call for jobs gathered over ``batch_window_s``). A job whose campaign was paused or
+cancelled meanwhile is answered ``Withheld``. A job is ``committed`` from its intent on, and its
+slot stays taken until its outcome is recorded. The steps and why: docs/sending.md, "One
+provider account".
 """
 
 from __future__ import annotations
@@ -49,6 +23,7 @@ from shared.circuit import CircuitBreaker
 from shared.kafka import OutRecord
 from shared.providers.base import OutboundSms, Provider, SendAccepted, SendError, SendResult
 from shared.ratelimit import SlidingWindowLimiter
+from shared.unit_of_work import UnitOfWork
 
 log = logging.getLogger(__name__)
 
@@ -88,10 +63,9 @@ class CallSlot:
 class SendJob:
     sms: OutboundSms
     cost: float
-    # Writes the local ``sending`` state for a call carrying these message ids and returns the
-    # changelog records to publish; ``undo_intent`` puts the previous state back.
-    prepare_intent: Callable[[list[str]], list[OutRecord]]
-    undo_intent: Callable[[], None]
+    # The ``sending`` state for a call carrying these message ids: the changes it stored and
+    # the records to publish, undone if they are not acknowledged.
+    prepare_intent: Callable[[list[str]], UnitOfWork]
     alone: bool = False
     # Asked at the call's turn, before the intent and right before the provider call: True
     # when the message may not go any more (its campaign was paused or cancelled meanwhile).
@@ -294,18 +268,16 @@ class AccountSender:
         # A job withdrawn while it waited for its turn is not part of the call any more.
         jobs[:] = [job for job in jobs if not job.result.done()]
         call = [job.sms.message_id for job in jobs]
-        prepared: list[SendJob] = []
+        prepared: list[tuple[SendJob, UnitOfWork]] = []
         try:
-            records: list[OutRecord] = []
             for job in jobs:
                 job.committed = True
-                records.extend(job.prepare_intent(call))
-                prepared.append(job)
-            await self.publish(records)
+                prepared.append((job, job.prepare_intent(call)))
+            await self.publish([record for _, work in prepared for record in work.records])
         except BaseException:
-            for job in prepared:
+            for job, work in prepared:
                 with contextlib.suppress(Exception):
-                    job.undo_intent()
+                    work.undo()
                 job.committed = False
             raise
 

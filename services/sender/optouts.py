@@ -1,4 +1,4 @@
-"""Whether the opt-out list stops a message: plain decisions, no Kafka (the dispatcher reads).
+"""Whether the opt-out list stops a message: plain decisions, no Kafka (the handler asks).
 
 An opted-out customer gets nothing (decisions.md §6), with one exception: Optimove answers a
 customer's message, a STOP included, with an **auto reply** (optimove-sms-api.md §3.4: a request

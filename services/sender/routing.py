@@ -1,6 +1,7 @@
-"""Pure decisions of the sender: which route, when a message is due, how long to wait to retry.
+"""Pure decisions of the sender: which route, when a message is due, when it expires.
 
-Nothing here touches Kafka, HTTP or a clock of its own: the dispatcher passes the time in.
+Nothing here touches Kafka, HTTP or a clock of its own: the handler passes the time in. How long
+to wait before a retry is ``shared.retry.RetryPolicy``.
 """
 
 from __future__ import annotations
@@ -8,8 +9,6 @@ from __future__ import annotations
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-
-import backoff
 
 from shared.config import Route, TenantSettings
 from shared.events import RecipientMessage
@@ -45,39 +44,6 @@ def expires_at(message: RecipientMessage, validity_s: float) -> datetime:
 
 def is_expired(message: RecipientMessage, validity_s: float, now: datetime) -> bool:
     return now > expires_at(message, validity_s)
-
-
-@dataclass(frozen=True)
-class RetrySchedule:
-    """Waits between attempts on one route: exponential, capped, with full jitter."""
-
-    max_attempts: int = 3
-    base_delay_s: float = 1.0
-    max_delay_s: float = 300.0
-
-    def ceiling(self, attempt: int) -> float:
-        """The longest wait after failed attempt number ``attempt`` (1-based)."""
-        waits = backoff.expo(base=2, factor=self.base_delay_s, max_value=self.max_delay_s)
-        next(waits)  # backoff's generators are primed by one next()
-        wait = 0.0
-        for _ in range(max(1, attempt)):
-            wait = float(next(waits))
-        return wait
-
-    def delay(
-        self,
-        attempt: int,
-        retry_after_s: float | None = None,
-        jitter: Callable[[float], float] = backoff.full_jitter,
-    ) -> float:
-        """How long to wait after failed attempt ``attempt``; a provider's Retry-After wins."""
-        wait = float(jitter(self.ceiling(attempt)))
-        if retry_after_s is not None:
-            wait = max(wait, retry_after_s)
-        return wait
-
-    def may_retry(self, attempt: int) -> bool:
-        return attempt < self.max_attempts
 
 
 @dataclass(frozen=True)

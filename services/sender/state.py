@@ -1,30 +1,36 @@
 """What the sender remembers about one message, in ``sms.sender-state`` keyed by message id.
 
 A message moves through three phases, each written to the changelog before what it allows:
-
-- ``parked``: waiting for its scheduled time, a retry, a circuit to close, or its campaign's
-  ``resume`` (``held``: paused by the operator, ``shared/campaigns.py``); the entry's ``due_at``
-  is when the timer looks at it again (for a held message: when its validity ends). The input
-  offset is committed meanwhile.
-- ``sending``: the intent. Written, and acknowledged by Kafka, before the provider is called;
-  ``due_at`` is a lease after which an intent nobody here is working on is known to be orphaned
-  (its sender died between the provider call and the outcome).
-- ``done``: the outcome and the dispatch record, written before the dispatch is published;
-  ``due_at`` is when the entry may be forgotten (its message can no longer be sent anyway).
-
-Besides, a parked message has a marker key ``parked:<reason>:<message id>`` whose value names
-the message's tenant and campaign (``ParkedMarker``), written in the same produce batch, so that
-parked messages can be counted by reason from the key index, and those of one campaign found
-when its controls change without reading every message.
+``parked`` (waiting for its scheduled time, a retry, a circuit, or its campaign's resume; the
+entry's ``due_at`` is when the timer looks again), ``sending`` (the intent, acknowledged before
+the provider is called; ``due_at`` is a lease) and ``done`` (the outcome, written before the
+dispatch record is published; ``due_at`` is when it may be forgotten). A parked message also has
+a marker ``parked:<reason>:<message id>`` naming its tenant and campaign, so that parked messages
+are counted by reason and found by campaign without reading every one. Details:
+docs/sending.md, "The sender's state".
 """
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Sequence
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from shared.events import DispatchRecord, RecipientMessage
+from shared.events import DispatchRecord, RecipientMessage, StateChange
+from shared.kafka import KafkaUnavailable, OutRecord, Publisher
+from shared.outbox import Outbox
+from shared.retry import RetryPolicy, retry
+from shared.store import ChangelogStore
+from shared.topics import SENDER_STATE
+from shared.unit_of_work import UnitOfWork
+
+log = logging.getLogger(__name__)
+
+STAGE = "sender"  # the service's name: its consumer group, logs, dead letters, metrics
+# Kafka away: publish again, waiting up to 30 s between tries, for as long as it takes.
+_KAFKA_WAIT = RetryPolicy(base_s=0.5, cap_s=30.0)
 
 Phase = Literal["parked", "sending", "done"]
 ParkReason = Literal["scheduled", "retry", "circuit", "held"]
@@ -97,3 +103,76 @@ class SendState(BaseModel):
         if self.dispatch is not None:
             return self.dispatch.context.message_id
         raise ValueError("a send state without its message or dispatch")
+
+
+def message_of(state: SendState) -> RecipientMessage:
+    if state.message is None:
+        raise ValueError("a send state without its message")
+    return state.message
+
+
+class StateWriter:
+    """Writes a message's state and its parked marker to the store, and publishes what the
+    sender writes to Kafka (through one ``Outbox``)."""
+
+    def __init__(self, store: ChangelogStore, *, name: str) -> None:
+        self.store = store
+        self.name = name
+        self._outbox: Outbox | None = None
+
+    def attach(self, publisher: Publisher) -> None:
+        self._outbox = Outbox(publisher, name=self.name)
+
+    def put(
+        self, partition: int, state: SendState, due: float | None, stored_reason: ParkReason | None
+    ) -> list[OutRecord]:
+        """Store ``state`` (and its parked marker) and return the changelog records."""
+        records = [self.store.put(partition, state.message_id, state.to_value(), due)]
+        records += self._mark(partition, state, stored_reason)
+        return records
+
+    def intent(
+        self, partition: int, state: SendState, lease: float, stored_reason: ParkReason | None
+    ) -> UnitOfWork:
+        """The intent of a call: only Kafka gets the ``sending`` state (nothing in this process
+        reads it, an attempt in flight is known in memory; only a restore after a crash does), so
+        the local file keeps the previous state until the outcome replaces it. A parked marker it
+        removes is put back if Kafka does not take the intent."""
+        work = UnitOfWork(self.store, partition)
+        change = StateChange(value=state.to_value(), due_at=lease)
+        work.add([OutRecord(SENDER_STATE, state.message_id, change, partition=partition)])
+        if stored_reason is not None:
+            work.put(parked_key(stored_reason, state.message_id), None)
+        return work
+
+    def _mark(
+        self, partition: int, state: SendState, stored_reason: ParkReason | None
+    ) -> list[OutRecord]:
+        """The parked marker follows the state's park reason."""
+        message_id = state.message_id
+        reason = state.park_reason if state.phase == "parked" else None
+        if reason == stored_reason:
+            return []
+        records = []
+        if stored_reason is not None:
+            records.append(self.store.put(partition, parked_key(stored_reason, message_id), None))
+        if reason is not None:
+            marker = ParkedMarker.of(message_of(state)).to_value()
+            records.append(self.store.put(partition, parked_key(reason, message_id), marker))
+        return records
+
+    async def publish(self, records: Sequence[OutRecord]) -> None:
+        if self._outbox is None:
+            raise RuntimeError(f"{self.name} handler used before start()")
+        await self._outbox.publish(records)
+
+    async def publish_persistently(self, records: list[OutRecord]) -> None:
+        """Publish until Kafka acknowledges: what these records say has already happened."""
+        await retry(
+            lambda: self.publish(records),
+            _KAFKA_WAIT,
+            on=KafkaUnavailable,
+            on_retry=lambda _, exc, __: log.warning(
+                "%s: publish failed (%s); retrying", self.name, exc
+            ),
+        )

@@ -20,6 +20,7 @@ import orjson
 from shared.config import ProviderSettings
 from shared.events import CanonicalStatus, ProviderEventKind
 from shared.numbers import NumberStyle
+from shared.providers.http import is_retryable_status, parse_retry_after
 from shared.statuses import SubStatus
 
 
@@ -169,22 +170,13 @@ class Provider(ABC):
         return cls.status_map.get(provider_status.strip().upper())
 
 
-def retry_after_seconds(value: str | None) -> float | None:
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        return None
-
-
 def http_error(status: int, detail: str, retry_after: str | None = None) -> SendError:
     """The default reading of an HTTP failure: 429 and 5xx retry, other 4xx are terminal."""
-    if status == 429 or status >= 500:
+    if is_retryable_status(status):
         return SendError(
             detail,
             retryable=True,
-            retry_after_s=retry_after_seconds(retry_after),
+            retry_after_s=parse_retry_after(retry_after),
             status_code=status,
         )
     return SendError(detail, retryable=False, sub_status=SubStatus.REJECTED, status_code=status)
@@ -199,7 +191,7 @@ def fallback_error(
     retryable cases.
     """
     text = message or f"HTTP {status}"
-    if status in (401, 403, 429) or status >= 500:
+    if status in (401, 403) or is_retryable_status(status):
         # 401/403: our credentials or account, not the message: retry later (and fail over),
         # another route may work.
         return SendError(text, retryable=True, retry_after_s=retry_after_s, status_code=status)

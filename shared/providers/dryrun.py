@@ -1,23 +1,11 @@
 """Dry run: the provider call of a tenant with ``dry_run = true``, simulated.
 
-Everything else of a send runs as for a real one: the route and its account, the account's rate
-limit and circuit, bulk gathering, the intent and outcome in ``sms.sender-state``, the dispatch
-record, the provider metrics. Only the HTTP call is replaced, by this module:
-
-- ``DryRun.send`` accepts every message, with a provider message id derived from the message id
-  (``provider_message_id``), so a replay yields the same id and correlation key.
-- ``delivery_report`` is the report the provider would call back with: a ``ProviderEvent`` for
-  ``sms.provider-events``, keyed by the dispatch's correlation key, that the sender publishes
-  together with the dispatch record. The normalizer joins it as it joins any callback (it finds
-  this module through ``provider_kind``, like every provider's) and the reporter reports it.
-- The outcome is drawn from the tenant's ``dry_run_outcomes`` (sub-status -> weight) by a hash of
-  the message id (``outcome_for``): the same message gets the same outcome on every replay, and a
-  campaign follows the mix.
-
-**The mark.** Every status of a dry-run message carries ``DryRun:<sub-status>`` in its
-``subStatus`` (``marked``): ``DryRun:Sent`` when accepted, then ``DryRun:Delivered``,
-``DryRun:Undeliverable``, ... The outcome ``Delivered`` is the status ``delivered``; every other
-outcome is ``failed``.
+Everything else of a send runs as for a real one (route, rate limit, circuit, intent and outcome,
+dispatch record); only the HTTP call is replaced. ``DryRun.send`` accepts every message with an id
+derived from the message id; ``delivery_report`` is the report the provider would call back with,
+its outcome drawn from the tenant's ``dry_run_outcomes`` by a hash of the message id, so a replay
+gets the same one. Every status carries the mark ``DryRun:<sub-status>`` in its ``subStatus``.
+Details: docs/providers.md, "Dry run".
 """
 
 from __future__ import annotations

@@ -1,35 +1,12 @@
 """Octopush (octopush.com, API v1): bulk campaigns under one ticket, three kinds of callback.
 
-Send: ``POST {base_url}/sms-campaign/send`` (base URL e.g. ``https://api.octopush.com/v1/public``)
-with headers ``api-key`` and ``api-login``; JSON ``{recipients: [{phone_number}], text, type,
-purpose, sender, request_id, with_replies, auto_optimize_text, auto_remove_blacklisted_numbers}``,
-up to 500 recipients sharing text and sender. ``with_replies`` is the account's setting (off by
-default: in France it replaces an alphanumeric sender with a short number).
-``auto_remove_blacklisted_numbers`` is always on, so that one blacklisted number does not fail a
-call of 500; Octopush does not say which it removed, so such a recipient stays ``Sent`` until its
-report (``BLACKLISTED_NUMBER``, if Octopush sends one) or the DLR timeout.
-The answer's ``sms_ticket`` covers the whole call, so a message is identified by ticket and
-number: ``correlation_key`` is ``account:ticket:number`` (E.164 with ``+``, as the callbacks
-write it). ``request_id`` is derived from our message ids, so a resent call is
-de-duplicated by Octopush for 24 h.
-
-Callbacks (one dashboard URL for all three; JSON or form-encoded; field names in any case):
-``stop_date`` -> opt-out, else ``answer_date``/``reception_date`` -> inbound, else
-``delivery_date`` -> delivery report (only sent for ``sms_premium``). Octopush wants an empty
-answer within one second.
-
-What the documentation leaves out, and what this module assumes (only here):
-
-- **Callback dates** (``Y-m-d H:i:s``) carry no timezone: they are read as Europe/Paris time
-  (Octopush is French and its legacy API speaks GMT+1) and converted to UTC; see ``PARIS``.
-- **Errors**: the v1 error body is undocumented. The legacy codes (``ERROR_CODES``) are looked for
-  in ``code``/``error_code``/``errorCode`` (also inside an ``error`` object); otherwise the HTTP
-  status decides (429 and 5xx retry, 401/403 retry as an account problem, other 4xx terminal).
-- **A STOP without ``text``** is still an opt-out (``stop_date`` decides, providers.md §3.4); it
-  is forwarded to Optimove with the text ``STOP_TEXT``, so that Optimove sees an opt-out too.
-- **Duplicate ``request_id``** (legacy 120): our earlier attempt of this very call went through,
-  but its ticket is unknown, so its reports can never be matched. Terminal ``ProviderError``,
-  never retried (Octopush would refuse it again).
+Send: ``POST {base_url}/sms-campaign/send``, up to 500 recipients sharing text and sender, with
+``auto_remove_blacklisted_numbers`` on and ``request_id`` derived from our message ids (Octopush
+de-duplicates a resent call for 24 h). The answer's ``sms_ticket`` covers the whole call:
+``correlation_key`` is ``account:ticket:number``. Callbacks: ``stop_date`` -> opt-out, else
+``answer_date``/``reception_date`` -> inbound, else ``delivery_date`` -> delivery report.
+Every guess at what the documentation leaves out lives here (callback dates in Paris time, the
+error body, a STOP without text, a duplicate ``request_id``): docs/providers.md, "Octopush".
 """
 
 from __future__ import annotations
@@ -38,7 +15,7 @@ import hashlib
 import re
 import urllib.parse
 from collections.abc import Mapping, Sequence
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, ClassVar
 from zoneinfo import ZoneInfo
 
@@ -58,10 +35,11 @@ from shared.providers.base import (
     SendResult,
     fallback_error,
     first_message,
-    retry_after_seconds,
 )
 from shared.providers.bulk import send_in_calls
+from shared.providers.http import parse_retry_after
 from shared.statuses import SubStatus
+from shared.times import parse_iso
 
 PARIS = ZoneInfo("Europe/Paris")
 DATE_FORMAT = "%Y-%m-%d %H:%M:%S"
@@ -303,7 +281,7 @@ def error_for(
 ) -> SendError:
     """A refused call: the legacy error code when there is one, else the HTTP status."""
     message = detail or first_message(body, _MESSAGE_FIELDS)
-    wait = retry_after_seconds(headers.get("Retry-After"))
+    wait = parse_retry_after(headers.get("Retry-After"))
     code = error_code(body)
     if code == DUPLICATE_REQUEST or (code is None and _DUPLICATE_TEXT.search(message)):
         return SendError(
@@ -453,15 +431,7 @@ def _text(value: Any) -> str:
 
 def paris_time(value: Any) -> datetime | None:
     """A callback date in UTC. Octopush writes Paris wall-clock time without a zone."""
-    if not isinstance(value, str) or not value.strip():
-        return None
-    try:
-        parsed = datetime.fromisoformat(value.strip())
-    except ValueError:
-        return None
-    if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=PARIS)
-    return parsed.astimezone(UTC)
+    return parse_iso(value, naive_zone=PARIS)
 
 
 def paris_date(moment: datetime) -> str:

@@ -1,41 +1,12 @@
 """OpenSMS Kenya (opensms.co.ke, REST v3): bulk sends, delivery reports set in the dashboard.
 
-Send: ``POST {base_url}/sms/send`` (base URL e.g. ``https://www.opensms.co.ke/api/v3``) with
-``Authorization: Bearer``; JSON ``{recipient, sender_id, type: "plain", message}`` where
-``recipient`` takes several numbers separated by commas, so one call carries up to ``max_batch``
-messages that share text and sender.
-Callback: JSON ``{event, message_id, phone, status, error, timestamp}`` to the one URL set in the
-dashboard; no authentication is documented, so the secret token in our URL is the only check.
-No inbound or STOP webhook is documented. Answer: 200 ``{"status":"received"}``.
-
-What the documentation leaves out, and what this module assumes (only here):
-
-- **Message ids in the send answer.** Documented only as ``{"status":"success","data":"sms
-  reports with all details"}``: no id per recipient. Such a recipient is sent (``Sent``), and its
-  reports are matched by number: ``correlation_key`` is ``account:+E164`` for the dispatch and
-  for every report (which carries ``phone``), and the normalizer gives a report to the message
-  its ``message_id`` names, else to the latest message sent to that number on that account
-  within a window before it (``services/normalizer/number_match.py``). Should a real answer carry
-  ids after all, ``message_ids`` finds them: per-recipient records in ``data`` (an object, a
-  list, or a list under ``messages``/``data``/``reports``/``recipients``), else in the answer
-  itself, with the id in ``message_id``, ``uid``, ``messageId`` or ``id``, matched to recipients
-  by number (``recipient``/``phone``/``to``/``number``/``msisdn``, international or national),
-  else by position when there is one record per recipient. A report naming that id then goes to
-  that message, whatever else was sent to the number.
-- **Error codes** (1001-1008) are read from ``code``/``error_code``/``errorCode`` (also inside an
-  ``error`` object), else from the error text. Refusals may come inside an HTTP 200 with
-  ``"status": "error"``.
-- **Duplicate (1005)** is an unknown outcome (``maybe_accepted``, never retried), not "already
-  sent" nor "rejected": we cannot tell a true duplicate from an earlier attempt of ours that went
-  through, and there is no id to join reports to either way.
-- **An unreadable 2xx answer** is an unknown outcome too: terminal ``ProviderError``.
-- **A report without ``phone``** cannot be keyed by number: it is keyed ``account:id:<its
-  message_id>``, meets no dispatch, and is dead-lettered with the reason once
-  ``unmatched_after_s`` passed.
-- **A failure's ``error``** saying the number is invalid turns the provider status ``failed``
-  into ``failed_invalid_number`` (``InvalidNumber``): statuses are mapped on the status alone.
-- **``X-RateLimit-Reset``** is Unix time (as documented), or seconds from now when too small to be
-  a date.
+Send: ``POST {base_url}/sms/send`` with ``Authorization: Bearer``; ``recipient`` takes several
+numbers separated by commas, so one call carries up to ``max_batch`` messages sharing text and
+sender. Callback: JSON ``{event, message_id, phone, status, error, timestamp}`` to the one URL
+set in the dashboard (the secret token in our URL is the only check). The send answer names no
+message: reports are matched by number (``correlation_key`` is ``account:+E164``).
+Every guess at what the documentation leaves out lives here (ids in the answer, error codes,
+duplicates, rate-limit headers): docs/providers.md, "OpenSMS".
 """
 
 from __future__ import annotations
@@ -44,7 +15,6 @@ import re
 import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from datetime import UTC, datetime
 from typing import Any, ClassVar
 
 import orjson
@@ -62,10 +32,11 @@ from shared.providers.base import (
     SendResult,
     fallback_error,
     first_message,
-    retry_after_seconds,
 )
 from shared.providers.bulk import send_in_calls
+from shared.providers.http import parse_retry_after
 from shared.statuses import SubStatus
+from shared.times import parse_iso
 
 FIXTURES: dict[str, Any] = {
     "send_request": {
@@ -269,7 +240,7 @@ class OpenSms(Provider):
                 number=_text(payload.get("phone")),
                 provider_status=status,
                 reason=reason,
-                occurred_at=_utc_timestamp(payload.get("timestamp")),
+                occurred_at=parse_iso(payload.get("timestamp")),  # ISO-8601 UTC, as documented
                 raw=payload,
             )
         ]
@@ -318,7 +289,7 @@ def error_code(body: Mapping[str, Any]) -> int | None:
 
 def retry_wait(status: int, headers: Mapping[str, str], now: float) -> float | None:
     """Seconds to wait before the next call: ``Retry-After``, else the rate-limit window's end."""
-    after = retry_after_seconds(headers.get("Retry-After"))
+    after = parse_retry_after(headers.get("Retry-After"))
     if after is not None:
         return after
     remaining = (headers.get("X-RateLimit-Remaining") or "").strip()
@@ -420,16 +391,3 @@ def _as_int(value: Any) -> int | None:
     if isinstance(value, str) and value.strip().isdigit():
         return int(value.strip())
     return None
-
-
-def _utc_timestamp(value: Any) -> datetime | None:
-    """ISO-8601 as documented (UTC); a time without an offset is taken as UTC."""
-    if not isinstance(value, str) or not value.strip():
-        return None
-    try:
-        parsed = datetime.fromisoformat(value.strip())
-    except ValueError:
-        return None
-    if parsed.tzinfo is None:
-        return parsed.replace(tzinfo=UTC)
-    return parsed.astimezone(UTC)

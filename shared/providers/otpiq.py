@@ -25,8 +25,8 @@ from shared.providers.base import (
     SendError,
     SendResult,
     http_error,
-    retry_after_seconds,
 )
+from shared.providers.http import parse_retry_after
 from shared.signing import constant_time_equals
 from shared.statuses import SubStatus
 
@@ -173,7 +173,7 @@ class Otpiq(Provider):
             if isinstance(wait_minutes, int | float) and not isinstance(wait_minutes, bool):
                 wait: float | None = max(0.0, float(wait_minutes) * 60)
             else:
-                wait = retry_after_seconds(retry_after)
+                wait = parse_retry_after(retry_after)
             return SendError(
                 f"rate limited (waitMinutes={wait_minutes})",
                 retryable=True,

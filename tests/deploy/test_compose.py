@@ -14,10 +14,10 @@ from typing import Any
 import pytest
 import yaml
 
-from services.cli import build_parser
 from shared.broker.distribution import kafka_version
 from shared.config import Settings, load_settings, split_listen
 from tests.deploy.promql import DEPLOY, ROOT
+from tools.cli import build_parser
 
 COMPOSE = ROOT / "docker-compose.yml"
 CONFIG_IN_CONTAINER = "/etc/smsbridge/smsbridge.toml"

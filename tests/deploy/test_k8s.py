@@ -8,7 +8,6 @@ from typing import Any
 import pytest
 import yaml
 
-from services.cli import build_parser
 from services.normalizer.app import build as build_normalizer
 from services.reporter.app import build as build_reporter
 from services.sender.app import build as build_sender
@@ -16,6 +15,7 @@ from shared.config import Settings, load_settings, split_listen
 from shared.service import ConsumerService
 from shared.topics import ALL_TOPICS
 from tests.deploy.promql import DEPLOY
+from tools.cli import build_parser
 
 K8S = DEPLOY / "k8s"
 CONSUMERS = {"sender": build_sender, "normalizer": build_normalizer, "reporter": build_reporter}

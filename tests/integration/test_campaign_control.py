@@ -24,8 +24,6 @@ from prometheus_client.parser import text_string_to_metric_families
 from services.normalizer.app import build as build_normalizer
 from services.reporter.app import build as build_reporter
 from services.sender.app import build as build_sender
-from services.simulators.optimove import OptimoveSimulator
-from services.simulators.providers import AcceptedSend, ProviderSimulator
 from shared import topics
 from shared.broker import EmbeddedBroker, free_port
 from shared.campaigns import control_key
@@ -40,6 +38,8 @@ from shared.events import (
 from shared.kafka import OutRecord, Publisher
 from shared.numbers import digits_only
 from shared.providers.dryrun import outcome_for
+from simulators.optimove import OptimoveSimulator
+from simulators.providers import AcceptedSend, ProviderSimulator
 from tests.support import TENANT, make_settings, running, wait_for
 from tests.support.ops import (
     QUICK_GROUP,

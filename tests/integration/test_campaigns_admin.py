@@ -245,11 +245,14 @@ async def test_status_follow_redraws_as_the_counts_move_and_ends_on_ctrl_c(
 ) -> None:
     async with campaigns_from_config_file(tmp_path) as (config, settings):
         process = await asyncio.create_subprocess_exec(
-            *(sys.executable, "-m", "services.cli", "--config", str(config), "campaign"),
+            *(sys.executable, "-m", "tools.cli", "--config", str(config), "campaign"),
             *("status", "--follow", "--interval", "0.2", "--tenant", TENANT),
             cwd=REPO,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
+            # As at a terminal: a shell starting the suite in the background ignores SIGINT, and
+            # a Python started with SIGINT ignored never turns Ctrl-C into KeyboardInterrupt.
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )
         assert process.stdout is not None
         shown = ""
@@ -275,7 +278,15 @@ async def test_status_follow_redraws_as_the_counts_move_and_ends_on_ctrl_c(
             await wait_for(redrawn, 10, "two more frames")
         finally:
             process.send_signal(signal.SIGINT)
-            _, err = await asyncio.wait_for(process.communicate(), 30)
+            try:
+                _, err = await asyncio.wait_for(process.communicate(), 30)
+            except TimeoutError:
+                process.kill()
+                _, err = await process.communicate()
+                raise AssertionError(
+                    f"no exit within 30 s of Ctrl-C; shown: {shown[-2000:]!r}; "
+                    f"stderr: {err.decode()[-2000:]}"
+                ) from None
         assert process.returncode == 0, err.decode()
         last = shown.rsplit("Ctrl-C to stop)", 1)[0].rsplit(settings.campaigns.listen, 2)[-2]
         assert "spring" in last  # the frame stays up to date, not only once

@@ -1,7 +1,7 @@
 """Operator commands: the handshake, the tenants check, and dead letters listed and re-driven.
 
 The commands run as plain functions where the test needs their output in detail, and as
-``python -m services.cli ...`` processes where the exit code and the wiring are the point.
+``python -m tools.cli ...`` processes where the exit code and the wiring are the point.
 """
 
 from __future__ import annotations
@@ -18,26 +18,16 @@ import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from pydantic import SecretStr
 
-from services.admin import (
-    EndpointUnreachable,
-    campaign_send_url,
-    check_campaign_endpoint,
-    dlq_list_command,
-    dlq_redrive_command,
-    handshake_command,
-    mask_key,
-    parse_since,
-)
-from services.cli import SERVICES
+from services import SERVICES
 from services.ingress.app import build as build_ingress
 from services.reporter.app import build as build_reporter
-from services.simulators.optimove import FailureMode, OptimoveSimulator
 from shared.broker import EmbeddedBroker, free_port
 from shared.config import Settings
 from shared.events import DeadLetter, InboundMessage, MessageContext, StatusEvent
 from shared.kafka import OutRecord, bootstrap
 from shared.signing import SIGNATURE_HEADER, verify
 from shared.topics import DEAD_LETTERS, INBOUND, RECIPIENTS, STATUSES, Topic
+from simulators.optimove import FailureMode, OptimoveSimulator
 from tests.support import (
     AGGREGATOR_API_KEY,
     TENANT,
@@ -50,6 +40,13 @@ from tests.support import (
 )
 from tests.support.ops import config_data, publisher, smsbridge, to_toml, write_config
 from tests.support.pipeline import simulated_optimove
+from tools.dead_letters import dlq_list_command, dlq_redrive_command, mask_key, parse_since
+from tools.handshake import (
+    EndpointUnreachable,
+    campaign_send_url,
+    check_campaign_endpoint,
+    handshake_command,
+)
 
 pytestmark = pytest.mark.integration
 

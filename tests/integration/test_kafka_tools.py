@@ -19,7 +19,6 @@ import pytest
 from aiokafka import AIOKafkaProducer
 from prometheus_client import REGISTRY
 
-from services.replay import ToTime, replay
 from shared.broker import EmbeddedBroker, distribution
 from shared.config import RunnerSettings, Settings
 from shared.kafka import OutRecord, bootstrap, group_name
@@ -28,6 +27,7 @@ from shared.service import ConsumerService
 from shared.topics import ALL_TOPICS, STATUSES, Topic
 from tests.support import create_topic, make_settings, running, wait_for
 from tests.support.ops import committed, config_data, smsbridge, write_config
+from tools.replay import ToTime, replay
 
 pytestmark = pytest.mark.integration
 

@@ -23,7 +23,8 @@ import pytest
 from prometheus_client import REGISTRY
 
 from services.callbacks.app import provider_events
-from services.normalizer.app import NormalizerHandler, build
+from services.normalizer.app import build
+from services.normalizer.handler import NormalizerHandler
 from shared.broker import EmbeddedBroker
 from shared.config import Settings
 from shared.events import (

@@ -16,13 +16,13 @@ import aiohttp
 import orjson
 import pytest
 
-from services.simulators.campaign import follow_tally, judge
-from services.simulators.optimove import FailureMode, OptimoveSimulator
 from shared.broker import free_port
 from shared.config import OptimoveContractSettings, Settings
 from shared.events import CanonicalStatus, InboundMessage, MessageContext, StatusEvent
 from shared.optimove import API_KEY_HEADER, OptimoveContract, SignedRequest
 from shared.signing import SIGNATURE_HEADER, sign, verify
+from simulators.campaign_load import follow_tally, judge
+from simulators.optimove import FailureMode, OptimoveSimulator
 from tests.support import TENANT, TENANT_API_TOKEN, TENANT_SECRET, make_settings
 
 pytestmark = pytest.mark.integration

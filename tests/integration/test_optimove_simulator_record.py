@@ -9,11 +9,11 @@ import aiohttp
 import orjson
 import pytest
 
-from services.simulators.optimove import OptimoveSimulator
 from shared.broker import free_port
 from shared.config import OptimoveContractSettings
 from shared.events import MessageContext, StatusEvent
 from shared.optimove import OptimoveContract
+from simulators.optimove import OptimoveSimulator
 from tests.support import TENANT, TENANT_API_TOKEN, TENANT_SECRET, make_settings
 
 pytestmark = pytest.mark.integration

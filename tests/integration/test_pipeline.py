@@ -9,9 +9,9 @@ from typing import Any
 import orjson
 import pytest
 
-from services.simulators.campaign import sample_numbers
 from shared.broker import EmbeddedBroker
 from shared.signing import verify
+from simulators.campaign_load import sample_numbers
 from tests.support import TENANT_SECRET, make_settings, wait_for
 from tests.support.pipeline import pipeline, post_campaign, simulated_optimove, simulated_providers
 

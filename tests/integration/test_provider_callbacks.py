@@ -12,7 +12,6 @@ import orjson
 import pytest
 
 from services.callbacks.app import build
-from services.simulators.providers import ProviderSimulator, callback_urls_from_settings
 from shared.broker import EmbeddedBroker, free_port
 from shared.events import ProviderEvent
 from shared.providers import callback_url
@@ -22,6 +21,7 @@ from shared.providers.base import OutboundSms, SendAccepted
 from shared.providers.octopush import Octopush
 from shared.providers.opensms import OpenSms
 from shared.topics import PROVIDER_EVENTS
+from simulators.providers import ProviderSimulator, callback_urls_from_settings
 from tests.support import read_topic, running, wait_for
 from tests.support.providers import (
     OCTOPUSH_ACCOUNT,

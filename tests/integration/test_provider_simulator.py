@@ -15,15 +15,6 @@ import pytest
 from aiohttp import web
 from multidict import CIMultiDict
 
-from services.simulators.providers import (
-    OpenSmsProtocol,
-    OptionsError,
-    ProviderSimulator,
-    add_arguments,
-    callback_urls_from_args,
-    callback_urls_from_settings,
-    options_from_args,
-)
 from shared.broker import free_port
 from shared.providers import callback_url
 from shared.providers.base import OutboundSms, SendAccepted, SendError
@@ -34,6 +25,15 @@ from shared.providers.opensms import OpenSms
 from shared.providers.otpiq import FIXTURES, WEBHOOK_SECRET_HEADER, Otpiq
 from shared.service import serve
 from shared.statuses import SubStatus
+from simulators.providers import (
+    OpenSmsProtocol,
+    OptionsError,
+    ProviderSimulator,
+    add_arguments,
+    callback_urls_from_args,
+    callback_urls_from_settings,
+    options_from_args,
+)
 from tests.support import OTPIQ_WEBHOOK_SECRET, make_settings, wait_for
 from tests.support.providers import (
     OCTOPUSH_ACCOUNT,

@@ -15,22 +15,14 @@ from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.structs import OffsetAndMetadata
 
 from services.normalizer.app import build as build_normalizer
-from services.replay import (
-    FromBeginning,
-    GroupHasLiveMembers,
-    ToOffset,
-    ToTime,
-    offsets_consumer,
-    replay,
-)
 from services.reporter.app import build as build_reporter
-from services.simulators.optimove import OptimoveSimulator
 from shared.broker import EmbeddedBroker, free_port
 from shared.config import Settings
 from shared.events import StatusEvent
 from shared.kafka import bootstrap
 from shared.service import ConsumerService
 from shared.topics import DISPATCHES, PROVIDER_EVENTS, STATUSES, Topic
+from simulators.optimove import OptimoveSimulator
 from tests.support import (
     TENANT,
     TENANT_API_TOKEN,
@@ -51,6 +43,14 @@ from tests.support.ops import (
     publisher,
     total,
     write_config,
+)
+from tools.replay import (
+    FromBeginning,
+    GroupHasLiveMembers,
+    ToOffset,
+    ToTime,
+    offsets_consumer,
+    replay,
 )
 
 pytestmark = pytest.mark.integration
@@ -110,7 +110,7 @@ async def test_targets_move_every_partition_and_dry_run_changes_nothing(
     assert await moved_to(ToTime(future)) == dict.fromkeys(everywhere, 10)
 
     # The command line, as an operator runs it: a dry run prints the move and commits nothing.
-    base = [sys.executable, "-m", "services.cli", "--config", str(tmp_path / "smsbridge.toml")]
+    base = [sys.executable, "-m", "tools.cli", "--config", str(tmp_path / "smsbridge.toml")]
     args = ["replay", "--group", TEST_GROUP, "--topic", TEST_TOPIC.base]
     dry = await asyncio.create_subprocess_exec(
         *base,

@@ -16,7 +16,6 @@ import pytest
 from prometheus_client import REGISTRY
 
 from services.reporter.app import build
-from services.simulators.optimove import FailureMode, OptimoveSimulator
 from shared.broker import EmbeddedBroker, free_port
 from shared.config import Settings
 from shared.events import (
@@ -31,6 +30,7 @@ from shared.kafka import OutRecord, Publisher, make_producer
 from shared.optimove import API_KEY_HEADER
 from shared.signing import SIGNATURE_HEADER, verify
 from shared.topics import DEAD_LETTERS, INBOUND, STATUSES, Topic
+from simulators.optimove import FailureMode, OptimoveSimulator
 from tests.support import (
     TENANT,
     TENANT_API_TOKEN,

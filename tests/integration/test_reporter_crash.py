@@ -15,12 +15,12 @@ from typing import IO
 import orjson
 import pytest
 
-from services.simulators.optimove import OptimoveSimulator
 from shared.broker import EmbeddedBroker, free_port
 from shared.config import Settings, load_settings
 from shared.events import MessageContext, StatusEvent
 from shared.kafka import EMBEDDED_BOOTSTRAP_ENV, OutRecord, Publisher, make_producer
 from shared.topics import STATUSES
+from simulators.optimove import OptimoveSimulator
 from tests.support import TENANT, TENANT_API_TOKEN, TENANT_SECRET, wait_for
 
 pytestmark = pytest.mark.integration
@@ -101,7 +101,7 @@ class Reporter:
         self.process = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
-            "services.cli",
+            "tools.cli",
             "--config",
             str(self.config),
             "run",

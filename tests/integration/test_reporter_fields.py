@@ -17,20 +17,20 @@ import orjson
 import pytest
 from aiohttp import web
 
-from services.admin import redrive
 from services.reporter.app import build
-from services.simulators.optimove import (
-    DELIVERY_REPORT,
-    OptimoveSimulator,
-    RejectedRequest,
-)
 from shared.broker import EmbeddedBroker, free_port
 from shared.config import Settings
 from shared.events import CanonicalStatus, DeadLetter, MessageContext, StatusEvent
 from shared.kafka import OutRecord, Publisher, make_producer
 from shared.topics import DEAD_LETTERS, STATUSES
+from simulators.optimove import (
+    DELIVERY_REPORT,
+    OptimoveSimulator,
+    RejectedRequest,
+)
 from tests.support import TENANT, TENANT_API_TOKEN, TENANT_SECRET, read_topic, running, wait_for
 from tests.support.ops import config_data, write_config
+from tools.dead_letters import redrive
 
 pytestmark = pytest.mark.integration
 

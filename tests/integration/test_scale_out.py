@@ -12,18 +12,18 @@ import orjson
 import pytest
 from aiokafka import TopicPartition
 
-from services.normalizer.app import INPUT_TOPICS
 from services.normalizer.app import build as build_normalizer
+from services.normalizer.handler import INPUT_TOPICS
 from services.reporter.app import build as build_reporter
 from services.sender.app import build as build_sender
-from services.simulators.optimove import FailureMode, OptimoveSimulator
-from services.simulators.providers import ProviderSimulator
 from shared.broker import EmbeddedBroker, free_port
 from shared.config import Settings
 from shared.events import DispatchRecord, StatusEvent
 from shared.kafka import OutRecord
 from shared.service import ConsumerService, Service
 from shared.topics import DEFAULT_PARTITIONS, DISPATCHES, RECIPIENTS, STATUSES
+from simulators.optimove import FailureMode, OptimoveSimulator
+from simulators.providers import ProviderSimulator
 from tests.support import (
     TENANT,
     TENANT_API_TOKEN,

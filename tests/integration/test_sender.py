@@ -13,7 +13,6 @@ import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from services.sender.app import build
-from services.simulators.providers import ProviderSimulator
 from shared import topics
 from shared.broker import EmbeddedBroker, free_port
 from shared.config import Settings
@@ -26,6 +25,7 @@ from shared.events import (
 )
 from shared.kafka import OutRecord, Publisher, bootstrap, group_name, make_producer
 from shared.statuses import SubStatus
+from simulators.providers import ProviderSimulator
 from tests.support import TENANT, make_settings, read_topic, running, wait_for
 from tests.support.ops import recipient
 from tests.support.providers import OCTOPUSH_ACCOUNT, OPENSMS_ACCOUNT, bulk_provider_settings

@@ -18,12 +18,12 @@ from pathlib import Path
 import pytest
 from aiokafka import AIOKafkaConsumer
 
-from services.simulators.providers import ProviderSimulator
 from shared import topics
 from shared.broker import EmbeddedBroker, free_port
 from shared.config import Settings
 from shared.events import DispatchRecord, decode
 from shared.kafka import bootstrap
+from simulators.providers import ProviderSimulator
 from tests.integration.test_sender import publish
 from tests.support import (
     AGGREGATOR_API_KEY,

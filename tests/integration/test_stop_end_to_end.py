@@ -14,14 +14,14 @@ from typing import Any
 import orjson
 import pytest
 
-from services.simulators.optimove import OptimoveSimulator
-from services.simulators.providers import callback_urls_from_settings
 from shared.broker import EmbeddedBroker
 from shared.config import Route
 from shared.events import LastInbound, OptOutChange, utcnow
 from shared.kafka import OutRecord, Publisher, make_producer
 from shared.providers import callback_url
 from shared.topics import LAST_INBOUND, OPT_OUTS
+from simulators.optimove import OptimoveSimulator
+from simulators.providers import callback_urls_from_settings
 from tests.support import TENANT, read_topic, wait_for
 from tests.support.optimove_bodies import AUTO_REPLY_METADATA, campaign_body
 from tests.support.pipeline import pipeline, post_campaign, simulated_optimove, simulated_providers

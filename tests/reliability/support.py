@@ -166,6 +166,6 @@ def final_reports(
 
 async def start_optimove_with_record(stack: Stack, record: Path) -> None:
     listen = stack.optimove_url.removeprefix("http://")
-    argv = [sys.executable, "-m", "services.cli", "--config", str(stack.config_path)]
+    argv = [sys.executable, "-m", "tools.cli", "--config", str(stack.config_path)]
     argv += ["simulate", "optimove", f"--listen={listen}", f"--record={record}"]
     await stack.start_child(OPTIMOVE_SIMULATOR, argv, f"{stack.optimove_url}/_simulator/mode")

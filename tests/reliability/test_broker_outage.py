@@ -20,7 +20,7 @@ import pytest
 
 from bench import load
 from bench.stack import ProviderSimulatorOptions, Stack
-from services.dev import SERVICES
+from services import SERVICES
 from shared.events import DeadLetter
 from shared.topics import DEAD_LETTERS
 from tests.reliability.profile import current

@@ -7,7 +7,7 @@ batches spread over ``chaos_post_seconds``, and meanwhile:
 1. the provider simulator answers ``provider_failure_rate`` (30%) of sends with HTTP 500 for
    ``provider_failure_seconds`` (a minute in the full form);
 2. each consumer service in turn (sender, normalizer, reporter, and any other consumer
-   ``services.dev.SERVICES`` runs) is SIGKILLed and started again;
+   ``services.SERVICES`` runs) is SIGKILLed and started again;
 3. the simulated Optimove is SIGKILLed and started again; its ``--record`` file keeps its tally.
 
 Then, for every recipient:
@@ -59,7 +59,7 @@ from bench.stack import (
     StackError,
     deep_merge,
 )
-from services.dev import SERVICES
+from services import SERVICES
 from shared.events import DeadLetter
 from shared.statuses import SubStatus
 from shared.topics import DEAD_LETTERS

@@ -52,6 +52,7 @@ from bench.stack import (
     TENANT,
     TENANT_SECRET,
     Stack,
+    ops_address,
 )
 from services.ingress.campaign import parse_campaign
 from shared.providers.otpiq import WEBHOOK_SECRET_HEADER
@@ -145,16 +146,19 @@ class Target:
         if path.startswith(ADMIN):
             return f"http://{self.stack.settings.campaigns.listen}"
         if path in OPERATIONS:
-            return self.stack.ops_url("ingress")
+            return self._ops("ingress")
         return self.stack.ingress_url
+
+    def _ops(self, service: str) -> str:
+        return f"http://{ops_address(self.stack.settings, service)}"
 
     def ops_url(self, path: str) -> str:
         """Where the service that serves ``path`` answers /healthz (its ops_listen)."""
         if path.startswith("/callbacks/"):
-            return self.stack.ops_url("callbacks")
+            return self._ops("callbacks")
         if path.startswith(ADMIN):
             return f"http://{self.stack.settings.campaigns.listen}"
-        return self.stack.ops_url("ingress")
+        return self._ops("ingress")
 
 
 @pytest.fixture(scope="module")

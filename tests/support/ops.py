@@ -21,7 +21,6 @@ import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from bench.stack import to_toml
-from services.replay import committed_offsets, live_members, offsets_consumer
 from shared.config import Settings, load_settings
 from shared.events import (
     DispatchRecord,
@@ -37,6 +36,7 @@ from shared.kafka import OutRecord, Publisher, bootstrap, group_name, make_admin
 from shared.providers.otpiq import FIXTURES, Otpiq
 from shared.topics import DISPATCHES, PROVIDER_EVENTS, STATUSES, Topic
 from tests.support import TENANT, settings_data, wait_for
+from tools.replay import committed_offsets, live_members, offsets_consumer
 
 REPO = Path(__file__).resolve().parents[2]
 ACCOUNT = "otpiq-main"
@@ -65,7 +65,7 @@ async def smsbridge(*argv: str, env: dict[str, str] | None = None) -> tuple[int,
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "services.cli",
+        "tools.cli",
         *argv,
         cwd=REPO,
         env={**os.environ, **(env or {})},
@@ -257,7 +257,7 @@ async def start_service(
     with contextlib.ExitStack() as files:
         output = files.enter_context(log.open("ab")) if log else asyncio.subprocess.DEVNULL
         return await asyncio.create_subprocess_exec(
-            *(sys.executable, "-m", "services.cli", "--config", str(config), "run", service),
+            *(sys.executable, "-m", "tools.cli", "--config", str(config), "run", service),
             cwd=REPO,
             env=env,
             stdout=output,

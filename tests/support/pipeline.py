@@ -17,12 +17,12 @@ from services.ingress.app import build as build_ingress
 from services.normalizer.app import build as build_normalizer
 from services.reporter.app import build as build_reporter
 from services.sender.app import build as build_sender
-from services.simulators.optimove import OptimoveSimulator
-from services.simulators.providers import ProviderSimulator
 from shared.broker import free_port
 from shared.config import Settings
 from shared.service import Service, Startable
 from shared.signing import sign
+from simulators.optimove import OptimoveSimulator
+from simulators.providers import ProviderSimulator
 from tests.support import AGGREGATOR_API_KEY, TENANT, TENANT_API_TOKEN, TENANT_SECRET, running
 
 # Consumers first, ingress last: nothing is taken in before the services downstream are up.

@@ -30,7 +30,7 @@ from bench.stack import (
     ops_address,
     to_toml,
 )
-from services.dev import SERVICES
+from services import SERVICES
 from shared.config import Settings
 
 

@@ -8,7 +8,10 @@ import orjson
 import phonenumbers
 import pytest
 
-from services.simulators.campaign import (
+from shared import ids
+from shared.numbers import InvalidNumber, to_e164
+from shared.signing import verify
+from simulators.campaign_load import (
     INVALID_NUMBER,
     Campaign,
     build_campaign,
@@ -16,9 +19,6 @@ from services.simulators.campaign import (
     sample_numbers,
     signed_headers,
 )
-from shared import ids
-from shared.numbers import InvalidNumber, to_e164
-from shared.signing import verify
 
 
 def test_sample_numbers_are_valid_distinct_gb_mobiles() -> None:

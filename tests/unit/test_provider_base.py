@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import re
+from datetime import UTC, datetime, timedelta
+from email.utils import format_datetime
 from typing import Any
 
 import pytest
 
 from shared.providers import PROVIDER_KINDS
-from shared.providers.base import fallback_error, first_message
+from shared.providers.base import fallback_error, first_message, http_error
 from shared.statuses import SubStatus
 
 INVALID_NUMBER = re.compile(r"\binvalid\b.*\bnumber\b", re.I)
@@ -66,3 +68,17 @@ def test_only_opensms_is_matched_by_number_and_keys_its_sends_so() -> None:
     assert opensms.correlation_key("ke", "", "+254712345678") == "ke:+254712345678"
     assert opensms.correlation_key("ke", "msg_1", "+254712345678") == "ke:+254712345678"
     assert otpiq.correlation_key("iq", "sms-1", "+9647501234567") == "iq:sms-1"
+
+
+def test_a_retry_after_date_is_honoured_like_seconds() -> None:
+    """One Retry-After reading for every provider: the HTTP-date form counts too (RFC 9110)."""
+    in_two_minutes = format_datetime(datetime.now(UTC) + timedelta(seconds=120), usegmt=True)
+
+    dated = http_error(503, "busy", retry_after=in_two_minutes)
+    counted = http_error(429, "slow down", retry_after="7")
+
+    assert dated.retryable and dated.retry_after_s is not None
+    assert 115.0 <= dated.retry_after_s <= 120.0
+    assert counted.retry_after_s == 7.0
+    assert http_error(503, "busy", retry_after="inf").retry_after_s is None
+    assert not http_error(408, "timeout").retryable  # only 429 and 5xx are asked again

@@ -22,7 +22,6 @@ from services.normalizer.replies import (
     reply_to,
     sent_through,
     stamp_due,
-    tenant_number_key,
     tenants_by_account,
 )
 from shared import ids
@@ -35,6 +34,7 @@ from shared.events import (
     ProviderEvent,
     ProviderEventKind,
 )
+from shared.ids import tenant_number_key
 from shared.keywords import KeywordRules
 
 T0 = datetime(2026, 11, 23, 10, 0, tzinfo=UTC)

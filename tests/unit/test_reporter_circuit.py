@@ -1,12 +1,14 @@
-"""The per-tenant circuit: when requests go, when only one probe goes, when it closes."""
+"""The shared circuit breaker as the reporter configures it per tenant: when requests go, when
+only one probe goes, when it closes."""
 
 from __future__ import annotations
 
 import pytest
 from prometheus_client import REGISTRY
 
-from services.reporter.circuit import Circuits, Permit, TenantCircuit
 from services.reporter.delivery import AttemptResult, RetryPolicy
+from services.reporter.tenant_circuits import TenantCircuit, TenantCircuits
+from shared.circuit import Permit
 
 POLICY = RetryPolicy(give_up_after_s=600.0, max_backoff_s=60.0, base_backoff_s=1.0)
 FAILED = AttemptResult(status_code=503)
@@ -152,7 +154,7 @@ def test_a_probe_that_never_answered_frees_its_place_and_changes_nothing() -> No
 
 def test_circuits_are_per_tenant() -> None:
     clock = Clock()
-    circuits = Circuits(failure_threshold=1, policy=POLICY, clock=clock, jitter=lambda: 1.0)
+    circuits = TenantCircuits(failure_threshold=1, policy=POLICY, clock=clock, jitter=lambda: 1.0)
     fail(circuits.get("acme"))
     assert circuits.get("acme").is_open
     assert circuits.get("acme") is circuits.get("acme")

@@ -17,12 +17,11 @@ from services.reporter.delivery import (
     DeliveryOutcome,
     ReportSender,
     RetryPolicy,
-    is_retryable_status,
-    parse_retry_after,
 )
 from shared.config import ReporterSettings
 from shared.events import InboundMessage
 from shared.optimove import SignedRequest
+from shared.providers.http import is_retryable_status, parse_retry_after
 
 NOW = datetime(2026, 3, 1, 12, 0, 0, tzinfo=UTC)
 POLICY = RetryPolicy(give_up_after_s=600.0, max_backoff_s=60.0, base_backoff_s=1.0)

@@ -17,7 +17,6 @@ from aiokafka.structs import ConsumerRecord
 from prometheus_client import REGISTRY
 
 from services.reporter.handler import ReporterHandler
-from services.simulators.optimove import FailureMode, OptimoveSimulator
 from shared.broker import free_port
 from shared.config import Settings
 from shared.events import (
@@ -34,6 +33,7 @@ from shared.events import (
 from shared.kafka import OutRecord, Publisher
 from shared.runner import Record
 from shared.topics import DEAD_LETTERS, INBOUND, REPORT_OUTCOMES, REPORTER_STATE, STATUSES
+from simulators.optimove import FailureMode, OptimoveSimulator
 from tests.support import TENANT, TENANT_API_TOKEN, TENANT_SECRET, make_settings, wait_for
 
 OTHER = "beta"

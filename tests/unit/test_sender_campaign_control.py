@@ -1,8 +1,8 @@
 """The sender under the operator's campaign controls, and for dry-run tenants.
 
-The dispatcher runs with scripted providers, a recording publisher and a dict standing in for the
-control table (a test changes it and calls ``controls_changed``, as the table's hook does), so
-every decision can be checked exactly: what is held, released, cancelled, and never sent.
+The sender's handler runs with scripted providers, a recording publisher and a dict standing in
+for the control table (a test changes it and calls ``controls_changed``, as the table's hook
+does), so every decision can be checked exactly: what is held, released, cancelled, never sent.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import pytest
 from aiokafka import TopicPartition
 from prometheus_client import REGISTRY
 
-from services.sender.dispatcher import Dispatcher
+from services.sender.handler import SenderHandler
 from shared import topics
 from shared.campaigns import control_key
 from shared.events import (
@@ -32,7 +32,7 @@ from shared.kafka import OutRecord
 from shared.providers import dryrun
 from shared.statuses import SubStatus
 from tests.support import TENANT
-from tests.unit.test_sender_dispatcher import (
+from tests.unit.test_sender_handler import (
     NOW,
     PRIMARY,
     BulkProvider,
@@ -73,12 +73,12 @@ def message(
 
 
 class Controls(dict[str, dict[str, Any]]):
-    """The control table as the dispatcher reads it; ``set`` is what the admin API publishes
+    """The control table as the sender reads it; ``set`` is what the admin API publishes
     plus the table's change hook."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.dispatchers: list[Dispatcher] = []
+        self.dispatchers: list[SenderHandler] = []
 
     def set(self, action: ControlAction, campaign: str | None = SALE, *, reason: str = "") -> None:
         control = CampaignControl(
@@ -111,8 +111,8 @@ def control_count(effect: str) -> float:
 
 async def release(harness: Harness) -> int:
     """What the timer task does after a control change: look, then start the released work."""
-    await harness.dispatcher.rescan()
-    return await harness.dispatcher.run_due(harness.wall.now)
+    await harness.dispatcher.timers.rescan()
+    return await harness.fire_timers(harness.wall.now)
 
 
 # -- pause and resume ----------------------------------------------------------------------------
@@ -142,7 +142,7 @@ async def test_a_paused_campaign_is_held_while_other_campaigns_are_sent() -> Non
     assert entry.due_at > NOW + 24 * 3600.0
     assert control_count("held") == held_before + 1
     # The timer does not touch it meanwhile.
-    assert await harness.dispatcher.run_due(NOW + 3600) == 0
+    assert await harness.fire_timers(NOW + 3600) == 0
     assert sent_ids(harness) == ["m-2"]
 
 
@@ -192,7 +192,7 @@ async def test_a_scheduled_message_that_falls_due_while_paused_is_held_not_sent(
     assert await release(harness) == 0  # a pause does not wake a scheduled message
 
     harness.wall.now = due
-    assert await harness.dispatcher.run_due(due) == 1
+    assert await harness.fire_timers(due) == 1
     assert sent_ids(harness) == []
     assert harness.parked("held") == 1 and harness.parked("scheduled") == 0
 
@@ -210,7 +210,7 @@ async def test_a_retry_that_falls_due_while_paused_is_held() -> None:
     controls.set("pause")
 
     harness.wall.now = entry.due_at
-    await harness.dispatcher.run_due(entry.due_at)
+    await harness.fire_timers(entry.due_at)
     assert len(harness.calls()) == 1  # the first, failed attempt only
     held = harness.entry("m-1")
     assert held is not None and (held.park_reason, held.attempt) == ("held", 1)
@@ -230,7 +230,7 @@ async def test_a_held_message_still_ends_at_its_validity() -> None:
     assert entry is not None and entry.due_at is not None
 
     harness.wall.now = entry.due_at
-    assert await harness.dispatcher.run_due(entry.due_at) == 1
+    assert await harness.fire_timers(entry.due_at) == 1
     assert harness.calls() == []
     assert harness.only_dispatch().sub_status == SubStatus.EXPIRED
 
@@ -341,7 +341,7 @@ async def test_cancel_reports_parked_and_new_messages_cancelled_once_and_sends_n
     await harness.dispatcher.process(0, message(1))
     assert dispatches_of(harness, "m-1") == [dispatches_of(harness, "m-1")[0]] * 2
     harness.wall.now = NOW + 3600
-    await harness.dispatcher.run_due(harness.wall.now)
+    await harness.fire_timers(harness.wall.now)
     assert sent_ids(harness) == ["m-4"]
 
 
@@ -352,15 +352,15 @@ async def test_a_wait_ended_by_a_cancel_taken_back_at_once_goes_on_waiting() -> 
     entry = harness.dispatcher.store.get_entry(0, "m-1")
     assert entry is not None and entry.due_at is not None and entry.due_at > NOW
     controls.set("cancel")
-    await harness.dispatcher.rescan()  # queued to be cancelled...
+    await harness.dispatcher.timers.rescan()  # queued to be cancelled...
     controls.set("resume")  # ...but resumed before the timer came to it
-    await harness.dispatcher.run_due(NOW)
+    await harness.fire_timers(NOW)
 
     assert harness.publisher.dispatches() == []
     assert len(harness.calls()) == 1  # the retry keeps its back-off
     assert harness.parked("retry") == 1
     harness.wall.now = entry.due_at
-    await harness.dispatcher.run_due(entry.due_at)
+    await harness.fire_timers(entry.due_at)
     assert len(harness.calls()) == 2
     assert harness.only_dispatch().outcome == "accepted"
 

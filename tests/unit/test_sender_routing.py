@@ -8,7 +8,6 @@ import pytest
 
 from services.sender.routing import (
     Exhausted,
-    RetrySchedule,
     UseRoute,
     WaitForCircuit,
     choose_route,
@@ -20,6 +19,7 @@ from services.sender.routing import (
 from shared.config import Route
 from shared.events import MessageContext, RecipientMessage
 from shared.logs import scrub
+from shared.retry import RetryPolicy
 from tests.support import TENANT, make_settings
 
 START = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
@@ -91,7 +91,7 @@ def test_due_time_and_expiry_use_the_schedule_when_there_is_one() -> None:
 
 
 def test_retry_waits_grow_exponentially_to_the_cap_with_full_jitter() -> None:
-    schedule = RetrySchedule(max_attempts=5, base_delay_s=0.5, max_delay_s=4.0)
+    schedule = RetryPolicy(max_attempts=5, base_s=0.5, cap_s=4.0)
     assert [schedule.ceiling(n) for n in range(1, 7)] == [0.5, 1.0, 2.0, 4.0, 4.0, 4.0]
     for attempt in range(1, 7):
         for _ in range(50):
@@ -102,13 +102,13 @@ def test_retry_waits_grow_exponentially_to_the_cap_with_full_jitter() -> None:
 
 
 def test_a_providers_retry_after_wins_when_longer() -> None:
-    schedule = RetrySchedule(base_delay_s=0.5, max_delay_s=4.0)
+    schedule = RetryPolicy(base_s=0.5, cap_s=4.0)
     assert schedule.delay(1, retry_after_s=60.0) == 60.0
     assert schedule.delay(3, retry_after_s=0.1, jitter=lambda ceiling: ceiling) == 2.0
 
 
 def test_attempts_per_route_are_counted() -> None:
-    schedule = RetrySchedule(max_attempts=3)
+    schedule = RetryPolicy(max_attempts=3)
     assert [schedule.may_retry(n) for n in (1, 2, 3)] == [True, True, False]
 
 

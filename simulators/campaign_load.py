@@ -23,7 +23,7 @@ import time
 import uuid
 import zlib
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any, TextIO
 from urllib.parse import urlsplit
@@ -39,6 +39,8 @@ from shared.config import (
     dev_config_path,
     load_settings,
 )
+from shared.providers.http import RETRY_AFTER_HEADER, is_retryable_status, parse_retry_after
+from shared.retry import RetryPolicy, retry
 from shared.signing import SIGNATURE_HEADER, sign
 from shared.statuses import SubStatus
 
@@ -50,6 +52,9 @@ POLL_INTERVAL_S = 1.0
 # After the last expected final report, keep watching this long so a late duplicate is seen.
 SETTLE_S = 2.0
 POST_ATTEMPTS = 6
+POST_RETRY = RetryPolicy(base_s=0.5, cap_s=16.0, max_attempts=POST_ATTEMPTS)
+# A longer Retry-After from ingress is cut to this: a load test should not stall on one answer.
+MAX_RETRY_AFTER_S = 30.0
 
 # GB mobile numbers, given as their 10-digit national significant number ("7911123456"), written
 # the ways Optimove's tenants store them.
@@ -198,11 +203,12 @@ class CampaignError(Exception):
     """The campaign could not be posted; the message says what ingress answered."""
 
 
-def _retry_after_s(value: str | None, default_s: float) -> float:
-    try:
-        return min(30.0, max(0.0, float(value))) if value else default_s
-    except ValueError:
-        return default_s
+class _Retryable(Exception):
+    """An answer worth another attempt (429, 5xx, none at all), with the wait it asks for."""
+
+    def __init__(self, problem: str, retry_after_s: float | None = None) -> None:
+        super().__init__(problem)
+        self.retry_after_s = retry_after_s
 
 
 async def post_batch(
@@ -213,9 +219,8 @@ async def post_batch(
     attempts: int = POST_ATTEMPTS,
 ) -> dict[str, Any]:
     """POST one batch until ingress answers 202, retrying 5xx/429/network errors like Optimove."""
-    problem = ""
-    for attempt in range(1, attempts + 1):
-        backoff_s = min(16.0, 0.5 * 2 ** (attempt - 1))
+
+    async def attempt() -> dict[str, Any]:
         try:
             async with session.post(url, data=batch.body, headers=dict(headers)) as response:
                 text = await response.text()
@@ -223,13 +228,21 @@ async def post_batch(
                     answer: dict[str, Any] = orjson.loads(text)
                     return answer
                 problem = f"HTTP {response.status}: {text[:300]}"
-                if response.status != 429 and response.status < 500:
+                if not is_retryable_status(response.status):
                     raise CampaignError(f"batch {batch.batch_id} refused: {problem}")
-                await asyncio.sleep(_retry_after_s(response.headers.get("Retry-After"), backoff_s))
+                wait_s = parse_retry_after(response.headers.get(RETRY_AFTER_HEADER))
+                raise _Retryable(
+                    problem, None if wait_s is None else min(MAX_RETRY_AFTER_S, wait_s)
+                )
         except (aiohttp.ClientError, TimeoutError) as exc:
-            problem = f"{type(exc).__name__}: {exc}"
-            await asyncio.sleep(backoff_s)
-    raise CampaignError(f"batch {batch.batch_id} not accepted after {attempts} attempts: {problem}")
+            raise _Retryable(f"{type(exc).__name__}: {exc}") from exc
+
+    try:
+        return await retry(attempt, replace(POST_RETRY, max_attempts=attempts), on=_Retryable)
+    except _Retryable as exc:
+        raise CampaignError(
+            f"batch {batch.batch_id} not accepted after {attempts} attempts: {exc}"
+        ) from None
 
 
 # -- following the reports -------------------------------------------------------------------------

@@ -4,23 +4,8 @@
 the real API documents (``app-api-key`` equals the tenant's API token, ``x-hub-signature`` over the
 raw body, ``content-type: application/json``) and the body shapes of decisions.md §4, §5, §8, and
 records every request, rejected ones too. A tenant's ``optimove_base_url`` is
-``http://HOST:PORT/{tenant}``.
-
-Control endpoints, for tests and for watching a campaign:
-
-- ``GET /_simulator/received[?endpoint=&tenant=]``: the recorded requests; ``DELETE`` forgets them.
-- ``GET /_simulator/tally[?tenant=&campaign_id=]``: per tenant, what the accepted reports add up to
-  (final status per ``messageId``, duplicates, incoming messages).
-- ``GET /_simulator/report-times?tenant=T[&campaign_id=]``: per ``messageId``, when (Unix seconds)
-  its first accepted report and its first final report arrived (latency benchmarks).
-- ``POST /_simulator/mode`` ``{"status": 503, "count": N | "seconds": S, "retry_after": s,
-  "delay_ms": d, "tenant": slug}``: answer the next N report requests (or those of the next S
-  seconds) with that status, or slowly; ``GET`` lists the modes, ``DELETE`` ends them.
-
-With ``--record PATH`` every accepted request is appended to PATH (JSON lines: tenant, endpoint,
-Unix time, body) before it is answered, and the file is read back at start: the tally survives a
-restart, even a SIGKILL (a line is written before its answer, so a request recorded by a
-simulator killed before answering is counted, and counted again when the client repeats it).
+``http://HOST:PORT/{tenant}``. Its control endpoints (``/_simulator/received``, ``tally``,
+``report-times``, ``mode``) and ``--record PATH`` are described in docs/simulators.md.
 """
 
 from __future__ import annotations
@@ -29,9 +14,9 @@ import argparse
 import asyncio
 import logging
 import time
-from collections import Counter, deque
-from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass, field
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -45,6 +30,7 @@ from shared.logs import configure_logging
 from shared.optimove import API_KEY_HEADER
 from shared.service import run, serve_until_signalled
 from shared.signing import SIGNATURE_HEADER, constant_time_equals, verify
+from simulators.optimove_tally import ReportTally, TenantCounters, first_report_times, tenant_tally
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +42,9 @@ ENDPOINTS = (HANDSHAKE, DELIVERY_REPORT, INCOMING_MESSAGE)
 REPORT_ENDPOINTS = frozenset({DELIVERY_REPORT, INCOMING_MESSAGE})
 DEFAULT_LISTEN = "127.0.0.1:8090"
 DEFAULT_MAX_RECORDED = 500_000
+
+
+SIMULATOR: web.AppKey[OptimoveSimulator] = web.AppKey("optimove_simulator")
 
 
 @dataclass(frozen=True)
@@ -141,42 +130,6 @@ class ReceivedRequest:
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-@dataclass
-class _ReportTally:
-    """Accepted delivery reports of one tenant and one campaign."""
-
-    reports: int = 0
-    # When (Unix seconds) each message's first report, and its first final report, arrived.
-    first_report_at: dict[str, float] = field(default_factory=dict)
-    first_final_at: dict[str, float] = field(default_factory=dict)
-    final_reports: Counter[str] = field(default_factory=Counter)
-    # The first final report per message decides its outcome; later ones are duplicates.
-    outcomes: Counter[tuple[str, str]] = field(default_factory=Counter)
-    duplicates: int = 0
-
-    def add(self, message_id: str, status: str, sub_status: str, final: bool, at: float) -> None:
-        self.reports += 1
-        self.first_report_at.setdefault(message_id, at)
-        if not final:
-            return
-        self.final_reports[message_id] += 1
-        seen = self.final_reports[message_id]
-        if seen == 1:
-            self.first_final_at[message_id] = at
-            self.outcomes[(status, sub_status)] += 1
-        elif seen == 2:
-            self.duplicates += 1
-
-
-@dataclass
-class _TenantCounters:
-    incoming_messages: int = 0
-    incoming_requests: int = 0
-    handshakes: int = 0
-    rejected_requests: int = 0
-    campaigns: dict[str, _ReportTally] = field(default_factory=dict)
 
 
 class RejectedRequest(Exception):
@@ -265,7 +218,7 @@ class OptimoveSimulator:
         self.delivered_status = names["delivered"]
         self.final_statuses = frozenset({names["delivered"], names["failed"]})
         self._received: deque[ReceivedRequest] = deque(maxlen=max_recorded)
-        self._counters: dict[str, _TenantCounters] = {}
+        self._counters: dict[str, TenantCounters] = {}
         self._modes: dict[str | None, FailureMode] = {}
         self._runner: web.AppRunner | None = None
         self.record_path = record_path
@@ -370,71 +323,33 @@ class OptimoveSimulator:
     ) -> dict[str, dict[str, Any]]:
         """Per tenant: what the accepted delivery reports and incoming messages add up to."""
         slugs = [tenant] if tenant is not None else sorted(self.tenants)
-        return {slug: self._tenant_tally(slug, campaign_id) for slug in slugs}
-
-    def _tenant_tally(self, slug: str, campaign_id: str | None) -> dict[str, Any]:
-        counters = self._counters.get(slug, _TenantCounters())
-        campaigns: Iterable[_ReportTally] = (
-            counters.campaigns.values()
-            if campaign_id is None
-            else [counters.campaigns.get(campaign_id, _ReportTally())]
-        )
-        reports = messages = duplicates = 0
-        outcomes: Counter[tuple[str, str]] = Counter()
-        for campaign in campaigns:
-            reports += campaign.reports
-            messages += len(campaign.first_report_at)
-            duplicates += campaign.duplicates
-            outcomes.update(campaign.outcomes)
-        by_status: dict[str, dict[str, int]] = {}
-        for (status, sub_status), count in sorted(outcomes.items()):
-            by_status.setdefault(status, {})[sub_status] = count
-        final = sum(outcomes.values())
-        delivered = sum(n for (s, _), n in outcomes.items() if s == self.delivered_status)
         return {
-            "reports": reports,
-            "messages": messages,
-            "final": final,
-            "delivered": delivered,
-            "failed": final - delivered,
-            "final_by_status": by_status,
-            "duplicates": duplicates,
-            "incoming_messages": counters.incoming_messages,
-            "incoming_requests": counters.incoming_requests,
-            "handshakes": counters.handshakes,
-            "rejected_requests": counters.rejected_requests,
+            slug: tenant_tally(
+                self._counters.get(slug, TenantCounters()), campaign_id, self.delivered_status
+            )
+            for slug in slugs
         }
 
     def report_times(self, tenant: str, campaign_id: str | None = None) -> dict[str, Any]:
         """Per message id: when its first report and its first final report arrived."""
-        counters = self._counters.get(tenant, _TenantCounters())
-        campaigns: Iterable[_ReportTally] = (
-            counters.campaigns.values()
-            if campaign_id is None
-            else [counters.campaigns.get(campaign_id, _ReportTally())]
-        )
-        first: dict[str, float] = {}
-        final: dict[str, float] = {}
-        for campaign in campaigns:
-            first.update(campaign.first_report_at)
-            final.update(campaign.first_final_at)
-        return {"first_report": first, "first_final": final}
+        return first_report_times(self._counters.get(tenant, TenantCounters()), campaign_id)
 
     # -- HTTP ------------------------------------------------------------------------------------
 
     def _build_app(self) -> web.Application:
         app = web.Application()
+        app[SIMULATOR] = self
         endpoints = "|".join(ENDPOINTS)
         app.router.add_post(
             "/{tenant}/api/{version}/aggregator/{endpoint:(" + endpoints + ")}", self._aggregator
         )
-        app.router.add_get("/_simulator/received", self._get_received)
-        app.router.add_delete("/_simulator/received", self._delete_received)
-        app.router.add_get("/_simulator/tally", self._get_tally)
-        app.router.add_get("/_simulator/report-times", self._get_report_times)
-        app.router.add_get("/_simulator/mode", self._get_modes)
-        app.router.add_post("/_simulator/mode", self._post_mode)
-        app.router.add_delete("/_simulator/mode", self._delete_modes)
+        app.router.add_get("/_simulator/received", _get_received)
+        app.router.add_delete("/_simulator/received", _delete_received)
+        app.router.add_get("/_simulator/tally", _get_tally)
+        app.router.add_get("/_simulator/report-times", _get_report_times)
+        app.router.add_get("/_simulator/mode", _get_modes)
+        app.router.add_post("/_simulator/mode", _post_mode)
+        app.router.add_delete("/_simulator/mode", _delete_modes)
         return app
 
     async def _aggregator(self, request: web.Request) -> web.StreamResponse:
@@ -492,7 +407,7 @@ class OptimoveSimulator:
         return None
 
     def _count(self, slug: str, endpoint: str, parsed: dict[str, Any], at: float) -> None:
-        counters = self._counters.setdefault(slug, _TenantCounters())
+        counters = self._counters.setdefault(slug, TenantCounters())
         if endpoint == HANDSHAKE:
             counters.handshakes += 1
         elif endpoint == INCOMING_MESSAGE:
@@ -503,7 +418,7 @@ class OptimoveSimulator:
             campaign = metadata.get("campaignId")
             key = campaign if isinstance(campaign, str) else ""
             status = parsed["type"]["status"]
-            counters.campaigns.setdefault(key, _ReportTally()).add(
+            counters.campaigns.setdefault(key, ReportTally()).add(
                 parsed["messageId"],
                 status,
                 parsed["type"]["subStatus"],
@@ -522,7 +437,7 @@ class OptimoveSimulator:
     ) -> None:
         rejected = not 200 <= status < 300
         if rejected:
-            self._counters.setdefault(slug, _TenantCounters()).rejected_requests += 1
+            self._counters.setdefault(slug, TenantCounters()).rejected_requests += 1
             log.warning(
                 "%s for tenant %s answered %d (%s)",
                 endpoint,
@@ -544,45 +459,62 @@ class OptimoveSimulator:
             )
         )
 
-    async def _get_received(self, request: web.Request) -> web.Response:
-        found = self.received(
-            endpoint=request.query.get("endpoint"), tenant=request.query.get("tenant")
-        )
-        return _json(found)
 
-    async def _delete_received(self, _: web.Request) -> web.Response:
-        self.reset()
-        return _json({"reset": True})
+# -- control endpoints -----------------------------------------------------------------------
 
-    async def _get_tally(self, request: web.Request) -> web.Response:
-        tenant = request.query.get("tenant")
-        if tenant is not None and tenant not in self.tenants:
-            return _error(404, f"unknown tenant {tenant!r}")
-        return _json(self.tally(tenant=tenant, campaign_id=request.query.get("campaign_id")))
 
-    async def _get_report_times(self, request: web.Request) -> web.Response:
-        tenant = request.query.get("tenant", "")
-        if tenant not in self.tenants:
-            return _error(404, f"unknown tenant {tenant!r}")
-        return _json(self.report_times(tenant, request.query.get("campaign_id")))
+async def _get_received(request: web.Request) -> web.Response:
+    simulator = request.app[SIMULATOR]
+    found = simulator.received(
+        endpoint=request.query.get("endpoint"), tenant=request.query.get("tenant")
+    )
+    return _json(found)
 
-    async def _get_modes(self, _: web.Request) -> web.Response:
-        return _json(self.modes())
 
-    async def _post_mode(self, request: web.Request) -> web.Response:
-        try:
-            wanted = FailureModeRequest.model_validate_json(await request.read())
-        except ValidationError as exc:
-            return _error(400, "invalid mode", details={"detail": str(exc)})
-        if wanted.tenant is not None and wanted.tenant not in self.tenants:
-            return _error(404, f"unknown tenant {wanted.tenant!r}")
-        now = time.monotonic()
-        self.set_mode(wanted.to_mode(now), wanted.tenant)
-        return _json(self.modes())
+async def _delete_received(request: web.Request) -> web.Response:
+    simulator = request.app[SIMULATOR]
+    simulator.reset()
+    return _json({"reset": True})
 
-    async def _delete_modes(self, request: web.Request) -> web.Response:
-        self.clear_modes(request.query.get("tenant"))
-        return _json(self.modes())
+
+async def _get_tally(request: web.Request) -> web.Response:
+    simulator = request.app[SIMULATOR]
+    tenant = request.query.get("tenant")
+    if tenant is not None and tenant not in simulator.tenants:
+        return _error(404, f"unknown tenant {tenant!r}")
+    return _json(simulator.tally(tenant=tenant, campaign_id=request.query.get("campaign_id")))
+
+
+async def _get_report_times(request: web.Request) -> web.Response:
+    simulator = request.app[SIMULATOR]
+    tenant = request.query.get("tenant", "")
+    if tenant not in simulator.tenants:
+        return _error(404, f"unknown tenant {tenant!r}")
+    return _json(simulator.report_times(tenant, request.query.get("campaign_id")))
+
+
+async def _get_modes(request: web.Request) -> web.Response:
+    simulator = request.app[SIMULATOR]
+    return _json(simulator.modes())
+
+
+async def _post_mode(request: web.Request) -> web.Response:
+    simulator = request.app[SIMULATOR]
+    try:
+        wanted = FailureModeRequest.model_validate_json(await request.read())
+    except ValidationError as exc:
+        return _error(400, "invalid mode", details={"detail": str(exc)})
+    if wanted.tenant is not None and wanted.tenant not in simulator.tenants:
+        return _error(404, f"unknown tenant {wanted.tenant!r}")
+    now = time.monotonic()
+    simulator.set_mode(wanted.to_mode(now), wanted.tenant)
+    return _json(simulator.modes())
+
+
+async def _delete_modes(request: web.Request) -> web.Response:
+    simulator = request.app[SIMULATOR]
+    simulator.clear_modes(request.query.get("tenant"))
+    return _json(simulator.modes())
 
 
 def _ends_with_newline(path: Path) -> bool:

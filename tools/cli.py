@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 
 from aiokafka.errors import KafkaConnectionError
 
+from services import SERVICES
 from shared.broker.distribution import TOOLS
 from shared.config import ConfigError, KafkaSettings, Settings, load_settings, read_configuration
 from shared.kafka import KafkaUnavailable, bootstrap
@@ -18,7 +19,12 @@ from shared.logs import configure_logging
 from shared.service import run
 from shared.topics import use_prefix
 
-SERVICES = ("ingress", "sender", "callbacks", "normalizer", "reporter", "campaigns")
+# `smsbridge simulate <what>`: each module has ``add_arguments(parser)`` and ``cli(args)``.
+SIMULATOR_MODULES = {
+    "optimove": "simulators.optimove",
+    "providers": "simulators.providers",
+    "campaign": "simulators.campaign_load",
+}
 
 
 def _load(args: argparse.Namespace) -> Settings:
@@ -38,25 +44,25 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_topics(args: argparse.Namespace) -> int:
-    from services.admin import ensure_topics_command
+    from tools.topic_setup import ensure_topics_command
 
     return asyncio.run(ensure_topics_command(_load(args)))
 
 
 def _cmd_handshake(args: argparse.Namespace) -> int:
-    from services.admin import handshake_command
+    from tools.handshake import handshake_command
 
     return asyncio.run(handshake_command(_load(args), args.tenant))
 
 
 def _cmd_tenants_check(args: argparse.Namespace) -> int:
-    from services.admin import tenants_check_command
+    from tools.tenants_check import tenants_check_command
 
     return tenants_check_command(read_configuration(args.config))
 
 
 def _cmd_dlq(args: argparse.Namespace) -> int:
-    from services.admin import dlq_list_command, dlq_redrive_command, parse_since
+    from tools.dead_letters import dlq_list_command, dlq_redrive_command, parse_since
 
     settings = _load(args)
     try:
@@ -78,7 +84,7 @@ def _cmd_dlq(args: argparse.Namespace) -> int:
 
 
 def _cmd_replay(args: argparse.Namespace) -> int:
-    from services.replay import cli
+    from tools.replay import cli
 
     return cli(args)
 
@@ -90,7 +96,7 @@ def _cmd_campaign(args: argparse.Namespace) -> int:
 
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
-    module = importlib.import_module(f"services.simulators.{args.what}")
+    module = importlib.import_module(SIMULATOR_MODULES[args.what])
     result: int = module.cli(args)
     return result
 
@@ -115,7 +121,7 @@ def _cmd_broker(args: argparse.Namespace) -> int:
 
 
 def _cmd_dev(args: argparse.Namespace) -> int:
-    from services.dev import run_dev
+    from tools.dev import run_dev
 
     return run_dev(args)
 
@@ -171,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
         )
         action.set_defaults(func=_cmd_dlq)
 
-    from services.replay import add_arguments as add_replay_arguments
+    from tools.replay import add_arguments as add_replay_arguments
 
     replay = commands.add_parser("replay", help="move a stopped consumer group's offsets")
     add_replay_arguments(replay)
@@ -207,8 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _simulator_parsers() -> dict[str, Callable[[argparse.ArgumentParser], None]]:
     adders: dict[str, Callable[[argparse.ArgumentParser], None]] = {}
-    for what in ("optimove", "providers", "campaign"):
-        module = importlib.import_module(f"services.simulators.{what}")
+    for what, name in SIMULATOR_MODULES.items():
+        module = importlib.import_module(name)
         adders[what] = module.add_arguments
     return adders
 

@@ -18,6 +18,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from services import SERVICES
 from shared.broker import (
     EMBEDDED_BROKER_ENV,
     ApacheKafkaBroker,
@@ -29,7 +30,6 @@ from shared.config import EMBEDDED_BROKER, Settings, dev_config_path, load_setti
 from shared.kafka import EMBEDDED_BOOTSTRAP_ENV, make_admin
 from shared.topics import ensure_topics
 
-SERVICES = ("ingress", "sender", "callbacks", "normalizer", "reporter", "campaigns")
 SIMULATORS = ("optimove", "providers")
 _COLOURS = ("36", "32", "33", "35", "34", "31", "37")
 
@@ -42,7 +42,7 @@ class Child:
 
 
 def child_commands(config_path: str, with_simulators: bool) -> list[Child]:
-    base = [sys.executable, "-m", "services.cli", "--config", config_path]
+    base = [sys.executable, "-m", "tools.cli", "--config", config_path]
     children = [Child(name, [*base, "run", name]) for name in SERVICES]
     if with_simulators:
         children += [Child(f"sim-{name}", [*base, "simulate", name]) for name in SIMULATORS]

@@ -1,4 +1,4 @@
-"""The sender's dispatcher with scripted providers, a recording publisher and a local store.
+"""The sender's handler with scripted providers, a recording publisher and a local store.
 
 No broker, no network: the state store is loaded empty (or from changelog records), the publisher
 records what would go to Kafka, and the clocks are fakes, so every decision can be checked
@@ -19,9 +19,12 @@ import pytest
 from aiokafka.structs import ConsumerRecord
 from prometheus_client import REGISTRY
 
-from services.sender.dispatcher import Dispatcher
+from services.sender.handler import Fail, Park, Send, SenderHandler, decide
+from services.sender.routing import UseRoute, WaitForCircuit
 from services.sender.state import SendState
 from shared import topics
+from shared.campaigns import Effect
+from shared.config import Route
 from shared.events import (
     CanonicalStatus,
     DeadLetter,
@@ -208,7 +211,7 @@ class Harness:
             account: provider_class(account, script, self.publisher)
             for account, script in scripts.items()
         }
-        self.dispatcher = Dispatcher(
+        self.dispatcher = SenderHandler(
             settings,
             providers=self.providers,
             opt_outs=opt_outs if opt_outs is not None else {},
@@ -218,6 +221,13 @@ class Harness:
         )
         self.dispatcher.attach(self.publisher)
         self.dispatcher.store.load(0, [])
+
+    async def fire_timers(self, now: float) -> int:
+        """What a pass of the timer task does at ``now``: start the due work; then wait for it."""
+        tasks = self.dispatcher.timers.fire(now)
+        if tasks:
+            await asyncio.wait(tasks)
+        return len(tasks)
 
     def calls(self, account: str = PRIMARY) -> list[list[OutboundSms]]:
         return self.providers[account].calls
@@ -299,7 +309,7 @@ async def test_an_outcome_is_forgotten_once_its_message_could_no_longer_be_sent(
     assert entry is not None and entry.due_at == pytest.approx(NOW + day + day)
 
     harness.wall.now = NOW + 2 * day
-    assert await harness.dispatcher.run_due(harness.wall.now) == 1
+    assert await harness.fire_timers(harness.wall.now) == 1
     assert harness.entry() is None
     assert harness.publisher.records[-1].key == "m-1"
     assert harness.publisher.records[-1].value is None  # a tombstone on the changelog
@@ -334,9 +344,9 @@ async def test_an_intent_whose_record_was_committed_long_ago_is_found_by_its_lea
     change = StateChange(value=orphan.to_value(), due_at=lease)
     harness.dispatcher.store.load(0, [OutRecord(topics.SENDER_STATE, "m-1", change, 0).encoded])
 
-    assert await harness.dispatcher.run_due(lease - 1) == 0
+    assert await harness.fire_timers(lease - 1) == 0
     harness.wall.now = lease
-    assert await harness.dispatcher.run_due(lease) == 1
+    assert await harness.fire_timers(lease) == 1
 
     assert harness.calls() == []
     assert harness.only_dispatch().detail.startswith("outcome unknown after restart")
@@ -469,10 +479,10 @@ async def test_a_scheduled_message_is_parked_and_sent_by_the_timer_once_due() ->
     assert entry is not None and entry.due_at == due
     assert harness.parked("scheduled") == 1
 
-    assert await harness.dispatcher.run_due(due - 1) == 0
+    assert await harness.fire_timers(due - 1) == 0
     assert harness.calls() == []
     harness.wall.now = due
-    assert await harness.dispatcher.run_due(due) == 1
+    assert await harness.fire_timers(due) == 1
     assert len(harness.calls()) == 1
     assert harness.only_dispatch().outcome == "accepted"
     assert harness.parked("scheduled") == 0
@@ -491,14 +501,14 @@ async def test_the_gauges_show_the_parked_messages_and_the_state_entries() -> No
     for index in (1, 2):
         await harness.dispatcher.process(0, message(index, scheduled_at=due))
 
-    harness.dispatcher.refresh_gauges()
+    harness.dispatcher.timers.refresh_gauges()
     assert sender_gauge("parked_messages", {"reason": "scheduled"}) == 2
     assert sender_gauge("parked_messages", {"reason": "held"}) == 0
     assert sender_gauge("state_entries") == 4  # each message's state and its parked marker
 
     harness.wall.now = due
-    assert await harness.dispatcher.run_due(due) == 2
-    harness.dispatcher.refresh_gauges()
+    assert await harness.fire_timers(due) == 2
+    harness.dispatcher.timers.refresh_gauges()
     assert sender_gauge("parked_messages", {"reason": "scheduled"}) == 0
     assert sender_gauge("state_entries") == 2  # the outcomes, remembered against a replay
 
@@ -521,7 +531,7 @@ async def test_a_retryable_error_parks_the_message_for_a_backed_off_retry() -> N
     assert state.last_error == "HTTP 503"
 
     harness.wall.now = entry.due_at
-    await harness.dispatcher.run_due(entry.due_at)
+    await harness.fire_timers(entry.due_at)
     assert len(harness.calls()) == 2
     assert harness.only_dispatch().outcome == "accepted"
 
@@ -530,7 +540,7 @@ async def test_retries_used_up_on_one_route_fail_over_to_the_next() -> None:
     harness = Harness({PRIMARY: fail_503, BACKUP: accept(BACKUP)})
     await harness.dispatcher.process(0, message())
     harness.wall.now += 20
-    await harness.dispatcher.run_due(harness.wall.now)
+    await harness.fire_timers(harness.wall.now)
 
     assert len(harness.calls(PRIMARY)) == 2  # max_attempts_per_route
     assert len(harness.calls(BACKUP)) == 1
@@ -544,7 +554,7 @@ async def test_when_every_route_fails_the_message_is_dead_lettered_and_reported(
     await harness.dispatcher.process(0, message())
     for _ in range(3):
         harness.wall.now += 20
-        await harness.dispatcher.run_due(harness.wall.now)
+        await harness.fire_timers(harness.wall.now)
 
     assert [len(harness.calls(a)) for a in (PRIMARY, BACKUP)] == [2, 2]
     dispatch = harness.only_dispatch()
@@ -563,7 +573,7 @@ async def test_when_every_route_fails_the_message_is_dead_lettered_and_reported(
 
 async def test_an_open_circuit_is_routed_around_and_waited_for_when_nothing_is_left() -> None:
     harness = Harness({PRIMARY: accept(PRIMARY), BACKUP: accept(BACKUP)})
-    breaker = harness.dispatcher._breakers[PRIMARY]
+    breaker = harness.dispatcher.attempts.breakers[PRIMARY]
     breaker.record(False)
     breaker.record(False)
     assert breaker.state == "open"
@@ -571,8 +581,8 @@ async def test_an_open_circuit_is_routed_around_and_waited_for_when_nothing_is_l
     assert harness.calls(PRIMARY) == []
     assert harness.only_dispatch().provider_account == BACKUP
 
-    harness.dispatcher._breakers[BACKUP].record(False)
-    harness.dispatcher._breakers[BACKUP].record(False)
+    harness.dispatcher.attempts.breakers[BACKUP].record(False)
+    harness.dispatcher.attempts.breakers[BACKUP].record(False)
     await harness.dispatcher.process(0, message(2, destination="+447700900124"))
     assert harness.parked("circuit") == 1
     entry = harness.dispatcher.store.get_entry(0, "m-2")
@@ -580,7 +590,7 @@ async def test_an_open_circuit_is_routed_around_and_waited_for_when_nothing_is_l
 
     harness.monotonic.now += 30
     harness.wall.now += 30
-    await harness.dispatcher.run_due(harness.wall.now)
+    await harness.fire_timers(harness.wall.now)
     assert [d.context.message_id for d in harness.publisher.dispatches()] == ["m-1", "m-2"]
     assert harness.parked("circuit") == 0
 
@@ -638,7 +648,7 @@ async def test_each_instance_takes_the_share_of_the_limit_its_partitions_stand_f
             "providers": {PRIMARY: {**limited, "callback_token": "t", "rate_limit_per_s": 1200}}
         }
     )
-    limiter = harness.dispatcher._limiters[PRIMARY]
+    limiter = harness.dispatcher.attempts.limiters[PRIMARY]
     assert limiter.limit == 0  # nothing owned, nothing sent
     harness.dispatcher.take_partitions(range(6))  # 6 of 12 partitions of sms.recipients
     assert limiter.limit == 0  # raised only once a window has passed...
@@ -661,7 +671,7 @@ async def test_a_cancelled_caller_still_gets_its_outcome_recorded_once_the_inten
     with pytest.raises(asyncio.CancelledError):
         await task
     provider.release.set()
-    await harness.dispatcher._settle_work(None)
+    await harness.dispatcher.settle_work(None)
 
     assert harness.only_dispatch().outcome == "accepted"
     stored = harness.entry()
@@ -719,7 +729,7 @@ async def test_every_log_line_about_a_message_names_it_and_masks_its_number(
     await harness.dispatcher.process(0, message())
     for _ in range(3):
         harness.wall.now += 20
-        await harness.dispatcher.run_due(harness.wall.now)
+        await harness.fire_timers(harness.wall.now)
 
     formatter = JsonFormatter("sender")
     lines = [formatter.format(r) for r in caplog.records if r.name.startswith("services.sender")]
@@ -730,3 +740,61 @@ async def test_every_log_line_about_a_message_names_it_and_masks_its_number(
     assert len(about) == 5, entries
     assert all(entry.get("message_id") == "m-1" for entry in about), about
     assert not any(NUMBER.lstrip("+") in line for line in lines)
+
+
+# -- the decision alone ------------------------------------------------------------------------
+
+
+def never_asked(*_: object) -> Any:
+    raise AssertionError("asked after the decision was made")
+
+
+def test_the_decision_asks_only_as_far_as_it_needs() -> None:
+    settings = make_settings()
+    tenant = settings.tenants[TENANT]
+    state = SendState.fresh(message(scheduled_at=NOW + 60))
+    decision = decide(
+        state,
+        tenant,
+        now=NOW,
+        effect=lambda: Effect.SEND,
+        opted_out=never_asked,
+        routes=never_asked,
+        choose=never_asked,
+        monotonic_now=never_asked,
+    )
+    assert decision.action == Park(NOW + 60, "scheduled")
+    assert decide(
+        state,
+        None,
+        now=NOW,
+        effect=never_asked,
+        opted_out=never_asked,
+        routes=never_asked,
+        choose=never_asked,
+        monotonic_now=never_asked,
+    ).action == Fail(SubStatus.NO_ROUTE, f"unknown tenant {TENANT!r}", dead_letter=True)
+
+
+def test_a_held_message_whose_campaign_resumed_is_released_to_a_route_or_a_circuit() -> None:
+    tenant = make_settings().tenants[TENANT]
+    state = SendState.fresh(message())
+    state.park_reason = "held"
+    route = Route(provider=PRIMARY)
+
+    def decision(choice: Any) -> Any:
+        return decide(
+            state,
+            tenant,
+            now=NOW,
+            effect=lambda: Effect.SEND,
+            opted_out=lambda: False,
+            routes=lambda _: [route],
+            choose=lambda _: choice,
+            monotonic_now=lambda: 500.0,
+        )
+
+    sent = decision(UseRoute(route))
+    assert (sent.action, sent.released) == (Send(route), True)
+    waiting = decision(WaitForCircuit(530.0))
+    assert (waiting.action, waiting.released) == (Park(NOW + 30, "circuit"), True)

@@ -1,23 +1,10 @@
-"""The admin API, on ``[campaigns] listen`` beside ``/metrics``, ``/healthz`` and ``/readyz``.
+"""The campaigns HTTP API, on ``[campaigns] listen`` beside ``/metrics``, ``/healthz``, ``/readyz``.
 
-| call | answer |
-|---|---|
-| ``GET /admin/campaigns[?tenant=T]`` | every campaign: its counters, the controls in force |
-| ``GET /admin/campaigns/{tenant}/{campaign}`` | one campaign, 404 if nothing was counted of it |
-| ``POST /admin/campaigns/{tenant}/pause|resume|cancel`` | control of every campaign of the tenant |
-| ``POST /admin/campaigns/{tenant}/{campaign}/pause|resume|cancel`` | control of one campaign |
-
-Auto replies are the campaign ``(auto replies)`` (``shared.campaigns.AUTO_REPLIES``, URL-encoded
-in a path); a tenant's replies are counted under ``(replies)`` and dead letters that name no
-tenant or campaign under ``(unknown)``: those two can be read, not controlled.
-
-A control (optional JSON body ``{"reason": "...", "requested_by": "..."}``) is a
-``CampaignControl`` on the compacted ``sms.campaign-control``, keyed by
-``shared.campaigns.control_key``: answered 202 only once Kafka acknowledged it (acks=all), 503
-(with Retry-After) when it did not, 404 for a tenant not in the configuration.
-
-Every ``/admin`` call needs ``Authorization: Bearer <campaigns.admin_token>``, compared in
-constant time; without a configured token every one is 401. Answers and errors are JSON.
+``GET /admin/campaigns[?tenant=T]`` and ``GET /admin/campaigns/{tenant}/{campaign}`` read the
+counters and the controls in force; ``POST .../pause|resume|cancel`` (a tenant or one campaign)
+publishes a ``CampaignControl`` on ``sms.campaign-control``, answered 202 only once Kafka
+acknowledged it. Every call needs ``Authorization: Bearer <campaigns.admin_token>``. The calls,
+answers and special campaign names in full: ``docs/campaigns.md``.
 """
 
 from __future__ import annotations
@@ -47,8 +34,8 @@ log = logging.getLogger(__name__)
 
 SERVICE = "campaigns"
 PREFIX = "/admin"
-CAMPAIGNS_ROUTE = "/admin/campaigns"
-CAMPAIGN_ROUTE = "/admin/campaigns/{tenant}/{campaign}"
+ADMIN_CAMPAIGNS_ROUTE = "/admin/campaigns"
+ADMIN_CAMPAIGN_ROUTE = "/admin/campaigns/{tenant}/{campaign}"
 ACTIONS: tuple[ControlAction, ...] = ("pause", "resume", "cancel")
 _ACTION = "{action:pause|resume|cancel}"
 RETRY_AFTER_S = 5
@@ -121,7 +108,7 @@ def campaign_view(
     }
 
 
-class AdminApi:
+class CampaignsApi:
     def __init__(
         self,
         settings: Settings,
@@ -144,10 +131,10 @@ class AdminApi:
         return [http_metrics(SERVICE), json_errors, self.authenticate]
 
     def add_routes(self, app: web.Application) -> None:
-        app.router.add_get(CAMPAIGNS_ROUTE, self.list_campaigns)
-        app.router.add_get(CAMPAIGN_ROUTE, self.show_campaign)
-        app.router.add_post(f"{CAMPAIGNS_ROUTE}/{{tenant}}/{_ACTION}", self.control_tenant)
-        app.router.add_post(f"{CAMPAIGN_ROUTE}/{_ACTION}", self.control_campaign)
+        app.router.add_get(ADMIN_CAMPAIGNS_ROUTE, self.list_campaigns)
+        app.router.add_get(ADMIN_CAMPAIGN_ROUTE, self.show_campaign)
+        app.router.add_post(f"{ADMIN_CAMPAIGNS_ROUTE}/{{tenant}}/{_ACTION}", self.control_tenant)
+        app.router.add_post(f"{ADMIN_CAMPAIGN_ROUTE}/{_ACTION}", self.control_campaign)
 
     # -- authentication ----------------------------------------------------------------------------
 

@@ -1,22 +1,16 @@
 """``smsbridge replay``: move a stopped consumer group's committed offsets on one topic.
 
-The group must have no live member: its members would keep committing their own positions over
-ours, and Kafka refuses a commit from outside a group that has members anyway. The check is made
-before planning and again right before committing.
+The group must have no live member (they would commit over us, and Kafka refuses a commit from
+outside a group with members): checked before planning and again right before committing.
+Replaying is safe by design of the stages (docs/architecture.md, Guarantees).
 
 Committed offsets are read and written by a consumer that carries the group id but never joins
-(manual assignment + ``committed``/``commit``), because the admin client's
+(manual assignment + ``committed``/``commit``): the admin client's
 ``list_consumer_group_offsets`` cannot decode Tansu's answer. A partition's end comes from
-ListOffsets; on the Tansu fallback, which answers it wrongly, from a fetch response's high
-watermark. ``offsets_for_times`` answers a time past the last record with the end on Apache Kafka
-(no offset) but with offset 0 on Tansu: an answer whose timestamp is before the time asked for
-means "no such record" here too.
-
-``--group`` and ``--topic`` are the names sms-bridge uses; ``[kafka]`` prefixes are added here.
-
-Replaying is safe by design of the stages (docs/architecture.md, Guarantees): the normalizer's
-monotonic guard emits nothing for statuses it already emitted, ingress's request ledger and the
-sender's send intents stop a second send.
+ListOffsets, on Tansu from a fetch response's high watermark. ``offsets_for_times`` answers a time
+past the last record with no offset on Apache Kafka but offset 0 on Tansu: an answer whose
+timestamp is before the time asked for means "no such record" here too. ``--group`` and
+``--topic`` are the names sms-bridge uses; ``[kafka]`` prefixes are added here.
 """
 
 from __future__ import annotations
@@ -26,7 +20,7 @@ import asyncio
 import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, TextIO
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -36,6 +30,7 @@ from aiokafka.structs import OffsetAndMetadata
 
 from shared.config import KafkaSettings, Settings, load_settings
 from shared.kafka import bootstrap, client_id, group_name, is_tansu, make_admin
+from shared.times import parse_iso
 from shared.topics import partition_numbers
 
 # How long to wait for a fetch response that tells each partition's end.
@@ -111,11 +106,10 @@ class ReplayPlan:
 
 def parse_time(text: str) -> datetime:
     """ISO 8601; a time without an offset is taken as UTC."""
-    try:
-        moment = datetime.fromisoformat(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an ISO 8601 time: {text!r}") from None
-    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+    moment = parse_iso(text)
+    if moment is None:
+        raise argparse.ArgumentTypeError(f"not an ISO 8601 time: {text!r}")
+    return moment
 
 
 def target_offset(
