@@ -2,13 +2,13 @@
 
 ``python -m bench [NAME ...] [--recipients N] [--profile]`` runs every benchmark, or those named;
 the results (with the machine's details) go to ``bench/results/`` and the README's table. Every
-benchmark runs on Apache Kafka, the embedded broker of ``shared.broker``; ``--broker tansu`` runs
-them on Tansu (memory only) instead, and ``--compare-brokers`` adds e2e's throughput phase on the
-other broker (``bench/e2e.py``). The broker is recorded with each benchmark's figures. The
+benchmark runs on Apache Kafka, the embedded broker of ``shared.kafka.broker``; ``--broker tansu``
+runs them on Tansu (memory only) instead, and ``--compare-brokers`` adds e2e's throughput phase on
+the other broker (``bench/e2e.py``). The broker is recorded with each benchmark's figures. The
 campaign sizes of ``e2e`` and ``memory`` can also come from ``BENCH_E2E_RECIPIENTS`` and
 ``BENCH_MEMORY_RECIPIENTS``; the memory benchmark's time budget from ``--max-minutes`` or
-``BENCH_MEMORY_MAX_MINUTES``; ``--dry-run`` runs it on a dry-run tenant (``bench/memory.py``).
-Exit status 1 when a check failed, 2 for an unknown name.
+``BENCH_MEMORY_MAX_MINUTES``; ``--dry-run`` runs it on a dry-run tenant (``bench/memory.py``). Exit
+status 1 when a check failed, 2 for an unknown name.
 """
 
 from __future__ import annotations

@@ -22,8 +22,8 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from bench.results import Options, Report, markdown_table, percentile, text_table
 from bench.stack import CALLBACK_TOKEN, OTPIQ_WEBHOOK_SECRET, PROVIDER, TENANT, Stack
-from shared.kafka import bootstrap
-from shared.topics import PROVIDER_EVENTS
+from shared.contract.topics import PROVIDER_EVENTS
+from shared.kafka.clients import bootstrap
 
 CLIENTS = 50
 DURATION_S = 20.0

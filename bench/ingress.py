@@ -25,11 +25,11 @@ from aiokafka.partitioner import DefaultPartitioner
 from bench import load
 from bench.results import Options, Report, markdown_table, percentile, text_table
 from bench.stack import TENANT, Stack, count_records, process_cpu_seconds
-from services.ingress.campaign import build_records, parse_campaign
+from services.ingress.batch import build_records, parse_campaign
 from services.ingress.e164 import reader
-from shared.events import utcnow
-from shared.kafka import make_producer
-from shared.topics import RECIPIENTS
+from shared.contract.events import utcnow
+from shared.contract.topics import RECIPIENTS
+from shared.kafka.clients import make_producer
 
 BATCH_SIZES = (100, 1_000, 10_000)
 # Recipients per batch size and round: enough requests per client that the ramp and the tail

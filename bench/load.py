@@ -4,8 +4,9 @@ Numbers are valid GB mobiles from blocks where every number is valid (07400, 075
 07900: up to 4,000,000 distinct ones), written in the rotating formats Optimove's tenants use,
 so ingress normalises as it would in production; building a million of them takes seconds
 (``simulators.campaign_load.sample_numbers`` checks each with phonenumbers, about 75 µs).
-Each batch knows the message ids ingress will give its recipients (``shared.ids.message_id``),
-so a report at the Optimove simulator can be traced back to the batch that carried it.
+Each batch knows the message ids ingress will give its recipients
+(``shared.contract.ids.message_id``), so a report at the Optimove simulator can be traced back
+to the batch that carried it.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import aiohttp
 import orjson
 
 from bench.stack import AGGREGATOR_API_KEY, SENDER_ID, TENANT, TENANT_SECRET
-from shared.ids import message_id, request_key
+from shared.contract.ids import message_id, request_key
 from simulators.campaign_load import NUMBER_FORMATS, campaign_metadata, signed_headers
 
 _BLOCKS = ("7400", "7500", "7800", "7900")

@@ -33,7 +33,7 @@ from bench.stack import (
     Sample,
     Stack,
 )
-from shared.broker import ApacheKafkaBroker
+from shared.kafka.broker import ApacheKafkaBroker
 from shared.providers.dryrun import is_marked
 
 DEFAULT_RECIPIENTS = 1_000_000

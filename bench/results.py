@@ -23,7 +23,7 @@ from typing import Any
 
 import orjson
 
-from shared.broker.distribution import kafka_version
+from shared.kafka.broker.distribution import kafka_version
 from shared.text_table import text_table as shared_text_table
 
 BENCH_DIR = Path(__file__).resolve().parent

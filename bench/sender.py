@@ -27,11 +27,11 @@ from aiokafka import AIOKafkaConsumer
 from bench.results import Options, Report, markdown_table, text_table
 from bench.stack import PROVIDER, TENANT, Stack
 from shared.config import Settings
-from shared.events import MessageContext, RecipientMessage
-from shared.ids import tenant_number_key
-from shared.kafka import OutRecord, bootstrap
-from shared.service import serve_until_signalled
-from shared.topics import DISPATCHES, RECIPIENTS
+from shared.contract.events import MessageContext, RecipientMessage
+from shared.contract.ids import tenant_number_key
+from shared.contract.topics import DISPATCHES, RECIPIENTS
+from shared.kafka.clients import OutRecord, bootstrap
+from shared.kafka.service import serve_until_signalled
 from simulators.providers import ProviderSimulator
 
 RATE_LIMIT = 1000.0

@@ -33,10 +33,17 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import NewTopic
 
 from services import SERVICES as SERVICES
-from shared.broker import embedded_broker, free_port
 from shared.config import Settings
-from shared.kafka import OutRecord, Publisher, bootstrap, is_tansu, make_admin, make_producer
-from shared.topics import ensure_topics, partition_numbers
+from shared.contract.topics import ensure_topics, partition_numbers
+from shared.kafka.broker import embedded_broker, free_port
+from shared.kafka.clients import (
+    OutRecord,
+    Publisher,
+    bootstrap,
+    is_tansu,
+    make_admin,
+    make_producer,
+)
 from tools.dev import SIMULATORS as SIMULATORS
 
 REPO = Path(__file__).resolve().parent.parent

@@ -1,18 +1,16 @@
-"""Stage benchmark: CPU per message of the normalizer and the reporter, each alone.
+"""Stage benchmark: CPU per message of the normalizer and the reporter, each alone (not part of
+``make bench`` unless named: ``python -m bench stages``).
 
 In the e2e benchmark every process shares the machine, so a service's CPU per message depends on
 how busy the others kept it. Here each stage runs alone on a fresh broker whose input topics
-already hold a campaign's worth of records (published before the service starts), and drains
-them: the figure is the CPU time the service's process used per message, and its rate. This is
-the measure used to compare one change with another (``BENCH_SOURCE_DIR=DIR`` runs the services
-of another checkout, e.g. ``git archive HEAD | tar -x -C DIR``; ``bench.stack.code_under_test``).
+already hold a campaign's worth of records, and drains them: the figure is the CPU time the
+service's process used per message, and its rate (``BENCH_SOURCE_DIR=DIR`` runs the services of
+another checkout; ``bench.stack.code_under_test``).
 
 - normalizer: per message one accepted OTPIQ dispatch record and two provider events (``sent``,
   ``delivered``); done when ``sms.statuses`` holds the two status events of every message.
 - reporter: per message a ``Sent`` and a ``Delivered`` status event; done when the Optimove
   simulator holds every final report.
-
-Not part of ``make bench`` unless named (``python -m bench stages``).
 """
 
 from __future__ import annotations
@@ -25,9 +23,9 @@ from pathlib import Path
 
 from bench.results import Options, Report, markdown_table, text_table
 from bench.stack import PROVIDER, TENANT, Stack, code_under_test, count_records, wait_until
-from shared.events import DispatchRecord, MessageContext, ProviderEvent, StatusEvent
-from shared.kafka import OutRecord
-from shared.topics import DISPATCHES, PROVIDER_EVENTS, STATUSES
+from shared.contract.events import DispatchRecord, MessageContext, ProviderEvent, StatusEvent
+from shared.contract.topics import DISPATCHES, PROVIDER_EVENTS, STATUSES
+from shared.kafka.clients import OutRecord
 
 DEFAULT_MESSAGES = 20_000
 

@@ -27,16 +27,16 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-from shared.keywords import (
+from shared.contract.keywords import (
     DEFAULT_OPT_IN_KEYWORDS,
     DEFAULT_OPT_OUT_KEYWORDS,
     overlapping_keywords,
 )
-from shared.statuses import SubStatus
+from shared.contract.statuses import SubStatus
 
 CONFIG_ENV_VAR = "SMSBRIDGE_CONFIG"
 # The delivery report's extra fields (decisions.md §4), each a guess: [optimove] report_fields
-# renames or drops them (shared/optimove.py writes them).
+# renames or drops them (shared/contract/optimove.py writes them).
 DELIVERY_REPORT_FIELDS = (
     "batchId",
     "requestId",
@@ -121,8 +121,9 @@ class KafkaSettings(Section):
     embedded_port: int = 19092
     # Where `smsbridge dev` keeps Apache Kafka's data, so a restarted stack keeps its topics.
     embedded_data_dir: str = ".smsbridge/kafka"
-    # Which broker answers: None is Apache Kafka, or for "embedded" the one shared.broker started.
-    # "tansu" turns on the fallback broker's workarounds (shared.kafka.is_tansu).
+    # Which broker answers: None is Apache Kafka, or for "embedded" the one shared.kafka.broker
+    # started.
+    # "tansu" turns on the fallback broker's workarounds (shared.kafka.clients.is_tansu).
     broker_kind: Literal["kafka", "tansu"] | None = None
     # None: on, except against the Tansu fallback, which lacks InitProducerId.
     enable_idempotence: bool | None = None
@@ -272,7 +273,7 @@ class NormalizerSettings(ConsumerServiceSettings):
     # sent to again; the stamp decides between tenants sharing a provider account.
     number_format_refresh_s: float = 24 * 3600.0
     # Replies that are exactly one of these words (trimmed, any case) opt out / opt back in
-    # (decisions.md §6, ``shared/keywords.py``).
+    # (decisions.md §6, ``shared/contract/keywords.py``).
     opt_out_keywords: list[str] = list(DEFAULT_OPT_OUT_KEYWORDS)
     opt_in_keywords: list[str] = list(DEFAULT_OPT_IN_KEYWORDS)
 
@@ -323,7 +324,7 @@ class CampaignsSettings(ConsumerServiceSettings):
 
 
 class OptimoveContractSettings(Section):
-    """Every guess at an undocumented Optimove field; see ``shared/optimove.py``."""
+    """Every guess at an undocumented Optimove field; see ``shared/contract/optimove.py``."""
 
     api_version: str = "v1"
     handshake_path: str = "/api/{version}/aggregator/handshake"
@@ -338,7 +339,8 @@ class OptimoveContractSettings(Section):
         "delivered": "Delivered",
         "failed": "Failed",
     }
-    # Our sub-status (shared/statuses.py) -> Optimove type.subStatus; one not listed goes as is.
+    # Our sub-status (shared/contract/statuses.py) -> Optimove type.subStatus; one not listed goes
+    # as is.
     sub_status_names: dict[str, str] = {}
     # The delivery report's undocumented extra fields -> the name Optimove gets; "" leaves the
     # field out. Fields not listed keep their name: if Optimove refuses one (400), this fixes it.
@@ -397,8 +399,8 @@ class TenantSettings(Section):
     routes: list[Route] = Field(min_length=1)
     validity_s: float = 24 * 3600.0
     # Everything runs except the provider call, simulated with this outcome mix (sub-status ->
-    # weight, shared/campaigns.py); reports carry the mark in subStatus. Wires a new Optimove
-    # tenant, handshake included, before any SMS costs money.
+    # weight, shared/contract/campaign_controls.py); reports carry the mark in subStatus. Wires a
+    # new Optimove tenant, handshake included, before any SMS costs money.
     dry_run: bool = False
     dry_run_outcomes: dict[str, float] = {"Delivered": 0.95, "Undeliverable": 0.05}
 
@@ -472,7 +474,7 @@ class Settings(BaseSettings):
     # Development and tests only: let the URLs that carry secrets and campaigns (each tenant's
     # optimove_base_url, the public_urls of ingress and callbacks) be plain http://.
     allow_plain_http: bool = False
-    # The event loop of every long-running process (shared/service.run). uvloop spends about a
+    # The event loop of every long-running process (shared/kafka/service.run). uvloop spends about a
     # quarter less CPU per HTTP round trip and Kafka request than asyncio's own loop; "asyncio"
     # is there for platforms without uvloop and for ruling it out when debugging.
     event_loop: Literal["uvloop", "asyncio"] = "uvloop"

@@ -10,7 +10,8 @@ collections free nothing, yet in the normalizer they took a third of its CPU (ti
 ``tune_for_throughput`` moves what exists at start-up out of every later collection
 (``gc.freeze``) and lets the youngest generation grow to ``YOUNG_THRESHOLD`` objects before it
 is collected (then 0.15 of 12.7 CPU s). Cyclic garbage still goes, a little later: at most that
-many objects wait for it. Every long-running process gets this policy from ``shared.service.run``.
+many objects wait for it. Every long-running process gets this policy from
+``shared.kafka.service.run``.
 """
 
 from __future__ import annotations

@@ -39,10 +39,10 @@ from shared.config import (
     dev_config_path,
     load_settings,
 )
+from shared.contract.signing import SIGNATURE_HEADER, sign
+from shared.contract.statuses import SubStatus
 from shared.providers.http import RETRY_AFTER_HEADER, is_retryable_status, parse_retry_after
 from shared.retry import RetryPolicy, retry
-from shared.signing import SIGNATURE_HEADER, sign
-from shared.statuses import SubStatus
 
 CAMPAIGN_API_KEY_HEADER = "X-API-Key"
 DEFAULT_TENANT = "dev"

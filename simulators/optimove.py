@@ -26,10 +26,10 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from shared.config import OptimoveContractSettings, load_settings, split_listen
+from shared.contract.optimove import API_KEY_HEADER
+from shared.contract.signing import SIGNATURE_HEADER, constant_time_equals, verify
+from shared.kafka.service import run, serve_until_signalled
 from shared.logs import configure_logging
-from shared.optimove import API_KEY_HEADER
-from shared.service import run, serve_until_signalled
-from shared.signing import SIGNATURE_HEADER, constant_time_equals, verify
 from simulators.optimove_tally import ReportTally, TenantCounters, first_report_times, tenant_tally
 
 log = logging.getLogger(__name__)

@@ -7,10 +7,10 @@ from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
-from shared.broker import EmbeddedBroker, embedded_broker
 from shared.config import Settings
-from shared.kafka import EMBEDDED_BOOTSTRAP_ENV, make_admin
-from shared.topics import ALL_TOPICS, ensure_topics, use_prefix
+from shared.contract.topics import ALL_TOPICS, ensure_topics, use_prefix
+from shared.kafka.broker import EmbeddedBroker, embedded_broker
+from shared.kafka.clients import EMBEDDED_BOOTSTRAP_ENV, make_admin
 from tests.reliability.profile import FULL_ENV, FULL_OPTION
 
 OWN_BROKER = "own_broker"

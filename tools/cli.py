@@ -12,12 +12,12 @@ from collections.abc import Callable, Sequence
 from aiokafka.errors import KafkaConnectionError
 
 from services import SERVICES
-from shared.broker.distribution import TOOLS
 from shared.config import ConfigError, KafkaSettings, Settings, load_settings, read_configuration
-from shared.kafka import KafkaUnavailable, bootstrap
+from shared.contract.topics import use_prefix
+from shared.kafka.broker.distribution import TOOLS
+from shared.kafka.clients import KafkaUnavailable, bootstrap
+from shared.kafka.service import run
 from shared.logs import configure_logging
-from shared.service import run
-from shared.topics import use_prefix
 
 # `smsbridge simulate <what>`: each module has ``add_arguments(parser)`` and ``cli(args)``.
 SIMULATOR_MODULES = {
@@ -102,7 +102,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def _cmd_broker(args: argparse.Namespace) -> int:
-    from shared.broker import BrokerError, distribution
+    from shared.kafka.broker import BrokerError, distribution
 
     if args.action == "fetch":
         # Never fails `make`: without Java or Maven the embedded broker is Tansu, and says why.

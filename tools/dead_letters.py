@@ -24,13 +24,13 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
 
 from shared.config import Settings
-from shared.events import DeadLetter, RedriveMarker, SchemaError, decode
-from shared.kafka import KafkaUnavailable, make_consumer, make_producer
+from shared.contract.events import DeadLetter, RedriveMarker, SchemaError, decode
+from shared.contract.topics import DEAD_LETTERS, DEAD_LETTERS_REDRIVEN, Topic
+from shared.kafka.clients import KafkaUnavailable, make_consumer, make_producer
+from shared.kafka.runner import Record
 from shared.logs import mask_number
-from shared.runner import Record
 from shared.text_table import text_table
 from shared.times import parse_iso
-from shared.topics import DEAD_LETTERS, DEAD_LETTERS_REDRIVEN, Topic
 
 
 @dataclass(frozen=True)

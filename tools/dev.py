@@ -1,10 +1,10 @@
 """``smsbridge dev``: the whole pipeline on one machine, in one process group.
 
-Starts the embedded broker (when ``kafka.bootstrap_servers = "embedded"``: Apache Kafka, its
-data kept in ``kafka.embedded_data_dir``, else the Tansu fallback; ``shared.broker``), creates the
-topics, then runs the six services and the two simulators as child processes of their own,
-exactly as they run in production, with every log line prefixed by its service. Ctrl-C (or
-SIGTERM) stops the children with SIGTERM, waits for them, and stops the broker.
+Starts the embedded broker (when ``kafka.bootstrap_servers = "embedded"``: Apache Kafka, its data
+kept in ``kafka.embedded_data_dir``, else the Tansu fallback; ``shared.kafka.broker``), creates the
+topics, then runs the six services and the two simulators as child processes of their own, exactly
+as they run in production, with every log line prefixed by its service. Ctrl-C (or SIGTERM) stops
+the children with SIGTERM, waits for them, and stops the broker.
 """
 
 from __future__ import annotations
@@ -19,16 +19,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from services import SERVICES
-from shared.broker import (
+from shared.config import EMBEDDED_BROKER, Settings, dev_config_path, load_settings
+from shared.contract.topics import ensure_topics
+from shared.kafka.broker import (
     EMBEDDED_BROKER_ENV,
     ApacheKafkaBroker,
     BrokerError,
     EmbeddedBroker,
     embedded_broker,
 )
-from shared.config import EMBEDDED_BROKER, Settings, dev_config_path, load_settings
-from shared.kafka import EMBEDDED_BOOTSTRAP_ENV, make_admin
-from shared.topics import ensure_topics
+from shared.kafka.clients import EMBEDDED_BOOTSTRAP_ENV, make_admin
 
 SIMULATORS = ("optimove", "providers")
 _COLOURS = ("36", "32", "33", "35", "34", "31", "37")

@@ -15,8 +15,8 @@ import aiohttp
 
 from services.ingress.app import API_KEY_HEADER, CAMPAIGN_ROUTE
 from shared.config import Settings, plain_http_keys
-from shared.optimove import OptimoveContract
-from shared.signing import SIGNATURE_HEADER, sign
+from shared.contract.optimove import OptimoveContract
+from shared.contract.signing import SIGNATURE_HEADER, sign
 
 
 class EndpointUnreachable(Exception):

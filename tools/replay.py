@@ -29,9 +29,9 @@ from aiokafka.errors import KafkaError
 from aiokafka.structs import OffsetAndMetadata
 
 from shared.config import KafkaSettings, Settings, load_settings
-from shared.kafka import bootstrap, client_id, group_name, is_tansu, make_admin
+from shared.contract.topics import partition_numbers
+from shared.kafka.clients import bootstrap, client_id, group_name, is_tansu, make_admin
 from shared.times import parse_iso
-from shared.topics import partition_numbers
 
 # How long to wait for a fetch response that tells each partition's end.
 END_OFFSETS_TIMEOUT_S = 15.0

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from shared.config import Settings
-from shared.kafka import make_admin
-from shared.topics import ALL_TOPICS, ensure_topics, topic_configs
+from shared.contract.topics import ALL_TOPICS, ensure_topics, topic_configs
+from shared.kafka.clients import make_admin
 
 
 async def ensure_topics_command(settings: Settings) -> int:

@@ -24,16 +24,16 @@ from datetime import datetime
 from aiohttp import web
 
 from services.callbacks import metrics
-from shared import ids
 from shared import metrics as shared_metrics
 from shared.config import CallbacksSettings, ProviderSettings, Settings
-from shared.events import ProviderEvent, utcnow
-from shared.kafka import KafkaUnavailable, Publisher
+from shared.contract import ids
+from shared.contract.events import ProviderEvent, utcnow
+from shared.contract.signing import constant_time_equals
+from shared.contract.topics import PROVIDER_EVENTS
+from shared.kafka.clients import KafkaUnavailable, Publisher
+from shared.kafka.service import OpsServer, Service, run_service, serve
 from shared.providers import PROVIDER_KINDS
 from shared.providers.base import CallbackRejected, ParsedCallback, Provider
-from shared.service import OpsServer, Service, run_service, serve
-from shared.signing import constant_time_equals
-from shared.topics import PROVIDER_EVENTS
 
 log = logging.getLogger(__name__)
 

@@ -22,13 +22,13 @@ from aiohttp.typedefs import Middleware
 from services.campaigns.counts import REPLIES, UNKNOWN, Counts
 from services.campaigns.metrics import ADMIN_UNAUTHORIZED, CONTROLS_PUBLISHED
 from services.campaigns.mirror import CountsMirror
-from shared.campaigns import AUTO_REPLIES, CampaignControls, control_key
 from shared.config import Settings
-from shared.events import CampaignControl, ControlAction
-from shared.kafka import KafkaUnavailable, OutRecord, Publisher
-from shared.service import http_metrics
-from shared.signing import constant_time_equals
-from shared.topics import CAMPAIGN_CONTROL
+from shared.contract.campaign_controls import AUTO_REPLIES, CampaignControls, control_key
+from shared.contract.events import CampaignControl, ControlAction
+from shared.contract.signing import constant_time_equals
+from shared.contract.topics import CAMPAIGN_CONTROL
+from shared.kafka.clients import KafkaUnavailable, OutRecord, Publisher
+from shared.kafka.service import http_metrics
 
 log = logging.getLogger(__name__)
 

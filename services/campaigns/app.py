@@ -18,9 +18,9 @@ from services.campaigns.api import CampaignsApi
 from services.campaigns.counts import INPUT_TOPICS
 from services.campaigns.tracker import NAME, CountsTracker
 from shared.config import Settings
-from shared.service import ConsumerService, add_ops_routes, run_service, serve
-from shared.store import GlobalTable
-from shared.topics import CAMPAIGN_CONTROL
+from shared.contract.topics import CAMPAIGN_CONTROL
+from shared.kafka.service import ConsumerService, add_ops_routes, run_service, serve
+from shared.kafka.store import GlobalTable
 
 log = logging.getLogger(__name__)
 

@@ -18,10 +18,9 @@ from typing import Any
 
 import orjson
 
-from shared.campaigns import campaign_group
-from shared.events import CampaignCounts
-from shared.times import parse_iso
-from shared.topics import (
+from shared.contract.campaign_controls import campaign_group
+from shared.contract.events import CampaignCounts
+from shared.contract.topics import (
     DEAD_LETTERS,
     INGRESS_REQUESTS,
     RECIPIENTS,
@@ -29,6 +28,7 @@ from shared.topics import (
     STATUSES,
     by_name,
 )
+from shared.times import parse_iso
 
 log = logging.getLogger(__name__)
 

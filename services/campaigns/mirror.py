@@ -27,9 +27,9 @@ from services.campaigns.counts import (
     summarize,
 )
 from shared.config import KafkaSettings
-from shared.kafka import KafkaUnavailable, OutRecord, Publisher
-from shared.store import GlobalTable
-from shared.topics import CAMPAIGN_COUNTS
+from shared.contract.topics import CAMPAIGN_COUNTS
+from shared.kafka.clients import KafkaUnavailable, OutRecord, Publisher
+from shared.kafka.store import GlobalTable
 
 SYNC_PREFIX = "~sync|"
 # Campaigns changed and not read since: past this many, they are added up at once, so that an

@@ -39,11 +39,11 @@ from services.campaigns.metrics import (
 )
 from services.campaigns.mirror import CountsMirror
 from shared.config import Settings
-from shared.kafka import KafkaUnavailable, OutRecord, Publisher
+from shared.contract.topics import CAMPAIGN_COUNTS
+from shared.kafka.clients import KafkaUnavailable, OutRecord, Publisher
+from shared.kafka.runner import Record
+from shared.kafka.store import PartitionNotReady
 from shared.retry import RetryPolicy, retry
-from shared.runner import Record
-from shared.store import PartitionNotReady
-from shared.topics import CAMPAIGN_COUNTS
 
 log = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ import orjson
 from aiohttp import web
 
 from services.ingress import metrics
-from services.ingress.campaign import (
+from services.ingress.batch import (
     CampaignRecords,
     InvalidJson,
     ParsedCampaign,
@@ -37,14 +37,14 @@ from services.ingress.ledger import LedgerEntry, LedgerFollower, RequestLedger, 
 from services.ingress.produce import BatchPublisher
 from services.ingress.reading import ReadBudget, declared_too_large, read_body, reservation
 from shared.config import Settings, TenantSettings
-from shared.events import IngressRequestAccepted, utcnow
-from shared.ids import content_request_key
-from shared.kafka import KafkaUnavailable, OutRecord, Publisher, make_consumer
+from shared.contract.events import IngressRequestAccepted, utcnow
+from shared.contract.ids import content_request_key
+from shared.contract.signing import SIGNATURE_HEADER, constant_time_equals, verify
+from shared.contract.statuses import SubStatus
+from shared.contract.topics import DISPATCHES, INGRESS_REQUESTS, RECIPIENTS
+from shared.kafka.clients import KafkaUnavailable, OutRecord, Publisher, make_consumer
+from shared.kafka.service import OpsServer, http_metrics, run_service, serve
 from shared.metrics import SIGNATURE_FAILURES
-from shared.service import OpsServer, http_metrics, run_service, serve
-from shared.signing import SIGNATURE_HEADER, constant_time_equals, verify
-from shared.statuses import SubStatus
-from shared.topics import DISPATCHES, INGRESS_REQUESTS, RECIPIENTS
 
 log = logging.getLogger(__name__)
 

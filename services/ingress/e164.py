@@ -1,20 +1,14 @@
-"""E.164 for whole campaign batches: ``shared.numbers.read_number``'s answers at a fraction of its
-cost.
+"""E.164 for whole campaign batches: ``shared.contract.numbers.read_number``'s answers at a
+fraction of its cost.
 
-``phonenumbers`` spends about 50 µs on one number (``parse`` plus ``is_valid_number``, mostly
-re-looking-up compiled patterns in Python), which alone would keep a 10,000-recipient batch far
-below the Kafka produce rate. This module takes the same steps as ``read_number`` for numbers
-written as ASCII digits with an optional leading ``+`` and single spaces or hyphens between
-digits (how Optimove's tenants store numbers): the same country-code extraction, national-prefix
-stripping, length checks and validity rules, with each region's patterns compiled once and its
-validity rules folded into a single regular expression.
-
-Bare digits are read both ways (national, and international missing its "+"), and the tenant's
-``bare_digits`` picks when both are valid (``shared.numbers.read_number``, the reference).
-Acceptances are decided here. Any other spelling, any branch of ``phonenumbers.parse`` this
-module does not follow (IDD prefixes, unknown country codes) and every number found invalid go to
-``read_number`` itself, so a refusal always carries that function's verdict and wording.
-``tests/unit/test_ingress_fast_paths.py`` checks that the two agree on large samples.
+``phonenumbers`` spends about 50 µs on one number, which alone would keep a 10,000-recipient batch
+far below the Kafka produce rate. For numbers written as ASCII digits with an optional ``+`` and
+single spaces or hyphens (how Optimove's tenants store numbers) this module takes the same steps
+as ``read_number`` (country code, national prefix, lengths, validity) with each region's patterns
+compiled once. Bare digits are read both ways and the tenant's ``bare_digits`` picks when both are
+valid. Anything else, and every number found invalid, goes to ``read_number`` itself, so a refusal
+always carries its verdict and wording; ``tests/unit/test_ingress_fast_paths.py`` checks that the
+two agree on large samples.
 """
 
 from __future__ import annotations
@@ -38,7 +32,7 @@ from phonenumbers.phonenumberutil import (
     region_code_for_country_code,
 )
 
-from shared.numbers import BareDigits, Reading, choose_reading, read_number, valid_e164
+from shared.contract.numbers import BareDigits, Reading, choose_reading, read_number, valid_e164
 
 # Digits, optionally after "+", with single spaces or hyphens between them.
 _SIMPLE_SPELLING: Final = re.compile(r"\+?[0-9](?:[ -]?[0-9])*")
@@ -295,7 +289,7 @@ def _national(digits: str, default: _DefaultRegion) -> _Verdict:
 
 
 def fast_read(raw: str, default_region: str, bare_digits: BareDigits) -> Reading:
-    """Exactly ``shared.numbers.read_number(raw, default_region, bare_digits)``."""
+    """Exactly ``shared.contract.numbers.read_number(raw, default_region, bare_digits)``."""
     region = default_region.upper()
     candidate = raw.strip()
     default = _default_region(region)

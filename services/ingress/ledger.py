@@ -1,19 +1,13 @@
 """The campaign requests already accepted, by this instance or any other (``sms.ingress-requests``).
 
-At start the whole compacted topic is read from the beginning up to its high watermark (no
-consumer group: every instance needs every entry), then followed, so that a request retried to
-another instance is recognised.
-
-A request with ids is known by them for ``ledger_retention_s``. A request without ids (auto
-replies) is known by its content key for ``idless_dedupe_s`` only: the same words a day later
-are a new message. Its entry holds the request key its message ids derive from (content and
-first acceptance time), written first as a *pending* claim, so that a retry after a failure
-reuses those ids, and the sender recognises what the failed attempt already published. Two
-instances claiming the same content at once both follow the topic: the claim that comes first
-in it wins on every instance (``RequestLedger.claimed``).
-
-Memory stays bounded: an entry keeps counts and rejections, not bodies, and is forgotten after
-its retention (the sender still deduplicates on message ids).
+At start the whole compacted topic is read up to its high watermark (no consumer group: every
+instance needs every entry), then followed, so that a request retried to another instance is
+recognised. A request with ids is known by them for ``ledger_retention_s``; one without ids (auto
+replies) by its content key for ``idless_dedupe_s`` only. Its entry holds the request key its
+message ids derive from, written first as a *pending* claim, so that a retry after a failure
+reuses those ids; when two instances claim the same content, the claim first in the topic wins
+on every instance (``RequestLedger.claimed``). An entry keeps counts and rejections, not bodies,
+and is forgotten after its retention (the sender still deduplicates on message ids).
 """
 
 from __future__ import annotations
@@ -30,9 +24,9 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from services.ingress import metrics
-from shared.events import IngressRequestAccepted, SchemaError, decode
-from shared.ids import CONTENT_PREFIX
-from shared.topics import INGRESS_REQUESTS
+from shared.contract.events import IngressRequestAccepted, SchemaError, decode
+from shared.contract.ids import CONTENT_PREFIX
+from shared.contract.topics import INGRESS_REQUESTS
 
 log = logging.getLogger(__name__)
 

@@ -27,8 +27,8 @@ from typing import Any, Final
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
-from shared.kafka import KafkaUnavailable, Publisher
-from shared.topics import Topic
+from shared.contract.topics import Topic
+from shared.kafka.clients import KafkaUnavailable, Publisher
 
 _MURMUR_SEED: Final = 0x9747B28C
 _MURMUR_M: Final = 0x5BD1E995

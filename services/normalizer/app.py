@@ -8,7 +8,7 @@ from __future__ import annotations
 from services.normalizer.handler import INPUT_TOPICS, NormalizerHandler
 from services.normalizer.outputs import NAME
 from shared.config import Settings
-from shared.service import ConsumerService, Service, run_service
+from shared.kafka.service import ConsumerService, Service, run_service
 
 
 def build(settings: Settings, handler: NormalizerHandler | None = None) -> Service:

@@ -38,22 +38,22 @@ from services.normalizer.replies import (
     tenants_by_account,
 )
 from shared.config import Settings
-from shared.events import (
+from shared.contract.events import (
     DispatchRecord,
     ProviderEvent,
 )
-from shared.kafka import KafkaUnavailable, Publisher
-from shared.outbox import Outbox
-from shared.runner import PoisonRecord, Record, SelfPublishing, decode_or_poison
-from shared.store import ChangelogStore, Entry, GlobalTable, KeyLocks
-from shared.timers import fire_partitions, run_timer_passes
-from shared.topics import (
+from shared.contract.topics import (
     DISPATCHES,
     NORMALIZER_STATE,
     NUMBER_FORMATS,
     PROVIDER_EVENTS,
 )
-from shared.unit_of_work import UnitOfWork
+from shared.kafka.clients import KafkaUnavailable, Publisher
+from shared.kafka.outbox import Outbox
+from shared.kafka.runner import PoisonRecord, Record, SelfPublishing, decode_or_poison
+from shared.kafka.store import ChangelogStore, Entry, GlobalTable, KeyLocks
+from shared.kafka.timers import fire_partitions, run_timer_passes
+from shared.kafka.unit_of_work import UnitOfWork
 
 log = logging.getLogger(__name__)
 

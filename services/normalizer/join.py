@@ -3,8 +3,8 @@
 Pure logic over plain values: given the state stored for one correlation key and one input (a
 dispatch record, a provider status event, or the clock), a ``Joiner`` returns the next state, the
 status events to emit and the events it gives up on. The pipeline's one monotonic guard lives
-here (``shared.statuses.is_forward``). Replies held for their dispatch record and matching by
-number (``number_match.py``) are explained in ``docs/normalizer.md``.
+here (``shared.contract.statuses.is_forward``). Replies held for their dispatch record and
+matching by number (``number_match.py``) are explained in ``docs/normalizer.md``.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from pydantic import BaseModel
 
 from services.normalizer import number_match
 from services.normalizer.number_match import NumberSlot
-from shared import ids
-from shared.events import (
+from shared.contract import ids
+from shared.contract.events import (
     FINAL_STATUSES,
     CanonicalStatus,
     DeadLetter,
@@ -27,9 +27,9 @@ from shared.events import (
     ProviderEvent,
     StatusEvent,
 )
+from shared.contract.statuses import SubStatus, is_forward
+from shared.contract.topics import PROVIDER_EVENTS
 from shared.providers import PROVIDER_KINDS
-from shared.statuses import SubStatus, is_forward
-from shared.topics import PROVIDER_EVENTS
 
 STAGE = "normalizer"
 REPLY_KINDS: frozenset[str] = frozenset({"inbound", "opt_out"})

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 from pydantic import BaseModel
 
-from shared.events import FINAL_STATUSES, CanonicalStatus, DispatchRecord
+from shared.contract.events import FINAL_STATUSES, CanonicalStatus, DispatchRecord
 
 
 class NumberSlot(BaseModel):

@@ -13,12 +13,9 @@ from dataclasses import dataclass
 from services.normalizer import metrics
 from services.normalizer.join import JoinResult
 from services.normalizer.replies import RoutedReply
-from shared.events import DeadLetter, NumberFormat, ProviderEvent
-from shared.ids import tenant_number_key
-from shared.kafka import OutRecord
-from shared.logs import mask_number
-from shared.store import Entry
-from shared.topics import (
+from shared.contract.events import DeadLetter, NumberFormat, ProviderEvent
+from shared.contract.ids import tenant_number_key
+from shared.contract.topics import (
     DEAD_LETTERS,
     INBOUND,
     LAST_INBOUND,
@@ -27,6 +24,9 @@ from shared.topics import (
     PROVIDER_EVENTS,
     STATUSES,
 )
+from shared.kafka.clients import OutRecord
+from shared.kafka.store import Entry
+from shared.logs import mask_number
 
 log = logging.getLogger(__name__)
 

@@ -19,9 +19,9 @@ from typing import Any, Literal
 
 from pydantic import ValidationError
 
-from shared import ids
 from shared.config import Settings, TenantSettings
-from shared.events import (
+from shared.contract import ids
+from shared.contract.events import (
     DispatchRecord,
     InboundMessage,
     LastInbound,
@@ -29,10 +29,10 @@ from shared.events import (
     OptOutChange,
     ProviderEvent,
 )
-from shared.ids import tenant_number_key
-from shared.keywords import KeywordAction, KeywordRules
+from shared.contract.ids import tenant_number_key
+from shared.contract.keywords import KeywordAction, KeywordRules
+from shared.contract.numbers import InvalidNumber, digits_only, to_e164
 from shared.logs import mask_number
-from shared.numbers import InvalidNumber, digits_only, to_e164
 
 log = logging.getLogger(__name__)
 

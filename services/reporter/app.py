@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from services.reporter.handler import INPUT_TOPICS, STAGE, ReporterHandler
 from shared.config import Settings
-from shared.service import ConsumerService, Service, run_service
+from shared.kafka.service import ConsumerService, Service, run_service
 
 
 def build(settings: Settings) -> Service:

@@ -8,7 +8,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from services.reporter.delivery import DeliveryOutcome
-from shared.events import InboundMessage
+from shared.contract.events import InboundMessage
 
 DeliverBatch = Callable[[str, list[InboundMessage]], Awaitable[DeliveryOutcome]]
 

@@ -25,7 +25,7 @@ from typing import Protocol
 import aiohttp
 
 from shared.config import ReporterSettings
-from shared.optimove import SignedRequest
+from shared.contract.optimove import SignedRequest
 from shared.providers.http import RETRY_AFTER_HEADER, is_retryable_status, parse_retry_after
 from shared.retry import RetryPolicy as Waits
 

@@ -53,13 +53,13 @@ from services.reporter.retries import ParkedRetries
 from services.reporter.tenant_circuits import TenantCircuits
 from shared import metrics
 from shared.config import Settings, TenantSettings
-from shared.events import InboundMessage, StatusEvent
-from shared.kafka import KafkaUnavailable, OutRecord, Publisher
+from shared.contract.events import InboundMessage, StatusEvent
+from shared.contract.optimove import OptimoveContract
+from shared.contract.topics import INBOUND, REPORTER_STATE, STATUSES
+from shared.kafka.clients import KafkaUnavailable, OutRecord, Publisher
+from shared.kafka.runner import PoisonRecord, Record, decode_or_poison
+from shared.kafka.store import ChangelogStore
 from shared.logs import mask_number
-from shared.optimove import OptimoveContract
-from shared.runner import PoisonRecord, Record, decode_or_poison
-from shared.store import ChangelogStore
-from shared.topics import INBOUND, REPORTER_STATE, STATUSES
 
 __all__ = ["INPUT_TOPICS", "STAGE", "ReporterHandler"]
 

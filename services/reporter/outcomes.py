@@ -27,7 +27,7 @@ from services.reporter.metrics import (
 )
 from services.reporter.parking import ParkedEntry, ParkedReport, deferred_due_at, record_source
 from shared import metrics
-from shared.events import (
+from shared.contract.events import (
     DeadLetter,
     ReportKind,
     ReportOutcome,
@@ -35,11 +35,11 @@ from shared.events import (
     StatusEvent,
     decode,
 )
-from shared.kafka import OutRecord
+from shared.contract.topics import DEAD_LETTERS, INBOUND, REPORT_OUTCOMES, REPORTER_STATE
+from shared.kafka.clients import OutRecord
+from shared.kafka.runner import Record
+from shared.kafka.store import Entry
 from shared.logs import mask_number
-from shared.runner import Record
-from shared.store import Entry
-from shared.topics import DEAD_LETTERS, INBOUND, REPORT_OUTCOMES, REPORTER_STATE
 
 log = logging.getLogger(__name__)
 

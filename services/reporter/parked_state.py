@@ -13,10 +13,10 @@ from collections.abc import Callable, Collection, Sequence
 from services.reporter.metrics import KINDS
 from services.reporter.outcomes import STAGE, Change, readable
 from services.reporter.parking import ParkedCounts, ParkedEntry, key_prefix
-from shared.kafka import KafkaUnavailable, OutRecord, Publisher
+from shared.kafka.clients import KafkaUnavailable, OutRecord, Publisher
+from shared.kafka.store import ChangelogStore, Entry, KeyLocks
+from shared.kafka.unit_of_work import UnitOfWork
 from shared.retry import RetryPolicy, retry
-from shared.store import ChangelogStore, Entry, KeyLocks
-from shared.unit_of_work import UnitOfWork
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from services.reporter.delivery import NOT_ATTEMPTED, AttemptResult, RetryPolicy
 from services.reporter.metrics import KIND_DELIVERY, KIND_INCOMING, REPORTS_PARKED
-from shared.runner import Record
+from shared.kafka.runner import Record
 
 ParkedKind = Literal["delivery", "incoming"]
 

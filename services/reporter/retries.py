@@ -34,11 +34,11 @@ from services.reporter.parking import ParkedEntry, ParkedReport, key_prefix
 from services.reporter.sweeps import RecoverySweeps
 from services.reporter.tenant_circuits import TenantCircuit, TenantCircuits
 from shared.config import Settings
-from shared.events import InboundMessage, SchemaError, StatusEvent, decode
-from shared.kafka import KafkaUnavailable, OutRecord
-from shared.optimove import OptimoveContract
-from shared.store import Entry, PartitionNotReady
-from shared.timers import fire_partitions, run_timer_passes
+from shared.contract.events import InboundMessage, SchemaError, StatusEvent, decode
+from shared.contract.optimove import OptimoveContract
+from shared.kafka.clients import KafkaUnavailable, OutRecord
+from shared.kafka.store import Entry, PartitionNotReady
+from shared.kafka.timers import fire_partitions, run_timer_passes
 
 log = logging.getLogger(__name__)
 

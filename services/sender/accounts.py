@@ -19,11 +19,11 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 from services.sender import metrics
+from services.sender.ratelimit import SlidingWindowLimiter
 from shared.circuit import CircuitBreaker
-from shared.kafka import OutRecord
+from shared.kafka.clients import OutRecord
+from shared.kafka.unit_of_work import UnitOfWork
 from shared.providers.base import OutboundSms, Provider, SendAccepted, SendError, SendResult
-from shared.ratelimit import SlidingWindowLimiter
-from shared.unit_of_work import UnitOfWork
 
 log = logging.getLogger(__name__)
 

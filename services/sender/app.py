@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from services.sender.handler import SenderHandler
 from services.sender.state import STAGE
-from shared import topics
 from shared.config import Settings
-from shared.service import ConsumerService, Service, run_service
+from shared.contract import topics
+from shared.kafka.service import ConsumerService, Service, run_service
 
 
 def build(settings: Settings, *, group_id: str | None = None) -> Service:

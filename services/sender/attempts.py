@@ -19,16 +19,16 @@ import aiohttp
 from services.sender import metrics
 from services.sender.accounts import AccountSender, CircuitOpen, SendJob, Withheld
 from services.sender.outcomes import Next, Outcomes
+from services.sender.ratelimit import SlidingWindowLimiter
 from services.sender.state import SendState, StateWriter, message_of
 from shared.circuit import CircuitBreaker, CircuitState
 from shared.config import ProviderSettings, Route, Settings, TenantSettings
+from shared.contract.segments import count_segments
+from shared.contract.topics import RECIPIENTS
+from shared.kafka.unit_of_work import UnitOfWork
 from shared.providers import PROVIDER_KINDS, callback_url, provider_class
 from shared.providers.base import OutboundSms, Provider
 from shared.providers.dryrun import DryRun
-from shared.ratelimit import SlidingWindowLimiter
-from shared.segments import count_segments
-from shared.topics import RECIPIENTS
-from shared.unit_of_work import UnitOfWork
 
 log = logging.getLogger(__name__)
 

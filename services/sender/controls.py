@@ -1,5 +1,6 @@
-"""The operator's campaign controls as the sender applies them (``shared/campaigns.py`` says what
-pause, resume and cancel mean for a message; this module says when the sender asks).
+"""The operator's campaign controls as the sender applies them
+(``shared/contract/campaign_controls.py`` says what pause, resume and cancel mean for a message;
+this module says when the sender asks).
 
 The sender asks before every send attempt (scheduled, retried and failed-over ones included) and
 again when a call's turn has come, after the rate limit's wait and the bulk gathering, right
@@ -17,8 +18,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from shared.campaigns import CampaignControls, Effect
-from shared.events import CampaignControl
+from shared.contract.campaign_controls import CampaignControls, Effect
+from shared.contract.events import CampaignControl
 
 # Distinct (tenant, campaign) answers kept; past it the cache starts again (campaigns come and go).
 _MAX_CACHED = 10_000

@@ -35,17 +35,17 @@ from services.sender.routing import (
     routes_for,
 )
 from services.sender.state import STAGE, ParkReason, SendState, StateWriter, message_of
-from shared.campaigns import Effect
 from shared.config import Route, Settings, TenantSettings
-from shared.events import RecipientMessage
-from shared.kafka import KafkaUnavailable, Publisher
+from shared.contract.campaign_controls import Effect
+from shared.contract.events import RecipientMessage
+from shared.contract.statuses import SubStatus
+from shared.contract.topics import RECIPIENTS, SENDER_STATE
+from shared.kafka.clients import KafkaUnavailable, Publisher
+from shared.kafka.runner import Record, SelfPublishing, decode_or_poison
+from shared.kafka.store import ChangelogStore, KeyLocks, PartitionNotReady
 from shared.logs import mask_number
 from shared.providers.base import Provider
 from shared.retry import RetryPolicy
-from shared.runner import Record, SelfPublishing, decode_or_poison
-from shared.statuses import SubStatus
-from shared.store import ChangelogStore, KeyLocks, PartitionNotReady
-from shared.topics import RECIPIENTS, SENDER_STATE
 
 log = logging.getLogger(__name__)
 

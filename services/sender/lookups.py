@@ -10,13 +10,13 @@ from typing import Any, Protocol
 
 from services.sender.controls import ControlGate
 from services.sender.optouts import OptOutVerdict, opt_out_verdict
-from shared.campaigns import Effect
 from shared.config import Settings
-from shared.events import RecipientMessage
-from shared.ids import tenant_number_key
+from shared.contract.campaign_controls import Effect
+from shared.contract.events import RecipientMessage
+from shared.contract.ids import tenant_number_key
+from shared.contract.topics import CAMPAIGN_CONTROL, LAST_INBOUND, OPT_OUTS
+from shared.kafka.store import GlobalTable
 from shared.logs import mask_number
-from shared.store import GlobalTable
-from shared.topics import CAMPAIGN_CONTROL, LAST_INBOUND, OPT_OUTS
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ from typing import Any
 import orjson
 from pydantic import ValidationError
 
-from shared.events import LastInbound, MessageContext, RecipientMessage
+from shared.contract.events import LastInbound, MessageContext, RecipientMessage
 
 
 class OptOutVerdict(StrEnum):

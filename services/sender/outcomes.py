@@ -19,17 +19,17 @@ from services.sender.routing import expires_at
 from services.sender.state import STAGE, SendState, StateWriter, message_of
 from shared import metrics as shared_metrics
 from shared.config import Settings, TenantSettings
-from shared.events import DeadLetter, DispatchRecord, utcnow
-from shared.ids import tenant_number_key, unsent_correlation_key
-from shared.kafka import OutRecord
+from shared.contract.events import DeadLetter, DispatchRecord, utcnow
+from shared.contract.ids import tenant_number_key, unsent_correlation_key
+from shared.contract.segments import count_segments
+from shared.contract.statuses import SubStatus
+from shared.contract.topics import DEAD_LETTERS, DISPATCHES, PROVIDER_EVENTS, RECIPIENTS
+from shared.kafka.clients import OutRecord
 from shared.logs import mask_number, scrub
 from shared.providers import dryrun
 from shared.providers.base import OutboundSms, Provider, SendAccepted, SendError, SendResult
 from shared.providers.dryrun import DryRun
 from shared.retry import RetryPolicy
-from shared.segments import count_segments
-from shared.statuses import SubStatus
-from shared.topics import DEAD_LETTERS, DISPATCHES, PROVIDER_EVENTS, RECIPIENTS
 
 log = logging.getLogger(__name__)
 

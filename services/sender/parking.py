@@ -26,9 +26,9 @@ from services.sender.state import (
     parse_parked_key,
 )
 from shared.config import Settings
+from shared.kafka.store import ChangelogStore, KeyLocks, PartitionNotReady
+from shared.kafka.timers import run_timer_passes
 from shared.logs import mask_number
-from shared.store import ChangelogStore, KeyLocks, PartitionNotReady
-from shared.timers import run_timer_passes
 
 if TYPE_CHECKING:  # parking is below attempts (a retry parks): types only
     from services.sender.attempts import Attempts

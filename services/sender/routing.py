@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from shared.config import Route, TenantSettings
-from shared.events import RecipientMessage
+from shared.contract.events import RecipientMessage
 
 
 def routes_for(tenant: TenantSettings, destination: str) -> list[Route]:

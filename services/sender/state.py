@@ -18,13 +18,13 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from shared.events import DispatchRecord, RecipientMessage, StateChange
-from shared.kafka import KafkaUnavailable, OutRecord, Publisher
-from shared.outbox import Outbox
+from shared.contract.events import DispatchRecord, RecipientMessage, StateChange
+from shared.contract.topics import SENDER_STATE
+from shared.kafka.clients import KafkaUnavailable, OutRecord, Publisher
+from shared.kafka.outbox import Outbox
+from shared.kafka.store import ChangelogStore
+from shared.kafka.unit_of_work import UnitOfWork
 from shared.retry import RetryPolicy, retry
-from shared.store import ChangelogStore
-from shared.topics import SENDER_STATE
-from shared.unit_of_work import UnitOfWork
 
 log = logging.getLogger(__name__)
 

@@ -18,10 +18,10 @@ import aiohttp
 import orjson
 
 from shared.config import ProviderSettings
-from shared.events import CanonicalStatus, ProviderEventKind
-from shared.numbers import NumberStyle
+from shared.contract.events import CanonicalStatus, ProviderEventKind
+from shared.contract.numbers import NumberStyle
+from shared.contract.statuses import SubStatus
 from shared.providers.http import is_retryable_status, parse_retry_after
-from shared.statuses import SubStatus
 
 
 @dataclass(frozen=True)

@@ -16,9 +16,10 @@ from typing import ClassVar
 
 import aiohttp
 
-from shared import ids
 from shared.config import ProviderSettings
-from shared.events import CanonicalStatus, DispatchRecord, ProviderEvent
+from shared.contract import ids
+from shared.contract.events import CanonicalStatus, DispatchRecord, ProviderEvent
+from shared.contract.statuses import SubStatus
 from shared.providers.base import (
     CallbackRejected,
     OutboundSms,
@@ -27,7 +28,6 @@ from shared.providers.base import (
     SendAccepted,
     SendResult,
 )
-from shared.statuses import SubStatus
 
 KIND = "dryrun"
 MARK = "DryRun:"

@@ -22,8 +22,9 @@ from zoneinfo import ZoneInfo
 import orjson
 from multidict import CIMultiDict
 
-from shared.events import CanonicalStatus, ProviderEventKind
-from shared.numbers import digits_only, in_style
+from shared.contract.events import CanonicalStatus, ProviderEventKind
+from shared.contract.numbers import digits_only, in_style
+from shared.contract.statuses import SubStatus
 from shared.providers.base import (
     CallbackRejected,
     CallbackReply,
@@ -38,7 +39,6 @@ from shared.providers.base import (
 )
 from shared.providers.bulk import send_in_calls
 from shared.providers.http import parse_retry_after
-from shared.statuses import SubStatus
 from shared.times import parse_iso
 
 PARIS = ZoneInfo("Europe/Paris")

@@ -20,8 +20,9 @@ from typing import Any, ClassVar
 import orjson
 from multidict import CIMultiDict
 
-from shared.events import CanonicalStatus
-from shared.numbers import digits_only, in_style
+from shared.contract.events import CanonicalStatus
+from shared.contract.numbers import digits_only, in_style
+from shared.contract.statuses import SubStatus
 from shared.providers.base import (
     CallbackRejected,
     OutboundSms,
@@ -35,7 +36,6 @@ from shared.providers.base import (
 )
 from shared.providers.bulk import send_in_calls
 from shared.providers.http import parse_retry_after
-from shared.statuses import SubStatus
 from shared.times import parse_iso
 
 FIXTURES: dict[str, Any] = {

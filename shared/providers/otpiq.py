@@ -14,8 +14,10 @@ from typing import Any, ClassVar
 import orjson
 
 from shared.config import ProviderSettings
-from shared.events import CanonicalStatus
-from shared.numbers import in_style
+from shared.contract.events import CanonicalStatus
+from shared.contract.numbers import in_style
+from shared.contract.signing import constant_time_equals
+from shared.contract.statuses import SubStatus
 from shared.providers.base import (
     CallbackRejected,
     OutboundSms,
@@ -27,8 +29,6 @@ from shared.providers.base import (
     http_error,
 )
 from shared.providers.http import parse_retry_after
-from shared.signing import constant_time_equals
-from shared.statuses import SubStatus
 
 WEBHOOK_SECRET_HEADER = "X-OTPIQ-Webhook-Secret"
 

@@ -8,9 +8,9 @@ import logging
 from typing import Any
 
 from shared.config import ConfigError, Settings, configured_path, load_settings, split_listen
+from shared.kafka.service import run, serve_until_signalled
 from shared.logs import configure_logging
 from shared.providers import callback_url
-from shared.service import run, serve_until_signalled
 from simulators.providers.options import OptionsError, SimulatorOptions
 from simulators.providers.server import ProviderSimulator
 

@@ -10,10 +10,10 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from shared.events import utcnow
-from shared.keywords import KeywordRules
+from shared.contract.events import utcnow
+from shared.contract.keywords import KeywordRules
+from shared.contract.segments import count_segments
 from shared.providers.octopush import paris_date
-from shared.segments import count_segments
 from simulators.providers.protocol import (
     AcceptedSend,
     PlannedCallback,

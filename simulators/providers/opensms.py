@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from shared.events import utcnow
+from shared.contract.events import utcnow
 from simulators.providers.protocol import (
     AcceptedSend,
     PlannedCallback,

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from shared.events import utcnow
+from shared.contract.events import utcnow
 from shared.providers.otpiq import WEBHOOK_SECRET_HEADER
 from simulators.providers.protocol import AcceptedSend, PlannedCallback, ProviderProtocol
 

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from aiohttp import web
 
-from shared.events import utcnow
+from shared.contract.events import utcnow
 
 if TYPE_CHECKING:
     from simulators.providers.server import ProviderSimulator

@@ -13,7 +13,7 @@ import aiohttp
 import orjson
 from aiohttp import web
 
-from shared.events import utcnow
+from shared.contract.events import utcnow
 from shared.logs import mask_number
 from simulators.providers.control import ReplyError, add_control_routes
 from simulators.providers.octopush import OctopushProtocol

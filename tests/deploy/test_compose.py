@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 import yaml
 
-from shared.broker.distribution import kafka_version
 from shared.config import Settings, load_settings, split_listen
+from shared.kafka.broker.distribution import kafka_version
 from tests.deploy.promql import DEPLOY, ROOT
 from tools.cli import build_parser
 

@@ -12,8 +12,8 @@ from services.normalizer.app import build as build_normalizer
 from services.reporter.app import build as build_reporter
 from services.sender.app import build as build_sender
 from shared.config import Settings, load_settings, split_listen
-from shared.service import ConsumerService
-from shared.topics import ALL_TOPICS
+from shared.contract.topics import ALL_TOPICS
+from shared.kafka.service import ConsumerService
 from tests.deploy.promql import DEPLOY
 from tools.cli import build_parser
 

@@ -21,9 +21,9 @@ from services.ingress.app import build as build_ingress
 from services.normalizer.app import build as build_normalizer
 from services.reporter.app import build as build_reporter
 from services.sender.app import build as build_sender
-from shared.broker import EmbeddedBroker
 from shared.config import Settings
-from shared.service import OpsServer, Service
+from shared.kafka.broker import EmbeddedBroker
+from shared.kafka.service import OpsServer, Service
 from tests.deploy.promql import dashboard_expressions, metric_names, rule_expressions
 from tests.support import make_settings, running
 

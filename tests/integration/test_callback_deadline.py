@@ -24,19 +24,19 @@ from prometheus_client import REGISTRY
 
 from services.callbacks.app import build as build_callbacks
 from services.normalizer.app import build as build_normalizer
-from shared.broker import EmbeddedBroker
 from shared.config import CallbacksSettings
-from shared.events import (
+from shared.contract.events import (
     DispatchRecord,
     InboundMessage,
     MessageContext,
     ProviderEvent,
     StatusEvent,
 )
-from shared.kafka import OutRecord, Publisher, make_producer
+from shared.contract.topics import DISPATCHES, INBOUND, PROVIDER_EVENTS, STATUSES
+from shared.kafka.broker import EmbeddedBroker
+from shared.kafka.clients import OutRecord, Publisher, make_producer
 from shared.providers import callback_url
 from shared.providers.octopush import Octopush
-from shared.topics import DISPATCHES, INBOUND, PROVIDER_EVENTS, STATUSES
 from tests.support import TENANT, read_topic, running, wait_for
 from tests.support.providers import OCTOPUSH_ACCOUNT, OPENSMS_ACCOUNT, bulk_provider_settings
 

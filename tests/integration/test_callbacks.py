@@ -11,12 +11,12 @@ import pytest
 from prometheus_client import REGISTRY
 
 from services.callbacks.app import build
-from shared.broker import EmbeddedBroker
 from shared.config import Settings
-from shared.events import ProviderEvent
+from shared.contract.events import ProviderEvent
+from shared.contract.topics import PROVIDER_EVENTS
+from shared.kafka.broker import EmbeddedBroker
 from shared.providers import PROVIDER_KINDS
 from shared.providers.otpiq import FIXTURES, WEBHOOK_SECRET_HEADER
-from shared.topics import PROVIDER_EVENTS
 from tests.support import CALLBACK_TOKEN, OTPIQ_WEBHOOK_SECRET, make_settings, read_topic, running
 
 pytestmark = pytest.mark.integration

@@ -2,7 +2,7 @@
 simulators on loopback: pause and resume across two sender instances, cancel, dry run.
 
 Controls are published as the admin API publishes them: a ``CampaignControl`` on the compacted
-``sms.campaign-control``, keyed by ``shared.campaigns.control_key``.
+``sms.campaign-control``, keyed by ``shared.contract.campaign_controls.control_key``.
 """
 
 from __future__ import annotations
@@ -24,19 +24,19 @@ from prometheus_client.parser import text_string_to_metric_families
 from services.normalizer.app import build as build_normalizer
 from services.reporter.app import build as build_reporter
 from services.sender.app import build as build_sender
-from shared import topics
-from shared.broker import EmbeddedBroker, free_port
-from shared.campaigns import control_key
 from shared.config import Settings
-from shared.events import (
+from shared.contract import topics
+from shared.contract.campaign_controls import control_key
+from shared.contract.events import (
     CampaignControl,
     ControlAction,
     MessageContext,
     RecipientMessage,
     utcnow,
 )
-from shared.kafka import OutRecord, Publisher
-from shared.numbers import digits_only
+from shared.contract.numbers import digits_only
+from shared.kafka.broker import EmbeddedBroker, free_port
+from shared.kafka.clients import OutRecord, Publisher
 from shared.providers.dryrun import outcome_for
 from simulators.optimove import OptimoveSimulator
 from simulators.providers import AcceptedSend, ProviderSimulator

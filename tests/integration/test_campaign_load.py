@@ -9,8 +9,8 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from shared.broker import free_port
-from shared.service import serve
+from shared.kafka.broker import free_port
+from shared.kafka.service import serve
 from simulators.campaign_load import CampaignBatch, CampaignError, post_batch
 
 pytestmark = pytest.mark.integration

@@ -24,16 +24,16 @@ from prometheus_client import REGISTRY
 
 from services.campaigns.app import build as build_campaigns
 from services.campaigns.client import COLUMNS
-from shared.broker import EmbeddedBroker
 from shared.config import Settings
-from shared.events import OptOutChange
-from shared.kafka import OutRecord
-from shared.numbers import to_e164
-from shared.topics import INGRESS_REQUESTS, OPT_OUTS, REPORT_OUTCOMES, STATUSES
+from shared.contract.events import OptOutChange
+from shared.contract.numbers import to_e164
+from shared.contract.topics import INGRESS_REQUESTS, OPT_OUTS, REPORT_OUTCOMES, STATUSES
+from shared.kafka.broker import EmbeddedBroker
+from shared.kafka.clients import OutRecord
 from simulators.campaign_load import sample_numbers
 from simulators.optimove import OptimoveSimulator
 from tests.support import TENANT, make_settings, running, wait_for
-from tests.support.campaigns import ADMIN_TOKEN, campaign_status, campaigns_section
+from tests.support.campaigns_api import ADMIN_TOKEN, campaign_status, campaigns_section
 from tests.support.ops import config_data, publisher, start_service, write_config
 from tests.support.pipeline import pipeline, post_campaign, simulated_optimove, simulated_providers
 from tools.cli import main as smsbridge

@@ -16,14 +16,14 @@ import pytest
 from prometheus_client import REGISTRY
 
 from services.campaigns.app import build as build_campaigns
-from shared.broker import EmbeddedBroker
-from shared.campaigns import AUTO_REPLIES
 from shared.config import Settings
-from shared.events import CampaignControl, MessageContext, StatusEvent
-from shared.kafka import OutRecord
-from shared.topics import CAMPAIGN_CONTROL, STATUSES
+from shared.contract.campaign_controls import AUTO_REPLIES
+from shared.contract.events import CampaignControl, MessageContext, StatusEvent
+from shared.contract.topics import CAMPAIGN_CONTROL, STATUSES
+from shared.kafka.broker import EmbeddedBroker
+from shared.kafka.clients import OutRecord
 from tests.support import TENANT, make_settings, read_topic, running, wait_for
-from tests.support.campaigns import ADMIN_TOKEN, admin_call, campaign_status, campaigns_section
+from tests.support.campaigns_api import ADMIN_TOKEN, admin_call, campaign_status, campaigns_section
 from tests.support.ops import REPO, config_data, publisher, smsbridge, write_config
 
 pytestmark = pytest.mark.integration

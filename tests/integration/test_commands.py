@@ -21,12 +21,12 @@ from pydantic import SecretStr
 from services import SERVICES
 from services.ingress.app import build as build_ingress
 from services.reporter.app import build as build_reporter
-from shared.broker import EmbeddedBroker, free_port
 from shared.config import Settings
-from shared.events import DeadLetter, InboundMessage, MessageContext, StatusEvent
-from shared.kafka import OutRecord, bootstrap
-from shared.signing import SIGNATURE_HEADER, verify
-from shared.topics import DEAD_LETTERS, INBOUND, RECIPIENTS, STATUSES, Topic
+from shared.contract.events import DeadLetter, InboundMessage, MessageContext, StatusEvent
+from shared.contract.signing import SIGNATURE_HEADER, verify
+from shared.contract.topics import DEAD_LETTERS, INBOUND, RECIPIENTS, STATUSES, Topic
+from shared.kafka.broker import EmbeddedBroker, free_port
+from shared.kafka.clients import OutRecord, bootstrap
 from simulators.optimove import FailureMode, OptimoveSimulator
 from tests.support import (
     AGGREGATOR_API_KEY,

@@ -10,8 +10,8 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.structs import OffsetAndMetadata
 
-from shared.broker import ApacheKafkaBroker, BrokerError, distribution
-from shared.broker.apache_kafka import answering_cluster
+from shared.kafka.broker import ApacheKafkaBroker, BrokerError, distribution
+from shared.kafka.broker.apache_kafka import answering_cluster
 
 pytestmark = [
     pytest.mark.integration,

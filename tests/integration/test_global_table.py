@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from shared.broker import EmbeddedBroker
 from shared.config import Settings
-from shared.events import OptOutChange
-from shared.kafka import OutRecord, Publisher, make_producer
-from shared.store import GlobalTable
-from shared.topics import OPT_OUTS
+from shared.contract.events import OptOutChange
+from shared.contract.topics import OPT_OUTS
+from shared.kafka.broker import EmbeddedBroker
+from shared.kafka.clients import OutRecord, Publisher, make_producer
+from shared.kafka.store import GlobalTable
 from tests.support import wait_for
 
 pytestmark = pytest.mark.integration

@@ -15,13 +15,13 @@ from prometheus_client import REGISTRY
 
 from services.ingress.app import IngressService, build
 from services.ingress.ledger import ledger_key
-from shared.broker import EmbeddedBroker
 from shared.config import Settings
-from shared.events import DispatchRecord, IngressRequestAccepted, RecipientMessage
-from shared.ids import message_id, request_key
-from shared.kafka import make_admin
-from shared.signing import sign
-from shared.topics import DISPATCHES, INGRESS_REQUESTS, RECIPIENTS, ensure_topics
+from shared.contract.events import DispatchRecord, IngressRequestAccepted, RecipientMessage
+from shared.contract.ids import message_id, request_key
+from shared.contract.signing import sign
+from shared.contract.topics import DISPATCHES, INGRESS_REQUESTS, RECIPIENTS, ensure_topics
+from shared.kafka.broker import EmbeddedBroker
+from shared.kafka.clients import make_admin
 from tests.support import (
     AGGREGATOR_API_KEY,
     TENANT,

@@ -16,11 +16,11 @@ import aiohttp
 import pytest
 
 from services.ingress.app import IngressService, build
-from shared.broker import EmbeddedBroker
 from shared.config import Settings, split_listen
-from shared.events import RecipientMessage
-from shared.signing import sign
-from shared.topics import RECIPIENTS
+from shared.contract.events import RecipientMessage
+from shared.contract.signing import sign
+from shared.contract.topics import RECIPIENTS
+from shared.kafka.broker import EmbeddedBroker
 from tests.support import AGGREGATOR_API_KEY, TENANT, TENANT_SECRET, make_settings, read_topic
 from tests.support import running as running_service
 from tests.support.optimove_bodies import campaign_body

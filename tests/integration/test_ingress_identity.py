@@ -17,15 +17,15 @@ import pytest
 from prometheus_client import REGISTRY
 
 from services.ingress.app import IngressService, build
-from services.ingress.campaign import parse_campaign
+from services.ingress.batch import parse_campaign
 from services.ingress.ledger import ledger_key
-from shared.broker import EmbeddedBroker
 from shared.config import Settings
-from shared.events import IngressRequestAccepted, RecipientMessage, utcnow
-from shared.ids import content_request_key, message_id, request_key
-from shared.kafka import OutRecord, Publisher
-from shared.signing import sign
-from shared.topics import INGRESS_REQUESTS, RECIPIENTS
+from shared.contract.events import IngressRequestAccepted, RecipientMessage, utcnow
+from shared.contract.ids import content_request_key, message_id, request_key
+from shared.contract.signing import sign
+from shared.contract.topics import INGRESS_REQUESTS, RECIPIENTS
+from shared.kafka.broker import EmbeddedBroker
+from shared.kafka.clients import OutRecord, Publisher
 from tests.support import (
     AGGREGATOR_API_KEY,
     TENANT,

@@ -8,10 +8,10 @@ import pytest
 
 from bench.stack import count_records
 from services.ingress.produce import BatchPublisher
-from shared.broker import EmbeddedBroker
 from shared.config import KafkaSettings
-from shared.kafka import Publisher, make_producer
-from shared.topics import RECIPIENTS
+from shared.contract.topics import RECIPIENTS
+from shared.kafka.broker import EmbeddedBroker
+from shared.kafka.clients import Publisher, make_producer
 from tests.support import make_settings
 
 pytestmark = pytest.mark.integration

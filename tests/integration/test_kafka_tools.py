@@ -19,12 +19,12 @@ import pytest
 from aiokafka import AIOKafkaProducer
 from prometheus_client import REGISTRY
 
-from shared.broker import EmbeddedBroker, distribution
 from shared.config import RunnerSettings, Settings
-from shared.kafka import OutRecord, bootstrap, group_name
-from shared.runner import Record
-from shared.service import ConsumerService
-from shared.topics import ALL_TOPICS, STATUSES, Topic
+from shared.contract.topics import ALL_TOPICS, STATUSES, Topic
+from shared.kafka.broker import EmbeddedBroker, distribution
+from shared.kafka.clients import OutRecord, bootstrap, group_name
+from shared.kafka.runner import Record
+from shared.kafka.service import ConsumerService
 from tests.support import create_topic, make_settings, running, wait_for
 from tests.support.ops import committed, config_data, smsbridge, write_config
 from tools.replay import ToTime, replay

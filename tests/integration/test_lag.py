@@ -9,12 +9,12 @@ import pytest
 from aiokafka import AIOKafkaProducer
 from prometheus_client import REGISTRY
 
-from shared.broker import EmbeddedBroker
 from shared.config import RunnerSettings
-from shared.kafka import OutRecord, bootstrap
-from shared.runner import Record
-from shared.service import ConsumerService
-from shared.topics import Topic
+from shared.contract.topics import Topic
+from shared.kafka.broker import EmbeddedBroker
+from shared.kafka.clients import OutRecord, bootstrap
+from shared.kafka.runner import Record
+from shared.kafka.service import ConsumerService
 from tests.support import create_topic, make_settings, running, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.smoke]

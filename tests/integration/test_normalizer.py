@@ -11,9 +11,8 @@ from prometheus_client import REGISTRY
 
 from services.callbacks.app import provider_events
 from services.normalizer.app import build
-from shared.broker import EmbeddedBroker
 from shared.config import Settings
-from shared.events import (
+from shared.contract.events import (
     DeadLetter,
     DispatchRecord,
     InboundMessage,
@@ -22,10 +21,11 @@ from shared.events import (
     StatusEvent,
     utcnow,
 )
-from shared.kafka import OutRecord, Publisher, make_producer
+from shared.contract.topics import DEAD_LETTERS, DISPATCHES, INBOUND, PROVIDER_EVENTS, STATUSES
+from shared.kafka.broker import EmbeddedBroker
+from shared.kafka.clients import OutRecord, Publisher, make_producer
 from shared.providers.opensms import OpenSms
 from shared.providers.otpiq import FIXTURES, Otpiq
-from shared.topics import DEAD_LETTERS, DISPATCHES, INBOUND, PROVIDER_EVENTS, STATUSES
 from tests.support import TENANT, make_settings, read_topic, running, wait_for
 
 pytestmark = pytest.mark.integration

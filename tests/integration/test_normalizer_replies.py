@@ -17,9 +17,8 @@ from prometheus_client import REGISTRY
 
 from services.callbacks.app import build as build_callbacks
 from services.normalizer.app import build
-from shared.broker import EmbeddedBroker
 from shared.config import Settings
-from shared.events import (
+from shared.contract.events import (
     DeadLetter,
     DispatchRecord,
     InboundMessage,
@@ -31,9 +30,7 @@ from shared.events import (
     ProviderEventKind,
     StatusEvent,
 )
-from shared.kafka import OutRecord, Publisher, make_producer
-from shared.providers import callback_url
-from shared.topics import (
+from shared.contract.topics import (
     DEAD_LETTERS,
     DISPATCHES,
     INBOUND,
@@ -43,6 +40,9 @@ from shared.topics import (
     PROVIDER_EVENTS,
     STATUSES,
 )
+from shared.kafka.broker import EmbeddedBroker
+from shared.kafka.clients import OutRecord, Publisher, make_producer
+from shared.providers import callback_url
 from tests.support import make_settings, read_topic, running, wait_for
 from tests.support.providers import post_provider_callback
 

@@ -20,10 +20,10 @@ from services.callbacks.app import build as build_callbacks
 from services.ingress.app import build as build_ingress
 from services.normalizer.app import build as build_normalizer
 from services.sender.app import build as build_sender
-from shared.broker import EmbeddedBroker, free_port
-from shared.events import StatusEvent
+from shared.contract.events import StatusEvent
+from shared.contract.topics import STATUSES
+from shared.kafka.broker import EmbeddedBroker, free_port
 from shared.providers import callback_url
-from shared.topics import STATUSES
 from tests.support import TENANT, read_topic, wait_for
 from tests.support.pipeline import pipeline, post_campaign
 from tests.support.providers import OPENSMS_ACCOUNT, bulk_provider_settings

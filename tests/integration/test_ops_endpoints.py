@@ -12,8 +12,8 @@ import pytest
 
 from services.callbacks.app import build as build_callbacks
 from services.ingress.app import build as build_ingress
-from shared.broker import EmbeddedBroker
 from shared.config import Settings
+from shared.kafka.broker import EmbeddedBroker
 from tests.support import make_settings, running
 from tests.support.ops import config_data, start_service, stop_service, wait_ready, write_config
 

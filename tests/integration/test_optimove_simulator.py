@@ -16,11 +16,11 @@ import aiohttp
 import orjson
 import pytest
 
-from shared.broker import free_port
 from shared.config import OptimoveContractSettings, Settings
-from shared.events import CanonicalStatus, InboundMessage, MessageContext, StatusEvent
-from shared.optimove import API_KEY_HEADER, OptimoveContract, SignedRequest
-from shared.signing import SIGNATURE_HEADER, sign, verify
+from shared.contract.events import CanonicalStatus, InboundMessage, MessageContext, StatusEvent
+from shared.contract.optimove import API_KEY_HEADER, OptimoveContract, SignedRequest
+from shared.contract.signing import SIGNATURE_HEADER, sign, verify
+from shared.kafka.broker import free_port
 from simulators.campaign_load import follow_tally, judge
 from simulators.optimove import FailureMode, OptimoveSimulator
 from tests.support import TENANT, TENANT_API_TOKEN, TENANT_SECRET, make_settings

@@ -9,10 +9,10 @@ import aiohttp
 import orjson
 import pytest
 
-from shared.broker import free_port
 from shared.config import OptimoveContractSettings
-from shared.events import MessageContext, StatusEvent
-from shared.optimove import OptimoveContract
+from shared.contract.events import MessageContext, StatusEvent
+from shared.contract.optimove import OptimoveContract
+from shared.kafka.broker import free_port
 from simulators.optimove import OptimoveSimulator
 from tests.support import TENANT, TENANT_API_TOKEN, TENANT_SECRET, make_settings
 

@@ -9,8 +9,8 @@ from typing import Any
 import orjson
 import pytest
 
-from shared.broker import EmbeddedBroker
-from shared.signing import verify
+from shared.contract.signing import verify
+from shared.kafka.broker import EmbeddedBroker
 from simulators.campaign_load import sample_numbers
 from tests.support import TENANT_SECRET, make_settings, wait_for
 from tests.support.pipeline import pipeline, post_campaign, simulated_optimove, simulated_providers

@@ -12,15 +12,15 @@ import orjson
 import pytest
 
 from services.callbacks.app import build
-from shared.broker import EmbeddedBroker, free_port
-from shared.events import ProviderEvent
+from shared.contract.events import ProviderEvent
+from shared.contract.topics import PROVIDER_EVENTS
+from shared.kafka.broker import EmbeddedBroker, free_port
 from shared.providers import callback_url
 from shared.providers import octopush as octopush_module
 from shared.providers import opensms as opensms_module
 from shared.providers.base import OutboundSms, SendAccepted
 from shared.providers.octopush import Octopush
 from shared.providers.opensms import OpenSms
-from shared.topics import PROVIDER_EVENTS
 from simulators.providers import ProviderSimulator, callback_urls_from_settings
 from tests.support import read_topic, running, wait_for
 from tests.support.providers import (

@@ -15,7 +15,9 @@ import pytest
 from aiohttp import web
 from multidict import CIMultiDict
 
-from shared.broker import free_port
+from shared.contract.statuses import SubStatus
+from shared.kafka.broker import free_port
+from shared.kafka.service import serve
 from shared.providers import callback_url
 from shared.providers.base import OutboundSms, SendAccepted, SendError
 from shared.providers.octopush import FIXTURES as OCTOPUSH_FIXTURES
@@ -23,8 +25,6 @@ from shared.providers.octopush import Octopush
 from shared.providers.opensms import FIXTURES as OPENSMS_FIXTURES
 from shared.providers.opensms import OpenSms
 from shared.providers.otpiq import FIXTURES, WEBHOOK_SECRET_HEADER, Otpiq
-from shared.service import serve
-from shared.statuses import SubStatus
 from simulators.providers import (
     OpenSmsProtocol,
     OptionsError,

@@ -16,12 +16,12 @@ from aiokafka.structs import OffsetAndMetadata
 
 from services.normalizer.app import build as build_normalizer
 from services.reporter.app import build as build_reporter
-from shared.broker import EmbeddedBroker, free_port
 from shared.config import Settings
-from shared.events import StatusEvent
-from shared.kafka import bootstrap
-from shared.service import ConsumerService
-from shared.topics import DISPATCHES, PROVIDER_EVENTS, STATUSES, Topic
+from shared.contract.events import StatusEvent
+from shared.contract.topics import DISPATCHES, PROVIDER_EVENTS, STATUSES, Topic
+from shared.kafka.broker import EmbeddedBroker, free_port
+from shared.kafka.clients import bootstrap
+from shared.kafka.service import ConsumerService
 from simulators.optimove import OptimoveSimulator
 from tests.support import (
     TENANT,

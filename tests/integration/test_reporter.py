@@ -16,9 +16,8 @@ import pytest
 from prometheus_client import REGISTRY
 
 from services.reporter.app import build
-from shared.broker import EmbeddedBroker, free_port
 from shared.config import Settings
-from shared.events import (
+from shared.contract.events import (
     CanonicalStatus,
     DeadLetter,
     Event,
@@ -26,10 +25,11 @@ from shared.events import (
     MessageContext,
     StatusEvent,
 )
-from shared.kafka import OutRecord, Publisher, make_producer
-from shared.optimove import API_KEY_HEADER
-from shared.signing import SIGNATURE_HEADER, verify
-from shared.topics import DEAD_LETTERS, INBOUND, STATUSES, Topic
+from shared.contract.optimove import API_KEY_HEADER
+from shared.contract.signing import SIGNATURE_HEADER, verify
+from shared.contract.topics import DEAD_LETTERS, INBOUND, STATUSES, Topic
+from shared.kafka.broker import EmbeddedBroker, free_port
+from shared.kafka.clients import OutRecord, Publisher, make_producer
 from simulators.optimove import FailureMode, OptimoveSimulator
 from tests.support import (
     TENANT,

@@ -15,11 +15,11 @@ from typing import IO
 import orjson
 import pytest
 
-from shared.broker import EmbeddedBroker, free_port
 from shared.config import Settings, load_settings
-from shared.events import MessageContext, StatusEvent
-from shared.kafka import EMBEDDED_BOOTSTRAP_ENV, OutRecord, Publisher, make_producer
-from shared.topics import STATUSES
+from shared.contract.events import MessageContext, StatusEvent
+from shared.contract.topics import STATUSES
+from shared.kafka.broker import EmbeddedBroker, free_port
+from shared.kafka.clients import EMBEDDED_BOOTSTRAP_ENV, OutRecord, Publisher, make_producer
 from simulators.optimove import OptimoveSimulator
 from tests.support import TENANT, TENANT_API_TOKEN, TENANT_SECRET, wait_for
 

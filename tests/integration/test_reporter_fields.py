@@ -18,11 +18,11 @@ import pytest
 from aiohttp import web
 
 from services.reporter.app import build
-from shared.broker import EmbeddedBroker, free_port
 from shared.config import Settings
-from shared.events import CanonicalStatus, DeadLetter, MessageContext, StatusEvent
-from shared.kafka import OutRecord, Publisher, make_producer
-from shared.topics import DEAD_LETTERS, STATUSES
+from shared.contract.events import CanonicalStatus, DeadLetter, MessageContext, StatusEvent
+from shared.contract.topics import DEAD_LETTERS, STATUSES
+from shared.kafka.broker import EmbeddedBroker, free_port
+from shared.kafka.clients import OutRecord, Publisher, make_producer
 from simulators.optimove import (
     DELIVERY_REPORT,
     OptimoveSimulator,

@@ -16,12 +16,12 @@ from services.normalizer.app import build as build_normalizer
 from services.normalizer.handler import INPUT_TOPICS
 from services.reporter.app import build as build_reporter
 from services.sender.app import build as build_sender
-from shared.broker import EmbeddedBroker, free_port
 from shared.config import Settings
-from shared.events import DispatchRecord, StatusEvent
-from shared.kafka import OutRecord
-from shared.service import ConsumerService, Service
-from shared.topics import DEFAULT_PARTITIONS, DISPATCHES, RECIPIENTS, STATUSES
+from shared.contract.events import DispatchRecord, StatusEvent
+from shared.contract.topics import DEFAULT_PARTITIONS, DISPATCHES, RECIPIENTS, STATUSES
+from shared.kafka.broker import EmbeddedBroker, free_port
+from shared.kafka.clients import OutRecord
+from shared.kafka.service import ConsumerService, Service
 from simulators.optimove import FailureMode, OptimoveSimulator
 from simulators.providers import ProviderSimulator
 from tests.support import (

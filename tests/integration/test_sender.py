@@ -13,18 +13,18 @@ import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from services.sender.app import build
-from shared import topics
-from shared.broker import EmbeddedBroker, free_port
 from shared.config import Settings
-from shared.events import (
+from shared.contract import topics
+from shared.contract.events import (
     DeadLetter,
     DispatchRecord,
     OptOutChange,
     RecipientMessage,
     utcnow,
 )
-from shared.kafka import OutRecord, Publisher, bootstrap, group_name, make_producer
-from shared.statuses import SubStatus
+from shared.contract.statuses import SubStatus
+from shared.kafka.broker import EmbeddedBroker, free_port
+from shared.kafka.clients import OutRecord, Publisher, bootstrap, group_name, make_producer
 from simulators.providers import ProviderSimulator
 from tests.support import TENANT, make_settings, read_topic, running, wait_for
 from tests.support.ops import recipient

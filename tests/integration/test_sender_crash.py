@@ -18,11 +18,11 @@ from pathlib import Path
 import pytest
 from aiokafka import AIOKafkaConsumer
 
-from shared import topics
-from shared.broker import EmbeddedBroker, free_port
 from shared.config import Settings
-from shared.events import DispatchRecord, decode
-from shared.kafka import bootstrap
+from shared.contract import topics
+from shared.contract.events import DispatchRecord, decode
+from shared.kafka.broker import EmbeddedBroker, free_port
+from shared.kafka.clients import bootstrap
 from simulators.providers import ProviderSimulator
 from tests.integration.test_sender import publish
 from tests.support import (

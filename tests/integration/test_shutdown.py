@@ -14,13 +14,13 @@ import pytest
 from aiokafka import AIOKafkaProducer, TopicPartition
 
 from services.normalizer.app import build as build_normalizer
-from shared.broker import EmbeddedBroker
 from shared.config import RunnerSettings, Settings
-from shared.events import StatusEvent
-from shared.kafka import OutRecord, bootstrap
-from shared.runner import Record
-from shared.service import ConsumerService
-from shared.topics import DISPATCHES, STATUSES, Topic
+from shared.contract.events import StatusEvent
+from shared.contract.topics import DISPATCHES, STATUSES, Topic
+from shared.kafka.broker import EmbeddedBroker
+from shared.kafka.clients import OutRecord, bootstrap
+from shared.kafka.runner import Record
+from shared.kafka.service import ConsumerService
 from tests.support import create_topic, make_settings, running, wait_for
 from tests.support.ops import (
     QUICK_GROUP,

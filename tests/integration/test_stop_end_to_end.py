@@ -14,12 +14,12 @@ from typing import Any
 import orjson
 import pytest
 
-from shared.broker import EmbeddedBroker
 from shared.config import Route
-from shared.events import LastInbound, OptOutChange, utcnow
-from shared.kafka import OutRecord, Publisher, make_producer
+from shared.contract.events import LastInbound, OptOutChange, utcnow
+from shared.contract.topics import LAST_INBOUND, OPT_OUTS
+from shared.kafka.broker import EmbeddedBroker
+from shared.kafka.clients import OutRecord, Publisher, make_producer
 from shared.providers import callback_url
-from shared.topics import LAST_INBOUND, OPT_OUTS
 from simulators.optimove import OptimoveSimulator
 from simulators.providers import callback_urls_from_settings
 from tests.support import TENANT, read_topic, wait_for

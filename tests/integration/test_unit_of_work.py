@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from shared.broker import EmbeddedBroker
 from shared.config import Settings
-from shared.kafka import Publisher, make_producer
-from shared.store import ChangelogStore, Entry
-from shared.topics import NORMALIZER_STATE
-from shared.unit_of_work import UnitOfWork
+from shared.contract.topics import NORMALIZER_STATE
+from shared.kafka.broker import EmbeddedBroker
+from shared.kafka.clients import Publisher, make_producer
+from shared.kafka.store import ChangelogStore, Entry
+from shared.kafka.unit_of_work import UnitOfWork
 
 pytestmark = pytest.mark.integration
 

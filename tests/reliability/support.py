@@ -18,10 +18,10 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from bench import load
 from bench.stack import OPTIMOVE_SIMULATOR, PROVIDER, Stack
-from shared.broker import free_port
 from shared.config import Settings
-from shared.kafka import bootstrap
-from shared.topics import Topic
+from shared.contract.topics import Topic
+from shared.kafka.broker import free_port
+from shared.kafka.clients import bootstrap
 
 OPENSMS_ACCOUNT = "opensms-rel"
 OPENSMS_CALLBACK_TOKEN = "rel-opensms-callback-token"

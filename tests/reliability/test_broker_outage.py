@@ -21,8 +21,8 @@ import pytest
 from bench import load
 from bench.stack import ProviderSimulatorOptions, Stack
 from services import SERVICES
-from shared.events import DeadLetter
-from shared.topics import DEAD_LETTERS
+from shared.contract.events import DeadLetter
+from shared.contract.topics import DEAD_LETTERS
 from tests.reliability.profile import current
 from tests.reliability.support import (
     final_reports,

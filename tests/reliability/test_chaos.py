@@ -1,37 +1,11 @@
 """Chaos: a campaign through the whole pipeline while its processes are killed (issue 7).
 
-Every service and both simulators run as processes of their own on one broker (``bench.stack``).
-The campaign (``chaos_recipients``, 20,000 in the full form) is posted to ingress in signed
-batches spread over ``chaos_post_seconds``, and meanwhile:
-
-1. the provider simulator answers ``provider_failure_rate`` (30%) of sends with HTTP 500 for
-   ``provider_failure_seconds`` (a minute in the full form);
-2. each consumer service in turn (sender, normalizer, reporter, and any other consumer
-   ``services.SERVICES`` runs) is SIGKILLed and started again;
-3. the simulated Optimove is SIGKILLed and started again; its ``--record`` file keeps its tally.
-
-Then, for every recipient:
-
-- **one final report at Optimove.** Each recipient has a final report, no two of its final
-  reports differ, and a final report is repeated only where HTTP delivery cannot avoid it: when
-  the reporter was killed after Optimove accepted a report and before the reporter committed it,
-  or when Optimove was killed after recording a report and before answering it. Such a repeat is
-  identical to the first, its first copy arrived within ``REPEAT_WINDOW_S`` before one of those
-  kills (or after it, before the killed process was back: requests the dead reporter had sent,
-  read late by a busy Optimove), and there are at most the reports a reporter has in flight per
-  kill (its runner's ``max_in_flight`` plus ``parked_max_in_flight``). The test prints how many
-  there were.
-- **At most one send per route:** no (account, number, text) appears twice in the provider
-  simulator's record of accepted sends.
-- **Dead letters are exactly what the faults explain** (``expected_dead_letters``): the
-  sender's "every route failed" for a message whose every attempt met an injected 500 (reported
-  ``Failed``/``ProviderError``, never accepted by the provider), and nothing else. (The killed
-  sender also leaves "outcome unknown" messages: calls in flight at the kill, reported
-  ``Failed``/``ProviderError`` and never sent again, at most the account's ``max_in_flight`` per
-  kill. Those the provider did accept have callbacks no dispatch record will match; the
-  normalizer dead-letters them after ``unmatched_after_s``, 600 s, after the test. Shortening that
-  wait is no option: it must outlast a sender's recovery, or late dispatch records find their
-  callbacks gone and their recipients never get a final report.)
+Every service and both simulators run as processes of their own on one broker (``bench.stack``);
+a campaign is posted while the provider fails a share of sends, each consumer service in turn is
+SIGKILLed and restarted, and so is the simulated Optimove. Then every recipient has one final
+report at Optimove (repeats only where HTTP delivery cannot avoid them), no route sent a message
+twice, and the dead letters are exactly what the faults explain. What each assertion allows, and
+why: docs/reliability.md.
 """
 
 from __future__ import annotations
@@ -60,9 +34,9 @@ from bench.stack import (
     deep_merge,
 )
 from services import SERVICES
-from shared.events import DeadLetter
-from shared.statuses import SubStatus
-from shared.topics import DEAD_LETTERS
+from shared.contract.events import DeadLetter
+from shared.contract.statuses import SubStatus
+from shared.contract.topics import DEAD_LETTERS
 from tests.reliability.profile import current
 from tests.reliability.support import (
     FinalReport,

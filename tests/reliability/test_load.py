@@ -28,8 +28,8 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from bench import load
 from bench.results import percentile
 from bench.stack import Stack
-from shared.kafka import bootstrap
-from shared.topics import RECIPIENTS
+from shared.contract.topics import RECIPIENTS
+from shared.kafka.clients import bootstrap
 from tests.reliability.profile import current
 
 pytestmark = pytest.mark.integration

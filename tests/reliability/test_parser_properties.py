@@ -1,13 +1,11 @@
 """Bad input, pure functions: every parser and validator that reads what a peer sent answers with
 its documented refusal and never with anything else (issue 7, "Bad input").
 
-- Optimove's campaign request: ``parse_campaign`` raises only ``InvalidJson``/``SchemaViolation``
-  (ingress answers 400); what it accepts becomes records that decode as the event models.
-- Provider callbacks, per provider: ``parse_callback`` raises only ``CallbackRejected`` and the
-  callbacks service's ``encode_events`` only ``CallbackRejected`` (both answered 400), whatever
-  the body and content type.
+- Optimove's campaign request: ``parse_campaign`` raises only ``InvalidJson``/``SchemaViolation``;
+  what it accepts becomes records that decode as the event models.
+- Provider callbacks: ``parse_callback`` and ``encode_events`` raise only ``CallbackRejected``.
 - Signatures and secrets: ``verify`` returns a verdict and ``constant_time_equals`` a boolean for
-  any header value, including the surrogate-escaped text aiohttp makes of non-UTF-8 header bytes.
+  any header value, including the surrogate-escaped text of non-UTF-8 header bytes.
 - Phone numbers: ``to_e164`` and ingress's fast normaliser raise only ``InvalidNumber``, agree,
   and what they accept is E.164 that normalises to itself.
 
@@ -30,16 +28,16 @@ from hypothesis import strategies as st
 from phonenumbers.phonenumberutil import SUPPORTED_REGIONS
 
 from services.callbacks.app import encode_events, provider_events
-from services.ingress.campaign import InvalidJson, SchemaViolation, build_records, parse_campaign
+from services.ingress.batch import InvalidJson, SchemaViolation, build_records, parse_campaign
 from services.ingress.e164 import reader
-from shared.events import DispatchRecord, ProviderEvent, RecipientMessage, decode
-from shared.numbers import InvalidNumber, to_e164
+from shared.contract.events import DispatchRecord, ProviderEvent, RecipientMessage, decode
+from shared.contract.numbers import InvalidNumber, to_e164
+from shared.contract.signing import SignatureFailure, constant_time_equals, sign, verify
 from shared.providers import PROVIDER_KINDS
 from shared.providers.base import CallbackRejected, ParsedCallback, Provider
 from shared.providers.octopush import FIXTURES as OCTOPUSH_FIXTURES
 from shared.providers.opensms import FIXTURES as OPENSMS_FIXTURES
 from shared.providers.otpiq import FIXTURES as OTPIQ_FIXTURES
-from shared.signing import SignatureFailure, constant_time_equals, sign, verify
 from tests.reliability.profile import current
 from tests.support import TENANT, make_settings
 

@@ -12,12 +12,12 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import NewTopic
 
 from bench.stack import deep_merge
-from shared.broker import free_port
 from shared.config import Settings
-from shared.events import E, decode
-from shared.kafka import bootstrap, make_admin
-from shared.service import Startable
-from shared.topics import Topic, wait_for_leaders
+from shared.contract.events import E, decode
+from shared.contract.topics import Topic, wait_for_leaders
+from shared.kafka.broker import free_port
+from shared.kafka.clients import bootstrap, make_admin
+from shared.kafka.service import Startable
 
 S = TypeVar("S", bound=Startable)
 

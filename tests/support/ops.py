@@ -22,7 +22,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from bench.stack import to_toml
 from shared.config import Settings, load_settings
-from shared.events import (
+from shared.contract.events import (
     DispatchRecord,
     E,
     MessageContext,
@@ -32,9 +32,16 @@ from shared.events import (
     decode,
     utcnow,
 )
-from shared.kafka import OutRecord, Publisher, bootstrap, group_name, make_admin, make_producer
+from shared.contract.topics import DISPATCHES, PROVIDER_EVENTS, STATUSES, Topic
+from shared.kafka.clients import (
+    OutRecord,
+    Publisher,
+    bootstrap,
+    group_name,
+    make_admin,
+    make_producer,
+)
 from shared.providers.otpiq import FIXTURES, Otpiq
-from shared.topics import DISPATCHES, PROVIDER_EVENTS, STATUSES, Topic
 from tests.support import TENANT, settings_data, wait_for
 from tools.replay import committed_offsets, live_members, offsets_consumer
 
@@ -55,9 +62,6 @@ def write_config(path: Path, data: Mapping[str, Any]) -> Settings:
     """Write ``data`` as a TOML file and load it the way ``smsbridge --config`` does."""
     path.write_text(to_toml(data), encoding="utf-8")
     return load_settings(path)
-
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 async def smsbridge(*argv: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:

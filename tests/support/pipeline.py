@@ -17,10 +17,10 @@ from services.ingress.app import build as build_ingress
 from services.normalizer.app import build as build_normalizer
 from services.reporter.app import build as build_reporter
 from services.sender.app import build as build_sender
-from shared.broker import free_port
 from shared.config import Settings
-from shared.service import Service, Startable
-from shared.signing import sign
+from shared.contract.signing import sign
+from shared.kafka.broker import free_port
+from shared.kafka.service import Service, Startable
 from simulators.optimove import OptimoveSimulator
 from simulators.providers import ProviderSimulator
 from tests.support import AGGREGATOR_API_KEY, TENANT, TENANT_API_TOKEN, TENANT_SECRET, running

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from aiokafka.structs import ConsumerRecord
 
-from shared.runner import Record
+from shared.kafka.runner import Record
 
 
 def consumer_record(

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from shared import broker
-from shared.broker import BrokerError, apache_kafka, choose_kind, distribution, free_port
+from shared.kafka import broker
+from shared.kafka.broker import BrokerError, apache_kafka, choose_kind, distribution, free_port
 
 
 @pytest.fixture
@@ -38,9 +38,9 @@ def test_without_java_the_choice_is_tansu_and_one_line_says_why(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     monkeypatch.delenv(broker.EMBEDDED_BROKER_ENV, raising=False)
-    with caplog.at_level(logging.WARNING, logger="shared.broker"):
+    with caplog.at_level(logging.WARNING, logger="shared.kafka.broker"):
         assert choose_kind() == "tansu"
-    [line] = [r.getMessage() for r in caplog.records if r.name == "shared.broker"]
+    [line] = [r.getMessage() for r in caplog.records if r.name == "shared.kafka.broker"]
     assert "Tansu" in line and "Java is not installed" in line
 
 

@@ -20,8 +20,8 @@ from services.campaigns.counts import (
     summarize,
     to_event,
 )
-from shared.campaigns import AUTO_REPLIES
-from shared.events import (
+from shared.contract.campaign_controls import AUTO_REPLIES
+from shared.contract.events import (
     DeadLetter,
     InboundMessage,
     IngressRequestAccepted,
@@ -31,7 +31,13 @@ from shared.events import (
     ReportOutcome,
     StatusEvent,
 )
-from shared.topics import DEAD_LETTERS, INGRESS_REQUESTS, RECIPIENTS, REPORT_OUTCOMES, STATUSES
+from shared.contract.topics import (
+    DEAD_LETTERS,
+    INGRESS_REQUESTS,
+    RECIPIENTS,
+    REPORT_OUTCOMES,
+    STATUSES,
+)
 
 NOW = 1_800_000_000.0
 AT = NOW - 5

@@ -8,9 +8,9 @@ import orjson
 import phonenumbers
 import pytest
 
-from shared import ids
-from shared.numbers import InvalidNumber, to_e164
-from shared.signing import verify
+from shared.contract import ids
+from shared.contract.numbers import InvalidNumber, to_e164
+from shared.contract.signing import verify
 from simulators.campaign_load import (
     INVALID_NUMBER,
     Campaign,

@@ -23,7 +23,7 @@ from services.campaigns.counts import (
     to_event,
 )
 from services.campaigns.mirror import CampaignTotals, CountsMirror
-from shared.topics import DEAD_LETTERS, INGRESS_REQUESTS, STATUSES
+from shared.contract.topics import DEAD_LETTERS, INGRESS_REQUESTS, STATUSES
 from tests.support import make_settings
 
 NOW = 1_800_000_000.0

@@ -19,18 +19,18 @@ from prometheus_client import REGISTRY
 
 from services.campaigns.counts import Counts, counts_key, to_event
 from services.campaigns.tracker import CountsTracker
-from shared.campaigns import AUTO_REPLIES
-from shared.events import (
+from shared.contract.campaign_controls import AUTO_REPLIES
+from shared.contract.events import (
     CampaignCounts,
     IngressRequestAccepted,
     MessageContext,
     RecipientMessage,
     StatusEvent,
 )
-from shared.kafka import KafkaUnavailable, OutRecord, Publisher
-from shared.runner import Record
-from shared.store import PartitionNotReady
-from shared.topics import CAMPAIGN_COUNTS, INGRESS_REQUESTS, RECIPIENTS, STATUSES
+from shared.contract.topics import CAMPAIGN_COUNTS, INGRESS_REQUESTS, RECIPIENTS, STATUSES
+from shared.kafka.clients import KafkaUnavailable, OutRecord, Publisher
+from shared.kafka.runner import Record
+from shared.kafka.store import PartitionNotReady
 from tests.support import make_settings
 
 NOW = 1_800_000_000.0

@@ -9,7 +9,7 @@ import pytest
 
 from services.normalizer.join import Joiner, JoinPolicy, provider_status_mapper
 from shared.config import ProviderSettings
-from shared.events import DispatchRecord, MessageContext
+from shared.contract.events import DispatchRecord, MessageContext
 from shared.providers import PROVIDER_KINDS
 from shared.providers.base import OutboundSms
 from shared.providers.dryrun import (

@@ -13,7 +13,7 @@ import uvloop
 
 from shared import gcpolicy
 from shared.config import Settings
-from shared.service import run
+from shared.kafka.service import run
 
 
 @pytest.fixture(autouse=True)

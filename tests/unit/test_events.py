@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import orjson
 
-from shared.events import StateChange, decode
+from shared.contract.events import StateChange, decode
 
 
 def test_a_state_change_encodes_to_the_generic_event_bytes() -> None:

@@ -14,13 +14,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from phonenumbers.phonenumberutil import COUNTRY_CODE_TO_REGION_CODE, SUPPORTED_REGIONS
 
-from services.ingress.campaign import build_records, parse_campaign
+from services.ingress.batch import build_records, parse_campaign
 from services.ingress.e164 import fast_read, reader
 from services.ingress.produce import murmur2, partition_for
 from shared.config import TenantSettings
-from shared.events import MessageContext, RecipientMessage
-from shared.ids import message_id
-from shared.numbers import BareDigits, InvalidNumber, read_number, to_e164
+from shared.contract.events import MessageContext, RecipientMessage
+from shared.contract.ids import message_id
+from shared.contract.numbers import BareDigits, InvalidNumber, read_number, to_e164
 
 REGIONS = sorted(SUPPORTED_REGIONS)
 CALLING_CODES = sorted(COUNTRY_CODE_TO_REGION_CODE)

@@ -6,8 +6,8 @@ import asyncio
 from datetime import UTC, datetime
 
 from services.ingress.ledger import RequestLedger, ledger_key
-from shared.events import IngressRequestAccepted
-from shared.ids import content_request_key
+from shared.contract.events import IngressRequestAccepted
+from shared.contract.ids import content_request_key
 
 NOW = datetime(2026, 3, 1, 12, 0, tzinfo=UTC).timestamp()
 HOUR = 3600.0
@@ -87,7 +87,7 @@ def test_forgets_entries_past_the_retention() -> None:
 # -- id-less requests (issue 14, point 1) ----------------------------------------------------------
 
 MINUTE = 60.0
-CONTENT = "c:" + "ab" * 16  # shared.ids.content_key of some auto reply
+CONTENT = "c:" + "ab" * 16  # shared.contract.ids.content_key of some auto reply
 
 
 def claim(first_at: float, *, pending: bool = True, accepted: int = 0) -> IngressRequestAccepted:

@@ -6,10 +6,16 @@ import orjson
 
 from services.callbacks.app import provider_events
 from services.normalizer.join import Joiner, JoinPolicy, JoinResult, JoinState
-from shared import ids
-from shared.events import DispatchOutcome, DispatchRecord, MessageContext, ProviderEvent, utcnow
+from shared.contract import ids
+from shared.contract.events import (
+    DispatchOutcome,
+    DispatchRecord,
+    MessageContext,
+    ProviderEvent,
+    utcnow,
+)
+from shared.contract.topics import PROVIDER_EVENTS
 from shared.providers.otpiq import FIXTURES, Otpiq
-from shared.topics import PROVIDER_EVENTS
 
 ACCOUNT = "otpiq-main"
 POLICY = JoinPolicy(unmatched_after_s=600.0, dlr_timeout_s=3600.0, keep_finished_s=7200.0)

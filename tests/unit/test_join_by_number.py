@@ -9,7 +9,7 @@ import orjson
 from services.callbacks.app import provider_events
 from services.normalizer.join import Joiner, JoinPolicy, JoinResult, JoinState
 from services.normalizer.number_match import NumberSlot, pick, to_evict
-from shared.events import DispatchRecord, MessageContext, ProviderEvent
+from shared.contract.events import DispatchRecord, MessageContext, ProviderEvent
 from shared.providers.opensms import OpenSms
 
 ACCOUNT = "opensms-ke"

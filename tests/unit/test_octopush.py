@@ -9,7 +9,8 @@ import aiohttp
 import orjson
 import pytest
 
-from shared.broker import free_port
+from shared.contract.statuses import SubStatus
+from shared.kafka.broker import free_port
 from shared.providers import PROVIDER_KINDS, callback_url
 from shared.providers.base import (
     CallbackRejected,
@@ -21,7 +22,6 @@ from shared.providers.base import (
 )
 from shared.providers.bulk import plan_calls
 from shared.providers.octopush import FIXTURES, Octopush, paris_date, paris_time, request_id
-from shared.statuses import SubStatus
 from tests.support.providers import OCTOPUSH_ACCOUNT, bulk_provider_settings
 
 ACCOUNT = OCTOPUSH_ACCOUNT

@@ -8,7 +8,8 @@ import aiohttp
 import orjson
 import pytest
 
-from shared.broker import free_port
+from shared.contract.statuses import SubStatus
+from shared.kafka.broker import free_port
 from shared.providers import PROVIDER_KINDS, callback_url
 from shared.providers.base import (
     CallbackRejected,
@@ -19,7 +20,6 @@ from shared.providers.base import (
     SendResult,
 )
 from shared.providers.opensms import FAILED_INVALID_NUMBER, FIXTURES, OpenSms, message_ids
-from shared.statuses import SubStatus
 from tests.support.providers import OPENSMS_ACCOUNT, bulk_provider_settings
 
 ACCOUNT = OPENSMS_ACCOUNT

@@ -18,9 +18,9 @@ from shared.config import (
     TenantSettings,
     load_settings,
 )
-from shared.events import CanonicalStatus, InboundMessage, MessageContext, StatusEvent
-from shared.optimove import API_KEY_HEADER, OptimoveContract
-from shared.signing import SIGNATURE_HEADER, verify
+from shared.contract.events import CanonicalStatus, InboundMessage, MessageContext, StatusEvent
+from shared.contract.optimove import API_KEY_HEADER, OptimoveContract
+from shared.contract.signing import SIGNATURE_HEADER, verify
 from tests.support import (
     AGGREGATOR_API_KEY,
     TENANT,

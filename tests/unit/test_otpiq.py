@@ -9,11 +9,11 @@ import pytest
 from multidict import CIMultiDict
 from pydantic import SecretStr
 
-from shared.broker import free_port
+from shared.contract.statuses import SubStatus
+from shared.kafka.broker import free_port
 from shared.providers import callback_url
 from shared.providers.base import CallbackRejected, OutboundSms, SendAccepted, SendError
 from shared.providers.otpiq import FIXTURES, WEBHOOK_SECRET_HEADER, Otpiq
-from shared.statuses import SubStatus
 from tests.support import CALLBACK_TOKEN, OTPIQ_WEBHOOK_SECRET, make_settings
 
 ACCOUNT = "otpiq-main"

@@ -8,10 +8,10 @@ from collections.abc import Iterable
 
 import pytest
 
-from shared.events import OptOutChange, StateChange
-from shared.kafka import KafkaUnavailable, OutRecord, Publisher
-from shared.outbox import Outbox
-from shared.topics import NORMALIZER_STATE, OPT_OUTS
+from shared.contract.events import OptOutChange, StateChange
+from shared.contract.topics import NORMALIZER_STATE, OPT_OUTS
+from shared.kafka.clients import KafkaUnavailable, OutRecord, Publisher
+from shared.kafka.outbox import Outbox
 
 
 class CountingPublisher(Publisher):

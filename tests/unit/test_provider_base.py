@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
+from shared.contract.statuses import SubStatus
 from shared.providers import PROVIDER_KINDS
 from shared.providers.base import fallback_error, first_message, http_error
-from shared.statuses import SubStatus
 
 INVALID_NUMBER = re.compile(r"\binvalid\b.*\bnumber\b", re.I)
 

@@ -11,7 +11,7 @@ import pytest
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaTimeoutError, OutOfOrderSequenceNumber
 
-from shared.kafka import Publisher, producer_broken
+from shared.kafka.clients import Publisher, producer_broken
 
 
 class StubProducer:

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shared.ratelimit import SlidingWindowLimiter
+from services.sender.ratelimit import SlidingWindowLimiter
 
 
 class FakeClock:

@@ -24,9 +24,9 @@ from services.normalizer.replies import (
     stamp_due,
     tenants_by_account,
 )
-from shared import ids
 from shared.config import NormalizerSettings, TenantSettings
-from shared.events import (
+from shared.contract import ids
+from shared.contract.events import (
     DispatchRecord,
     LastInbound,
     MessageContext,
@@ -34,8 +34,8 @@ from shared.events import (
     ProviderEvent,
     ProviderEventKind,
 )
-from shared.ids import tenant_number_key
-from shared.keywords import KeywordRules
+from shared.contract.ids import tenant_number_key
+from shared.contract.keywords import KeywordRules
 
 T0 = datetime(2026, 11, 23, 10, 0, tzinfo=UTC)
 RULES = KeywordRules.of()

@@ -19,8 +19,8 @@ from services.reporter.delivery import (
     RetryPolicy,
 )
 from shared.config import ReporterSettings
-from shared.events import InboundMessage
-from shared.optimove import SignedRequest
+from shared.contract.events import InboundMessage
+from shared.contract.optimove import SignedRequest
 from shared.providers.http import is_retryable_status, parse_retry_after
 
 NOW = datetime(2026, 3, 1, 12, 0, 0, tzinfo=UTC)

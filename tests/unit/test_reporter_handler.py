@@ -17,9 +17,8 @@ from aiokafka.structs import ConsumerRecord
 from prometheus_client import REGISTRY
 
 from services.reporter.handler import ReporterHandler
-from shared.broker import free_port
 from shared.config import Settings
-from shared.events import (
+from shared.contract.events import (
     CanonicalStatus,
     DeadLetter,
     Event,
@@ -30,9 +29,10 @@ from shared.events import (
     StatusEvent,
     decode,
 )
-from shared.kafka import OutRecord, Publisher
-from shared.runner import Record
-from shared.topics import DEAD_LETTERS, INBOUND, REPORT_OUTCOMES, REPORTER_STATE, STATUSES
+from shared.contract.topics import DEAD_LETTERS, INBOUND, REPORT_OUTCOMES, REPORTER_STATE, STATUSES
+from shared.kafka.broker import free_port
+from shared.kafka.clients import OutRecord, Publisher
+from shared.kafka.runner import Record
 from simulators.optimove import FailureMode, OptimoveSimulator
 from tests.support import TENANT, TENANT_API_TOKEN, TENANT_SECRET, make_settings, wait_for
 

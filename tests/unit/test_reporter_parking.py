@@ -20,9 +20,9 @@ from services.reporter.parking import (
     record_source,
 )
 from shared.config import KafkaSettings
-from shared.runner import Record
-from shared.store import ChangelogStore
-from shared.topics import REPORTER_STATE
+from shared.contract.topics import REPORTER_STATE
+from shared.kafka.runner import Record
+from shared.kafka.store import ChangelogStore
 
 POLICY = RetryPolicy(give_up_after_s=600.0, max_backoff_s=60.0, base_backoff_s=1.0)
 

@@ -9,12 +9,12 @@ from typing import cast
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from shared import runner as runner_module
 from shared.config import RunnerSettings
-from shared.events import DeadLetter, RecipientMessage
-from shared.kafka import KafkaUnavailable, OutRecord, Publisher
-from shared.retry import RetryPolicy
-from shared.runner import (
+from shared.contract.events import DeadLetter, RecipientMessage
+from shared.contract.topics import DEAD_LETTERS, STATUSES
+from shared.kafka import runner as runner_module
+from shared.kafka.clients import KafkaUnavailable, OutRecord, Publisher
+from shared.kafka.runner import (
     ConsumerRunner,
     OrderedBy,
     PartitionAware,
@@ -24,8 +24,8 @@ from shared.runner import (
     SelfPublishing,
     decode_or_poison,
 )
-from shared.service import HandlerLifecycle
-from shared.topics import DEAD_LETTERS, STATUSES
+from shared.kafka.service import HandlerLifecycle
+from shared.retry import RetryPolicy
 from tests.support.records import consumer_record
 
 

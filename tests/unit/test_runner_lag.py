@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from shared.lag import HIGHWATER_HISTORY, PartitionLag, PartitionProgress
+from shared.kafka.lag import HIGHWATER_HISTORY, PartitionLag, PartitionProgress
 
 NOW = 1_800_000_000.0
 

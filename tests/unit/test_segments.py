@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from shared.segments import (
+from shared.contract.segments import (
     GSM7_BASIC,
     GSM7_EXTENSION,
     count_segments,

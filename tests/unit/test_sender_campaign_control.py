@@ -17,9 +17,9 @@ from aiokafka import TopicPartition
 from prometheus_client import REGISTRY
 
 from services.sender.handler import SenderHandler
-from shared import topics
-from shared.campaigns import control_key
-from shared.events import (
+from shared.contract import topics
+from shared.contract.campaign_controls import control_key
+from shared.contract.events import (
     CampaignControl,
     ControlAction,
     DispatchRecord,
@@ -28,9 +28,9 @@ from shared.events import (
     RecipientMessage,
     StateChange,
 )
-from shared.kafka import OutRecord
+from shared.contract.statuses import SubStatus
+from shared.kafka.clients import OutRecord
 from shared.providers import dryrun
-from shared.statuses import SubStatus
 from tests.support import TENANT
 from tests.unit.test_sender_handler import (
     NOW,

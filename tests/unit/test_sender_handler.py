@@ -22,10 +22,10 @@ from prometheus_client import REGISTRY
 from services.sender.handler import Fail, Park, Send, SenderHandler, decide
 from services.sender.routing import UseRoute, WaitForCircuit
 from services.sender.state import SendState
-from shared import topics
-from shared.campaigns import Effect
 from shared.config import Route
-from shared.events import (
+from shared.contract import topics
+from shared.contract.campaign_controls import Effect
+from shared.contract.events import (
     CanonicalStatus,
     DeadLetter,
     DispatchRecord,
@@ -33,7 +33,9 @@ from shared.events import (
     RecipientMessage,
     StateChange,
 )
-from shared.kafka import KafkaUnavailable, OutRecord, Publisher
+from shared.contract.statuses import SubStatus
+from shared.kafka.clients import KafkaUnavailable, OutRecord, Publisher
+from shared.kafka.runner import PoisonRecord
 from shared.logs import JsonFormatter
 from shared.providers.base import (
     CallbackRejected,
@@ -44,8 +46,6 @@ from shared.providers.base import (
     SendError,
     SendResult,
 )
-from shared.runner import PoisonRecord
-from shared.statuses import SubStatus
 from tests.support import TENANT, make_settings
 
 PRIMARY, BACKUP = "otpiq-main", "otpiq-backup"

@@ -11,7 +11,7 @@ import pytest
 
 from services.sender.optouts import OptOutVerdict, is_auto_reply, opt_out_verdict, wrote_at
 from shared.config import SenderSettings
-from shared.events import LastInbound, MessageContext, OptOutChange, RecipientMessage
+from shared.contract.events import LastInbound, MessageContext, OptOutChange, RecipientMessage
 from tests.support.optimove_bodies import AUTO_REPLY_METADATA
 
 T0 = datetime(2026, 11, 23, 10, 0, tzinfo=UTC)

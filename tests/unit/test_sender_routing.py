@@ -17,7 +17,7 @@ from services.sender.routing import (
     routes_for,
 )
 from shared.config import Route
-from shared.events import MessageContext, RecipientMessage
+from shared.contract.events import MessageContext, RecipientMessage
 from shared.logs import scrub
 from shared.retry import RetryPolicy
 from tests.support import TENANT, make_settings

@@ -1,4 +1,4 @@
-"""shared/signing.py: Optimove's x-hub-signature, both directions (decisions.md §2)."""
+"""shared/contract/signing.py: Optimove's x-hub-signature, both directions (decisions.md §2)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from shared.signing import SignatureFailure, constant_time_equals, sign, verify
+from shared.contract.signing import SignatureFailure, constant_time_equals, sign, verify
 
 SECRET = "my-shared-secret"
 # optimove-sms-api.md §1.2: the exact bytes and their signature.

@@ -11,10 +11,10 @@ import orjson
 import pytest
 
 from shared.config import KafkaSettings
-from shared.events import StateChange, decode
-from shared.kafka import OutRecord
-from shared.store import ChangelogStore, KeyLocks, PartitionNotReady
-from shared.topics import NORMALIZER_STATE
+from shared.contract.events import StateChange, decode
+from shared.contract.topics import NORMALIZER_STATE
+from shared.kafka.clients import OutRecord
+from shared.kafka.store import ChangelogStore, KeyLocks, PartitionNotReady
 
 
 def make_store(state_dir: str = "") -> ChangelogStore:

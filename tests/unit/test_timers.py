@@ -7,16 +7,16 @@ import contextlib
 
 import pytest
 
-from shared.kafka import KafkaUnavailable
-from shared.store import PartitionNotReady
-from shared.timers import fire_partitions, run_timer_passes
+from shared.kafka.clients import KafkaUnavailable
+from shared.kafka.store import PartitionNotReady
+from shared.kafka.timers import fire_partitions, run_timer_passes
 
 
 def timer_logs(caplog: pytest.LogCaptureFixture) -> list[tuple[str, str, bool]]:
     return [
         (record.levelname, record.getMessage(), record.exc_info is not None)
         for record in caplog.records
-        if record.name == "shared.timers"
+        if record.name == "shared.kafka.timers"
     ]
 
 

@@ -8,11 +8,11 @@ from collections.abc import Iterator, Sequence
 import pytest
 
 from shared.config import KafkaSettings
-from shared.events import DeadLetter, StateChange, decode
-from shared.kafka import KafkaUnavailable, OutRecord
-from shared.store import ChangelogStore, Entry
-from shared.topics import DEAD_LETTERS, NORMALIZER_STATE
-from shared.unit_of_work import UnitOfWork
+from shared.contract.events import DeadLetter, StateChange, decode
+from shared.contract.topics import DEAD_LETTERS, NORMALIZER_STATE
+from shared.kafka.clients import KafkaUnavailable, OutRecord
+from shared.kafka.store import ChangelogStore, Entry
+from shared.kafka.unit_of_work import UnitOfWork
 
 PARTITION = 2
 

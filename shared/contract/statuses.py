@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from enum import StrEnum
 
-from shared.events import CanonicalStatus
+from shared.contract.events import CanonicalStatus
 
 # Statuses only move forward; equal rank is not a move.
 RANK: dict[CanonicalStatus, int] = {"sent": 1, "delivered": 2, "failed": 2}

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable, Iterable
 
-from shared.kafka import KafkaUnavailable
+from shared.kafka.clients import KafkaUnavailable
 
 log = logging.getLogger(__name__)
 

@@ -22,15 +22,16 @@ from aiokafka.errors import (
 )
 
 from shared.config import EMBEDDED_BROKER, KafkaSettings
-from shared.events import Event
-from shared.topics import Topic, use_prefix
+from shared.contract.events import Event
+from shared.contract.topics import Topic, use_prefix
 
 log = logging.getLogger(__name__)
 
 EMBEDDED_BOOTSTRAP_ENV = "SMSBRIDGE_EMBEDDED_BOOTSTRAP"
 # How long a stopping producer may try to deliver what it still holds.
 PRODUCER_CLOSE_TIMEOUT_S = 5.0
-# Which embedded broker runs ("kafka" or "tansu"): exported by shared.broker when it starts one.
+# Which embedded broker runs ("kafka" or "tansu"): exported by shared.kafka.broker when it
+# starts one.
 EMBEDDED_KIND_ENV = "SMSBRIDGE_EMBEDDED_BROKER"
 
 

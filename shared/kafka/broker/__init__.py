@@ -4,7 +4,7 @@ Apache Kafka (``apache_kafka``) when Java 17+ and its jars (or Maven, to fetch t
 else Tansu (``tansu``), a memory-only stand-in, with one line saying why.
 ``SMSBRIDGE_EMBEDDED_BROKER=kafka|tansu`` forces one: a forced broker that cannot start is an
 error, never a silent fallback. The chosen kind is exported in that same variable, so the
-services started beside it know which broker they talk to (``shared.kafka.broker_kind``).
+services started beside it know which broker they talk to (``shared.kafka.clients.broker_kind``).
 """
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ import logging
 import os
 from pathlib import Path
 
-from shared.broker import distribution
-from shared.broker.apache_kafka import ApacheKafkaBroker
-from shared.broker.base import BrokerError, EmbeddedBroker, free_port
-from shared.broker.tansu import TansuBroker
+from shared.kafka.broker import distribution
+from shared.kafka.broker.apache_kafka import ApacheKafkaBroker
+from shared.kafka.broker.base import BrokerError, EmbeddedBroker, free_port
+from shared.kafka.broker.tansu import TansuBroker
 
 __all__ = [
     "EMBEDDED_BROKER_ENV",

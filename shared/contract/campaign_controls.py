@@ -19,7 +19,7 @@ from collections.abc import Callable
 from enum import StrEnum
 from typing import Any
 
-from shared.events import CampaignControl
+from shared.contract.events import CampaignControl
 
 AUTO_REPLIES = "(auto replies)"
 _SEPARATOR = "|"
@@ -54,7 +54,7 @@ def effect_of(*controls: CampaignControl | None) -> Effect:
 
 class CampaignControls:
     """What the controls in force say of one message; reads a mirror of the control topic
-    (``shared.store.GlobalTable.get`` or a dict's ``get`` in tests)."""
+    (``shared.kafka.store.GlobalTable.get`` or a dict's ``get`` in tests)."""
 
     def __init__(self, lookup: Callable[[str], dict[str, Any] | None]) -> None:
         self._lookup = lookup

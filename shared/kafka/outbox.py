@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 
-from shared.kafka import KafkaUnavailable, OutRecord, Publisher
+from shared.kafka.clients import KafkaUnavailable, OutRecord, Publisher
 
 
 class Outbox:

@@ -1,4 +1,4 @@
-"""services/ingress/campaign.py: parsing, validation, metadata text, records (no Kafka, no HTTP)."""
+"""services/ingress/batch.py: parsing, validation, metadata text, records (no Kafka, no HTTP)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Any
 import orjson
 import pytest
 
-from services.ingress.campaign import (
+from services.ingress.batch import (
     EMPTY_MESSAGE,
     MISSING_NUMBER,
     CampaignRecords,
@@ -24,9 +24,9 @@ from services.ingress.campaign import (
 )
 from services.ingress.e164 import reader
 from shared.config import TenantSettings
-from shared.events import DispatchRecord, MessageContext, RecipientMessage, decode
-from shared.ids import content_key, content_request_key, message_id, request_key
-from shared.numbers import read_number, to_e164
+from shared.contract.events import DispatchRecord, MessageContext, RecipientMessage, decode
+from shared.contract.ids import content_key, content_request_key, message_id, request_key
+from shared.contract.numbers import read_number, to_e164
 from tests.support import TENANT, make_settings
 from tests.support.optimove_bodies import AUTO_REPLY_METADATA, SECTION_3_2, SPEC, campaign_body
 

@@ -14,8 +14,8 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from shared.kafka import OutRecord
-from shared.store import ChangelogStore, Entry, PartitionNotReady
+from shared.kafka.clients import OutRecord
+from shared.kafka.store import ChangelogStore, Entry, PartitionNotReady
 
 Publish = Callable[[Sequence[OutRecord]], Awaitable[None]]
 

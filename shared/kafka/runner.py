@@ -24,12 +24,12 @@ from aiokafka.structs import ConsumerRecord
 
 from shared import metrics
 from shared.config import RunnerSettings
-from shared.events import DeadLetter, E, SchemaError, decode
-from shared.kafka import KafkaUnavailable, OutRecord, Publisher
-from shared.lag import LagExporter, PartitionProgress
-from shared.outbox import Outbox
+from shared.contract.events import DeadLetter, E, SchemaError, decode
+from shared.contract.topics import DEAD_LETTERS
+from shared.kafka.clients import KafkaUnavailable, OutRecord, Publisher
+from shared.kafka.lag import LagExporter, PartitionProgress
+from shared.kafka.outbox import Outbox
 from shared.retry import RetryPolicy, retry
-from shared.topics import DEAD_LETTERS
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +110,7 @@ class ConsumerRunner:
         max_handler_attempts: int = 5,
         tansu_lag: bool = False,
     ) -> None:
-        """``tansu_lag``: the Tansu fallback's lag workaround (``shared/lag.py``)."""
+        """``tansu_lag``: the Tansu fallback's lag workaround (``shared/kafka/lag.py``)."""
         self.name = name
         self.consumer = consumer
         self.topics = list(topics)

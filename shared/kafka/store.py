@@ -2,7 +2,7 @@
 
 Each partition's entries live in their own SQLite file; every change is also a record on a
 compacted changelog topic, co-partitioned with the input: ``put`` returns that record and the
-caller publishes it with its other outputs (``shared/unit_of_work.py``), so an input offset is
+caller publishes it with its other outputs (``shared/kafka/unit_of_work.py``), so an input offset is
 committed only once the state change it caused is on Kafka. A partition is served only after
 ``restore`` has read its changelog to the end. Entries may carry ``due_at`` for timers (``due``).
 Restore, counts and files: docs/architecture.md, "Changelog state".
@@ -28,9 +28,9 @@ from aiokafka import TopicPartition
 from aiokafka.errors import KafkaError
 
 from shared.config import KafkaSettings
-from shared.events import StateChange
-from shared.kafka import KafkaUnavailable, OutRecord, make_consumer
-from shared.topics import Topic
+from shared.contract.events import StateChange
+from shared.contract.topics import Topic
+from shared.kafka.clients import KafkaUnavailable, OutRecord, make_consumer
 
 log = logging.getLogger(__name__)
 

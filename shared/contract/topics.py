@@ -1,17 +1,11 @@
-"""Every Kafka topic of the pipeline, in one place.
-
-    ingress ──recipients──▶ sender ──dispatches──▶ normalizer ──statuses──▶ reporter ──▶ Optimove
-                              ▲                        ▲   │
-                           opt-outs          provider-events└──inbound──▶ reporter ──▶ Optimove
-                                                       ▲
-                                          callbacks ───┘
+"""Every Kafka topic of the pipeline, in one place (the diagram: docs/architecture.md).
 
 Co-partitioning matters: ``dispatches`` and ``provider-events`` are keyed by the same correlation
 key and have the same partition count, so the normalizer's join is local to one instance.
 
 ``[kafka] topic_prefix`` puts several environments on one cluster: ``Topic.name`` is the prefixed
 name, ``Topic.base`` the one written here. One prefix per process, set by ``use_prefix`` when the
-process makes its Kafka clients (``shared.kafka``); read names when needed, never at import.
+process makes its Kafka clients (``shared.kafka.clients``); read names when needed, never at import.
 """
 
 from __future__ import annotations

@@ -225,7 +225,8 @@ class DeadLetter(Event):
 
 
 class StateChange(Event):
-    """Compacted changelog of a local state store (``shared/store.py``), keyed by the store key.
+    """Compacted changelog of a local state store (``shared/kafka/store.py``), keyed by the store
+    key.
 
     A null value (tombstone) deletes the key; ``due_at`` (Unix seconds) arms the key's timer.
     """
@@ -245,9 +246,9 @@ ControlAction = Literal["pause", "resume", "cancel"]
 
 
 class CampaignControl(Event):
-    """Compacted, keyed by ``shared.campaigns.control_key``: the operator's latest word on one
-    campaign, or on every campaign of a tenant (``campaign_id`` None). ``shared.campaigns`` says
-    what a message does under it."""
+    """Compacted, keyed by ``shared.contract.campaign_controls.control_key``: the operator's
+    latest word on one campaign, or on every campaign of a tenant (``campaign_id`` None).
+    ``shared.contract.campaign_controls`` says what a message does under it."""
 
     tenant: str
     campaign_id: str | None = None  # None: the whole tenant, auto replies included
@@ -280,7 +281,9 @@ class CampaignCounts(Event):
     partition of one input topic, every record up to and including input ``offset``."""
 
     tenant: str
-    campaign: str  # shared.campaigns.campaign_group: auto replies under AUTO_REPLIES
+    campaign: (
+        str  # shared.contract.campaign_controls.campaign_group: auto replies under AUTO_REPLIES
+    )
     source_topic: str
     source_partition: int
     offset: int

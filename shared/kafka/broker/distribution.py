@@ -15,9 +15,9 @@ import tempfile
 from functools import cache
 from pathlib import Path
 
-from shared.broker.base import BrokerError
+from shared.kafka.broker.base import BrokerError
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[3]
 POM = REPO_ROOT / "deploy" / "kafka" / "pom.xml"
 LIBS_ENV = "SMSBRIDGE_KAFKA_LIBS"
 MIN_JAVA = 17

@@ -18,8 +18,8 @@ import time
 import uuid
 from pathlib import Path
 
-from shared.broker import distribution
-from shared.broker.base import BrokerError, EmbeddedBroker, free_port
+from shared.kafka.broker import distribution
+from shared.kafka.broker.base import BrokerError, EmbeddedBroker, free_port
 
 NODE_ID = 1
 LOG_FILE = "broker.log"

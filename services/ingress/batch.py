@@ -18,16 +18,16 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from shared.config import TenantSettings
-from shared.events import DispatchRecord, MessageContext, RecipientMessage
-from shared.ids import (
+from shared.contract.events import DispatchRecord, MessageContext, RecipientMessage
+from shared.contract.ids import (
     content_key,
     message_id,
     request_key,
     tenant_number_key,
     unsent_correlation_key,
 )
-from shared.numbers import InvalidNumber, Reading
-from shared.statuses import SubStatus
+from shared.contract.numbers import InvalidNumber, Reading
+from shared.contract.statuses import SubStatus
 
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 _WHITESPACE: Final = re.compile(r"[ \t\n\r]*")
@@ -79,7 +79,7 @@ class CampaignRequest(BaseModel):
 class ParsedCampaign:
     request: CampaignRequest
     # What the ledger knows the request by: its batchId and requestId, or without either (auto
-    # replies) its content, whatever the whitespace (shared/ids.py).
+    # replies) its content, whatever the whitespace (shared/contract/ids.py).
     identity: str
     by_content: bool
     # The exact JSON text of the top-level "metadata" value, as received.
@@ -245,9 +245,9 @@ def build_records(
     """One RecipientMessage per sendable recipient, one failed DispatchRecord per rejected one.
 
     ``read`` turns a number into its E.164 reading or raises InvalidNumber
-    (``shared.numbers.read_number`` or an equivalent). ``request_key``, what the message ids
-    derive from, is the request's identity unless given (an id-less request's key carries its
-    first acceptance time: services/ingress/ledger.py).
+    (``shared.contract.numbers.read_number`` or an equivalent). ``request_key``, what the
+    message ids derive from, is the request's identity unless given (an id-less request's key
+    carries its first acceptance time: services/ingress/ledger.py).
     """
     request = campaign.request
     key = request_key if request_key is not None else campaign.identity

@@ -13,7 +13,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from shared.broker.base import BrokerError, EmbeddedBroker
+from shared.kafka.broker.base import BrokerError, EmbeddedBroker
 
 
 def broker_binary() -> Path:

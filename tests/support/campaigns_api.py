@@ -6,8 +6,8 @@ from typing import Any
 
 import aiohttp
 
-from shared.broker import free_port
 from shared.config import Settings
+from shared.kafka.broker import free_port
 
 ADMIN_TOKEN = "s3cret-admin-token"
 

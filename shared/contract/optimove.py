@@ -15,9 +15,9 @@ from typing import Any
 import orjson
 
 from shared.config import OptimoveContractSettings, TenantSettings
-from shared.events import InboundMessage, StatusEvent
+from shared.contract.events import InboundMessage, StatusEvent
+from shared.contract.signing import SIGNATURE_HEADER, sign
 from shared.providers.dryrun import MARK as DRY_RUN_MARK
-from shared.signing import SIGNATURE_HEADER, sign
 from shared.times import format_iso
 
 API_KEY_HEADER = "app-api-key"

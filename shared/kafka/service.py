@@ -33,15 +33,15 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from shared import gcpolicy
 from shared.config import KafkaSettings, RunnerSettings, Settings, split_listen
-from shared.kafka import (
+from shared.kafka.clients import (
     Publisher,
     bootstrap,
     client_id,
     is_tansu,
     make_consumer,
 )
+from shared.kafka.runner import ConsumerRunner, PartitionAware, RecordHandler
 from shared.metrics import HTTP_DURATION, HTTP_REQUESTS
-from shared.runner import ConsumerRunner, PartitionAware, RecordHandler
 
 log = logging.getLogger(__name__)
 
