@@ -6,15 +6,34 @@ STAMP := $(VENV)/.installed-stamp
 CONFIG ?= deploy/dev/smsbridge.toml
 PYTEST_ARGS ?=
 
-.PHONY: dev test lint bench reliability campaign clean promtool broker
+.PHONY: dev test lint lock bench reliability campaign clean promtool broker
 
-$(STAMP): pyproject.toml
+# Every package comes pinned and hashed from requirements-dev.lock (what CI and the tests run
+# on), then the project itself, editable, without dependencies; pip check catches a lock that
+# no longer satisfies pyproject.toml (re-run `make lock`).
+$(STAMP): pyproject.toml requirements-dev.lock
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' || \
 		{ echo "Python 3.11 is required (found $$($(PYTHON) --version))"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test,lint]'
+	$(BIN)/pip install --quiet --require-hashes -r requirements-dev.lock
+	$(BIN)/pip install --quiet --no-deps -e .
+	$(BIN)/pip check
 	@touch $(STAMP)
+
+# Rewrites requirements-dev.lock (CI, `make test`) and requirements.lock (the image, at the same
+# versions) from pyproject.toml's ranges for Python 3.11 on Linux, with hashes. Existing pins are
+# kept unless pyproject.toml excludes them; LOCK_ARGS=--upgrade moves all to the newest allowed.
+UV_VERSION := 0.13.9
+UV_VENV := .smsbridge/uv
+LOCK_ARGS ?=
+LOCK := $(UV_VENV)/bin/uv pip compile pyproject.toml --generate-hashes --python-version 3.11 \
+	--python-platform linux --quiet $(LOCK_ARGS)
+lock:
+	@test -x $(UV_VENV)/bin/uv || { $(PYTHON) -m venv $(UV_VENV) && \
+		$(UV_VENV)/bin/pip install --quiet uv==$(UV_VERSION); }
+	UV_CUSTOM_COMPILE_COMMAND="make lock" $(LOCK) --all-extras -o requirements-dev.lock
+	UV_CUSTOM_COMPILE_COMMAND="make lock" $(LOCK) -c requirements-dev.lock -o requirements.lock
 
 # Apache Kafka's jars (deploy/kafka/pom.xml) through Maven, when Java 17+ and Maven are here and
 # the cache lacks them; otherwise one line says the embedded broker will be the Tansu fallback.
@@ -67,4 +86,4 @@ reliability: $(STAMP) broker
 	$(BIN)/pytest tests/reliability --reliability-full $(PYTEST_ARGS)
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .smsbridge/kafka-dist
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .smsbridge/kafka-dist $(UV_VENV)

@@ -22,8 +22,9 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from bench.results import Options, Report, markdown_table, percentile, text_table
 from bench.stack import CALLBACK_TOKEN, OTPIQ_WEBHOOK_SECRET, PROVIDER, TENANT, Stack
+from shared.config import KafkaSettings
 from shared.contract.topics import PROVIDER_EVENTS
-from shared.kafka.clients import bootstrap
+from shared.kafka.clients import connection_kwargs
 
 CLIENTS = 50
 DURATION_S = 20.0
@@ -88,8 +89,8 @@ async def _client(
     return latencies, errors
 
 
-async def _events_on_kafka(bootstrap_servers: str) -> int:
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap_servers, enable_auto_commit=False)
+async def _events_on_kafka(settings: KafkaSettings) -> int:
+    consumer = AIOKafkaConsumer(**connection_kwargs(settings), enable_auto_commit=False)
     await consumer.start()
     try:
         partitions = [
@@ -124,7 +125,7 @@ async def run(run_dir: Path, broker: str = "kafka") -> Report:
             )
             elapsed = time.monotonic() - started
         await stack.terminate("callbacks")
-        on_kafka = await _events_on_kafka(bootstrap(stack.settings.kafka))
+        on_kafka = await _events_on_kafka(stack.settings.kafka)
     latencies = sorted(latency for client, _ in results for latency in client)
     errors = sum(client_errors for _, client_errors in results)
     accepted = len(latencies) - errors

@@ -30,7 +30,7 @@ from shared.config import Settings
 from shared.contract.events import MessageContext, RecipientMessage
 from shared.contract.ids import tenant_number_key
 from shared.contract.topics import DISPATCHES, RECIPIENTS
-from shared.kafka.clients import OutRecord, bootstrap
+from shared.kafka.clients import OutRecord, connection_kwargs
 from shared.kafka.service import serve_until_signalled
 from simulators.providers import ProviderSimulator
 
@@ -105,7 +105,7 @@ async def wait_for_dispatches(settings: Settings, expected: int, timeout_s: floa
     """Distinct messages with a dispatch record, once ``expected`` arrived (or the time ran out)."""
     consumer = AIOKafkaConsumer(
         DISPATCHES.name,
-        bootstrap_servers=bootstrap(settings.kafka),
+        **connection_kwargs(settings.kafka),
         auto_offset_reset="earliest",
         enable_auto_commit=False,
     )

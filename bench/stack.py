@@ -39,7 +39,7 @@ from shared.kafka.broker import embedded_broker, free_port
 from shared.kafka.clients import (
     OutRecord,
     Publisher,
-    bootstrap,
+    connection_kwargs,
     is_tansu,
     make_admin,
     make_producer,
@@ -318,7 +318,7 @@ async def count_records(settings: Settings, topic: str, timeout_s: float = 30.0)
     compacted or deleted in a benchmark's lifetime). On Tansu, which cannot answer ListOffsets
     for the latest offset, read from fetch responses."""
     consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap(settings.kafka),
+        **connection_kwargs(settings.kafka),
         enable_auto_commit=False,
         max_partition_fetch_bytes=1024,
         fetch_max_bytes=64 * 1024,

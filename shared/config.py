@@ -89,6 +89,8 @@ def _host_port(value: str) -> str:
 
 ListenAddress = Annotated[str, AfterValidator(_host_port)]
 ProviderKind = Literal["otpiq", "opensms", "octopush"]
+SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
+SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER"]
 # Octopush wants its callbacks answered in under a second (providers.md §3); others are not known.
 DEFAULT_CALLBACK_DEADLINES_S: dict[ProviderKind, float] = {"octopush": 0.8}
 
@@ -104,6 +106,19 @@ def _log_level(value: str) -> str:
 
 
 LogLevel = Annotated[str, AfterValidator(_log_level)]
+
+
+def _from_reference(value: str | None) -> str | None:
+    """A plain setting that may be ``env:NAME`` (a pod's name from the downward API)."""
+    if value is None:
+        return None
+    resolved = resolve_secret(value).strip()
+    if not resolved:
+        raise ValueError("is empty")
+    return resolved
+
+
+OptionalReference = Annotated[str | None, AfterValidator(_from_reference)]
 
 
 def split_listen(address: str) -> tuple[str, int]:
@@ -131,11 +146,75 @@ class KafkaSettings(Section):
     # Several environments on one cluster: every topic and consumer group name gets its prefix.
     topic_prefix: str = ""
     group_prefix: str = ""
+    # Static membership (KIP-345): this process's group.instance.id in its consumer group, unique
+    # per group (in Kubernetes "env:POD_NAME"). A member restarted under the same id within
+    # runner.session_timeout_ms gets its partitions back without a rebalance; a static member
+    # never leaves on stop, so its partitions wait that long when it does not come back.
+    # Unset: dynamic membership.
+    group_instance_id: OptionalReference = None
     replication_factor: int = 1
     request_timeout_ms: int = 10_000
     # How long a producer waits for acks=all before ingress answers 503.
     produce_timeout_s: float = 5.0
     linger_ms: int = 5
+    # Managed Kafka (Confluent Cloud, MSK, Aiven) wants TLS and SASL; every client, the CLI and
+    # the Kafka tools passthrough use these (shared.kafka.security).
+    security_protocol: SecurityProtocol = "PLAINTEXT"
+    # OAUTHBEARER is refused: aiokafka leaves fetching tokens to a provider we do not have.
+    sasl_mechanism: SaslMechanism | None = None
+    sasl_username: str | None = None
+    sasl_password: Secret | None = None
+    # PEM files; without ssl_cafile the system's CAs verify the broker.
+    ssl_cafile: str | None = None
+    ssl_certfile: str | None = None
+    ssl_keyfile: str | None = None
+    ssl_key_password: Secret | None = None
+    ssl_check_hostname: bool = True
+
+    @model_validator(mode="after")
+    def _security_complete(self) -> KafkaSettings:
+        problem = kafka_security_problem(self)
+        if problem is not None:
+            raise ValueError(problem)
+        return self
+
+
+def kafka_security_problem(kafka: KafkaSettings) -> str | None:
+    """What makes the TLS/SASL settings unusable, or None: a half-configured login would only
+    show as an opaque connection failure later."""
+    protocol = kafka.security_protocol
+    sasl = {"sasl_mechanism": kafka.sasl_mechanism, "sasl_username": kafka.sasl_username}
+    sasl["sasl_password"] = "set" if kafka.sasl_password is not None else None
+    if protocol.startswith("SASL_"):
+        missing = [key for key, value in sasl.items() if not value]
+        if missing:
+            return f"security_protocol {protocol} needs {', '.join(missing)}"
+        if kafka.sasl_mechanism == "OAUTHBEARER":
+            return (
+                "sasl_mechanism OAUTHBEARER is not supported (aiokafka needs a token provider "
+                "sms-bridge does not have): use SCRAM-SHA-512, SCRAM-SHA-256 or PLAIN"
+            )
+    elif any(sasl.values()):
+        named = ", ".join(key for key, value in sasl.items() if value)
+        return f"{named} set, but security_protocol {protocol} uses no SASL"
+    files = {
+        "ssl_cafile": kafka.ssl_cafile,
+        "ssl_certfile": kafka.ssl_certfile,
+        "ssl_keyfile": kafka.ssl_keyfile,
+    }
+    if not protocol.endswith("SSL"):
+        given = [key for key, value in files.items() if value]
+        if kafka.ssl_key_password is not None:
+            given.append("ssl_key_password")
+        if given:
+            return f"{', '.join(given)} set, but security_protocol {protocol} uses no TLS"
+        return None
+    if kafka.ssl_keyfile and not kafka.ssl_certfile:
+        return "ssl_keyfile needs ssl_certfile (the client certificate)"
+    for key, path in files.items():
+        if path and not Path(path).is_file():
+            return f"{key}: no such file {path}"
+    return None
 
 
 class RunnerSettings(Section):
@@ -216,6 +295,10 @@ class ConsumerServiceSettings(Section):
     """A consumer service's section: its ``runner`` defaults are the service's own."""
 
     runner: RunnerSettings = RunnerSettings()
+    # The consumer group; empty = smsbridge-<service>. [kafka] group_prefix is added to either.
+    # A new one reads its inputs from the beginning and leaves the old group's offsets as they
+    # were (docs/replay.md).
+    group_id: str = ""
 
     @field_validator("runner", mode="before")
     @classmethod
@@ -305,6 +388,10 @@ class ReporterSettings(ConsumerServiceSettings):
     # How often parked reports are looked at, and how many retries of them run at once.
     parked_poll_interval_s: float = 0.5
     parked_max_in_flight: int = Field(default=100, ge=1)
+    # How long what Optimove acknowledged is remembered (in sms.reporter-state), so that a replay
+    # of sms.statuses or sms.inbound posts nothing twice; a replay reaching further back than
+    # this posts those reports again. 0 remembers nothing.
+    remember_acknowledged_s: float = Field(default=48 * 3600.0, ge=0)
     state_dir: str = ""  # empty = a private temporary directory per process
 
 

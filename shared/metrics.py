@@ -19,15 +19,16 @@ LAST_PROCESSED = Gauge(
     "Unix time at which a consumer last finished a record.",
     ["consumer", "topic"],
 )
+# ``consumergroup``: the group's name on the broker, as kafka-exporter labels its own lag.
 CONSUMER_LAG = Gauge(
     f"{PREFIX}_consumer_lag_messages",
     "Records behind the partition's high watermark, from the consumer's own position.",
-    ["consumer", "topic", "partition"],
+    ["consumer", "consumergroup", "topic", "partition"],
 )
 CONSUMER_LAG_SECONDS = Gauge(
     f"{PREFIX}_consumer_lag_seconds",
     "Age of the oldest record taken but not yet finished.",
-    ["consumer", "topic", "partition"],
+    ["consumer", "consumergroup", "topic", "partition"],
 )
 DEAD_LETTERS = Counter(
     f"{PREFIX}_dead_letters_total",

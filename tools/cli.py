@@ -15,7 +15,8 @@ from services import SERVICES
 from shared.config import ConfigError, KafkaSettings, Settings, load_settings, read_configuration
 from shared.contract.topics import use_prefix
 from shared.kafka.broker.distribution import TOOLS
-from shared.kafka.clients import KafkaUnavailable, bootstrap
+from shared.kafka.clients import KafkaUnavailable, bootstrap, connection_problem
+from shared.kafka.security import java_client_properties
 from shared.kafka.service import run
 from shared.logs import configure_logging
 
@@ -38,6 +39,10 @@ def _load(args: argparse.Namespace) -> Settings:
 def _cmd_run(args: argparse.Namespace) -> int:
     settings = _load(args)
     configure_logging(args.service, settings.log_level)
+    # A wrong password or certificate is one log line and an exit, not a traceback per client.
+    if problem := asyncio.run(connection_problem(settings.kafka)):
+        logging.getLogger(f"services.{args.service}").error(problem)
+        return 1
     module = importlib.import_module(f"services.{args.service}.app")
     run(module.main(settings), settings.event_loop)
     return 0
@@ -46,7 +51,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _cmd_topics(args: argparse.Namespace) -> int:
     from tools.topic_setup import ensure_topics_command
 
-    return asyncio.run(ensure_topics_command(_load(args)))
+    return asyncio.run(ensure_topics_command(_load(args), fix=args.fix))
 
 
 def _cmd_handshake(args: argparse.Namespace) -> int:
@@ -112,8 +117,17 @@ def _cmd_broker(args: argparse.Namespace) -> int:
         else:
             print(f"Apache Kafka unavailable ({reason}); the embedded broker will be Tansu")
         return 0
+    # A client tool logs in as the services do ([kafka] security_protocol, sasl_*, ssl_*).
+    properties = (
+        java_client_properties(_load(args).kafka)
+        if args.action in distribution.CLIENT_TOOLS
+        else None
+    )
     try:
-        print(distribution.run_tool(args.action, *args.tool_args), end="")
+        print(
+            distribution.run_tool(args.action, *args.tool_args, client_properties=properties),
+            end="",
+        )
     except BrokerError as exc:
         print(exc, file=sys.stderr)
         return 1
@@ -139,6 +153,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     topics = commands.add_parser("topics", help="manage Kafka topics")
     topics.add_argument("action", choices=("ensure",))
+    topics.add_argument(
+        "--fix",
+        action="store_true",
+        help="set drifted configs and raise partition counts where no key moves away from its "
+        "state; without it, existing topics are only checked",
+    )
     topics.set_defaults(func=_cmd_topics)
 
     handshake = commands.add_parser(
@@ -179,7 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     from tools.replay import add_arguments as add_replay_arguments
 
-    replay = commands.add_parser("replay", help="move a stopped consumer group's offsets")
+    replay = commands.add_parser(
+        "replay", help="plan, or with --execute commit, a move of a stopped group's offsets"
+    )
     add_replay_arguments(replay)
     replay.set_defaults(func=_cmd_replay)
 
@@ -220,7 +242,10 @@ def _simulator_parsers() -> dict[str, Callable[[argparse.ArgumentParser], None]]
 
 
 def kafka_unreachable(settings: KafkaSettings | None) -> str:
-    """One line for a Kafka that cannot be reached (aiokafka's traceback says no more)."""
+    """One line for a Kafka that cannot be reached (aiokafka's traceback says no more): a
+    refused login or certificate when one more connection shows it, else a broker not up."""
+    if settings is not None and (problem := asyncio.run(connection_problem(settings))):
+        return problem
     where = f" at {bootstrap(settings)}" if settings is not None else ""
     return f"cannot reach Kafka{where}: check [kafka] bootstrap_servers and that the broker is up"
 
@@ -238,7 +263,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(exc, file=sys.stderr)
         return 2
     except KafkaUnavailable as exc:
-        print(f"Kafka is not available: {exc}", file=sys.stderr)
+        if isinstance(exc.__cause__, KafkaConnectionError):
+            print(kafka_unreachable(getattr(args, "kafka", None)), file=sys.stderr)
+        else:
+            print(f"Kafka is not available: {exc}", file=sys.stderr)
         return 1
     except KafkaConnectionError:
         print(kafka_unreachable(getattr(args, "kafka", None)), file=sys.stderr)

@@ -35,7 +35,7 @@ class CampaignsService:
         group_id: str | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        """``group_id`` other than the default only for replays and tests."""
+        """``group_id``: tests' own group; else ``[campaigns] group_id``, else the default."""
         self.settings = settings
         self.tracker = CountsTracker(settings, clock=clock)
         self.consumer = ConsumerService(
@@ -44,7 +44,7 @@ class CampaignsService:
             runner_settings=settings.campaigns.runner,
             topics=[topic.name for topic in INPUT_TOPICS],
             handler=self.tracker,
-            group_id=group_id,
+            group_id=group_id or settings.campaigns.group_id or None,
         )
         self.controls = GlobalTable(settings.kafka, CAMPAIGN_CONTROL, name=f"{NAME}-controls")
         self.api = CampaignsApi(

@@ -19,6 +19,7 @@ def build(settings: Settings, handler: NormalizerHandler | None = None) -> Servi
         runner_settings=settings.normalizer.runner,
         topics=[topic.name for topic in INPUT_TOPICS],
         handler=handler or NormalizerHandler(settings),
+        group_id=settings.normalizer.group_id or None,
     )
 
 

@@ -19,6 +19,7 @@ def build(settings: Settings) -> Service:
         runner_settings=settings.reporter.runner,
         topics=[topic.name for topic in INPUT_TOPICS],
         handler=ReporterHandler(settings),
+        group_id=settings.reporter.group_id or None,
     )
 
 

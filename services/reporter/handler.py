@@ -1,8 +1,9 @@
 """The reporter's record handler: status events become delivery reports, replies are batched.
 
-An offset is committed once its report was accepted by Optimove, dead-lettered, or durably
-parked on the compacted ``sms.reporter-state`` (acks=all); parked reports are retried by the timer
-of whichever instance owns the partition (``retries.py``). What becomes of each report is decided
+An offset is committed once its report was accepted by Optimove (and that acknowledgement
+stored, ``acknowledged.py``: a replay posts nothing twice), dead-lettered, or durably parked on
+the compacted ``sms.reporter-state`` (acks=all); parked reports are retried by the timer of
+whichever instance owns the partition (``retries.py``). What becomes of each report is decided
 in ``outcomes.py``; stored in ``parked_state.py``. The guarantees, the circuit per tenant and the
 order of reports are explained once in ``docs/reporter.md``.
 """
@@ -20,6 +21,7 @@ from typing import Any
 import aiohttp
 from aiokafka import TopicPartition
 
+from services.reporter.acknowledged import delivery_identity, incoming_identity
 from services.reporter.batching import InboundBatcher
 from services.reporter.delivery import Action, DeliveryOutcome, ReportSender, RetryPolicy
 from services.reporter.metrics import (
@@ -38,6 +40,7 @@ from services.reporter.outcomes import (
     dead_letter,
     log_not_delivered,
     observer,
+    skipped_as_acknowledged,
     unknown_tenant,
 )
 from services.reporter.parked_state import ParkedState
@@ -93,7 +96,9 @@ class ReporterHandler:
         store = ChangelogStore(
             settings.kafka, REPORTER_STATE, state_dir=self.options.state_dir, name=STAGE
         )
-        self.state = ParkedState(store, settings.tenants)
+        self.state = ParkedState(
+            store, settings.tenants, remember_s=self.options.remember_acknowledged_s
+        )
         self.retries = ParkedRetries(
             settings, self.state, self.circuits, lambda: self.sender, clock=clock, jitter=jitter
         )
@@ -207,6 +212,10 @@ class ReporterHandler:
         if tenant is None:
             return [unknown_tenant(record, slug, KIND_DELIVERY, extra)]
         await self.state.ensure_ready({record.partition})
+        identity = delivery_identity(event)
+        if self.state.acknowledged(record.partition, identity, self.clock()):
+            skipped_as_acknowledged(slug, KIND_DELIVERY, extra)
+            return []
         key = delivery_key(slug, context.message_id)
         report = ParkedReport.from_record(record, since=self.clock())
         if await self._queue_behind(record.partition, key, report, event.status, extra):
@@ -218,12 +227,12 @@ class ReporterHandler:
             budget_s=self.options.inline_retry_s,
             first_attempt_at=report.since,
         )
-        outputs = await self._conclude(
+        if outcome.accepted:
+            counted = acknowledged(slug, KIND_DELIVERY, {context.campaign_id: 1})
+            await self.state.remember(record.partition, [identity], self.clock(), [counted])
+        return await self._conclude(
             record, key, KIND_DELIVERY, slug, event.status, report, outcome, extra
         )
-        if outcome.accepted:
-            return [*outputs, acknowledged(slug, KIND_DELIVERY, {context.campaign_id: 1})]
-        return outputs
 
     async def _queue_behind(
         self, partition: int, key: str, report: ParkedReport, status: str, extra: dict[str, Any]
@@ -258,8 +267,14 @@ class ReporterHandler:
         key = incoming_key(slug, event.event_id)
         if self.store.get_entry(record.partition, key) is not None:
             return []  # read again after a crash: already parked
+        identity = incoming_identity(event)
+        if self.state.acknowledged(record.partition, identity, self.clock()):
+            skipped_as_acknowledged(slug, KIND_INCOMING, extra)
+            return []
         report = ParkedReport.from_record(record, since=self.clock())
         outcome = await self.batcher.submit(slug, event)
+        if outcome.accepted:
+            await self.state.remember(record.partition, [identity], self.clock())
         return await self._conclude(
             record, key, KIND_INCOMING, slug, STATUS_REPLY, report, outcome, extra
         )

@@ -23,6 +23,13 @@ ATTEMPT_FAILURES = Counter(
     "network.",
     ["tenant", "kind", "code"],
 )
+# Apart from REPORTS, whose rates the success-rate alert divides: a replay is not a failure.
+REPORTS_ALREADY_ACKNOWLEDGED = Counter(
+    f"{PREFIX}_reports_already_acknowledged_total",
+    "Messages read again (a replay of the reporter's group, or the same report written twice) "
+    "whose report Optimove had accepted already: not posted again.",
+    ["tenant", "kind"],
+)
 REPORT_REQUEST_DURATION = Histogram(
     f"{PREFIX}_report_request_duration_seconds",
     "Duration of one HTTP request to Optimove, whatever its answer (each tenant has an Optimove "

@@ -21,6 +21,7 @@ from services.reporter.metrics import (
     OPTIMOVE_UNAUTHORIZED,
     REPORT_REQUEST_DURATION,
     REPORTS,
+    REPORTS_ALREADY_ACKNOWLEDGED,
     RESULT_ACCEPTED,
     RESULT_DEAD_LETTERED,
     STATUS_REPLY,
@@ -231,6 +232,12 @@ def observer(slug: str, kind: str, messages: int, extra: dict[str, Any]) -> Atte
             )
 
     return observe
+
+
+def skipped_as_acknowledged(slug: str, kind: str, extra: dict[str, Any]) -> None:
+    """A record read again (a replay) whose report Optimove already accepted: not posted."""
+    REPORTS_ALREADY_ACKNOWLEDGED.labels(slug, kind).inc()
+    log.debug("%s report already acknowledged by Optimove: not posted again", kind, extra=extra)
 
 
 def log_not_delivered(kind: str, decision: Decision, attempts: int, extra: dict[str, Any]) -> None:

@@ -1,20 +1,22 @@
-"""The reporter's parked entries on ``sms.reporter-state``: restore, change with outputs, undo.
+"""The reporter's state on ``sms.reporter-state``: restore, change with outputs, undo.
 
-A change is stored, then published with its outputs (a ``UnitOfWork``); if publishing fails it
-is undone, so a retry finds the state it started from. ``ParkedCounts`` follows every change
-(the parked gauge).
+It holds the parked entries and what Optimove acknowledged (``acknowledged.py``). A change is
+stored, then published with its outputs (a ``UnitOfWork``); if publishing fails it is undone, so
+a retry finds the state it started from. ``ParkedCounts`` follows every change (the parked gauge).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable, Collection, Sequence
 
+from services.reporter.acknowledged import Remembered, already_acknowledged, remember
 from services.reporter.metrics import KINDS
 from services.reporter.outcomes import STAGE, Change, readable
 from services.reporter.parking import ParkedCounts, ParkedEntry, key_prefix
 from shared.kafka.clients import KafkaUnavailable, OutRecord, Publisher
-from shared.kafka.store import ChangelogStore, Entry, KeyLocks
+from shared.kafka.store import ChangelogStore, Entry, KeyLocks, PartitionNotReady
 from shared.kafka.unit_of_work import UnitOfWork
 from shared.retry import RetryPolicy, retry
 
@@ -27,9 +29,13 @@ KAFKA_WAIT = RetryPolicy(base_s=1.0, cap_s=30.0)
 class ParkedState:
     """The store of parked entries, its per-key locks and its counts."""
 
-    def __init__(self, store: ChangelogStore, tenants: Collection[str]) -> None:
+    def __init__(
+        self, store: ChangelogStore, tenants: Collection[str], *, remember_s: float = 0.0
+    ) -> None:
         self.store = store
         self.tenants = tenants
+        # How long an acknowledgement is remembered ([reporter] remember_acknowledged_s).
+        self.remember_s = remember_s
         self.locks = KeyLocks()
         self.parked = ParkedCounts()
         self.publisher: Publisher | None = None
@@ -59,13 +65,21 @@ class ParkedState:
         self.store.close()
 
     async def write(
-        self, partition: int, changes: Sequence[Change], also: Sequence[OutRecord] = ()
+        self,
+        partition: int,
+        changes: Sequence[Change],
+        also: Sequence[OutRecord] = (),
+        *,
+        remembered: Sequence[Remembered] = (),
     ) -> None:
-        """Store and publish the changes (entries, dead letters) and ``also``, or undo them."""
-        if not changes and not also:
+        """Store and publish the changes (entries, dead letters), the acknowledgements
+        ``remembered`` and ``also``, or undo them all."""
+        if not changes and not also and not remembered:
             return
         work = UnitOfWork(self.store, partition)
         work.add(also)
+        for write in remembered:
+            work.put(write.key, write.value, write.due_at)
         for change in changes:
             work.add(change.dead_letters)
             value = change.entry.to_value() if change.entry is not None else None
@@ -93,6 +107,37 @@ class ParkedState:
             return
         delta = 1 if entry is not None else -1
         self.parked.change(partition, parked.tenant, parked.kind, sign * delta)
+
+    def acknowledged(self, partition: int, key: str, now: float) -> bool:
+        """Whether Optimove accepted the report ``key`` (``acknowledged.py``) and it is still
+        remembered: a replayed record that must not be posted again."""
+        return already_acknowledged(self.store.get_entry(partition, key), now)
+
+    async def remember(
+        self, partition: int, keys: Sequence[str], now: float, also: Sequence[OutRecord] = ()
+    ) -> None:
+        """Store that Optimove accepted the reports ``keys``, published with ``also``; on Kafka
+        when this returns, so before the input offset can be committed.
+
+        Kafka being away is waited for here: giving up would make the runner handle the record
+        again and post it a second time. A partition taken away meanwhile is not waited for (its
+        next owner reads the record again: the documented window of a repeated post).
+        """
+        writes = remember(keys, now, self.remember_s)
+        if not writes and not also:
+            return
+        async with contextlib.AsyncExitStack() as held:
+            for key in sorted(keys):
+                await held.enter_async_context(self.locks.hold(partition, key))
+            await retry(
+                lambda: self.write(partition, [], also, remembered=writes),
+                KAFKA_WAIT,
+                on=KafkaUnavailable,
+                give_up=lambda exc: isinstance(exc, PartitionNotReady),
+                on_retry=lambda _attempt, exc, _wait: log.warning(
+                    "%s: acknowledgement not stored (%s); retrying", STAGE, exc
+                ),
+            )
 
     async def publish_until_acknowledged(self, records: Sequence[OutRecord]) -> None:
         """Publish ``records``, waiting for Kafka as long as it takes (as the runner does)."""

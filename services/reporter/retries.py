@@ -2,7 +2,8 @@
 
 Heads whose tenant's circuit lets a request through are sent (at most ``parked_max_in_flight``
 at once; due replies of one tenant in one request); the others are moved to a later turn, or
-dead-lettered once too old. See ``docs/reporter.md``.
+dead-lettered once too old. Acknowledgements whose time came are forgotten (deleted) by the same
+passes (``acknowledged.py``). See ``docs/reporter.md``.
 """
 
 from __future__ import annotations
@@ -15,6 +16,14 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from services.reporter.acknowledged import (
+    Remembered,
+    delivery_identity,
+    forgotten,
+    incoming_identity,
+    is_acknowledgement,
+    remember,
+)
 from services.reporter.delivery import Action, AttemptResult, Decision, ReportSender, RetryPolicy
 from services.reporter.metrics import KIND_DELIVERY, KIND_INCOMING, STATUS_REPLY
 from services.reporter.outcomes import (
@@ -129,10 +138,14 @@ class ParkedRetries:
         while store.is_ready(partition) and self._capacity() > 0:
             due = store.due(partition, now, limit=_DUE_BATCH)
             later: list[str] = []  # rescheduled or dead-lettered by this pass itself
+            expired: list[str] = []  # acknowledgements to forget
             replies: dict[str, list[str]] = {}
             started = 0
             for key, value in due:
                 if self._busy(partition, key):
+                    continue
+                if is_acknowledgement(key):
+                    expired.append(key)
                     continue
                 try:
                     parked = ParkedEntry.from_value(value)
@@ -157,6 +170,7 @@ class ParkedRetries:
                     else:
                         later.extend(chunk)
             rescheduled_now = await self._reschedule(partition, later, now)
+            rescheduled_now += await self._forget(partition, expired, now)
             touched += started + rescheduled_now
             if len(due) < _DUE_BATCH or started + rescheduled_now == 0:
                 break
@@ -250,19 +264,28 @@ class ParkedRetries:
             await self._settle(partition, {key: (head, refusal)}, self.clock(), "unknown")
             return
         extra = delivery_extra(event)
+        identity = delivery_identity(event)
+        if self.state.acknowledged(partition, identity, self.clock()):
+            # The same report was queued twice (written twice upstream) and the first copy was
+            # accepted: this one is done without a request.
+            permit.release(None)
+            skip = Decision(Action.ACCEPTED)
+            await self._settle(partition, {key: (head, skip)}, self.clock(), event.status, extra)
+            return
         result = await self.sender().attempt(self.contract.delivery_report(tenant, event))
         permit.release(result)
         now = self.clock()
         attempts = head.attempts + 1
         decision = self.policy.decide(result, attempts, now - head.since, self.jitter)
         observer(parked.tenant, KIND_DELIVERY, 1, extra)(result, decision)
-        outcomes = (
-            [acknowledged(parked.tenant, KIND_DELIVERY, {event.context.campaign_id: 1})]
-            if result.accepted
-            else []
-        )
+        outcomes, remembered = [], []
+        if result.accepted:
+            outcomes.append(
+                acknowledged(parked.tenant, KIND_DELIVERY, {event.context.campaign_id: 1})
+            )
+            remembered = remember([identity], now, self.state.remember_s)
         settled_heads = {key: (head.after(attempts, result), decision)}
-        await self._settle(partition, settled_heads, now, event.status, extra, also=outcomes)
+        await self._settle(partition, settled_heads, now, event.status, extra, outcomes, remembered)
 
     async def _retry_incoming(self, partition: int, keys: list[str], permit: HeldPermit) -> None:
         """Send due replies of one tenant in one request, then record what came of it."""
@@ -298,10 +321,12 @@ class ParkedRetries:
             decided[key] = (head.after(attempts, result), decision)
         _, first = next(iter(decided.values()))
         observer(slug, KIND_INCOMING, len(messages), extra)(result, first)
-        outcomes = []
+        outcomes, remembered = [], []
         if result.accepted:
             outcomes.append(acknowledged(slug, KIND_INCOMING, {"": len(messages)}))
-        await self._settle(partition, decided, now, STATUS_REPLY, extra, also=outcomes)
+            identities = [incoming_identity(message) for message in messages]
+            remembered = remember(identities, now, self.state.remember_s)
+        await self._settle(partition, decided, now, STATUS_REPLY, extra, outcomes, remembered)
 
     async def _settle(
         self,
@@ -311,11 +336,12 @@ class ParkedRetries:
         status: str,
         extra: dict[str, Any] | None = None,
         also: Sequence[OutRecord] = (),
+        remembered: Sequence[Remembered] = (),
     ) -> None:
         """Record what one attempt decided for the heads of these entries (their newer state),
-        publishing ``also`` with it."""
+        publishing ``also`` and storing the acknowledgements ``remembered`` with it."""
         async with contextlib.AsyncExitStack() as held:
-            for key in sorted(decided):
+            for key in sorted({*decided, *(write.key for write in remembered)}):
                 await held.enter_async_context(self.state.locks.hold(partition, key))
             changes: list[Change] = []
             for key, (head, decision) in decided.items():
@@ -332,7 +358,19 @@ class ParkedRetries:
                 changes.append(
                     settled(key, previous, parked, head, decision, now, status, self._not_before)
                 )
-            await self.state.write(partition, changes, also)
+            await self.state.write(partition, changes, also, remembered=remembered)
+
+    async def _forget(self, partition: int, keys: list[str], now: float) -> int:
+        """Delete the acknowledgements among ``keys`` whose time came (memory stays bounded)."""
+        if not keys:
+            return 0
+        async with contextlib.AsyncExitStack() as held:
+            for key in sorted(keys):
+                await held.enter_async_context(self.state.locks.hold(partition, key))
+            store = self.state.store
+            deletes = forgotten([(key, store.get_entry(partition, key)) for key in keys], now)
+            await self.state.write(partition, [], remembered=deletes)
+        return len(deletes)
 
     async def _reschedule(self, partition: int, keys: list[str], now: float) -> int:
         """Move due entries that cannot be sent now to a later turn, or dead-letter them."""

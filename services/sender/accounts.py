@@ -47,16 +47,16 @@ class CallSlot:
     has its outcome recorded: so that no more than ``max_in_flight`` calls can ever be caught
     between intent and outcome by a crash."""
 
-    def __init__(self, slots: asyncio.Semaphore, holders: int) -> None:
-        self._slots = slots
+    def __init__(self, release: Callable[[], None], holders: int) -> None:
+        self._release = release
         self._holders = holders
         if holders <= 0:
-            slots.release()
+            release()
 
     def release_one(self) -> None:
         self._holders -= 1
         if self._holders == 0:
-            self._slots.release()
+            self._release()
 
 
 @dataclass(eq=False)
@@ -114,6 +114,8 @@ class AccountSender:
         self.limiter = limiter
         self.batch_window_s = batch_window_s
         self._slots = asyncio.Semaphore(max_in_flight)
+        self._slot_time = metrics.slot_time(account)
+        metrics.CALL_SLOTS.labels(account).set(max_in_flight)
         self._gathering: dict[tuple[bool, str, str], list[SendJob]] = {}
         self._flushers: set[asyncio.Task[None]] = set()
         # Label lookups cost more than the increments: done once per account.
@@ -209,6 +211,7 @@ class AccountSender:
         """One provider call for ``jobs``; the list is left holding the jobs sent, in the order
         of the results. A job left out has its ``result`` set (``Withheld``) or cancelled."""
         await self._slots.acquire()
+        self._slot_time.move(None, metrics.SLOT_BUSY)
         handed_over = False
         try:
             if not self.breaker.allow():
@@ -234,23 +237,35 @@ class AccountSender:
                 results = []
             # Withheld jobs wrote an intent too: they keep the slot until it is answered.
             recorded_later = [job for job in (*jobs, *withheld) if not job.outcome_done]
-            slot = CallSlot(self._slots, len(recorded_later))
+            slot = CallSlot(self._release_slot, len(recorded_later))
             for job in recorded_later:
                 job.slot = slot
             handed_over = True
         finally:
             if not handed_over:
-                self._slots.release()
+                self._release_slot()
         if results:
             self.breaker.record(healthy(results))
         return results
+
+    def _release_slot(self) -> None:
+        self._slot_time.move(metrics.SLOT_BUSY, None)
+        self._slots.release()
+
+    async def _rate_limited(self, wait: Awaitable[float]) -> float:
+        """Await a rate-limit wait with the call's slot counted as ``rate_limited``."""
+        self._slot_time.move(metrics.SLOT_BUSY, metrics.SLOT_RATE_LIMITED)
+        try:
+            return await wait
+        finally:
+            self._slot_time.move(metrics.SLOT_RATE_LIMITED, metrics.SLOT_BUSY)
 
     async def _book(self, cost: float) -> float | None:
         """The time the rate limit gives this call; returns early enough to record the intent."""
         if self.limiter is None:
             return None
         asked = self.limiter.clock()
-        send_at = await self.limiter.acquire(cost, lead_s=self.intent_lead_s)
+        send_at = await self._rate_limited(self.limiter.acquire(cost, lead_s=self.intent_lead_s))
         waited = send_at - asked
         if waited > 0:
             self._throttled.inc()
@@ -259,7 +274,7 @@ class AccountSender:
 
     async def _keep(self, send_at: float, cost: float) -> float:
         assert self.limiter is not None
-        sent_at = await self.limiter.keep(send_at, cost)
+        sent_at = await self._rate_limited(self.limiter.keep(send_at, cost))
         if sent_at - send_at > self.limiter.quantum_s:
             self._late.inc()
         return sent_at

@@ -14,14 +14,14 @@ from shared.kafka.service import ConsumerService, Service, run_service
 
 
 def build(settings: Settings, *, group_id: str | None = None) -> Service:
-    """``group_id`` other than the default only for replays and tests."""
+    """``group_id``: tests' own group; else ``[sender] group_id``, else smsbridge-sender."""
     return ConsumerService(
         name=STAGE,
         settings=settings,
         runner_settings=settings.sender.runner,
         topics=[topics.RECIPIENTS.name],
         handler=SenderHandler(settings),
-        group_id=group_id,
+        group_id=group_id or settings.sender.group_id or None,
     )
 
 

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram
+import time
+from collections.abc import Callable, Iterator
+
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram
+from prometheus_client.metrics_core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from shared.metrics import PREFIX
 
@@ -93,3 +98,78 @@ CAMPAIGN_CONTROL = Counter(
     "cancelled (reported Failed/Cancelled, never sent).",
     ["effect"],
 )
+
+# -- saturation: what the account's in-flight slots are doing ---------------------------------
+#
+# The autoscaler's input (deploy/k8s/sender.yaml). A call holds one of the account's
+# ``max_in_flight`` slots from before its rate-limit booking until its outcomes are recorded.
+# While it waits for rate-limit budget the slot is ``rate_limited``; otherwise (intent, provider
+# call, outcome) it is ``busy``. ``rate(slot_seconds{state="busy"}) / call_slots`` is the share of
+# the instance's capacity doing work: near 1, calls queue for slots and another replica (with
+# slots of its own) adds throughput; slots spent ``rate_limited`` add nothing, since replicas
+# only split the account's rate limit between them.
+
+SLOT_BUSY = "busy"
+SLOT_RATE_LIMITED = "rate_limited"
+SLOT_STATES = (SLOT_BUSY, SLOT_RATE_LIMITED)
+
+CALL_SLOTS = Gauge(
+    f"{PREFIX}_sender_call_slots",
+    "The account's in-flight call slots on this instance (its max_in_flight).",
+    ["provider"],
+)
+
+
+class SlotTime:
+    """Slot-seconds held per state, integrated whenever a slot changes state and read at scrape
+    time: a scrape also counts calls still going on, so a hung provider shows at once."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._since = clock()
+        self._holding = dict.fromkeys(SLOT_STATES, 0)
+        self._seconds = dict.fromkeys(SLOT_STATES, 0.0)
+
+    def move(self, leaving: str | None, entering: str | None) -> None:
+        """One slot leaves state ``leaving`` (None: it was free) for ``entering`` (None: freed)."""
+        self._advance()
+        if leaving is not None:
+            self._holding[leaving] -= 1
+        if entering is not None:
+            self._holding[entering] += 1
+
+    def seconds(self) -> dict[str, float]:
+        self._advance()
+        return dict(self._seconds)
+
+    def _advance(self) -> None:
+        now = self._clock()
+        elapsed = max(0.0, now - self._since)
+        self._since = now
+        for state, holding in self._holding.items():
+            self._seconds[state] += holding * elapsed
+
+
+_SLOT_TIMES: dict[str, SlotTime] = {}
+
+
+def slot_time(account: str) -> SlotTime:
+    """The account's slot clock, one per process (as a labelled counter's child would be)."""
+    return _SLOT_TIMES.setdefault(account, SlotTime())
+
+
+class _SlotSecondsCollector(Collector):
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(
+            f"{PREFIX}_sender_slot_seconds",
+            "Seconds the account's in-flight call slots were held, by state: busy (intent, "
+            "provider call, outcome) or rate_limited (waiting for rate-limit budget).",
+            labels=["provider", "state"],
+        )
+        for account, times in list(_SLOT_TIMES.items()):
+            for state, seconds in times.seconds().items():
+                family.add_metric([account, state], seconds)
+        yield family
+
+
+REGISTRY.register(_SlotSecondsCollector())

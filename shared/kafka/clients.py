@@ -7,23 +7,29 @@ import functools
 import logging
 import os
 import socket
+import ssl
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
+from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.conn import create_conn
 from aiokafka.coordinator.assignors.range import RangePartitionAssignor
 from aiokafka.errors import (
     InvalidProducerEpoch,
     KafkaError,
     OutOfOrderSequenceNumber,
+    SaslAuthenticationFailed,
     UnknownProducerId,
+    UnsupportedSaslMechanismError,
 )
 
 from shared.config import EMBEDDED_BROKER, KafkaSettings
 from shared.contract.events import Event
 from shared.contract.topics import Topic, use_prefix
+from shared.kafka.security import security_kwargs
 
 log = logging.getLogger(__name__)
 
@@ -67,10 +73,56 @@ def client_id(settings: KafkaSettings, role: str) -> str:
     return f"{settings.client_id_prefix}-{role}-{socket.gethostname()}-{os.getpid()}"
 
 
+def connection_kwargs(settings: KafkaSettings) -> dict[str, Any]:
+    """Where Kafka is and how to log in to it: what every aiokafka client we build, producer,
+    consumer, admin or bare client, is given."""
+    return {"bootstrap_servers": bootstrap(settings), **security_kwargs(settings)}
+
+
+async def connection_problem(settings: KafkaSettings) -> str | None:
+    """Why Kafka refuses us, in one line, when it is a login or TLS problem; None otherwise.
+
+    aiokafka reports any failed start as "Unable to bootstrap": one connection of our own tells
+    a wrong password or certificate from a broker that is down.
+    """
+    if settings.security_protocol == "PLAINTEXT":
+        return None  # no login, no certificate
+    kwargs = connection_kwargs(settings)
+    servers = kwargs.pop("bootstrap_servers")
+    host, _, port = servers.split(",")[0].strip().rpartition(":")
+    where = f"Kafka at {host}:{port}"
+    try:
+        conn = await create_conn(
+            host,
+            int(port),
+            client_id=client_id(settings, "probe"),
+            request_timeout_ms=settings.request_timeout_ms,
+            **kwargs,
+        )
+    except SaslAuthenticationFailed:
+        return (
+            f"{where} refused the login of {settings.sasl_username!r} "
+            f"({settings.sasl_mechanism}): check [kafka] sasl_username and sasl_password"
+        )
+    except UnsupportedSaslMechanismError as exc:
+        return f"{where} does not accept [kafka] sasl_mechanism {settings.sasl_mechanism}: {exc}"
+    except ssl.SSLCertVerificationError as exc:
+        return (
+            f"{where}: its TLS certificate failed verification ({exc.verify_message}): "
+            "check [kafka] ssl_cafile and ssl_check_hostname"
+        )
+    except ssl.SSLError as exc:
+        return f"{where}: TLS failed ({exc.reason}): check [kafka] security_protocol and ssl_*"
+    except (OSError, KafkaError, TimeoutError, ValueError):
+        return None
+    conn.close()
+    return None
+
+
 def make_producer(settings: KafkaSettings, role: str) -> AIOKafkaProducer:
     use_prefix(settings.topic_prefix)
     return AIOKafkaProducer(
-        bootstrap_servers=bootstrap(settings),
+        **connection_kwargs(settings),
         client_id=client_id(settings, role),
         acks="all",
         enable_idempotence=idempotent(settings),
@@ -111,9 +163,11 @@ def make_consumer(
     """``group_id`` as the services name it; ``[kafka] group_prefix`` is added here."""
     use_prefix(settings.topic_prefix)
     return AIOKafkaConsumer(
-        bootstrap_servers=bootstrap(settings),
+        **connection_kwargs(settings),
         client_id=client_id(settings, role),
         group_id=group_name(settings, group_id) if group_id else None,
+        # Static membership ([kafka] group_instance_id); a consumer without a group has none.
+        group_instance_id=settings.group_instance_id if group_id else None,
         enable_auto_commit=False,
         auto_offset_reset="earliest",
         isolation_level="read_uncommitted",
@@ -134,7 +188,7 @@ def group_name(settings: KafkaSettings, group_id: str) -> str:
 def make_admin(settings: KafkaSettings) -> AIOKafkaAdminClient:
     use_prefix(settings.topic_prefix)
     return AIOKafkaAdminClient(
-        bootstrap_servers=bootstrap(settings),
+        **connection_kwargs(settings),
         client_id=client_id(settings, "admin"),
         request_timeout_ms=settings.request_timeout_ms,
     )

@@ -3,7 +3,9 @@
 ``PartitionProgress`` holds the offsets taken from a partition and not yet known to be done (the
 commit position is the first unfinished one). ``LagExporter`` turns it into the lag gauges, in
 messages and seconds; how each is computed, and the Tansu fallback's variant:
-docs/architecture.md, "The consumer runner".
+docs/architecture.md, "The consumer runner". Besides ``consumer`` (the service's name) the gauges
+carry ``consumergroup``, the group's name on the broker (``[kafka] group_prefix`` included), under
+the label name kafka-exporter uses: alerts and dashboards join the two on it.
 """
 
 from __future__ import annotations
@@ -127,6 +129,7 @@ class LagExporter:
         self.consumer = consumer
         self.progress = progress
         self.tansu = tansu
+        self.group = consumer_group(consumer)
 
     async def run_forever(self) -> None:
         """Export every ``LAG_EXPORT_INTERVAL_S``, whether records arrive or not."""
@@ -177,7 +180,7 @@ class LagExporter:
             if highwater is not None:
                 progress.observe_highwater(highwater, now_s)
             lag = progress.lag(highwater, now_s, from_committed=not self.tansu)
-            labels = (self.name, tp.topic, str(tp.partition))
+            labels = self._labels(tp)
             if highwater is not None:
                 metrics.CONSUMER_LAG.labels(*labels).set(lag.messages)
             metrics.CONSUMER_LAG_SECONDS.labels(*labels).set(lag.seconds)
@@ -225,10 +228,23 @@ class LagExporter:
                         result[tp] = max(result[tp], end)
         return result
 
+    def _labels(self, tp: TopicPartition) -> tuple[str, str, str, str]:
+        return (self.name, self.group, tp.topic, str(tp.partition))
+
     def forget(self, partitions: Iterable[TopicPartition]) -> None:
         """Drop the gauges of partitions no longer held here: their new owner reports them."""
         for tp in list(partitions):
-            labels = (self.name, tp.topic, str(tp.partition))
+            labels = self._labels(tp)
             for gauge in (metrics.CONSUMER_LAG, metrics.CONSUMER_LAG_SECONDS):
                 with contextlib.suppress(KeyError):
                     gauge.remove(*labels)
+
+
+def consumer_group(consumer: AIOKafkaConsumer) -> str:
+    """The group ``consumer`` joins, as the broker names it ("" for a consumer without a group).
+
+    aiokafka keeps the ``group_id`` it was given (``make_consumer`` adds the prefix) only as a
+    private attribute; reading it here spares every caller passing the name a second time.
+    """
+    group = getattr(consumer, "_group_id", None)
+    return group if isinstance(group, str) else ""

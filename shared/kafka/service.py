@@ -35,8 +35,8 @@ from shared import gcpolicy
 from shared.config import KafkaSettings, RunnerSettings, Settings, split_listen
 from shared.kafka.clients import (
     Publisher,
-    bootstrap,
     client_id,
+    connection_kwargs,
     is_tansu,
     make_consumer,
 )
@@ -386,7 +386,7 @@ async def leave_group(settings: KafkaSettings, membership: GroupMembership) -> N
     member and refuses.
     """
     client = AIOKafkaClient(
-        bootstrap_servers=bootstrap(settings),
+        **connection_kwargs(settings),
         client_id=client_id(settings, "leave"),
         request_timeout_ms=settings.request_timeout_ms,
     )

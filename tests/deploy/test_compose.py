@@ -8,6 +8,7 @@ Kafka address is the broker's; stop grace periods exceed the shutdown deadline.
 from __future__ import annotations
 
 import re
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +57,12 @@ def settings(monkeypatch: pytest.MonkeyPatch) -> Settings:
     return load_settings(ROOT / config_mount.split(":")[0])
 
 
+def listeners(value: str) -> dict[str, str]:
+    """Kafka's ``NAME://host:port,...`` listener list, by listener name."""
+    pairs = (listener.split("://", 1) for listener in value.split(","))
+    return {name: address for name, address in pairs}
+
+
 def listen_port(settings: Settings, service: str) -> int:
     listen = {
         "ingress": settings.ingress.listen,
@@ -102,8 +109,8 @@ def test_kafka_is_apache_kafka_in_kraft_mode_and_topics_are_created_first(
     environment = kafka["environment"]
     assert "controller" in environment["KAFKA_PROCESS_ROLES"]
     assert "KAFKA_ZOOKEEPER_CONNECT" not in environment
-    advertised = environment["KAFKA_ADVERTISED_LISTENERS"].split("//")[1]
-    assert settings.kafka.bootstrap_servers == advertised
+    advertised = listeners(environment["KAFKA_ADVERTISED_LISTENERS"])
+    assert settings.kafka.bootstrap_servers == advertised["PLAINTEXT"]
     assert settings.kafka.enable_idempotence  # Apache Kafka has InitProducerId
 
     topics = services()["topics"]
@@ -139,7 +146,7 @@ def test_ports_agree_between_config_compose_and_prometheus(settings: Settings) -
         listen = spec["command"][spec["command"].index("--listen") + 1]
         assert base_url.startswith(f"http://{simulator}:{split_listen(listen)[1]}/")
     assert settings.callbacks.public_url == f"http://callbacks:{listen_port(settings, 'callbacks')}"
-    exporter = jobs["kafka-exporter"]["static_configs"][0]["targets"]
+    exporter = jobs["smsbridge-kafka-exporter"]["static_configs"][0]["targets"]
     assert exporter == ["kafka-exporter:9308"]
     assert (
         f"--kafka.server={settings.kafka.bootstrap_servers}"
@@ -214,3 +221,43 @@ def test_the_admin_api_has_a_token_and_is_published_on_the_hosts_loopback_only(
     assert settings.campaigns.admin_token is not None
     port = listen_port(settings, "campaigns")
     assert services()["campaigns"]["ports"] == [f"127.0.0.1:{port}:{port}"]
+
+
+def test_the_header_says_how_to_start_the_stack_with_its_simulated_peers() -> None:
+    """deploy/compose/smsbridge.toml sends to the simulators: without the profile nothing
+    answers the sender and the reporter, so the first line, and every `up` shown, names it."""
+    header = COMPOSE.read_text().split("\n\n", 1)[0].splitlines()
+    assert "--profile simulators" in header[0]
+    ups = [line for line in header if "docker compose" in line and " up" in line]
+    assert ups and all("--profile simulators" in line for line in ups), ups
+
+
+def test_kafka_is_reachable_from_the_host_on_its_loopback() -> None:
+    kafka = services()["kafka"]
+    environment = kafka["environment"]
+    bound = listeners(environment["KAFKA_LISTENERS"])
+    advertised = listeners(environment["KAFKA_ADVERTISED_LISTENERS"])
+    protocols = listeners(environment["KAFKA_LISTENER_SECURITY_PROTOCOL_MAP"].replace(":", "://"))
+    assert set(advertised) <= set(bound) <= set(protocols)
+    assert environment.get("KAFKA_INTER_BROKER_LISTENER_NAME", "PLAINTEXT") == "PLAINTEXT"
+    # The host's listener advertises the address the host reaches, on the port it publishes.
+    [(name, address)] = [(n, a) for n, a in advertised.items() if a.startswith("localhost:")]
+    port = address.split(":")[1]
+    assert bound[name] == f":{port}"
+    assert f"127.0.0.1:{port}:{port}" in kafka["ports"]  # loopback only: no auth on it
+    assert f"--bootstrap-server localhost:{port}" in COMPOSE.read_text().split("services:")[0]
+
+
+def test_the_kafka_healthcheck_starts_no_jvm() -> None:
+    """Kafka's tools (kafka-*.sh) start a JVM each: every 5 s that was a second broker-sized
+    process. Bash writes the ApiVersions request such a tool sends and waits for an answer
+    (tests/integration/test_compose_healthcheck.py runs it against a broker)."""
+    check = services()["kafka"]["healthcheck"]
+    test = " ".join(check["test"])
+    assert ".sh" not in test and "java" not in test and "/opt/kafka" not in test
+    assert "/dev/tcp/127.0.0.1/9092" in test and check["test"][:2] == ["CMD", "bash"]
+    [written] = re.findall(r"printf '((?:\\x[0-9a-f]{2})+)'", test)
+    request = bytes.fromhex(written.replace("\\x", ""))
+    size, api_key, version = struct.unpack(">iHH", request[:8])
+    assert size == len(request) - 4 and (api_key, version) == (18, 0)  # ApiVersions v0
+    assert int(check["interval"].rstrip("s")) >= 10

@@ -32,6 +32,10 @@ pytestmark = pytest.mark.integration
 # Queried, but exported by something other than our services.
 EXTERNAL_METRICS = {
     "kafka_consumergroup_lag": "kafka-exporter (broker-side lag per consumer group)",
+    "kafka_consumergroup_lag_sum": "kafka-exporter (the same, per topic)",
+    "kafka_consumergroup_current_offset": "kafka-exporter (committed offset per partition)",
+    "kafka_consumergroup_current_offset_sum": "kafka-exporter (the same, per topic)",
+    "kafka_consumergroup_members": "kafka-exporter (members per consumer group)",
     "up": "Prometheus itself (scrape health)",
 }
 

@@ -6,13 +6,26 @@ promtool comes with the Debian package ``prometheus``; ``make test`` installs it
 
 from __future__ import annotations
 
+import json
+import re
 import shutil
 import subprocess
 
 import pytest
 import yaml
 
-from tests.deploy.promql import ALERTS, DEPLOY, dashboard_panels, metric_names, rule_expressions
+from shared.kafka.clients import group_name
+from shared.metrics import CONSUMER_LAG, CONSUMER_LAG_SECONDS
+from tests.deploy.promql import (
+    ALERTS,
+    DASHBOARDS,
+    DEPLOY,
+    dashboard_expressions,
+    dashboard_panels,
+    metric_names,
+    rule_expressions,
+)
+from tests.support import make_settings
 
 PROMTOOL = shutil.which("promtool")
 needs_promtool = pytest.mark.skipif(
@@ -51,11 +64,21 @@ def test_alert_rules_pass_their_unit_tests() -> None:
 def test_the_required_alerts_exist_and_each_has_a_unit_test() -> None:
     alerts = {name: expr for name, expr in rule_expressions()}
     wanted = {
+        # Burrow's stall: committed offsets that do not move while lag > 0 (broker side).
         "SmsbridgeConsumerStalled": {
-            "smsbridge_consumer_lag_messages",
-            "smsbridge_records_processed_total",
+            "kafka_consumergroup_current_offset",
+            "kafka_consumergroup_lag",
+            "kafka_consumergroup_members",
+        },
+        # A group with no members while its topics have lag.
+        "SmsbridgeConsumerGroupEmpty": {"kafka_consumergroup_lag", "kafka_consumergroup_members"},
+        # Broker-side lag, there whether or not the consumers still export theirs.
+        "SmsbridgeConsumerGroupBehind": {
+            "kafka_consumergroup_lag_sum",
+            "kafka_consumergroup_current_offset_sum",
         },
         "SmsbridgeConsumerLagHigh": {"smsbridge_consumer_lag_seconds"},
+        "SmsbridgeTargetDown": {"up"},
         "SmsbridgeSignatureFailures": {"smsbridge_signature_failures_total"},
         "SmsbridgeOptimoveUnauthorized": {"smsbridge_optimove_unauthorized_total"},
         "SmsbridgeReportSuccessRateLow": {"smsbridge_reports_total"},
@@ -65,6 +88,8 @@ def test_the_required_alerts_exist_and_each_has_a_unit_test() -> None:
     for name, metrics in wanted.items():
         assert name in alerts, f"missing alert {name}"
         assert metrics <= metric_names(alerts[name]), name
+    # The stall no longer asks for growing lag: a consumer stuck after its input stopped counts.
+    assert "deriv" not in alerts["SmsbridgeConsumerStalled"]
     tests = yaml.safe_load((PROMETHEUS / "alerts.test.yml").read_text())
     tested = {
         case["alertname"]
@@ -73,6 +98,53 @@ def test_the_required_alerts_exist_and_each_has_a_unit_test() -> None:
         if case.get("exp_alerts")
     }
     assert set(wanted) <= tested, f"alerts without a firing unit test: {set(wanted) - tested}"
+
+
+def test_the_consumer_alerts_select_every_consumer_group_prefix_or_not() -> None:
+    """The rules' ``consumergroup=~`` selectors (anchored, as PromQL anchors them) match the
+    groups our consumer services join, with or without ``[kafka] group_prefix``."""
+    groups = {
+        group_name(make_settings(overrides={"kafka": {"group_prefix": prefix}}).kafka, group_id)
+        for prefix in ("", "prod.", "eu-")
+        for group_id in ("smsbridge-sender", "smsbridge-normalizer", "smsbridge-reporter")
+    }
+    selectors = {
+        pattern
+        for _, expr in [*rule_expressions(), *dashboard_expressions()]
+        for pattern in re.findall(r'consumergroup=~"([^"]+)"', expr)
+    }
+    assert selectors
+    for pattern in selectors:
+        for group in groups:
+            assert re.fullmatch(pattern, group), (pattern, group)
+        assert not re.fullmatch(pattern, "billing-consumers")
+
+
+def test_our_lag_gauges_join_the_exporters_on_its_labels() -> None:
+    """Our lag gauges carry kafka-exporter's labels (the group's name as ``consumergroup``),
+    beside the ``consumer`` that dashboards already use; every ``on (...)`` of a query that
+    joins the two names only labels both sides carry."""
+    ours = set(CONSUMER_LAG._labelnames) & set(CONSUMER_LAG_SECONDS._labelnames)
+    assert {"consumer", "consumergroup", "topic", "partition"} <= ours
+    theirs = {
+        "kafka_consumergroup_lag": {"consumergroup", "topic", "partition"},
+        "kafka_consumergroup_current_offset": {"consumergroup", "topic", "partition"},
+        "kafka_consumergroup_lag_sum": {"consumergroup", "topic"},
+        "kafka_consumergroup_current_offset_sum": {"consumergroup", "topic"},
+        "kafka_consumergroup_members": {"consumergroup"},
+    }
+    joins = 0
+    for where, expr in [*rule_expressions(), *dashboard_expressions()]:
+        names = metric_names(expr)
+        ours_queried = {name for name in names if name.startswith("smsbridge_consumer_lag_")}
+        if not ours_queried or not names & set(theirs):
+            continue
+        for on in re.findall(r"\bon\s*\(([^)]*)\)", expr):
+            labels = {label.strip() for label in on.split(",") if label.strip()}
+            assert labels <= ours, where
+            assert all(labels <= theirs[name] for name in names & set(theirs)), where
+            joins += 1
+    assert joins, "no rule or panel joins our lag with kafka-exporter's"
 
 
 def test_every_alert_has_a_severity_and_a_summary() -> None:
@@ -103,9 +175,36 @@ def test_the_dashboard_covers_the_pipeline() -> None:
         "smsbridge_dead_letters_total",
     ):
         assert metric in everything, f"no dashboard panel queries {metric}"
-    datasources = yaml.safe_load(
-        (DEPLOY / "grafana" / "provisioning" / "datasources" / "prometheus.yml").read_text()
-    )
-    [provisioned] = datasources["datasources"]
+    # Every query picks its data source through the dashboard's variable, never a fixed uid.
+    variables = [
+        variable
+        for path in sorted(DASHBOARDS.glob("*.json"))
+        for variable in json.loads(path.read_text())["templating"]["list"]
+        if variable["type"] == "datasource"
+    ]
+    assert [(v["name"], v["query"]) for v in variables] == [("datasource", "prometheus")]
     for _, panel in dashboard_panels():
-        assert panel["datasource"]["uid"] == provisioned["uid"], panel["title"]
+        for source in (panel["datasource"], *(t["datasource"] for t in panel["targets"])):
+            assert source == {"type": "prometheus", "uid": "${datasource}"}, panel["title"]
+
+
+# Grafana units and what a query must be to be shown in them.
+RATE_UNITS = {"reqps", "ops", "rps", "wps"}
+SECONDS_UNITS = {"s", "ms"}
+
+
+def test_every_panel_shows_its_queries_in_their_unit() -> None:
+    """A rate panel (req/s, ops/s) holds rates only; a quantile of a duration histogram is
+    shown in seconds, on a panel of its own."""
+    for _, panel in dashboard_panels():
+        unit = panel["fieldConfig"]["defaults"]["unit"]
+        for target in panel["targets"]:
+            expr = target["expr"]
+            durations = any(
+                name.endswith("_seconds_bucket") for name in metric_names(expr)
+            ) and expr.startswith("histogram_quantile(")
+            if durations:
+                assert unit in SECONDS_UNITS, f"{panel['title']}: {expr} shown in {unit}"
+            if unit in RATE_UNITS:
+                assert "histogram_quantile" not in expr, f"{panel['title']}: {expr}"
+                assert re.search(r"\b(rate|irate)\(", expr), f"{panel['title']}: {expr}"

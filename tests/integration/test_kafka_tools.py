@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaProducer, TopicPartition
 from prometheus_client import REGISTRY
 
 from shared.config import RunnerSettings, Settings
@@ -26,7 +26,7 @@ from shared.kafka.clients import OutRecord, bootstrap, group_name
 from shared.kafka.runner import Record
 from shared.kafka.service import ConsumerService
 from tests.support import create_topic, make_settings, running, wait_for
-from tests.support.ops import committed, config_data, smsbridge, write_config
+from tests.support.ops import commit, committed, config_data, smsbridge, write_config
 from tools.replay import ToTime, replay
 
 pytestmark = pytest.mark.integration
@@ -86,7 +86,12 @@ class HoldMarked:
 
 
 def our_lag(partition: int) -> float | None:
-    labels = {"consumer": CONSUMER, "topic": LAG_TOPIC.name, "partition": str(partition)}
+    labels = {
+        "consumer": CONSUMER,
+        "consumergroup": group_name(make_settings().kafka, f"smsbridge-{CONSUMER}"),
+        "topic": LAG_TOPIC.name,
+        "partition": str(partition),
+    }
     return REGISTRY.get_sample_value("smsbridge_consumer_lag_messages", labels)
 
 
@@ -144,7 +149,7 @@ async def test_replay_to_a_time_leaves_the_offsets_reset_offsets_to_datetime_lea
     for index, instant in enumerate(instants):
         at = datetime.fromtimestamp(instant, UTC)
         ours, theirs = f"ops-ours-{index}", f"ops-theirs-{index}"
-        await replay(settings, ours, REPLAY_TOPIC.name, ToTime(at), out=io.StringIO())
+        await replay(settings, ours, REPLAY_TOPIC.name, ToTime(at), execute=True, out=io.StringIO())
         await asyncio.to_thread(
             tool,
             "kafka-consumer-groups",
@@ -162,6 +167,141 @@ async def test_replay_to_a_time_leaves_the_offsets_reset_offsets_to_datetime_lea
         assert mine == kafkas, f"at {at.isoformat()}: replay {mine}, kafka-consumer-groups {kafkas}"
     # The instants told the rounds apart: the check compared moves, not one answer.
     assert (await committed(settings, "ops-ours-2", REPLAY_TOPIC))[0] == 5
+
+
+# Two topics whose records were written 3 h, 1 h and 10 min ago (their own timestamps): the
+# eras stay apart however long Kafka's tool takes to start. Per partition, records per era.
+ERA_AGES_S = (3 * 3600, 3600, 600)
+ERA_TOPICS = (Topic("ops.tools-eras-a", partitions=3), Topic("ops.tools-eras-b", partitions=2))
+ERAS = {
+    "ops.tools-eras-a": ((2, 1, 3), (2, 2, 0), (1, 3, 2)),
+    "ops.tools-eras-b": ((1, 0), (0, 2), (2, 1)),
+}
+# Where each group starts, before the move: somewhere inside every partition.
+ERA_START = {"ops.tools-eras-a": (4, 6, 2), "ops.tools-eras-b": (3, 1)}
+
+
+async def produce_eras(settings: Settings) -> None:
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap(settings.kafka), acks="all")
+    await producer.start()
+    try:
+        now_ms = int(time.time() * 1000)
+        for topic in ERA_TOPICS:
+            for age_s, counts in zip(ERA_AGES_S, ERAS[topic.base], strict=True):
+                for partition, count in enumerate(counts):
+                    for _ in range(count):
+                        await producer.send_and_wait(
+                            topic.name,
+                            b"x",
+                            partition=partition,
+                            timestamp_ms=now_ms - age_s * 1000,
+                        )
+    finally:
+        await producer.stop()
+
+
+def era_start() -> dict[TopicPartition, int]:
+    return {
+        TopicPartition(topic.name, partition): offset
+        for topic in ERA_TOPICS
+        for partition, offset in enumerate(ERA_START[topic.base])
+    }
+
+
+async def era_offsets(settings: Settings, group: str) -> dict[str, list[int | None]]:
+    return {
+        topic.base: list((await committed(settings, group, topic)).values()) for topic in ERA_TOPICS
+    }
+
+
+async def test_each_replay_option_leaves_the_offsets_reset_offsets_leaves(
+    tmp_path: Path,
+) -> None:
+    config = tmp_path / "smsbridge.toml"
+    settings = write_config(config, config_data())
+    for topic in ERA_TOPICS:
+        await create_topic(settings, topic)
+    await produce_eras(settings)
+    a, b = ERA_TOPICS
+    cases: dict[str, tuple[list[Topic] | None, list[str]]] = {
+        "two-hours": ([a, b], ["--by-duration", "PT2H"]),
+        "half-hour": (None, ["--by-duration", "PT30M"]),
+        "day": ([b], ["--by-duration", "P1D"]),
+        "latest": (None, ["--to-latest"]),
+        "back": ([a], ["--shift-by", "-3"]),
+        "on": ([a, b], ["--shift-by", "2"]),
+        "earliest": ([b], ["--to-earliest"]),
+    }
+    moved: dict[str, dict[str, list[int | None]]] = {}
+    for name, (topics, option) in cases.items():
+        ours, theirs = f"ops-ours-{name}", f"ops-theirs-{name}"
+        for group in (ours, theirs):
+            await commit(settings, group, era_start())
+        export = tmp_path / f"{name}.csv"
+        our_scope = ["--all-topics"] if topics is None else []
+        their_scope = ["--all-topics"] if topics is None else []
+        for topic in topics or []:
+            our_scope += ["--topic", topic.base]
+            their_scope += ["--topic", topic.name]
+        code, _, err = await smsbridge(
+            *("--config", str(config), "replay", "--group", ours, *our_scope, *option),
+            *("--export", str(export), "--execute"),
+        )
+        assert code == 0, err
+        await asyncio.to_thread(
+            tool,
+            *("kafka-consumer-groups", "--reset-offsets", "--group"),
+            group_name(settings.kafka, theirs),
+            *their_scope,
+            *option,
+            "--execute",
+        )
+        moved[name] = await era_offsets(settings, ours)
+        kafkas = await era_offsets(settings, theirs)
+        assert moved[name] == kafkas, f"{option}: replay {moved[name]}, kafka {kafkas}"
+        # Our export is the undo, in a form Kafka's own tool reads.
+        await asyncio.to_thread(
+            tool,
+            *("kafka-consumer-groups", "--reset-offsets", "--group"),
+            group_name(settings.kafka, ours),
+            *("--from-file", str(export), "--execute"),
+        )
+        assert await era_offsets(settings, ours) == {
+            topic.base: list(ERA_START[topic.base]) for topic in ERA_TOPICS
+        }, f"{option}: undone by kafka-consumer-groups --from-file"
+    # The cases moved somewhere, and apart: the eras and the clamps were exercised.
+    assert moved["two-hours"] == {"ops.tools-eras-a": [2, 1, 3], "ops.tools-eras-b": [1, 0]}
+    assert moved["half-hour"] == {"ops.tools-eras-a": [4, 3, 3], "ops.tools-eras-b": [1, 2]}
+    assert moved["day"]["ops.tools-eras-b"] == [0, 0]
+    assert moved["back"]["ops.tools-eras-a"] == [1, 3, 0]
+    assert moved["on"] == {"ops.tools-eras-a": [5, 6, 4], "ops.tools-eras-b": [3, 3]}
+
+    # Kafka's own plan, exported (with --export a dry run prints only the CSV), as --from-file.
+    ours, theirs = "ops-ours-file", "ops-theirs-file"
+    for group in (ours, theirs):
+        await commit(settings, group, era_start())
+    plan = tmp_path / "kafka-plan.csv"
+    plan.write_text(
+        await asyncio.to_thread(
+            tool,
+            *("kafka-consumer-groups", "--reset-offsets", "--group"),
+            group_name(settings.kafka, theirs),
+            *("--all-topics", "--shift-by", "-1", "--dry-run", "--export"),
+        )
+    )
+    code, _, err = await smsbridge(
+        *("--config", str(config), "replay", "--group", ours),
+        *("--from-file", str(plan), "--execute"),
+    )
+    assert code == 0, err
+    await asyncio.to_thread(
+        tool,
+        *("kafka-consumer-groups", "--reset-offsets", "--group"),
+        group_name(settings.kafka, theirs),
+        *("--from-file", str(plan), "--execute"),
+    )
+    expected = {"ops.tools-eras-a": [3, 5, 1], "ops.tools-eras-b": [2, 0]}
+    assert await era_offsets(settings, ours) == await era_offsets(settings, theirs) == expected
 
 
 async def test_kafka_topics_describe_shows_what_topics_ensure_promised(tmp_path: Path) -> None:
@@ -194,6 +334,7 @@ async def test_topics_ensure_names_an_existing_topic_whose_partitions_differ(
     code, printed, _ = await smsbridge("--config", str(config), "topics", "ensure")
     assert code == 1  # the joins need the partition counts we chose
     [line] = [line for line in printed.splitlines() if line.startswith(f"{STATUSES.name} ")]
-    assert line.endswith("exists with 3 partitions")
+    assert line.endswith("drift")
+    assert f"drift: {STATUSES.name}: partitions is 3, want 12;" in printed
     created = [line for line in printed.splitlines()[1:] if line.endswith("created")]
     assert len(created) == len(ALL_TOPICS) - 1

@@ -12,7 +12,7 @@ from prometheus_client import REGISTRY
 from shared.config import RunnerSettings
 from shared.contract.topics import Topic
 from shared.kafka.broker import EmbeddedBroker
-from shared.kafka.clients import OutRecord, bootstrap
+from shared.kafka.clients import OutRecord, bootstrap, group_name, make_admin
 from shared.kafka.runner import Record
 from shared.kafka.service import ConsumerService
 from tests.support import create_topic, make_settings, running, wait_for
@@ -21,6 +21,11 @@ pytestmark = [pytest.mark.integration, pytest.mark.smoke]
 
 LAG_TOPIC = Topic("ops.lag-test", partitions=2)
 CONSUMER = "lag-test"
+
+
+def group() -> str:
+    """The group's whole name on the broker: the test's group prefix is part of it."""
+    return group_name(make_settings().kafka, f"smsbridge-{CONSUMER}")
 
 
 class Gate:
@@ -37,7 +42,13 @@ class Gate:
 
 
 def gauge(name: str, partition: int) -> float | None:
-    labels = {"consumer": CONSUMER, "topic": LAG_TOPIC.name, "partition": str(partition)}
+    # ``consumergroup`` as kafka-exporter labels the same group's lag: the two join on it.
+    labels = {
+        "consumer": CONSUMER,
+        "consumergroup": group(),
+        "topic": LAG_TOPIC.name,
+        "partition": str(partition),
+    }
     return REGISTRY.get_sample_value(name, labels)
 
 
@@ -47,6 +58,16 @@ def lag_messages(partition: int) -> float | None:
 
 def lag_seconds(partition: int) -> float | None:
     return gauge("smsbridge_consumer_lag_seconds", partition)
+
+
+async def broker_groups() -> set[str]:
+    """The name of every group the broker knows (ListGroups, as kafka-exporter lists them)."""
+    admin = make_admin(make_settings().kafka)
+    await admin.start()
+    try:
+        return {str(group[0]) for group in await admin.list_consumer_groups()}
+    finally:
+        await admin.close()
 
 
 async def produce(count: int, partition: int) -> None:
@@ -74,6 +95,7 @@ async def test_lag_grows_while_stuck_and_reads_zero_once_idle(kafka: EmbeddedBro
     )
     async with running(service):
         await wait_for(lambda: lag_messages(1) == 0.0, what="the idle partition to read 0")
+        assert group() in await broker_groups()  # the label is the group's name on the broker
         await produce(20, partition=0)
         await wait_for(lambda: lag_messages(0) == 20.0, what="20 records of lag")
         assert gate.started == 2  # the rest is not taken: the slots are full

@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import io
-import os
-import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 from aiokafka import AIOKafkaProducer, TopicPartition
-from aiokafka.structs import OffsetAndMetadata
 
 from services.normalizer.app import build as build_normalizer
 from services.reporter.app import build as build_reporter
@@ -36,20 +33,24 @@ from tests.support.ops import (
     QUICK_GROUP,
     TopicTail,
     accepted_dispatch,
+    commit,
     committed,
     config_data,
     delivered_callback,
     dispatch_records,
     publisher,
+    smsbridge,
     total,
     write_config,
 )
 from tools.replay import (
     FromBeginning,
     GroupHasLiveMembers,
+    ShiftBy,
+    Target,
+    ToLatest,
     ToOffset,
     ToTime,
-    offsets_consumer,
     replay,
 )
 
@@ -57,35 +58,35 @@ pytestmark = pytest.mark.integration
 
 NORMALIZER_GROUP = "smsbridge-normalizer"
 TEST_TOPIC = Topic("ops.replay-test", partitions=3)
+OTHER_TOPIC = Topic("ops.replay-other", partitions=2)
 TEST_GROUP = "ops-replay-test"
+HEADER = "partition     before      after        end    to read"
 
 
-async def produce_round(settings: Settings, per_partition: int) -> None:
+async def produce_round(settings: Settings, per_partition: int, topic: Topic = TEST_TOPIC) -> None:
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap(settings.kafka), acks="all")
     await producer.start()
     try:
-        for partition in range(TEST_TOPIC.partitions):
+        for partition in range(topic.partitions):
             for _ in range(per_partition):
-                await producer.send_and_wait(TEST_TOPIC.name, b"x", partition=partition)
+                await producer.send_and_wait(topic.name, b"x", partition=partition)
     finally:
         await producer.stop()
 
 
 async def commit_for_test_group(settings: Settings, offset: int) -> None:
-    consumer = offsets_consumer(settings.kafka, TEST_GROUP)
-    await consumer.start()
-    try:
-        partitions = [TopicPartition(TEST_TOPIC.name, p) for p in range(TEST_TOPIC.partitions)]
-        consumer.assign(partitions)
-        await consumer.commit({tp: OffsetAndMetadata(offset, "") for tp in partitions})
-    finally:
-        await consumer.stop()
+    partitions = [TopicPartition(TEST_TOPIC.name, p) for p in range(TEST_TOPIC.partitions)]
+    await commit(settings, TEST_GROUP, dict.fromkeys(partitions, offset))
+
+
+def row(partition: int, before: int | None, after: int, end: int) -> str:
+    """A partition's line of the printed plan."""
+    shown = "-" if before is None else str(before)
+    return f"{partition:>9} {shown:>10} {after:>10} {end:>10} {end - after:>10}"
 
 
 @pytest.mark.smoke
-async def test_targets_move_every_partition_and_dry_run_changes_nothing(
-    kafka: EmbeddedBroker, tmp_path: Path
-) -> None:
+async def test_targets_move_every_partition(kafka: EmbeddedBroker, tmp_path: Path) -> None:
     settings = write_config(tmp_path / "smsbridge.toml", config_data())
     await create_topic(settings, TEST_TOPIC)
     await produce_round(settings, 4)  # offsets 0-3 of every partition
@@ -95,8 +96,8 @@ async def test_targets_move_every_partition_and_dry_run_changes_nothing(
     await produce_round(settings, 6)  # offsets 4-9
     await commit_for_test_group(settings, 10)  # as if the group had read everything
 
-    async def moved_to(target: FromBeginning | ToOffset | ToTime) -> dict[int, int | None]:
-        await replay(settings, TEST_GROUP, TEST_TOPIC.name, target, out=io.StringIO())
+    async def moved_to(target: Target) -> dict[int, int | None]:
+        await replay(settings, TEST_GROUP, TEST_TOPIC.name, target, execute=True, out=io.StringIO())
         return await committed(settings, TEST_GROUP, TEST_TOPIC)
 
     everywhere = dict.fromkeys(range(TEST_TOPIC.partitions))
@@ -105,31 +106,105 @@ async def test_targets_move_every_partition_and_dry_run_changes_nothing(
     assert await moved_to(ToOffset(7)) == dict.fromkeys(everywhere, 7)
     assert await moved_to(ToOffset(1000)) == dict.fromkeys(everywhere, 10)  # clamped to the end
     assert await moved_to(FromBeginning()) == dict.fromkeys(everywhere, 0)
+    assert await moved_to(ShiftBy(3)) == dict.fromkeys(everywhere, 3)
+    assert await moved_to(ShiftBy(-5)) == dict.fromkeys(everywhere, 0)  # clamped to the start
+    assert await moved_to(ToLatest()) == dict.fromkeys(everywhere, 10)
+    assert await moved_to(ShiftBy(-4)) == dict.fromkeys(everywhere, 6)
     # After the last record: the end, although Tansu answers offset 0 for such a time.
     future = datetime.fromtimestamp(time.time() + 3600, UTC)
     assert await moved_to(ToTime(future)) == dict.fromkeys(everywhere, 10)
 
-    # The command line, as an operator runs it: a dry run prints the move and commits nothing.
-    base = [sys.executable, "-m", "tools.cli", "--config", str(tmp_path / "smsbridge.toml")]
-    args = ["replay", "--group", TEST_GROUP, "--topic", TEST_TOPIC.base]
-    dry = await asyncio.create_subprocess_exec(
-        *base,
-        *args,
-        "--to-time",
-        at.isoformat(),
-        "--dry-run",
-        env=dict(os.environ),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await asyncio.wait_for(dry.communicate(), 60)
-    assert dry.returncode == 0, err.decode()
-    lines = out.decode().splitlines()
-    assert "partition     before      after        end    to read" in lines
+
+@pytest.mark.smoke
+async def test_the_command_plans_by_default_and_commits_only_with_execute(
+    kafka: EmbeddedBroker, tmp_path: Path
+) -> None:
+    config = tmp_path / "smsbridge.toml"
+    settings = write_config(config, config_data())
+    await create_topic(settings, TEST_TOPIC)
+    await produce_round(settings, 10)
+    await commit_for_test_group(settings, 10)
+    everywhere = dict.fromkeys(range(TEST_TOPIC.partitions))
+    # The command line, as an operator runs it; --shift-by takes a negative number as is.
+    args = ["--config", str(config), "replay", "--group", TEST_GROUP, "--topic", TEST_TOPIC.base]
+    move = [*args, "--shift-by", "-6"]
+
+    for plan_only in ([], ["--dry-run"]):  # --dry-run: the default, as in Kafka's tool
+        code, out, err = await smsbridge(*move, *plan_only)
+        assert code == 0, err
+        lines = out.splitlines()
+        assert HEADER in lines
+        for partition in range(TEST_TOPIC.partitions):
+            assert row(partition, 10, 4, 10) in lines
+        assert "plan only, nothing committed: add --execute to commit it" in lines
+        assert await committed(settings, TEST_GROUP, TEST_TOPIC) == dict.fromkeys(everywhere, 10)
+
+    code, out, err = await smsbridge(*move, "--execute")
+    assert code == 0, err
+    lines = out.splitlines()
     for partition in range(TEST_TOPIC.partitions):
-        assert f"{partition:>9} {10:>10} {4:>10} {10:>10} {6:>10}" in lines
-    assert "dry run: nothing committed" in lines
-    assert await committed(settings, TEST_GROUP, TEST_TOPIC) == dict.fromkeys(everywhere, 10)
+        assert row(partition, 10, 4, 10) in lines  # "after" as read back from Kafka
+    assert "committed: 18 records to read again" in lines
+    assert await committed(settings, TEST_GROUP, TEST_TOPIC) == dict.fromkeys(everywhere, 4)
+
+    # Both modes at once is a usage error, as in Kafka's tool; nothing moves.
+    code, _, err = await smsbridge(*move, "--execute", "--dry-run")
+    assert code == 2 and "not allowed with" in err
+    assert await committed(settings, TEST_GROUP, TEST_TOPIC) == dict.fromkeys(everywhere, 4)
+
+
+@pytest.mark.smoke
+async def test_export_then_from_file_puts_back_every_offset_of_several_topics(
+    kafka: EmbeddedBroker, tmp_path: Path
+) -> None:
+    config = tmp_path / "smsbridge.toml"
+    settings = write_config(config, config_data())
+    for topic in (TEST_TOPIC, OTHER_TOPIC):
+        await create_topic(settings, topic)
+        await produce_round(settings, 9, topic)
+    tp = TopicPartition
+    start = {
+        tp(TEST_TOPIC.name, 0): 2,
+        tp(TEST_TOPIC.name, 1): 9,
+        tp(TEST_TOPIC.name, 2): 5,
+        tp(OTHER_TOPIC.name, 0): 0,
+        tp(OTHER_TOPIC.name, 1): 7,
+    }
+    await commit(settings, TEST_GROUP, start)
+
+    async def offsets() -> dict[TopicPartition, int | None]:
+        found: dict[TopicPartition, int | None] = {}
+        for topic in (TEST_TOPIC, OTHER_TOPIC):
+            for partition, offset in (await committed(settings, TEST_GROUP, topic)).items():
+                found[tp(topic.name, partition)] = offset
+        return found
+
+    base = ["--config", str(config), "replay", "--group", TEST_GROUP]
+    both = ["--topic", TEST_TOPIC.base, "--topic", OTHER_TOPIC.base]
+    saved = tmp_path / "before.csv"
+    code, out, err = await smsbridge(
+        *base, *both, "--from-beginning", "--export", str(saved), "--execute"
+    )
+    assert code == 0, err
+    assert f"group {TEST_GROUP}, topic {OTHER_TOPIC.name}: to the earliest offsets" in out
+    assert row(1, 7, 0, 9) in out.splitlines()
+    assert await offsets() == dict.fromkeys(start, 0)
+    # kafka-consumer-groups' CSV: topic,partition,offset, the topics as the broker names them.
+    assert sorted(saved.read_text().splitlines()) == sorted(
+        f"{p.topic},{p.partition},{offset}" for p, offset in start.items()
+    )
+
+    # A second export never overwrites the first (the undo), and then nothing moves.
+    code, _, err = await smsbridge(*base, *both, "--to-latest", "--export", str(saved), "--execute")
+    assert code == 1 and "exists and is kept" in err
+    assert await offsets() == dict.fromkeys(start, 0)
+
+    code, out, err = await smsbridge(*base, "--from-file", str(saved))  # plan only
+    assert code == 0, err
+    assert await offsets() == dict.fromkeys(start, 0)
+    code, out, err = await smsbridge(*base, "--from-file", str(saved), "--execute")
+    assert code == 0, err
+    assert await offsets() == start
 
 
 async def test_replaying_the_normalizers_input_reports_nothing_twice(
@@ -176,8 +251,17 @@ async def test_replaying_the_normalizers_input_reports_nothing_twice(
                         NORMALIZER_GROUP,
                         DISPATCHES.name,
                         FromBeginning(),
+                        execute=True,
                         out=io.StringIO(),
                     )
+                # Not even planned from the command line: the plan would be stale at once.
+                config = tmp_path / "smsbridge.toml"
+                write_config(config, config_data())
+                code, shown, err = await smsbridge(
+                    *("--config", str(config), "replay", "--group", NORMALIZER_GROUP),
+                    *("--all-topics", "--from-beginning", "--execute"),
+                )
+                assert code == 1 and "live member(s)" in err and not shown, err
                 assert isinstance(first, ConsumerService)
                 await wait_for(
                     lambda: first.runner.finished_records == len(inputs),
@@ -191,11 +275,17 @@ async def test_replaying_the_normalizers_input_reports_nothing_twice(
             assert consumed == len(message_ids)
 
             printed = io.StringIO()
-            for topic in (DISPATCHES, PROVIDER_EVENTS):
-                await replay(settings, NORMALIZER_GROUP, topic.name, FromBeginning(), out=printed)
+            await replay(
+                settings,
+                NORMALIZER_GROUP,
+                [DISPATCHES.name, PROVIDER_EVENTS.name],
+                FromBeginning(),
+                execute=True,
+                out=printed,
+            )
             assert total(await committed(settings, NORMALIZER_GROUP, DISPATCHES)) == 0
             assert total(await committed(settings, NORMALIZER_GROUP, PROVIDER_EVENTS)) == 0
-            assert f"committed: {len(message_ids)} records to read again" in printed.getvalue()
+            assert f"committed: {len(inputs)} records to read again" in printed.getvalue()
 
             # A new instance on a new disk: what it knows comes from the changelog.
             replayed = make_settings(

@@ -8,7 +8,7 @@ another keeps flowing, and parked reports that outlive the reporter that parked 
 from __future__ import annotations
 
 from collections import defaultdict
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
@@ -119,9 +119,9 @@ def reply(index: int, tenant: str = TENANT) -> InboundMessage:
         event_id=f"e-in-{tenant}-{index}",
         tenant=tenant,
         to="ACME",
-        from_number=f"4479111234{index:02d}",
+        from_number=f"44791112{index:04d}",
         text=f"reply {index}",
-        sent_at=datetime(2026, 1, 2, 3, 4, index, tzinfo=UTC),
+        sent_at=datetime(2026, 1, 2, 3, 4, tzinfo=UTC) + timedelta(seconds=index),
     )
 
 
@@ -232,7 +232,7 @@ async def test_reports_arrive_signed_with_metadata_unchanged_and_replies_batched
     assert [m["message"] for batch in batches for m in batch] == [r.text for r in replies]
     assert batches[0][0] == {
         "to": "ACME",
-        "from": "447911123400",
+        "from": "447911120000",
         "message": "reply 0",
         "sentAt": "2026-01-02T03:04:00Z",
     }

@@ -19,6 +19,7 @@ from typing import Any, Generic
 import aiohttp
 import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.structs import OffsetAndMetadata
 
 from bench.stack import to_toml
 from shared.config import Settings, load_settings
@@ -322,6 +323,17 @@ async def committed(settings: Settings, group: str, topic: Topic) -> dict[int, i
         await consumer.stop()
 
 
+async def commit(settings: Settings, group: str, offsets: Mapping[TopicPartition, int]) -> None:
+    """Commit ``offsets`` for ``group`` as if it had read that far (it must not be running)."""
+    consumer = offsets_consumer(settings.kafka, group)
+    await consumer.start()
+    try:
+        consumer.assign(list(offsets))
+        await consumer.commit({tp: OffsetAndMetadata(o, "") for tp, o in offsets.items()})
+    finally:
+        await consumer.stop()
+
+
 def total(offsets: Mapping[int, int | None]) -> int:
     return sum(offset or 0 for offset in offsets.values())
 
@@ -331,6 +343,7 @@ __all__ = [
     "QUICK_GROUP",
     "TopicTail",
     "accepted_dispatch",
+    "commit",
     "committed",
     "config_data",
     "delivered_callback",

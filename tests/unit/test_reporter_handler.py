@@ -156,6 +156,16 @@ class Harness:
         entry = self.handler.store.get_entry(PARTITION, key)
         return StateChange(value=entry.value, due_at=entry.due_at) if entry else None
 
+    def parked_entries(self) -> int:
+        """Entries of parked reports (the store also remembers what Optimove acknowledged)."""
+        store = self.handler.store
+        return store.count_prefix(PARTITION, "delivery/") + store.count_prefix(
+            PARTITION, "incoming/"
+        )
+
+    def acknowledgements(self) -> int:
+        return self.handler.store.count_prefix(PARTITION, "acknowledged/")
+
     def queue(self, key: str) -> list[str]:
         entry = self.handler.store.get(PARTITION, key)
         return [report["source"] for report in entry["reports"]] if entry else []
@@ -280,7 +290,7 @@ async def test_a_failing_tenant_parks_new_reports_without_asking_while_others_fl
         assert attempted and all(letter.status_code == 503 for letter in attempted)
         assert all("simulated failure" in letter.response_excerpt for letter in attempted)
         assert gauge(OTHER) == 0
-        assert h.handler.store.count(PARTITION) == 0
+        assert h.parked_entries() == 0
 
 
 async def test_a_record_read_twice_is_parked_once(simulator: OptimoveSimulator) -> None:
@@ -296,7 +306,7 @@ async def test_a_record_read_twice_is_parked_once(simulator: OptimoveSimulator) 
         requests = len(simulator.received(tenant=OTHER))
         await h.handle(incoming)
         assert len(simulator.received(tenant=OTHER)) == requests
-        assert h.handler.store.count(PARTITION) == 2
+        assert h.parked_entries() == 2
 
 
 async def test_parked_replies_of_a_tenant_go_in_one_request(
@@ -313,7 +323,7 @@ async def test_parked_replies_of_a_tenant_go_in_one_request(
         await h.pass_at(1.0)
 
         assert gauge(OTHER, "incoming") == 0
-        assert h.handler.store.count(PARTITION) == 0
+        assert h.parked_entries() == 0
     requests = bodies(simulator, OTHER, "incoming-message")
     assert [(code, len(body["messages"])) for code, body in requests] == [(503, 3), (200, 3)]  # type: ignore[index]
 
@@ -329,7 +339,7 @@ async def test_refusals_are_dead_lettered_at_once_and_not_parked(
         letter = outputs[0].value
         assert isinstance(letter, DeadLetter)
         assert (letter.status_code, letter.attempts) == (400, 1)
-        assert h.handler.store.count(PARTITION) == 0
+        assert h.parked_entries() == 0
         assert h.publisher.published == []
 
 
@@ -348,7 +358,7 @@ async def test_a_parked_report_of_a_tenant_no_longer_configured_is_dead_lettered
         (letter,) = after.publisher.dead_letters()
         assert letter.key == "m-b1"
         assert "no longer" in letter.reason
-        assert after.handler.store.count(PARTITION) == 0
+        assert after.parked_entries() == 0
 
 
 async def test_a_retry_that_ends_before_its_request_returns_the_probe(
@@ -417,9 +427,16 @@ async def test_every_request_optimove_accepts_is_counted_once_on_report_outcomes
 ) -> None:
     simulator.set_mode(FailureMode(status=503, remaining=1), tenant=OTHER)
     async with Harness(settings_for(simulator.port)) as h:
-        # Accepted at once: counted with the record's own outputs (before its commit).
+        # Accepted at once: counted in the publish that stores the acknowledgement, on Kafka
+        # before the record is done (so before its commit).
         outputs = await h.handle(h.record(STATUSES.name, "m-a1", status("m-a1", "sent")))
-        assert outcomes(outputs) == [(TENANT, "delivery", {"": 1})]
+        assert outputs == []
+        assert outcomes(h.publisher.published) == [(TENANT, "delivery", {"": 1})]
+        assert [r.key for r in h.publisher.published] == [
+            TENANT,
+            f"acknowledged/delivery/{TENANT}/m-a1/sent/Sent",
+        ]
+        h.publisher.published.clear()
         # Refused once (503): parked, nothing counted; accepted on retry: counted then.
         parked = await h.handle(h.record(STATUSES.name, "m-b1", status("m-b1", "sent", OTHER)))
         assert outcomes(parked) == []
@@ -430,7 +447,7 @@ async def test_every_request_optimove_accepts_is_counted_once_on_report_outcomes
         assert outcomes(h.publisher.published) == []
         for _ in range(5):  # the circuit probes with one request, then lets the rest go
             await h.pass_at(10.0)
-        assert h.handler.store.count(PARTITION) == 0
+        assert h.parked_entries() == 0
         assert sorted(outcomes(h.publisher.published)) == [
             (OTHER, "delivery", {"": 1}),
             (OTHER, "incoming", {"": 3}),
@@ -440,3 +457,118 @@ async def test_every_request_optimove_accepts_is_counted_once_on_report_outcomes
             *(h.handle(h.record(INBOUND.name, TENANT, reply(i, TENANT))) for i in (7, 8))
         )
         assert outcomes(h.publisher.published)[-1] == (TENANT, "incoming", {"": 2})
+
+
+def posted(simulator: OptimoveSimulator, tenant: str, endpoint: str) -> int:
+    return len(simulator.received(endpoint=endpoint, tenant=tenant))
+
+
+def skipped(tenant: str, kind: str) -> float:
+    labels = {"tenant": tenant, "kind": kind}
+    name = "smsbridge_reports_already_acknowledged_total"
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+async def test_a_replayed_report_optimove_accepted_is_not_posted_again(
+    simulator: OptimoveSimulator,
+) -> None:
+    skipped_before = skipped(TENANT, "delivery"), skipped(TENANT, "incoming")
+    async with Harness(settings_for(simulator.port)) as first:
+        sent = first.record(STATUSES.name, "m-1", status("m-1", "sent"), offset=1)
+        answer = first.record(INBOUND.name, TENANT, reply(1, TENANT), offset=2)
+        assert await first.handle(sent) == []
+        assert await first.handle(answer) == []
+        assert first.acknowledgements() == 2
+        # Read again by the same instance (the group's offsets were reset): not posted.
+        await first.handle(sent)
+        await first.handle(answer)
+        # The same report written twice upstream (another offset, another event id): not either.
+        copy = status("m-1", "sent").model_copy(update={"event_id": "e-again"})
+        await first.handle(first.record(STATUSES.name, "m-1", copy, offset=3))
+        assert posted(simulator, TENANT, "delivery-report") == 1
+        assert posted(simulator, TENANT, "incoming-message") == 1
+        changelog = first.publisher.changelog()
+
+    # A new instance restores what was acknowledged from the changelog: a replay from the
+    # beginning posts only what is new.
+    async with Harness(settings_for(simulator.port)) as second:
+        second.handler.store.load(PARTITION, changelog)
+        await second.handle(second.record(STATUSES.name, "m-1", status("m-1", "sent"), offset=1))
+        await second.handle(second.record(INBOUND.name, TENANT, reply(1, TENANT), offset=2))
+        await second.handle(
+            second.record(STATUSES.name, "m-1", status("m-1", "delivered"), offset=4)
+        )
+    assert posted(simulator, TENANT, "incoming-message") == 1
+    statuses = [
+        body["type"]["status"]  # type: ignore[index]
+        for _, body in bodies(simulator, TENANT, "delivery-report")
+    ]
+    assert statuses == ["Sent", "Delivered"]
+    assert skipped(TENANT, "delivery") - skipped_before[0] == 3
+    assert skipped(TENANT, "incoming") - skipped_before[1] == 2
+
+
+async def test_a_report_accepted_on_a_retry_is_remembered_too(
+    simulator: OptimoveSimulator,
+) -> None:
+    simulator.set_mode(FailureMode(status=503, remaining=1), tenant=OTHER)
+    async with Harness(settings_for(simulator.port)) as h:
+        sent = h.record(STATUSES.name, "m-b1", status("m-b1", "sent", OTHER), offset=1)
+        await h.handle(sent)  # 503: parked
+        answers = [h.record(INBOUND.name, OTHER, reply(i), offset=2 + i) for i in range(2)]
+        await asyncio.gather(*(h.handle(record) for record in answers))  # parked
+        assert h.acknowledgements() == 0
+        for _ in range(3):
+            await h.pass_at(10.0)
+        assert h.parked_entries() == 0
+        assert h.acknowledgements() == 3
+        requests = len(simulator.received(tenant=OTHER))
+
+        for record in (sent, *answers):
+            assert await h.handle(record) == []
+        assert len(simulator.received(tenant=OTHER)) == requests
+    accepted = [code for code, _ in bodies(simulator, OTHER, "delivery-report") if code == 200]
+    assert accepted == [200]
+
+
+async def test_acknowledgements_are_forgotten_after_remember_acknowledged_s(
+    simulator: OptimoveSimulator,
+) -> None:
+    settings = settings_for(simulator.port)
+    settings.reporter.remember_acknowledged_s = 100.0
+    async with Harness(settings) as h:
+        sent = h.record(STATUSES.name, "m-1", status("m-1", "sent"), offset=1)
+        await h.handle(sent)
+        key = f"acknowledged/delivery/{TENANT}/m-1/sent/Sent"
+        remembered = h.parked(key)
+        assert remembered is not None and remembered.due_at == START + 100.0
+
+        await h.pass_at(99.0)
+        assert h.acknowledgements() == 1
+        await h.pass_at(1.0)
+        # Deleted, on the changelog too: the state stays bounded however many reports go.
+        assert h.acknowledgements() == 0
+        assert h.publisher.changelog()[-1] == (key.encode(), None)
+
+        # A replay reaching back further than that posts the report again (documented).
+        await h.handle(sent)
+        assert posted(simulator, TENANT, "delivery-report") == 2
+        assert h.acknowledgements() == 1
+
+
+async def test_a_report_queued_twice_while_parked_is_posted_once(
+    simulator: OptimoveSimulator,
+) -> None:
+    simulator.set_mode(FailureMode(status=503, remaining=1), tenant=OTHER)
+    async with Harness(settings_for(simulator.port)) as h:
+        sent = status("m-b1", "sent", OTHER)
+        await h.handle(h.record(STATUSES.name, "m-b1", sent, offset=1))  # 503: parked
+        # The same report written again upstream queues behind the parked one (order first).
+        copy = sent.model_copy(update={"event_id": "e-again"})
+        await h.handle(h.record(STATUSES.name, "m-b1", copy, offset=2))
+        assert len(h.queue(f"delivery/{OTHER}/m-b1")) == 2
+
+        await h.pass_at(10.0)  # the first copy is accepted...
+        await h.pass_at(0.0)  # ...so the second is done without a request
+        assert h.parked_entries() == 0
+    assert [code for code, _ in bodies(simulator, OTHER, "delivery-report")] == [503, 200]

@@ -2,7 +2,8 @@
 
 ``data_dir`` holds the broker's configuration, its log (``broker.log``) and its data: a broker
 restarted on the same folder keeps its topics and committed offsets. Without one, a temporary
-folder is used and removed at ``stop``. The jars come from ``distribution``.
+folder is used and removed at ``stop``. The jars come from ``distribution``. A ``SaslSslListener``
+adds a listener that wants TLS and a SCRAM login (the tests of secured Kafka).
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import subprocess
 import tempfile
 import time
 import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from shared.kafka.broker import distribution
@@ -62,14 +65,60 @@ def new_cluster_id() -> str:
             return text
 
 
-def server_properties(port: int, controller_port: int, data: Path, host: str) -> str:
+@dataclass(frozen=True)
+class SaslSslListener:
+    """A SASL_SSL listener beside PLAINTEXT (which brokers, the controller and our start probe
+    keep using). Its users get SCRAM credentials when the data folder is formatted."""
+
+    # One PEM file: the server's encrypted PKCS#8 private key, then its certificate chain
+    # (Kafka's PEM key store by file location wants the key encrypted).
+    keystore_pem: Path
+    key_password: str
+    users: Mapping[str, str] = field(default_factory=dict)  # name: password
+    mechanisms: tuple[str, ...] = ("SCRAM-SHA-512", "SCRAM-SHA-256")
+
+    def properties(self) -> dict[str, str]:
+        jaas = "org.apache.kafka.common.security.scram.ScramLoginModule required;"
+        return {
+            "sasl.enabled.mechanisms": ",".join(self.mechanisms),
+            **{
+                f"listener.name.sasl_ssl.{mechanism.lower()}.sasl.jaas.config": jaas
+                for mechanism in self.mechanisms
+            },
+            "ssl.keystore.type": "PEM",
+            "ssl.keystore.location": str(self.keystore_pem),
+            "ssl.key.password": self.key_password,
+        }
+
+    def format_arguments(self) -> list[str]:
+        """``kafka-storage format`` arguments that create every user for every mechanism."""
+        return [
+            argument
+            for mechanism in self.mechanisms
+            for name, password in self.users.items()
+            for argument in ("--add-scram", f"{mechanism}=[name={name},password={password}]")
+        ]
+
+
+def server_properties(
+    port: int,
+    controller_port: int,
+    data: Path,
+    host: str,
+    sasl_ssl: tuple[SaslSslListener, int] | None = None,
+) -> str:
+    listeners = f"PLAINTEXT://{host}:{port}"
+    protocols = "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT"
+    if sasl_ssl is not None:
+        listeners += f",SASL_SSL://{host}:{sasl_ssl[1]}"
+        protocols += ",SASL_SSL:SASL_SSL"
     settings = {
         "process.roles": "broker,controller",
         "node.id": str(NODE_ID),
-        "listeners": f"PLAINTEXT://{host}:{port},CONTROLLER://{host}:{controller_port}",
-        "advertised.listeners": f"PLAINTEXT://{host}:{port}",
+        "listeners": f"{listeners},CONTROLLER://{host}:{controller_port}",
+        "advertised.listeners": listeners,
         "controller.listener.names": "CONTROLLER",
-        "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+        "listener.security.protocol.map": protocols,
         "inter.broker.listener.name": "PLAINTEXT",
         # A static quorum of one: the controller's port may differ at each start.
         "controller.quorum.voters": f"{NODE_ID}@{host}:{controller_port}",
@@ -90,6 +139,8 @@ def server_properties(port: int, controller_port: int, data: Path, host: str) ->
         "num.io.threads": "4",
         "log.segment.bytes": str(256 * 1024 * 1024),
     }
+    if sasl_ssl is not None:
+        settings.update(sasl_ssl[0].properties())
     return "".join(f"{key}={value}\n" for key, value in settings.items())
 
 
@@ -144,13 +195,25 @@ class ApacheKafkaBroker(EmbeddedBroker):
     persistent = True
 
     def __init__(
-        self, port: int | None = None, host: str = "127.0.0.1", data_dir: Path | None = None
+        self,
+        port: int | None = None,
+        host: str = "127.0.0.1",
+        data_dir: Path | None = None,
+        sasl_ssl: SaslSslListener | None = None,
     ) -> None:
         super().__init__(port, host)
         self._temporary = data_dir is None
         self.root = (
             Path(data_dir) if data_dir else Path(tempfile.mkdtemp(prefix="smsbridge-kafka-"))
         )
+        self.sasl_ssl = sasl_ssl
+        self.sasl_ssl_port = free_port(host) if sasl_ssl is not None else None
+
+    @property
+    def sasl_ssl_bootstrap_servers(self) -> str:
+        if self.sasl_ssl_port is None:
+            raise BrokerError("this broker has no SASL_SSL listener")
+        return f"{self.host}:{self.sasl_ssl_port}"
 
     @property
     def log_path(self) -> Path:
@@ -163,7 +226,14 @@ class ApacheKafkaBroker(EmbeddedBroker):
         self.root.mkdir(parents=True, exist_ok=True)
         data = self.root / "data"
         config = self.root / "server.properties"
-        config.write_text(server_properties(self.port, free_port(self.host), data, self.host))
+        secure = (
+            (self.sasl_ssl, self.sasl_ssl_port)
+            if self.sasl_ssl is not None and self.sasl_ssl_port is not None
+            else None
+        )
+        config.write_text(
+            server_properties(self.port, free_port(self.host), data, self.host, secure)
+        )
         log4j = self.root / "log4j2.yaml"
         log4j.write_text(LOG4J2.format(log=self.log_path))
         jvm = (
@@ -204,6 +274,7 @@ class ApacheKafkaBroker(EmbeddedBroker):
             new_cluster_id(),
             "--config",
             str(config),
+            *(self.sasl_ssl.format_arguments() if self.sasl_ssl is not None else ()),
             jvm_options=jvm,
         )
         completed = subprocess.run(command, capture_output=True, text=True, check=False)

@@ -12,6 +12,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Mapping
 from functools import cache
 from pathlib import Path
 
@@ -28,6 +29,8 @@ TOOLS = {
     "kafka-topics": "org.apache.kafka.tools.TopicCommand",
     "kafka-configs": "org.apache.kafka.tools.ConfigCommand",
 }
+# The tools that connect to brokers as clients, so take ``--command-config``.
+CLIENT_TOOLS = frozenset({"kafka-consumer-groups", "kafka-topics", "kafka-configs"})
 
 
 def kafka_version() -> str:
@@ -119,12 +122,36 @@ def java_command(main_class: str, *args: str, jvm_options: tuple[str, ...] = ())
     return ["java", *jvm_options, "-cp", classpath, main_class, *args]
 
 
-def run_tool(tool: str, *args: str, timeout_s: float = 120.0) -> str:
-    """Run one of Apache Kafka's command-line tools; its standard output, or BrokerError."""
-    command = java_command(TOOLS[tool], *args, jvm_options=("-Xmx256m", "-XX:+UseSerialGC"))
-    completed = subprocess.run(
-        command, capture_output=True, text=True, timeout=timeout_s, check=False
-    )
+def run_tool(
+    tool: str,
+    *args: str,
+    timeout_s: float = 120.0,
+    client_properties: Mapping[str, str] | None = None,
+) -> str:
+    """Run one of Apache Kafka's command-line tools; its standard output, or BrokerError.
+
+    ``client_properties`` (TLS and SASL, ``security.java_client_properties``) reach a client tool
+    as a ``--command-config`` file readable by us alone, unless the caller names one.
+    """
+    with tempfile.TemporaryDirectory(prefix="smsbridge-tool-") as folder:
+        if client_properties and tool in CLIENT_TOOLS and "--command-config" not in args:
+            path = Path(folder) / "client.properties"
+            path.touch(mode=0o600)
+            path.write_text(properties_text(client_properties), "utf-8")
+            args = (*args, "--command-config", str(path))
+        command = java_command(TOOLS[tool], *args, jvm_options=("-Xmx256m", "-XX:+UseSerialGC"))
+        completed = subprocess.run(
+            command, capture_output=True, text=True, timeout=timeout_s, check=False
+        )
     if completed.returncode != 0:
         raise BrokerError(f"{tool} {' '.join(args)} failed: {completed.stderr.strip()[-2000:]}")
     return completed.stdout
+
+
+def properties_text(properties: Mapping[str, str]) -> str:
+    """A Java ``.properties`` file: backslashes and line breaks (PEM values) escaped."""
+    lines = []
+    for key, value in properties.items():
+        escaped = value.replace("\\", "\\\\").replace("\n", "\\n").replace("\r", "")
+        lines.append(f"{key}={escaped}\n")
+    return "".join(lines)
