@@ -95,7 +95,8 @@ async def test_lag_grows_while_stuck_and_reads_zero_once_idle(kafka: EmbeddedBro
     )
     async with running(service):
         await wait_for(lambda: lag_messages(1) == 0.0, what="the idle partition to read 0")
-        assert group() in await broker_groups()  # the label is the group's name on the broker
+        if kafka.kind == "kafka":  # Tansu's ListGroups answers nothing
+            assert group() in await broker_groups()  # the label: the group's name on the broker
         await produce(20, partition=0)
         await wait_for(lambda: lag_messages(0) == 20.0, what="20 records of lag")
         assert gate.started == 2  # the rest is not taken: the slots are full
