@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import tomllib
+from datetime import date
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -332,6 +333,10 @@ class SenderSettings(ConsumerServiceSettings):
     # confirmation). Longer than the reporter's give_up_after_s (24 h), for which a reply may
     # wait to reach Optimove before Optimove can answer it; campaigns are never let through.
     reply_window_s: float = Field(default=48 * 3600.0, gt=0)
+    # Fair share: how much bulk work each account keeps waiting in memory, in seconds of its rate
+    # limit. Beyond it a campaign's further messages are parked, so that the messages behind
+    # them on the partitions (another campaign, an auto reply) are read and take their turn.
+    fair_queue_s: float = Field(default=0.5, gt=0)
     state_dir: str = ""  # empty = a private temporary directory per process
 
 
@@ -472,6 +477,45 @@ class Route(Section):
     priority: int = 100
 
 
+Weekday = Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
+
+
+def _hours_range(value: str) -> str:
+    start, sep, end = value.partition("-")
+    try:
+        if not sep:
+            raise ValueError
+        first, last = _minutes(start), _minutes(end)
+    except ValueError:
+        raise ValueError(f"{value!r}: write hours as HH:MM-HH:MM (24:00 for midnight)") from None
+    if first >= last:
+        raise ValueError(f"{value!r}: the end must come after the start, on the same day")
+    return value
+
+
+def _minutes(value: str) -> int:
+    hours, sep, minutes = value.strip().partition(":")
+    if not sep or not hours.isdigit() or not minutes.isdigit():
+        raise ValueError
+    total = int(hours) * 60 + int(minutes)
+    if int(minutes) >= 60 or total > 24 * 60:
+        raise ValueError
+    return total
+
+
+HoursRange = Annotated[str, AfterValidator(_hours_range)]
+
+
+class SendWindow(Section):
+    """When marketing SMS may reach a recipient, in the recipient's local time (from the number's
+    region). The rules are the operator's: nothing here is law (README, "Send windows")."""
+
+    # Allowed ranges per weekday, e.g. mon = ["08:00-20:00"]; a weekday left out: no sending.
+    hours: dict[Weekday, list[HoursRange]]
+    # Local dates with no sending at all (public holidays).
+    closed_dates: list[date] = []
+
+
 class TenantSettings(Section):
     optimove_base_url: str
     api_token: Secret
@@ -490,6 +534,34 @@ class TenantSettings(Section):
     # new Optimove tenant, handshake included, before any SMS costs money.
     dry_run: bool = False
     dry_run_outcomes: dict[str, float] = {"Delivered": 0.95, "Undeliverable": 0.05}
+    # A shared provider account's rate is shared by the tenants with messages due on it in
+    # proportion to this weight, and equally among one tenant's campaigns unless
+    # campaign_weights says otherwise (docs/sending.md, "Fair share").
+    share_weight: float = Field(default=1.0, gt=0)
+    campaign_weights: dict[str, float] = {}
+    # Campaign ids sent before bulk traffic, as auto replies are.
+    priority_campaigns: list[str] = []
+    # Campaign messages go out only inside this window (None: any time); auto replies always go.
+    send_window: SendWindow | None = None
+    # Per recipient country (ISO region code, e.g. "FR"): replaces send_window for its numbers.
+    send_window_by_country: dict[str, SendWindow] = {}
+
+    @field_validator("campaign_weights")
+    @classmethod
+    def _positive_weights(cls, value: dict[str, float]) -> dict[str, float]:
+        if any(weight <= 0 for weight in value.values()):
+            raise ValueError("weights must be > 0")
+        return value
+
+    @field_validator("send_window_by_country")
+    @classmethod
+    def _region_codes(cls, value: dict[str, SendWindow]) -> dict[str, SendWindow]:
+        bad = [
+            code for code in value if len(code) != 2 or not code.isalpha() or code != code.upper()
+        ]
+        if bad:
+            raise ValueError(f"{', '.join(bad)}: countries are ISO region codes, e.g. FR")
+        return value
 
     @field_validator("dry_run_outcomes")
     @classmethod

@@ -23,6 +23,7 @@ from shared.contract.events import CampaignCounts
 from shared.contract.topics import (
     DEAD_LETTERS,
     INGRESS_REQUESTS,
+    PRIORITY_RECIPIENTS,
     RECIPIENTS,
     REPORT_OUTCOMES,
     STATUSES,
@@ -32,7 +33,14 @@ from shared.times import parse_iso
 
 log = logging.getLogger(__name__)
 
-INPUT_TOPICS = (INGRESS_REQUESTS, RECIPIENTS, STATUSES, DEAD_LETTERS, REPORT_OUTCOMES)
+INPUT_TOPICS = (
+    INGRESS_REQUESTS,
+    RECIPIENTS,
+    PRIORITY_RECIPIENTS,
+    STATUSES,
+    DEAD_LETTERS,
+    REPORT_OUTCOMES,
+)
 UNKNOWN = "(unknown)"
 REPLIES = "(replies)"
 MAX_SCHEDULE_BUCKETS = 64
@@ -232,6 +240,7 @@ def dead_letter_campaign(payload: object) -> tuple[str, str]:
 _READERS = {
     INGRESS_REQUESTS.base: _ingress_request,
     RECIPIENTS.base: _recipient,
+    PRIORITY_RECIPIENTS.base: _recipient,
     STATUSES.base: _status,
     DEAD_LETTERS.base: _dead_letter,
     REPORT_OUTCOMES.base: _report_outcome,

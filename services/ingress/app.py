@@ -39,9 +39,10 @@ from services.ingress.reading import ReadBudget, declared_too_large, read_body, 
 from shared.config import Settings, TenantSettings
 from shared.contract.events import IngressRequestAccepted, utcnow
 from shared.contract.ids import content_request_key
+from shared.contract.priority import recipients_topic
 from shared.contract.signing import SIGNATURE_HEADER, constant_time_equals, verify
 from shared.contract.statuses import SubStatus
-from shared.contract.topics import DISPATCHES, INGRESS_REQUESTS, RECIPIENTS
+from shared.contract.topics import DISPATCHES, INGRESS_REQUESTS
 from shared.kafka.clients import KafkaUnavailable, OutRecord, Publisher, make_consumer
 from shared.kafka.service import OpsServer, http_metrics, run_service, serve
 from shared.metrics import SIGNATURE_FAILURES
@@ -286,9 +287,8 @@ class CampaignEndpoint:
         campaign_id: str,
         first_at: float | None,
     ) -> LedgerEntry:
-        await self.batches.publish(
-            [(RECIPIENTS, records.recipients), (DISPATCHES, records.dispatches)]
-        )
+        topic = recipients_topic(records.priority)
+        await self.batches.publish([(topic, records.recipients), (DISPATCHES, records.dispatches)])
         # The ledger entry goes last: its presence promises that every record above is on Kafka.
         accepted = IngressRequestAccepted(
             tenant=slug,

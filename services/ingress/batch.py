@@ -27,6 +27,7 @@ from shared.contract.ids import (
     unsent_correlation_key,
 )
 from shared.contract.numbers import InvalidNumber, Reading
+from shared.contract.priority import is_priority
 from shared.contract.statuses import SubStatus
 
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
@@ -220,6 +221,8 @@ class CampaignRecords:
     """What one request puts on Kafka, as (key, value) pairs ready for the producer."""
 
     request_key: str
+    # An auto reply or a priority campaign: its recipients go to sms.recipients-priority.
+    priority: bool = False
     recipients: list[tuple[bytes, bytes]] = field(default_factory=list)  # sms.recipients
     dispatches: list[tuple[bytes, bytes]] = field(default_factory=list)  # sms.dispatches
     rejections: list[Rejection] = field(default_factory=list)
@@ -271,7 +274,13 @@ def build_records(
         accepted_at=accepted_at,
     ).model_dump(mode="python")
     context_fields = message_template["context"]
-    records = CampaignRecords(request_key=key, ambiguous_read_as=settings.bare_digits)
+    records = CampaignRecords(
+        request_key=key,
+        priority=is_priority(
+            request.batch_id, request.metadata.campaign_id, settings.priority_campaigns
+        ),
+        ambiguous_read_as=settings.bare_digits,
+    )
     append_recipient = records.recipients.append
     dumps = orjson.dumps
     for index, recipient in enumerate(campaign.recipients):

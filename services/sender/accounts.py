@@ -19,6 +19,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 from services.sender import metrics
+from services.sender.fairness import FairQueue, Flow, Ticket
 from services.sender.ratelimit import SlidingWindowLimiter
 from shared.circuit import CircuitBreaker
 from shared.kafka.clients import OutRecord
@@ -71,6 +72,8 @@ class SendJob:
     # when the message may not go any more (its campaign was paused or cancelled meanwhile).
     withheld: Callable[[], bool] = lambda: False
     dry_run: bool = False
+    flow: Flow = field(default_factory=lambda: Flow("", "", priority=False))
+    ticket: Ticket = field(default_factory=lambda: Ticket(lambda: None))
     committed: bool = False
     slot: CallSlot | None = None
     outcome_done: bool = False
@@ -104,8 +107,13 @@ class AccountSender:
         # How early a rate-limited call is woken before its send time to record its intent;
         # longer than Kafka's usual acknowledgement, short enough to keep the crash window small.
         intent_lead_s: float = 0.25,
+        # Whose turn it is (fairness.py); None: first come, first served.
+        fair: FairQueue | None = None,
     ) -> None:
         self.account = account
+        self.fair = fair or FairQueue(
+            window=max(4, provider.max_batch), tenant_weight=_equal, campaign_weight=_equal
+        )
         self.intent_lead_s = intent_lead_s
         self.provider = provider
         self.dry_run = dry_run
@@ -138,6 +146,17 @@ class AccountSender:
         return size
 
     async def send(self, job: SendJob) -> SendResult | Withheld:
+        """Wait for the job's turn (``fairness.py``), then send it: the turn is given back once
+        its intent is on Kafka (its send time is booked by then), or when it leaves."""
+        waited_from = time.monotonic()
+        job.ticket = await self.fair.turn(job.flow, job.cost)
+        metrics.TURN_WAIT.labels(_class_of(job.flow)).observe(time.monotonic() - waited_from)
+        try:
+            return await self._send(job)
+        finally:
+            job.ticket.release()
+
+    async def _send(self, job: SendJob) -> SendResult | Withheld:
         if self.max_batch == 1 or job.alone:
             results = await self._call([job])
             return results[0] if results else job.result.result()
@@ -220,6 +239,8 @@ class AccountSender:
                 send_at = await self._book(sum(job.cost for job in jobs))
                 _withhold(jobs, after_intent=False)
                 await self._publish_intents(jobs)
+                for job in jobs:
+                    job.ticket.release()
             except BaseException:
                 self.breaker.release()
                 raise
@@ -346,6 +367,14 @@ def _withhold(jobs: list[SendJob], *, after_intent: bool) -> list[SendJob]:
         for job in withheld:
             job.result.set_result(Withheld(after_intent=after_intent))
     return withheld
+
+
+def _equal(*_: str) -> float:
+    return 1.0
+
+
+def _class_of(flow: Flow) -> str:
+    return "priority" if flow.priority else "bulk"
 
 
 def result_label(result: SendResult) -> str:

@@ -6,10 +6,9 @@ wires it to Kafka. Its garbage collector is tuned like every service's (``shared
 
 from __future__ import annotations
 
-from services.sender.handler import SenderHandler
+from services.sender.handler import INPUTS, SenderHandler
 from services.sender.state import STAGE
 from shared.config import Settings
-from shared.contract import topics
 from shared.kafka.service import ConsumerService, Service, run_service
 
 
@@ -19,7 +18,7 @@ def build(settings: Settings, *, group_id: str | None = None) -> Service:
         name=STAGE,
         settings=settings,
         runner_settings=settings.sender.runner,
-        topics=[topics.RECIPIENTS.name],
+        topics=[topic.name for topic in INPUTS],
         handler=SenderHandler(settings),
         group_id=group_id or settings.sender.group_id or None,
     )

@@ -18,6 +18,7 @@ import aiohttp
 
 from services.sender import metrics
 from services.sender.accounts import AccountSender, CircuitOpen, SendJob, Withheld
+from services.sender.fairness import FairQueue, Flow, deferral, turn_window
 from services.sender.outcomes import Next, Outcomes
 from services.sender.ratelimit import SlidingWindowLimiter
 from services.sender.state import SendState, StateWriter, message_of
@@ -62,6 +63,7 @@ class Attempts:
         self.clock = clock
         self.monotonic = monotonic
         self.lease_s = settings.sender.request_timeout_s + _LEASE_MARGIN_S
+        self._runner_slots = settings.sender.runner.max_in_flight
         self._given_providers = dict(providers)
         self._session: aiohttp.ClientSession | None = None
         self._accounts: dict[str, AccountSender] = {}
@@ -128,6 +130,26 @@ class Attempts:
             route.provider in self._given_providers or provider.kind in PROVIDER_KINDS
         )
 
+    def deferral(self, account: str, flow: Flow) -> float | None:
+        """Seconds to park a bulk message of ``flow`` for rather than queue it on ``account``
+        (``fairness.deferral``); None: queue it now."""
+        limiter = self.limiters.get(account)
+        if limiter is None or flow.priority:
+            return None
+        queue = self._account(account).fair
+        rate = limiter.limit / limiter.window_s
+        # Below the records the runner takes at once, so that it can always read ahead.
+        capacity = max(
+            float(queue.window),
+            min(rate * self.settings.sender.fair_queue_s, self._runner_slots / 2),
+        )
+        part = queue.fair_part(flow)
+        seconds = deferral(queue.waiting(flow), queue.waiting(), part, capacity, rate)
+        if seconds is None:
+            return None
+        metrics.DEFERRED.labels(account).inc()
+        return queue.defer_until(flow, 1.0, seconds, rate * part) - queue.clock()
+
     def provider_type(self, account: str) -> type[Provider] | None:
         given = self._given_providers.get(account)
         if given is not None:
@@ -162,13 +184,14 @@ class Attempts:
         partition: int,
         state: SendState,
         tenant: TenantSettings,
+        flow: Flow,
         withheld: Callable[[], bool],
     ) -> Next:
         """The attempt runs in a task of its own: once its intent is written, cancelling the
         caller (a drain, a stop) no longer stops it, so its outcome is always recorded.
         ``withheld`` is asked at the call's turn (the campaign was paused or cancelled)."""
         message_id = state.message_id
-        job = self._job(partition, state, tenant, withheld)
+        job = self._job(partition, state, tenant, flow, withheld)
         task = asyncio.create_task(self._attempt(partition, state, job))
         self._in_flight[message_id] = _Attempt(partition, task, job)
 
@@ -190,6 +213,7 @@ class Attempts:
         partition: int,
         state: SendState,
         tenant: TenantSettings,
+        flow: Flow,
         withheld: Callable[[], bool],
     ) -> SendJob:
         message = message_of(state)
@@ -219,6 +243,7 @@ class Attempts:
             alone=state.resend,
             withheld=withheld,
             dry_run=tenant.dry_run,
+            flow=flow,
         )
 
     async def _attempt(self, partition: int, state: SendState, job: SendJob) -> Next:
@@ -273,9 +298,23 @@ class Attempts:
                 limiter=self.limiters.get(account),
                 dry_run=DryRun(account, settings),
                 batch_window_s=self.settings.sender.batch_window_s,
+                fair=FairQueue(
+                    window=turn_window(settings, provider.max_batch),
+                    tenant_weight=self._tenant_weight,
+                    campaign_weight=self._campaign_weight,
+                    clock=self.monotonic,
+                ),
             )
             self._accounts[account] = sender
         return sender
+
+    def _tenant_weight(self, tenant: str) -> float:
+        settings = self.settings.tenants.get(tenant)
+        return settings.share_weight if settings is not None else 1.0
+
+    def _campaign_weight(self, tenant: str, campaign: str) -> float:
+        settings = self.settings.tenants.get(tenant)
+        return settings.campaign_weights.get(campaign, 1.0) if settings is not None else 1.0
 
 
 def _withheld(state: SendState, withheld: Withheld) -> SendState:

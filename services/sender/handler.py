@@ -20,6 +20,7 @@ from aiokafka import TopicPartition
 from services.sender import metrics
 from services.sender.attempts import Attempts
 from services.sender.controls import released_by
+from services.sender.fairness import flow_of
 from services.sender.lookups import Lookups, TableLookup
 from services.sender.outcomes import Outcomes, may_resend
 from services.sender.parking import PARKED_PREFIXES, Timers, park
@@ -35,11 +36,12 @@ from services.sender.routing import (
     routes_for,
 )
 from services.sender.state import STAGE, ParkReason, SendState, StateWriter, message_of
+from services.sender.windows import opens_at, window_for
 from shared.config import Route, Settings, TenantSettings
 from shared.contract.campaign_controls import Effect
 from shared.contract.events import RecipientMessage
 from shared.contract.statuses import SubStatus
-from shared.contract.topics import RECIPIENTS, SENDER_STATE
+from shared.contract.topics import PRIORITY_RECIPIENTS, RECIPIENTS, SENDER_STATE
 from shared.kafka.clients import KafkaUnavailable, Publisher
 from shared.kafka.runner import Record, SelfPublishing, decode_or_poison
 from shared.kafka.store import ChangelogStore, KeyLocks, PartitionNotReady
@@ -49,6 +51,9 @@ from shared.retry import RetryPolicy
 
 log = logging.getLogger(__name__)
 
+# Co-partitioned (the range assignor gives both topics' partition N to one instance): the state
+# of partition N holds the messages of either.
+INPUTS = (RECIPIENTS, PRIORITY_RECIPIENTS)
 _RELEASED = metrics.CAMPAIGN_CONTROL.labels("released")
 _CANCELLED = metrics.CAMPAIGN_CONTROL.labels("cancelled")
 
@@ -99,6 +104,7 @@ def decide(
     routes: Callable[[TenantSettings], list[Route]],
     choose: Callable[[list[Route]], RouteChoice],
     monotonic_now: Callable[[], float],
+    window_opens: Callable[[], float | None] = lambda: None,
 ) -> Decision:
     """What to do with a message not sent yet, now (wall-clock ``now``). The callables are
     asked in this order and only when the decision gets that far."""
@@ -121,6 +127,12 @@ def decide(
         # Until the campaign is resumed or cancelled; when its validity ends it is expired.
         return Decision(Park(expiry + 0.001, "held"))
     released = state.park_reason == "held"
+    opens = window_opens()
+    if opens is not None:
+        if opens > expiry:
+            detail = "its send window does not open before its validity ends"
+            return Decision(Fail(SubStatus.OUTSIDE_SEND_WINDOW, detail), released)
+        return Decision(Park(opens, "window"), released)
     if opted_out():
         return Decision(Fail(SubStatus.OPTED_OUT, "recipient opted out"), released)
     serving = routes(tenant)
@@ -375,6 +387,11 @@ class SenderHandler(SelfPublishing):
         given up on, a circuit that opened, a call the controls withheld)."""
         message = message_of(state)
         tenant = self.settings.tenants.get(message.context.tenant)
+        window = window_for(message, tenant) if tenant is not None else None
+
+        def window_opens() -> float | None:
+            return None if window is None else opens_at(window, message.destination, self.clock())
+
         decision = decide(
             state,
             tenant,
@@ -386,6 +403,7 @@ class SenderHandler(SelfPublishing):
             ],
             choose=lambda routes: choose_for(state, routes, self.attempts.blocked_until),
             monotonic_now=self.monotonic,
+            window_opens=window_opens,
         )
         if decision.released:
             _RELEASED.inc()
@@ -409,11 +427,21 @@ class SenderHandler(SelfPublishing):
                 if state.account != route.provider:
                     state.account, state.attempt = route.provider, 0
                 assert tenant is not None  # decided to send: the tenant is configured
+                flow = flow_of(message, tenant)
+                deferred = None if state.resend else self.attempts.deferral(route.provider, flow)
+                if deferred is not None:
+                    await park(self.writer, partition, state, self.clock() + deferred, "queued")
+                    return None
                 attempt = await self.attempts.run(
                     partition,
                     state,
                     tenant,
-                    withheld=lambda: self.lookups.effect_on(message) is not Effect.SEND,
+                    flow,
+                    # Asked again at the call's turn: a pause, or a window that closed meanwhile.
+                    withheld=lambda: (
+                        self.lookups.effect_on(message) is not Effect.SEND
+                        or window_opens() is not None
+                    ),
                 )
                 return attempt.state
         return None
@@ -446,4 +474,5 @@ class SenderHandler(SelfPublishing):
 
 
 def _recipient_partitions(partitions: Iterable[TopicPartition]) -> set[int]:
-    return {tp.partition for tp in partitions if tp.topic == RECIPIENTS.name}
+    names = {topic.name for topic in INPUTS}  # asked now: the names carry the topic prefix
+    return {tp.partition for tp in partitions if tp.topic in names}

@@ -35,7 +35,9 @@ log = logging.getLogger(__name__)
 
 # Used to decide how long an outcome is remembered when the tenant is not configured here.
 _DEFAULT_VALIDITY_S = 24 * 3600.0
-_EXPECTED_FAILURES = frozenset({SubStatus.OPTED_OUT, SubStatus.EXPIRED, SubStatus.CANCELLED})
+_EXPECTED_FAILURES = frozenset(
+    {SubStatus.OPTED_OUT, SubStatus.EXPIRED, SubStatus.CANCELLED, SubStatus.OUTSIDE_SEND_WINDOW}
+)
 _DEFAULT_DRY_RUN_OUTCOMES: dict[str, float] = TenantSettings.model_fields[
     "dry_run_outcomes"
 ].default

@@ -28,3 +28,5 @@ class SubStatus(StrEnum):
     UNDELIVERABLE = "Undeliverable"
     CANCELLED = "Cancelled"
     NO_ROUTE = "NoRoute"
+    # Its send window (the tenant's rules) did not open before its validity ended.
+    OUTSIDE_SEND_WINDOW = "OutsideSendWindow"

@@ -48,6 +48,10 @@ class Topic:
 
 
 RECIPIENTS = Topic("sms.recipients", purpose="one message per recipient, keyed by tenant+number")
+PRIORITY_RECIPIENTS = Topic(
+    "sms.recipients-priority",
+    purpose="auto replies and priority campaigns, read beside recipients (co-partitioned)",
+)
 DISPATCHES = Topic(
     "sms.dispatches", purpose="what happened to each send attempt, keyed by correlation key"
 )
@@ -122,6 +126,7 @@ REPORT_OUTCOMES = Topic(
 
 ALL_TOPICS: tuple[Topic, ...] = (
     RECIPIENTS,
+    PRIORITY_RECIPIENTS,
     DISPATCHES,
     PROVIDER_EVENTS,
     STATUSES,
@@ -184,7 +189,7 @@ async def ensure_topics(admin: AIOKafkaAdminClient, replication_factor: int = 1)
 # Topics whose partition N belongs together: the same key lands on the same partition number of
 # each (the normalizer's join, the changelogs of the sender's and the reporter's state).
 CO_PARTITIONED: tuple[tuple[Topic, ...], ...] = (
-    (RECIPIENTS, SENDER_STATE),
+    (RECIPIENTS, PRIORITY_RECIPIENTS, SENDER_STATE),
     (DISPATCHES, PROVIDER_EVENTS, NORMALIZER_STATE),
     (STATUSES, INBOUND, REPORTER_STATE),
 )

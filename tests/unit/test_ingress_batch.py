@@ -27,6 +27,8 @@ from shared.config import TenantSettings
 from shared.contract.events import DispatchRecord, MessageContext, RecipientMessage, decode
 from shared.contract.ids import content_key, content_request_key, message_id, request_key
 from shared.contract.numbers import read_number, to_e164
+from shared.contract.priority import recipients_topic
+from shared.contract.topics import PRIORITY_RECIPIENTS, RECIPIENTS
 from tests.support import TENANT, make_settings
 from tests.support.optimove_bodies import AUTO_REPLY_METADATA, SECTION_3_2, SPEC, campaign_body
 
@@ -513,3 +515,15 @@ def test_an_ambiguous_number_with_an_empty_message_is_not_listed() -> None:
     _, records = records_for(campaign_body(recipients), default_region="US")
     assert records.ambiguous == []
     assert decode(DispatchRecord, records.dispatches[0][1]).destination == "+6596234567"
+
+
+def test_auto_replies_and_listed_campaigns_go_to_the_priority_topic() -> None:
+    """Issue 17: they must not queue behind a bulk backlog on sms.recipients."""
+    auto_reply = campaign_body(DOCUMENTED_RECIPIENTS, batch_id="", metadata=AUTO_REPLY_METADATA)
+    assert records_for(auto_reply)[1].priority
+    campaign = campaign_body(DOCUMENTED_RECIPIENTS)
+    assert not records_for(campaign)[1].priority
+    listed = campaign_body(DOCUMENTED_RECIPIENTS, metadata={"campaignId": "vip"})
+    assert records_for(listed, priority_campaigns=["vip"])[1].priority
+    assert recipients_topic(True) is PRIORITY_RECIPIENTS
+    assert recipients_topic(False) is RECIPIENTS

@@ -798,3 +798,86 @@ def test_a_held_message_whose_campaign_resumed_is_released_to_a_route_or_a_circu
     assert (sent.action, sent.released) == (Send(route), True)
     waiting = decision(WaitForCircuit(530.0))
     assert (waiting.action, waiting.released) == (Park(NOW + 30, "circuit"), True)
+
+
+# -- send windows --------------------------------------------------------------------------
+
+# NOW is Friday 15 January 2027, 08:00 in London (UTC in winter), where NUMBER is.
+FRIDAY_9_TO_5 = {"hours": {"fri": ["09:00-17:00"], "sat": ["09:00-17:00"]}}
+
+
+def windowed(window: dict[str, Any]) -> Harness:
+    return Harness(
+        overrides={"tenants": {TENANT: {"routes": [{"provider": PRIMARY}], "send_window": window}}}
+    )
+
+
+def auto_reply() -> RecipientMessage:
+    reply = message(9)
+    context = reply.context.model_copy(update={"batch_id": "", "campaign_id": ""})
+    return reply.model_copy(update={"context": context})
+
+
+async def test_a_message_outside_its_window_is_parked_and_goes_when_it_opens() -> None:
+    harness = windowed(FRIDAY_9_TO_5)
+    await harness.dispatcher.process(0, message())
+    assert harness.calls() == []
+    assert harness.parked("window") == 1
+    opening = NOW + 3600
+    assert await harness.fire_timers(opening - 1) == 0
+    harness.wall.now = opening
+    assert await harness.fire_timers(opening) == 1
+    assert [sms.message_id for call in harness.calls() for sms in call] == ["m-1"]
+    assert harness.only_dispatch().outcome == "accepted"
+    assert harness.parked("window") == 0
+
+
+async def test_auto_replies_are_not_held_by_the_window() -> None:
+    harness = windowed(FRIDAY_9_TO_5)
+    await harness.dispatcher.process(0, auto_reply())
+    assert [sms.message_id for call in harness.calls() for sms in call] == ["m-9"]
+
+
+async def test_a_window_closing_during_a_campaign_parks_the_rest_until_it_opens_again() -> None:
+    harness = windowed({"hours": {"fri": ["07:00-08:00"], "sat": ["07:00-08:00"]}})
+    harness.wall.now = NOW - 60  # 07:59: open
+    await harness.dispatcher.process(0, message(1, accepted_at=NOW - 120))
+    harness.wall.now = NOW + 60  # 08:01: closed until tomorrow 07:00
+    await harness.dispatcher.process(0, message(2, destination="+447700900124"))
+    assert [sms.message_id for call in harness.calls() for sms in call] == ["m-1"]
+    tomorrow = NOW + 23 * 3600
+    entry = harness.dispatcher.store.get_entry(0, "m-2")
+    assert entry is not None and entry.due_at == tomorrow
+    harness.wall.now = tomorrow
+    assert await harness.fire_timers(tomorrow) == 1
+    assert [sms.message_id for call in harness.calls() for sms in call] == ["m-1", "m-2"]
+
+
+async def test_a_message_whose_validity_ends_in_a_closed_window_fails_and_says_why() -> None:
+    # Saturday is a closed date: from Friday 17:00 the window next opens a week later, after
+    # the day of validity.
+    harness = windowed({**FRIDAY_9_TO_5, "closed_dates": ["2027-01-16"]})
+    harness.wall.now = NOW + 9 * 3600
+    await harness.dispatcher.process(0, message())
+    assert harness.calls() == []
+    dispatch = harness.only_dispatch()
+    assert (dispatch.outcome, dispatch.sub_status) == ("failed", SubStatus.OUTSIDE_SEND_WINDOW)
+    assert "send window" in dispatch.detail
+    assert harness.publisher.on(topics.DEAD_LETTERS) == []  # a rule kept, not a failure
+
+
+async def test_messages_parked_for_the_window_survive_a_restart() -> None:
+    before = windowed(FRIDAY_9_TO_5)
+    for index in range(3):
+        await before.dispatcher.process(0, message(index, destination=f"+44770090010{index}"))
+    changelog = [r.encoded for r in before.publisher.on(topics.SENDER_STATE)]
+
+    after = windowed(FRIDAY_9_TO_5)  # a new instance, its state restored from Kafka
+    after.dispatcher.store.load(0, changelog)
+    assert after.parked("window") == 3
+    opening = NOW + 3600
+    after.wall.now = opening
+    assert await after.fire_timers(opening) == 3
+    sent = sorted(sms.message_id for call in after.calls() for sms in call)
+    assert sent == ["m-0", "m-1", "m-2"]
+    assert before.calls() == []
