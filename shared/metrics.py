@@ -30,6 +30,12 @@ CONSUMER_LAG_SECONDS = Gauge(
     "Age of the oldest record taken but not yet finished.",
     ["consumer", "consumergroup", "topic", "partition"],
 )
+BACKLOG_RECORDS = Gauge(
+    f"{PREFIX}_consumer_backlog_records",
+    "Records read but left waiting in the log because their lane was full (shared/kafka/"
+    "backlog.py): the sender's campaigns beyond their fair part of an account.",
+    ["consumer"],
+)
 DEAD_LETTERS = Counter(
     f"{PREFIX}_dead_letters_total",
     "Records sent to the dead-letter topic.",

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -18,7 +20,7 @@ import aiohttp
 
 from services.sender import metrics
 from services.sender.accounts import AccountSender, CircuitOpen, SendJob, Withheld
-from services.sender.fairness import FairQueue, Flow, deferral, turn_window
+from services.sender.fairness import FairQueue, Flow, turn_window
 from services.sender.outcomes import Next, Outcomes
 from services.sender.ratelimit import SlidingWindowLimiter
 from services.sender.state import SendState, StateWriter, message_of
@@ -64,6 +66,8 @@ class Attempts:
         self.monotonic = monotonic
         self.lease_s = settings.sender.request_timeout_s + _LEASE_MARGIN_S
         self._runner_slots = settings.sender.runner.max_in_flight
+        # The account each campaign was last sent on (lane_limit asks it), the latest 10,000.
+        self._flow_accounts: OrderedDict[Flow, str] = OrderedDict()
         self._given_providers = dict(providers)
         self._session: aiohttp.ClientSession | None = None
         self._accounts: dict[str, AccountSender] = {}
@@ -130,25 +134,25 @@ class Attempts:
             route.provider in self._given_providers or provider.kind in PROVIDER_KINDS
         )
 
-    def deferral(self, account: str, flow: Flow) -> float | None:
-        """Seconds to park a bulk message of ``flow`` for rather than queue it on ``account``
-        (``fairness.deferral``); None: queue it now."""
-        limiter = self.limiters.get(account)
-        if limiter is None or flow.priority:
-            return None
+    def lane_limit(self, flow: Flow) -> int:
+        """How many records of a bulk ``flow`` the runner may hold at once: its fair part of
+        what its account keeps waiting, ``[sender] fair_queue_s`` of the account's rate (and
+        never more than half the runner's records, so that it can always read ahead)."""
+        account = self._flow_accounts.get(flow) or self._first_account(flow.tenant)
+        limiter = self.limiters.get(account) if account else None
+        if account is None or limiter is None:
+            return self._runner_slots  # no rate limit: nothing waits for a turn
         queue = self._account(account).fair
         rate = limiter.limit / limiter.window_s
-        # Below the records the runner takes at once, so that it can always read ahead.
         capacity = max(
             float(queue.window),
             min(rate * self.settings.sender.fair_queue_s, self._runner_slots / 2),
         )
-        part = queue.fair_part(flow)
-        seconds = deferral(queue.waiting(flow), queue.waiting(), part, capacity, rate)
-        if seconds is None:
-            return None
-        metrics.DEFERRED.labels(account).inc()
-        return queue.defer_until(flow, 1.0, seconds, rate * part) - queue.clock()
+        return max(1, math.ceil(queue.fair_part(flow) * capacity))
+
+    def _first_account(self, tenant: str) -> str | None:
+        settings = self.settings.tenants.get(tenant)
+        return settings.routes[0].provider if settings is not None else None
 
     def provider_type(self, account: str) -> type[Provider] | None:
         given = self._given_providers.get(account)
@@ -218,6 +222,10 @@ class Attempts:
     ) -> SendJob:
         message = message_of(state)
         provider = self.settings.providers[state.account]
+        self._flow_accounts[flow] = state.account
+        self._flow_accounts.move_to_end(flow)
+        if len(self._flow_accounts) > 10_000:
+            self._flow_accounts.popitem(last=False)
         sms = OutboundSms(
             message_id=message.context.message_id,
             destination=message.destination,

@@ -2,9 +2,9 @@
 
 Every send waits for its turn here (``FairQueue.turn``) before it asks the rate limit for a send
 time; a few turns at a time are out, so the order of the limit's bookings is the fair order. A
-bulk message that arrives while its campaign already has its part of the queue is parked instead
-(``deferral``): its record is committed and the reader goes on to what lies behind it. How the
-shares are computed, and why: docs/sending.md, "Fair share and priority".
+campaign holds at most its fair part of what the account keeps waiting; its further records wait
+in the log (``Attempts.lane_limit``, ``shared/kafka/backlog.py``) while the sender reads on. How
+the shares are computed, and why: docs/sending.md, "Fair share and priority".
 """
 
 from __future__ import annotations
@@ -22,8 +22,6 @@ from shared.contract.priority import is_priority
 
 # How long the shares shown per flow look back.
 SHARE_HORIZON_S = 10.0
-# The shortest park of a deferred message: shorter ones would only come back to a full queue.
-MIN_DEFERRAL_S = 0.2
 # How far ahead of the rate limit turns are given out: enough sends to cover an intent's trip
 # to Kafka, few enough that a priority message waits only about that long.
 TURN_AHEAD_S = 0.05
@@ -53,25 +51,6 @@ def turn_window(account: ProviderSettings, max_batch: int) -> int:
     if account.rate_limit_per_s <= 0:
         return account.max_in_flight * max(1, max_batch)
     return max(4, max_batch, math.ceil(account.rate_limit_per_s * TURN_AHEAD_S))
-
-
-def deferral(
-    flow_waiting: float,
-    total_waiting: float,
-    fair_part: float,
-    capacity: float,
-    rate_per_s: float,
-) -> float | None:
-    """Seconds to park a bulk message for, or None to queue it now.
-
-    ``flow_waiting``: what its flow already has queued (in cost units), ``fair_part``: the flow's
-    part of the account's rate (0..1), ``capacity``: what the account keeps queued. A message is
-    parked only when the queue is full and its flow holds at least its part of it; it comes back
-    about when its flow's queue will have been sent.
-    """
-    if rate_per_s <= 0 or total_waiting < capacity or flow_waiting < fair_part * capacity:
-        return None
-    return max(MIN_DEFERRAL_S, flow_waiting / (rate_per_s * max(fair_part, 1e-6)))
 
 
 @dataclass
@@ -135,8 +114,6 @@ class FairQueue:
         self._virtual_time = 0.0
         self._waiting_cost = 0.0
         self._turns: dict[Flow, deque[tuple[float, float]]] = {}
-        # Per flow: until when (monotonic) the messages it parked are spread.
-        self.deferred_until: dict[Flow, float] = {}
 
     # -- what the handler asks ------------------------------------------------------------------
 
@@ -157,16 +134,6 @@ class FairQueue:
         weights = {c: self.campaign_weight(flow.tenant, c) for c in campaigns}
         tenant_part = self.tenant_weight(flow.tenant) / total
         return tenant_part * weights[flow.campaign] / sum(weights.values())
-
-    def defer_until(self, flow: Flow, cost: float, seconds: float, rate_per_s: float) -> float:
-        """The monotonic time a message ``deferral`` parks for ``seconds`` comes back: parked
-        messages of one flow are spread at its pace, so they do not all return at once."""
-        now = self.clock()
-        start = max(now + seconds, self.deferred_until.get(flow, 0.0))
-        self.deferred_until[flow] = start + cost / max(rate_per_s, 1e-6)
-        if len(self.deferred_until) > 1000:  # campaigns come and go: keep the current ones
-            self.deferred_until = {f: t for f, t in self.deferred_until.items() if t > now}
-        return start
 
     def shares(self) -> dict[Flow, float]:
         """Each flow's part of the turns of the last ``SHARE_HORIZON_S`` (by cost)."""

@@ -11,16 +11,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+import orjson
 from aiokafka import TopicPartition
 
 from services.sender import metrics
 from services.sender.attempts import Attempts
 from services.sender.controls import released_by
-from services.sender.fairness import flow_of
+from services.sender.fairness import Flow, flow_of
 from services.sender.lookups import Lookups, TableLookup
 from services.sender.outcomes import Outcomes, may_resend
 from services.sender.parking import PARKED_PREFIXES, Timers, park
@@ -40,6 +41,7 @@ from services.sender.windows import opens_at, window_for
 from shared.config import Route, Settings, TenantSettings
 from shared.contract.campaign_controls import Effect
 from shared.contract.events import RecipientMessage
+from shared.contract.priority import is_priority
 from shared.contract.statuses import SubStatus
 from shared.contract.topics import PRIORITY_RECIPIENTS, RECIPIENTS, SENDER_STATE
 from shared.kafka.clients import KafkaUnavailable, Publisher
@@ -320,6 +322,27 @@ class SenderHandler(SelfPublishing):
         self.lookups.controls_changed(keys)
         self.timers.look_again(self.store.partitions())
 
+    # -- pacing (shared/kafka/backlog.py) -------------------------------------------------------
+
+    def lane_of(self, record: Record) -> Flow | None:
+        """A bulk record's campaign; None for priority traffic, which never waits. Read from the
+        raw value: this runs for every record read, ahead of the decoding."""
+        if record.topic != RECIPIENTS.name or record.value is None:
+            return None
+        try:
+            context = orjson.loads(record.value)["context"]
+            tenant = self.settings.tenants.get(context["tenant"])
+            batch_id, campaign_id = context.get("batch_id"), context.get("campaign_id") or ""
+        except (orjson.JSONDecodeError, KeyError, TypeError):
+            return None  # the handler says what is wrong with it
+        if tenant is None or is_priority(batch_id, campaign_id, tenant.priority_campaigns):
+            return None
+        return Flow(context["tenant"], campaign_id, priority=False)
+
+    def lane_limit(self, lane: Hashable) -> int:
+        assert isinstance(lane, Flow)
+        return self.attempts.lane_limit(lane)
+
     # -- a message -----------------------------------------------------------------------------
 
     async def handle(self, record: Record) -> None:
@@ -427,16 +450,11 @@ class SenderHandler(SelfPublishing):
                 if state.account != route.provider:
                     state.account, state.attempt = route.provider, 0
                 assert tenant is not None  # decided to send: the tenant is configured
-                flow = flow_of(message, tenant)
-                deferred = None if state.resend else self.attempts.deferral(route.provider, flow)
-                if deferred is not None:
-                    await park(self.writer, partition, state, self.clock() + deferred, "queued")
-                    return None
                 attempt = await self.attempts.run(
                     partition,
                     state,
                     tenant,
-                    flow,
+                    flow_of(message, tenant),
                     # Asked again at the call's turn: a pause, or a window that closed meanwhile.
                     withheld=lambda: (
                         self.lookups.effect_on(message) is not Effect.SEND

@@ -51,12 +51,6 @@ TURN_WAIT = Histogram(
     ["class"],
     buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
 )
-DEFERRED = Counter(
-    f"{PREFIX}_sender_deferred_total",
-    "Bulk messages parked because their campaign already had its fair part of the account's "
-    "queue (read ahead for other campaigns and auto replies).",
-    ["provider"],
-)
 RATE_LIMIT = Gauge(
     f"{PREFIX}_sender_rate_limit_per_second",
     "This instance's share of the account's rate limit (units per second; 0 = none owned).",

@@ -33,10 +33,9 @@ STAGE = "sender"  # the service's name: its consumer group, logs, dead letters, 
 _KAFKA_WAIT = RetryPolicy(base_s=0.5, cap_s=30.0)
 
 Phase = Literal["parked", "sending", "done"]
-# "window": outside its send window; "queued": its campaign had its fair part of the account's
-# queue already (fairness.py), so it waits here rather than in memory.
-ParkReason = Literal["scheduled", "retry", "circuit", "held", "window", "queued"]
-PARK_REASONS: tuple[ParkReason, ...] = ("scheduled", "retry", "circuit", "held", "window", "queued")
+# "window": outside its send window (windows.py).
+ParkReason = Literal["scheduled", "retry", "circuit", "held", "window"]
+PARK_REASONS: tuple[ParkReason, ...] = ("scheduled", "retry", "circuit", "held", "window")
 PARKED_PREFIX = "parked:"
 
 

@@ -5,7 +5,8 @@ produced was acknowledged by Kafka. Records run concurrently (``max_in_flight``)
 per key. ``PoisonRecord`` dead-letters a record at once; any other failure is retried
 (``HANDLER_RETRY``) and dead-lettered after ``max_handler_attempts``; Kafka being unavailable is
 waited for. A handler returns its outputs (``Handler``) or declares that it publishes them itself
-(``SelfPublishing``); ``OrderedBy`` and ``PartitionAware`` are optional abilities found by type.
+(``SelfPublishing``); ``OrderedBy``, ``PartitionAware`` and ``Paced`` (records that wait in the
+log by lane, ``backlog.py``) are optional abilities found by type.
 Commits, lag and shutdown: docs/architecture.md, "The consumer runner".
 """
 
@@ -16,7 +17,7 @@ import contextlib
 import logging
 import time
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Hashable, Sequence
 from typing import Protocol, TypeAlias, runtime_checkable
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
@@ -26,6 +27,7 @@ from shared import metrics
 from shared.config import RunnerSettings
 from shared.contract.events import DeadLetter, E, SchemaError, decode
 from shared.contract.topics import DEAD_LETTERS
+from shared.kafka.backlog import Backlog
 from shared.kafka.clients import KafkaUnavailable, OutRecord, Publisher
 from shared.kafka.lag import LagExporter, PartitionProgress
 from shared.kafka.outbox import Outbox
@@ -109,8 +111,10 @@ class ConsumerRunner:
         partition_listener: PartitionAware | None = None,
         max_handler_attempts: int = 5,
         tansu_lag: bool = False,
+        backlog: Backlog | None = None,
     ) -> None:
-        """``tansu_lag``: the Tansu fallback's lag workaround (``shared/kafka/lag.py``)."""
+        """``tansu_lag``: the Tansu fallback's lag workaround (``shared/kafka/lag.py``);
+        ``backlog``: where a ``Paced`` handler's records wait (``shared/kafka/backlog.py``)."""
         self.name = name
         self.consumer = consumer
         self.topics = list(topics)
@@ -124,6 +128,7 @@ class ConsumerRunner:
         self._progress: dict[TopicPartition, PartitionProgress] = {}
         # Reads ``_progress`` (shared, never replaced) to export each partition's lag.
         self._lag = LagExporter(name, consumer, self._progress, tansu=tansu_lag)
+        self._backlog = backlog
         self._tasks: dict[TopicPartition, set[asyncio.Task[None]]] = {}
         self._key_tails: dict[tuple[TopicPartition, bytes | None], asyncio.Task[None]] = {}
         self._slots = asyncio.Semaphore(max(1, settings.max_in_flight))
@@ -152,14 +157,18 @@ class ConsumerRunner:
         self.consumer.subscribe(self.topics, listener=_Listener(self))
         # Its own task: a slow position or end-offsets lookup must never hold up polling.
         lag_task = asyncio.create_task(self._lag.run_forever(), name=f"{self.name}-lag")
+        helpers = [lag_task]
+        if self._backlog is not None:
+            helpers.append(asyncio.create_task(self._read_back(), name=f"{self.name}-backlog"))
         try:
             while not self._stopping.is_set():
                 await self._poll_once()
                 await self._maybe_commit()
         finally:
-            lag_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await lag_task
+            for helper in helpers:
+                helper.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await helper
             await self._drain(set(self._tasks), self._drain_s)
             await self._commit(force=True)
             self._lag.forget(self._progress)
@@ -174,25 +183,60 @@ class ConsumerRunner:
         batches = await self.consumer.getmany(
             timeout_ms=200, max_records=min(free, self.settings.max_poll_records)
         )
+        backlog = self._backlog
         for tp, records in batches.items():
             progress = self._progress.setdefault(tp, PartitionProgress())
-            # Pending from now on: a record waiting for its key's predecessor ages in the lag.
-            for record in records:
+            lanes = [backlog.paced.lane_of(r) if backlog else None for r in records]
+            taken = []
+            for record, lane in zip(records, lanes, strict=True):
+                if backlog is not None and backlog.must_wait(tp, lane):
+                    assert lane is not None
+                    backlog.wait(tp, lane, record.offset)  # by offset: read again when its turn
+                    progress.next_offset = record.offset + 1
+                    continue
+                # Pending from now on: a record waiting for its key's predecessor ages in the lag.
                 progress.add(record.offset, record.timestamp)
-            for record in records:
+                if backlog is not None:
+                    backlog.started(lane)
+                taken.append((record, lane))
+            for record, lane in taken:
                 await self._slots.acquire()
-                self._start(tp, record)
+                self._start(tp, record, lane)
 
     def _free_slots(self) -> int:
         return self._slots._value
 
-    def _start(self, tp: TopicPartition, record: Record) -> None:
+    async def _read_back(self) -> None:
+        """Start the backlog's records whose lane has room, as slots free up."""
+        assert self._backlog is not None
+        while True:
+            free = self._free_slots()
+            started = 0
+            if free and self._backlog.waiting():
+                try:
+                    found = await self._backlog.read_back(free)
+                except Exception as exc:  # the broker away: the records wait in the log
+                    log.warning("%s: reading the backlog failed (%s); retrying", self.name, exc)
+                    found = []
+                for tp, record, lane in found:
+                    if tp not in self._progress:  # revoked meanwhile: its next owner reads it
+                        self._backlog.finished(tp, record.offset, lane, taken=True)
+                        continue
+                    await self._slots.acquire()
+                    self._start(tp, record, lane, taken=True)
+                    started += 1
+            await asyncio.sleep(0 if started else 0.02)
+
+    def _start(
+        self, tp: TopicPartition, record: Record, lane: Hashable = None, taken: bool = False
+    ) -> None:
+        """``taken``: read back from the backlog (its progress is the backlog's)."""
         ordered_by = self._ordered_by
         key = ordered_by.ordering_key(record) if ordered_by is not None else record.key
         unordered = ordered_by is not None and key is None
         chain_key = (tp, key)
         previous = None if unordered else self._key_tails.get(chain_key)
-        task = asyncio.create_task(self._process(tp, record, previous))
+        task = asyncio.create_task(self._process(tp, record, previous, lane, taken))
         if not unordered:
             self._key_tails[chain_key] = task
         self._tasks.setdefault(tp, set()).add(task)
@@ -205,9 +249,15 @@ class ConsumerRunner:
         task.add_done_callback(_done)
 
     async def _process(
-        self, tp: TopicPartition, record: Record, previous: asyncio.Task[None] | None
+        self,
+        tp: TopicPartition,
+        record: Record,
+        previous: asyncio.Task[None] | None,
+        lane: Hashable = None,
+        taken: bool = False,
     ) -> None:
         held = False
+        finished = False
         try:
             if previous is not None:
                 await asyncio.wait([previous])
@@ -216,14 +266,20 @@ class ConsumerRunner:
             metrics.RECORDS_PROCESSED.labels(self.name, tp.topic).inc()
             metrics.LAST_PROCESSED.labels(self.name, tp.topic).set(time.time())
             self.finished_records += 1
+            finished = True
             progress = self._progress.get(tp)
-            if progress is not None:
+            if taken:
+                pass  # its offset is the backlog's: released below
+            elif progress is not None:
                 progress.finish(record.offset)
                 if self.settings.hold_slots_until_committed:
                     # Released by the commit that covers it (or by the revoke).
                     self._held.setdefault(tp, []).append(record.offset)
                     held = True
         finally:
+            if self._backlog is not None:
+                # An unfinished record read back stays taken: it holds the commit back.
+                self._backlog.finished(tp, record.offset, lane, taken=taken and finished)
             if not held:
                 self._slots.release()
 
@@ -315,6 +371,9 @@ class ConsumerRunner:
             if only is not None and tp not in only:
                 continue
             position = progress.commit_position()
+            waiting = self._backlog.first_offset(tp) if self._backlog is not None else None
+            if waiting is not None and position is not None:
+                position = min(position, waiting)
             if position is not None and position != progress.committed:
                 offsets[tp] = position
         if not offsets:
@@ -370,6 +429,8 @@ class ConsumerRunner:
             self._release_held(tp)
             self._progress.pop(tp, None)
             self._tasks.pop(tp, None)
+        if self._backlog is not None:
+            self._backlog.drop(revoked)
         if self.partition_listener is not None:
             await self.partition_listener.on_revoked(revoked)
 

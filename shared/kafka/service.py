@@ -33,6 +33,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from shared import gcpolicy
 from shared.config import KafkaSettings, RunnerSettings, Settings, split_listen
+from shared.kafka.backlog import Backlog, Paced
 from shared.kafka.clients import (
     Publisher,
     client_id,
@@ -233,6 +234,15 @@ class ConsumerService:
             heartbeat_interval_ms=runner_settings.heartbeat_interval_ms,
         )
         listener = handler if isinstance(handler, PartitionAware) else None
+        self.backlog = (
+            Backlog(
+                handler,
+                name,
+                lambda: make_consumer(settings.kafka, None, role=f"{name}-backlog"),
+            )
+            if isinstance(handler, Paced)
+            else None
+        )
         self.runner = ConsumerRunner(
             name=name,
             consumer=self.consumer,
@@ -242,6 +252,7 @@ class ConsumerService:
             settings=runner_settings,
             partition_listener=listener,
             tansu_lag=is_tansu(settings.kafka),
+            backlog=self.backlog,
         )
         self._task: asyncio.Task[None] | None = None
 
@@ -267,6 +278,8 @@ class ConsumerService:
         """Close the Kafka clients of a service whose start failed or was never called (they
         are made with the service, and warn about being left open when collected)."""
         await _bounded(self.consumer.stop(), 5.0, f"{self.name} consumer")
+        if self.backlog is not None:
+            await _bounded(self.backlog.close(), 5.0, f"{self.name} backlog reader")
         await self.publisher.stop(f"{self.name} producer", 1.0)
 
     async def wait(self) -> None:
@@ -298,6 +311,8 @@ class ConsumerService:
             )
         membership = group_membership(self.consumer)
         await _bounded(self.consumer.stop(), deadline.left(share=0.5), f"{self.name} consumer")
+        if self.backlog is not None:
+            await _bounded(self.backlog.close(), 1.0, f"{self.name} backlog reader")
         if membership is not None and membership.left_behind:
             await _bounded(
                 leave_group(self.settings.kafka, membership),

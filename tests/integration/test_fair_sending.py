@@ -1,7 +1,7 @@
 """Fair share and priority on one rate-limited account (services/sender/fairness.py), against the
 broker and a provider simulator: a campaign queued behind another's backlog starts at once and
 gets its share, auto replies jump the queue, the limit holds, each message goes once, and a
-restart with messages parked for their turn loses and doubles nothing."""
+restart with records waiting in the log for their turn loses and doubles nothing."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import asyncio
 import bisect
 from collections import Counter
 from datetime import datetime
-from typing import Any
 
 import pytest
 
@@ -27,7 +26,10 @@ pytestmark = pytest.mark.integration
 
 OTHER = "initech"
 LIMIT = 100.0  # messages per second on the one account
-BIG, SMALL, REPLIES = 1500, 100, 5
+# The big campaign's backlog is read ahead (by offset, shared/kafka/backlog.py) long before the
+# small one arrives: its size costs nothing to the small one's start.
+BIG, SMALL, REPLIES = 20_000, 100, 5
+RESTARTED = 1_500  # the big campaign of the restart test, sent to the end
 
 
 def settings_for(sim: ProviderSimulator) -> Settings:
@@ -77,8 +79,8 @@ async def publish(settings: Settings, messages: list[RecipientMessage]) -> None:
         await producer.stop()
 
 
-def big_campaign() -> list[RecipientMessage]:
-    return [message(i, TENANT, "big", f"+4477009{i:05d}") for i in range(BIG)]
+def big_campaign(size: int = BIG) -> list[RecipientMessage]:
+    return [message(i, TENANT, "big", f"+4477009{i:05d}") for i in range(size)]
 
 
 def busiest_second(instants: list[float]) -> int:
@@ -98,17 +100,15 @@ async def test_a_campaign_behind_a_backlog_starts_at_once_and_replies_jump_the_q
         await publish(settings, big_campaign())
         async with running(build(settings)):
             await wait_for(lambda: len(sim.sends) >= 200, 60, "the big campaign under way")
-            posted = utcnow()
             small = [message(i, OTHER, "small", f"+3361234{i:04d}") for i in range(SMALL)]
             replies = [
                 message(i, TENANT, "", f"+4479001{i:05d}", auto_reply=True) for i in range(REPLIES)
             ]
             await publish(settings, [*small, *replies])
+            posted = utcnow()  # on Kafka: when ingress would answer 202
             await wait_for(lambda: len(sent_at(sim, "small")) == SMALL, 60, "the small campaign")
             await wait_for(lambda: len(sent_at(sim, "reply")) == REPLIES, 30, "the replies")
             big_left = BIG - len(sent_at(sim, "big"))
-            await wait_for(lambda: len(sim.sends) == BIG + SMALL + REPLIES, 120, "everything")
-            await asyncio.sleep(1)  # nothing more comes
 
     small_sent = sent_at(sim, "small")
     start = (small_sent[0] - posted).total_seconds()
@@ -117,11 +117,11 @@ async def test_a_campaign_behind_a_backlog_starts_at_once_and_replies_jump_the_q
     # for the records to reach the sender.
     assert start < 1.0, f"the small campaign started {start:.2f} s after it was posted"
     assert took < 1.5 * SMALL / (LIMIT / 2) + 1.0, f"the small campaign took {took:.2f} s"
-    assert big_left > 200, "the big campaign was nearly done: nothing was tested"
+    assert big_left > BIG // 2, "the big campaign was nearly done: nothing was tested"
     reply_waits = [(at - posted).total_seconds() for at in sent_at(sim, "reply")]
     assert max(reply_waits) < 1.0, reply_waits
     counts = Counter(send.phone for send in sim.sends)
-    assert len(counts) == BIG + SMALL + REPLIES and set(counts.values()) == {1}
+    assert set(counts.values()) == {1}  # the rest of the backlog is the restart test's
     # Seen at the simulator, after its latency and this loaded machine's scheduling: the exact
     # bound is the limiter's tests' and the sender benchmark's; here, that fairness did not
     # lift it.
@@ -129,23 +129,19 @@ async def test_a_campaign_behind_a_backlog_starts_at_once_and_replies_jump_the_q
     assert window <= LIMIT * 1.1, f"{window} sends in one second, limit {LIMIT:g}"
 
 
-async def test_a_restart_with_messages_parked_for_their_turn_sends_each_once(
+async def test_a_restart_with_records_waiting_in_the_log_sends_each_once(
     kafka: EmbeddedBroker,
 ) -> None:
     async with simulator(latency_ms=50) as sim:
         settings = settings_for(sim)
-        await publish(settings, big_campaign())
+        await publish(settings, big_campaign(RESTARTED))
         first = build(settings)
         async with running(first):
             await wait_for(lambda: len(sim.sends) >= 100, 60, "sending under way")
-            await wait_for(lambda: _parked_queued(first) > 0, 30, "messages parked for their turn")
+            assert first.backlog is not None
+            await wait_for(lambda: first.backlog.waiting() > 0, 30, "records waiting in the log")
         async with running(build(settings)):
-            await wait_for(lambda: len(sim.sends) >= BIG, 120, "every message")
+            await wait_for(lambda: len(sim.sends) >= RESTARTED, 120, "every message")
             await asyncio.sleep(1)
     counts = Counter(send.phone for send in sim.sends)
-    assert len(counts) == BIG and set(counts.values()) == {1}
-
-
-def _parked_queued(service: Any) -> int:
-    store = service.handler.store
-    return sum(store.count_prefix(p, "parked:queued:") for p in store.partitions())
+    assert len(counts) == RESTARTED and set(counts.values()) == {1}

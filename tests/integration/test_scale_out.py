@@ -18,7 +18,13 @@ from services.reporter.app import build as build_reporter
 from services.sender.app import build as build_sender
 from shared.config import Settings
 from shared.contract.events import DispatchRecord, StatusEvent
-from shared.contract.topics import DEFAULT_PARTITIONS, DISPATCHES, RECIPIENTS, STATUSES
+from shared.contract.topics import (
+    DEFAULT_PARTITIONS,
+    DISPATCHES,
+    PRIORITY_RECIPIENTS,
+    RECIPIENTS,
+    STATUSES,
+)
 from shared.kafka.broker import EmbeddedBroker, free_port
 from shared.kafka.clients import OutRecord
 from shared.kafka.service import ConsumerService, Service
@@ -221,13 +227,16 @@ async def test_a_sender_takes_over_when_the_other_stops_mid_campaign(
     ]  # the key ingress gives: a number's messages stay in order on one partition
 
     async with running(provider), TopicTail(settings, DISPATCHES, DispatchRecord) as dispatched:
-        await start_pair(first, second, RECIPIENTS.partitions)
+        # The sender reads sms.recipients and sms.recipients-priority.
+        await start_pair(first, second, RECIPIENTS.partitions + PRIORITY_RECIPIENTS.partitions)
         try:
             stream = asyncio.create_task(publish_in_chunks(settings, records, chunk=50))
             await dispatched.wait_count(len(messages) // 3)
             await first.stop()
             stopped_at = len(dispatched.records)
-            await holds_every_partition(second, RECIPIENTS.partitions)
+            await holds_every_partition(
+                second, RECIPIENTS.partitions + PRIORITY_RECIPIENTS.partitions
+            )
             await stream
             await dispatched.wait_count(len(messages))
             await asyncio.sleep(1.0)  # a message sent twice would arrive now

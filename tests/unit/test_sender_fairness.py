@@ -8,7 +8,7 @@ from collections import Counter
 
 import pytest
 
-from services.sender.fairness import FairQueue, Flow, deferral, flow_of, turn_window
+from services.sender.fairness import FairQueue, Flow, flow_of, turn_window
 from shared.config import ProviderSettings
 from shared.contract.events import MessageContext, RecipientMessage
 from tests.support import TENANT, make_settings
@@ -125,27 +125,6 @@ async def test_shares_show_each_flows_part_of_the_recent_turns() -> None:
     assert shares[bulk("a")] == pytest.approx(0.5)  # all of both went through
     fair = turns.queue.fair_part(bulk("a"))
     assert fair == pytest.approx(1.0)  # nothing else waits now
-
-
-def test_deferral_parks_only_a_flow_over_its_part_of_a_full_queue() -> None:
-    # Room left: queue it.
-    assert deferral(100, 200, 1.0, capacity=250, rate_per_s=500) is None
-    # Full, but the flow holds less than its half: it is the newcomer, queue it.
-    assert deferral(20, 250, 0.5, capacity=250, rate_per_s=500) is None
-    # Full, and the flow has its part: park it about until its queue is sent.
-    assert deferral(250, 250, 1.0, capacity=250, rate_per_s=500) == pytest.approx(0.5)
-    assert deferral(125, 250, 0.5, capacity=250, rate_per_s=500) == pytest.approx(0.5)
-    # No rate limit: nothing to wait for.
-    assert deferral(10**6, 10**6, 1.0, capacity=250, rate_per_s=0) is None
-
-
-def test_parked_messages_of_one_flow_come_back_spread_at_its_pace() -> None:
-    now = [100.0]
-    queue = FairQueue(
-        window=1, tenant_weight=lambda _: 1, campaign_weight=lambda *_: 1, clock=lambda: now[0]
-    )
-    backs = [queue.defer_until(bulk("a"), 1.0, 0.5, rate_per_s=100) for _ in range(3)]
-    assert backs == pytest.approx([100.5, 100.51, 100.52])
 
 
 def test_auto_replies_and_listed_campaigns_are_priority() -> None:

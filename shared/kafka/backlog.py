@@ -1,0 +1,245 @@
+"""Records a handler lets wait, remembered by offset and read back from Kafka when there is room.
+
+A ``Paced`` handler names a lane for each record (the sender: a campaign) and how many records
+of a lane may be in progress at once. The runner keeps reading past a lane that is full: such a
+record is not held in memory but remembered by its offset (8 bytes), and no commit passes it.
+When its lane has room, ``Backlog.read_back`` fetches it again with a consumer of its own and the
+runner processes it like any record. The log is the waiting room: memory stays flat however long
+the backlog, reading ahead costs no write, and a restart or a rebalance loses nothing (the next
+owner reads from the committed offset and lets the same records wait again). A lane's records
+are taken in offset order within each partition. docs/architecture.md, "The consumer runner".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from array import array
+from collections import Counter
+from collections.abc import Callable, Hashable, Iterator
+from typing import Protocol, TypeAlias, runtime_checkable
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.structs import ConsumerRecord
+
+from shared import metrics
+
+log = logging.getLogger(__name__)
+
+Record: TypeAlias = ConsumerRecord[bytes, bytes]
+# How long one read back may wait for the broker before it is tried again later.
+FETCH_TIMEOUT_MS = 2_000
+
+
+@runtime_checkable
+class Paced(Protocol):
+    """A handler whose records wait, by lane, while their lane is full (optional ability)."""
+
+    def lane_of(self, record: Record) -> Hashable | None:
+        """The record's lane; None: it never waits."""
+        ...
+
+    def lane_limit(self, lane: Hashable) -> int:
+        """How many records of ``lane`` may be in progress at once, now."""
+        ...
+
+
+class OffsetQueue:
+    """Offsets in arrival order, 8 bytes each."""
+
+    def __init__(self) -> None:
+        self._offsets = array("q")
+        self._head = 0
+
+    def __len__(self) -> int:
+        return len(self._offsets) - self._head
+
+    def append(self, offset: int) -> None:
+        self._offsets.append(offset)
+
+    def first(self) -> int:
+        return self._offsets[self._head]
+
+    def peek(self, count: int) -> list[int]:
+        return self._offsets[self._head : self._head + count].tolist()
+
+    def drop(self, count: int) -> None:
+        self._head += count
+        if self._head > 4096 and self._head * 2 > len(self._offsets):
+            del self._offsets[: self._head]
+            self._head = 0
+
+
+class Backlog:
+    """The waiting records of every partition this runner holds, and the lanes' progress."""
+
+    def __init__(
+        self, paced: Paced, name: str, open_consumer: Callable[[], AIOKafkaConsumer]
+    ) -> None:
+        self.paced = paced
+        self.name = name
+        self._open_consumer = open_consumer
+        self._consumer: AIOKafkaConsumer | None = None
+        self._waiting: dict[TopicPartition, dict[Hashable, OffsetQueue]] = {}
+        # Read back and started, not finished yet: they hold the commit back too.
+        self._taken: dict[TopicPartition, set[int]] = {}
+        self.in_progress: Counter[Hashable] = Counter()
+        self._gauge = metrics.BACKLOG_RECORDS.labels(name)
+
+    # -- the runner's intake -------------------------------------------------------------------
+
+    def must_wait(self, tp: TopicPartition, lane: Hashable | None) -> bool:
+        """Whether a record just read must wait: its lane is full, or older records of its lane
+        on this partition wait already (a lane keeps its order)."""
+        if lane is None:
+            return False
+        waiting = self._waiting.get(tp, {}).get(lane)
+        return bool(waiting) or self.in_progress[lane] >= self.paced.lane_limit(lane)
+
+    def wait(self, tp: TopicPartition, lane: Hashable, offset: int) -> None:
+        self._waiting.setdefault(tp, {}).setdefault(lane, OffsetQueue()).append(offset)
+        self._gauge.inc()
+
+    def started(self, lane: Hashable | None) -> None:
+        if lane is not None:
+            self.in_progress[lane] += 1
+
+    def finished(self, tp: TopicPartition, offset: int, lane: Hashable | None, taken: bool) -> None:
+        if lane is not None:
+            self.in_progress[lane] -= 1
+            if self.in_progress[lane] <= 0:
+                del self.in_progress[lane]
+        if taken:
+            self._taken.get(tp, set()).discard(offset)
+
+    def first_offset(self, tp: TopicPartition) -> int | None:
+        """The lowest offset of ``tp`` still waiting or in progress from here, if any."""
+        heads = [queue.first() for queue in self._waiting.get(tp, {}).values() if queue]
+        heads.extend(self._taken.get(tp, ()))
+        return min(heads) if heads else None
+
+    def waiting(self) -> int:
+        return sum(len(q) for lanes in self._waiting.values() for q in lanes.values())
+
+    def drop(self, partitions: set[TopicPartition]) -> None:
+        """Forget revoked partitions: their next owner reads them from the committed offset."""
+        for tp in partitions:
+            lanes = self._waiting.pop(tp, {})
+            self._gauge.dec(sum(len(queue) for queue in lanes.values()))
+            self._taken.pop(tp, None)
+
+    async def close(self) -> None:
+        if self._consumer is not None:
+            await self._consumer.stop()
+            self._consumer = None
+
+    # -- reading back ---------------------------------------------------------------------------
+
+    def _picks(self, budget: int) -> Iterator[tuple[TopicPartition, Hashable, int]]:
+        """(partition, lane, how many) to read back now: each lane up to its room, partitions
+        in turn, ``budget`` records in all."""
+        picked: Counter[Hashable] = Counter()
+        lanes = {lane for by_lane in self._waiting.values() for lane, q in by_lane.items() if q}
+        for lane in lanes:
+            room = self.paced.lane_limit(lane) - self.in_progress[lane]
+            holders = [tp for tp, by_lane in self._waiting.items() if by_lane.get(lane) is not None]
+            while room > picked[lane] and budget > 0 and holders:
+                for tp in list(holders):
+                    queue = self._waiting[tp].get(lane)
+                    if not queue:
+                        holders.remove(tp)
+                        continue
+                    share = max(1, (room - picked[lane]) // max(1, len(holders)))
+                    count = min(share, len(queue), budget)
+                    if count <= 0:
+                        break
+                    picked[lane] += count
+                    budget -= count
+                    yield tp, lane, count
+                    if len(queue) <= count:
+                        holders.remove(tp)
+                    if picked[lane] >= room or budget <= 0:
+                        break
+
+    async def read_back(self, budget: int) -> list[tuple[TopicPartition, Record, Hashable]]:
+        """Waiting records whose lane has room now (at most ``budget``), fetched from Kafka and
+        counted as taken; the runner starts each of them."""
+        counts: Counter[tuple[TopicPartition, Hashable]] = Counter()
+        for tp, lane, count in self._picks(budget):
+            counts[tp, lane] += count
+        wanted: dict[TopicPartition, dict[int, Hashable]] = {}
+        for (tp, lane), count in counts.items():
+            for offset in self._waiting[tp][lane].peek(count):
+                wanted.setdefault(tp, {})[offset] = lane
+        found: list[tuple[TopicPartition, Record, Hashable]] = []
+        if not wanted:
+            return found
+        fetched = await self._fetch({tp: sorted(offsets) for tp, offsets in wanted.items()})
+        for tp, offsets in wanted.items():
+            if tp not in self._waiting:
+                continue  # revoked meanwhile
+            records = fetched.get(tp, [])
+            for record in records:
+                found.append((tp, record, offsets[record.offset]))
+                self._taken.setdefault(tp, set()).add(record.offset)
+            self._forget(tp, offsets, {record.offset for record in records})
+        for _, _, lane in found:
+            self.started(lane)
+        return found
+
+    def _forget(self, tp: TopicPartition, offsets: dict[int, Hashable], read: set[int]) -> None:
+        """Take the offsets read (and any the log no longer has) off their lanes' queues."""
+        by_lane: Counter[Hashable] = Counter(offsets.values())
+        last_read = max(read, default=-1)
+        for lane, count in by_lane.items():
+            queue = self._waiting[tp][lane]
+            front = queue.peek(count)
+            done = 0
+            for offset in front:
+                if offset in read:
+                    done += 1
+                elif offset < last_read:
+                    # Gone from the log (retention, truncation): nothing to send.
+                    log.warning("%s: %s offset %d is no longer in the log", self.name, tp, offset)
+                    done += 1
+                else:
+                    break
+            queue.drop(done)
+            self._gauge.dec(done)
+            if not queue:
+                del self._waiting[tp][lane]
+
+    async def _fetch(
+        self, wanted: dict[TopicPartition, list[int]]
+    ) -> dict[TopicPartition, list[Record]]:
+        """The records at the ``wanted`` offsets (sorted, per partition), in one pass over the
+        partitions; fewer where the broker is slow (they are asked again later)."""
+        consumer = await self._reader()
+        if consumer.assignment() != set(wanted):
+            consumer.assign(list(wanted))
+        for tp, offsets in wanted.items():
+            consumer.seek(tp, offsets[0])
+        missing = {tp: set(offsets) for tp, offsets in wanted.items()}
+        found: dict[TopicPartition, list[Record]] = {}
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + FETCH_TIMEOUT_MS / 1000
+        while missing and loop.time() < deadline:
+            batches = await consumer.getmany(
+                *missing, timeout_ms=200, max_records=sum(map(len, missing.values())) + 500
+            )
+            for tp, records in batches.items():
+                left = missing.get(tp)
+                if left is None:
+                    continue
+                found.setdefault(tp, []).extend(r for r in records if r.offset in left)
+                left -= {r.offset for r in records}
+                if not left or (records and records[-1].offset >= wanted[tp][-1]):
+                    del missing[tp]
+        return found
+
+    async def _reader(self) -> AIOKafkaConsumer:
+        if self._consumer is None:
+            consumer = self._open_consumer()
+            await consumer.start()
+            self._consumer = consumer
+        return self._consumer
