@@ -7,8 +7,9 @@ runs them on Tansu (memory only) instead, and ``--compare-brokers`` adds e2e's t
 the other broker (``bench/e2e.py``). The broker is recorded with each benchmark's figures. The
 campaign sizes of ``e2e`` and ``memory`` can also come from ``BENCH_E2E_RECIPIENTS`` and
 ``BENCH_MEMORY_RECIPIENTS``; the memory benchmark's time budget from ``--max-minutes`` or
-``BENCH_MEMORY_MAX_MINUTES``; ``--dry-run`` runs it on a dry-run tenant (``bench/memory.py``). Exit
-status 1 when a check failed, 2 for an unknown name.
+``BENCH_MEMORY_MAX_MINUTES``; ``--dry-run`` runs it on a dry-run tenant (``bench/memory.py``).
+``--big``, ``--small`` and ``--replies`` size the fairness benchmark (``bench/fairness.py``).
+Exit status 1 when a check failed, 2 for an unknown name.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import time
 import traceback
 from collections.abc import Callable, Sequence
 
-from bench import callbacks, e2e, ingress, memory, sender, stages
+from bench import callbacks, e2e, fairness, ingress, memory, sender, stages
 from bench.results import (
     BROKERS,
     Options,
@@ -33,6 +34,7 @@ from bench.results import (
 
 BENCHMARKS: dict[str, Callable[[Options], Report]] = {
     "sender": sender.bench,
+    "fairness": fairness.bench,
     "callbacks": callbacks.bench,
     "ingress": ingress.bench,
     "e2e": e2e.bench,
@@ -65,6 +67,13 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
         "and its delivery report, so the provider simulator and the callbacks service idle; "
         "the figures say so",
     )
+    parser.add_argument(
+        "--big", type=int, help="fairness: tenant A's campaign (default: 200,000 recipients)"
+    )
+    parser.add_argument(
+        "--small", type=int, help="fairness: tenant B's campaign (default: 2,000 recipients)"
+    )
+    parser.add_argument("--replies", type=int, help="fairness: auto replies (default: 100)")
     parser.add_argument(
         "--broker",
         choices=BROKERS,
@@ -105,6 +114,9 @@ def main(argv: Sequence[str]) -> int:
         dry_run=args.dry_run,
         broker=args.broker,
         compare_brokers=args.compare_brokers,
+        big_campaign=args.big,
+        small_campaign=args.small,
+        auto_replies=args.replies,
     )
     broker = broker_info(options.broker)
     reports: list[Report] = []

@@ -32,7 +32,7 @@ README = BENCH_DIR.parent / "README.md"
 README_BEGIN = "<!-- bench:latest begin (written by `make bench`) -->"
 README_END = "<!-- bench:latest end -->"
 # The order of the README table, whatever order the benchmarks ran in.
-ORDER = ("ingress", "sender", "callbacks", "e2e", "memory")
+ORDER = ("ingress", "sender", "fairness", "callbacks", "e2e", "memory")
 _JSON = orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS
 BROKERS = ("kafka", "tansu")
 
@@ -54,6 +54,11 @@ class Options:
     broker: str = "kafka"
     # e2e: its throughput phase on Apache Kafka and on Tansu, one after the other.
     compare_brokers: bool = False
+    # fairness: the sizes of tenant A's campaign, tenant B's, and the auto replies (None: its
+    # defaults, 200,000 / 2,000 / 100).
+    big_campaign: int | None = None
+    small_campaign: int | None = None
+    auto_replies: int | None = None
 
 
 def broker_info(kind: str) -> dict[str, str]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -22,9 +22,10 @@ from aiohttp.typedefs import Middleware
 from services.campaigns.counts import REPLIES, UNKNOWN, Counts
 from services.campaigns.metrics import ADMIN_UNAUTHORIZED, CONTROLS_PUBLISHED
 from services.campaigns.mirror import CountsMirror
+from services.campaigns.pace import fresh_statuses, pace_of
 from shared.config import Settings
 from shared.contract.campaign_controls import AUTO_REPLIES, CampaignControls, control_key
-from shared.contract.events import CampaignControl, ControlAction
+from shared.contract.events import CampaignControl, ControlAction, SenderStatus
 from shared.contract.signing import constant_time_equals
 from shared.contract.topics import CAMPAIGN_CONTROL
 from shared.kafka.clients import KafkaUnavailable, OutRecord, Publisher
@@ -78,9 +79,14 @@ def _control_json(control: CampaignControl | None) -> dict[str, Any] | None:
 
 
 def campaign_view(
-    tenant: str, campaign: str, counts: Counts, now: float, controls: CampaignControls
+    tenant: str,
+    campaign: str,
+    counts: Counts,
+    now: float,
+    controls: CampaignControls,
+    senders: Sequence[SenderStatus] = (),
 ) -> dict[str, Any]:
-    """One campaign as the API answers it."""
+    """One campaign as the API answers it (``senders``: the sender instances' latest status)."""
     campaign_id = "" if campaign == AUTO_REPLIES else campaign
     tenant_control = controls.control(tenant, None)
     campaign_control = controls.control(tenant, campaign_id)
@@ -98,6 +104,7 @@ def campaign_view(
         "dead_lettered": counts.dead_lettered,
         "reports_acknowledged": counts.reports_acknowledged,
         "replies_acknowledged": counts.replies_acknowledged,
+        **pace_of(tenant, campaign_id, senders),
         "first_activity_at": _iso(counts.first_at),
         "last_activity_at": _iso(counts.last_at),
         "control": {
@@ -116,9 +123,11 @@ class CampaignsApi:
         counts: CountsMirror,
         controls: Lookup,
         publisher: Publisher,
+        sender_status: Callable[[], Iterable[dict[str, Any]]] = list,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.settings = settings
+        self.sender_status = sender_status
         self.counts = counts
         self.controls = CampaignControls(controls)
         self.publisher = publisher
@@ -167,8 +176,9 @@ class CampaignsApi:
     def campaigns(self, tenant: str | None = None) -> list[dict[str, Any]]:
         """Every campaign with counters (of ``tenant`` only, if given), by tenant and campaign."""
         now = self.clock()
+        senders = fresh_statuses(self.sender_status(), now)
         return [
-            campaign_view(slug, campaign, counts, now, self.controls)
+            campaign_view(slug, campaign, counts, now, self.controls, senders)
             for (slug, campaign), counts in self.counts.totals.campaigns(tenant)
         ]
 
@@ -182,7 +192,15 @@ class CampaignsApi:
         if counts is None:
             return error_response(404, f"nothing counted of campaign {campaign!r} of {tenant!r}")
         return json_response(
-            200, campaign_view(tenant, campaign, counts, self.clock(), self.controls)
+            200,
+            campaign_view(
+                tenant,
+                campaign,
+                counts,
+                self.clock(),
+                self.controls,
+                fresh_statuses(self.sender_status(), self.clock()),
+            ),
         )
 
     # -- controls ----------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from services.campaigns.api import CampaignsApi
 from services.campaigns.counts import INPUT_TOPICS
 from services.campaigns.tracker import NAME, CountsTracker
 from shared.config import Settings
-from shared.contract.topics import CAMPAIGN_CONTROL
+from shared.contract.topics import CAMPAIGN_CONTROL, SENDER_STATUS
 from shared.kafka.service import ConsumerService, add_ops_routes, run_service, serve
 from shared.kafka.store import GlobalTable
 
@@ -47,11 +47,14 @@ class CampaignsService:
             group_id=group_id or settings.campaigns.group_id or None,
         )
         self.controls = GlobalTable(settings.kafka, CAMPAIGN_CONTROL, name=f"{NAME}-controls")
+        # Each sender instance's share and window waits per campaign (services/sender/status.py).
+        self.senders = GlobalTable(settings.kafka, SENDER_STATUS, name=f"{NAME}-senders")
         self.api = CampaignsApi(
             settings,
             counts=self.tracker.mirror,
             controls=self.controls.get,
             publisher=self.consumer.publisher,
+            sender_status=self.senders.values,
             clock=clock,
         )
         self.app = web.Application(middlewares=self.api.middlewares)
@@ -64,6 +67,8 @@ class CampaignsService:
         try:
             await self.controls.start()
             self._started.append("controls")
+            await self.senders.start()
+            self._started.append("senders")
             # Starts the producer, the tracker (its counts mirror caught up) and the runner.
             await self.consumer.start()
             self._started.append("consumer")
@@ -86,6 +91,8 @@ class CampaignsService:
             await self.consumer.close()  # its clients exist from __init__ on
         if "controls" in self._started:
             await self.controls.stop()
+        if "senders" in self._started:
+            await self.senders.stop()
         self._started.clear()
 
     def ready(self) -> bool:

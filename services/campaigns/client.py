@@ -44,17 +44,19 @@ COLUMNS = (
     "ACCEPTED",
     "REJECTED",
     "HELD",
+    "WINDOW",
     "SENT",
     "DELIVERED",
     "FAILED",
     "OPTED-OUT",
     "DEAD",
     "REPORTED",
+    "SHARE",
     "CONTROL",
     "LAST ACTIVITY",
 )
 # Indexes of the right-aligned (numeric) columns.
-_NUMERIC = frozenset(range(3, 12))
+_NUMERIC = frozenset(range(3, 15))
 
 
 class AdminError(Exception):
@@ -166,6 +168,11 @@ def progress_cell(share: float | None, bars: bool) -> str:
     return "█" * filled + "░" * (BAR_CELLS - filled) + " " + percent
 
 
+def _share(share: float | None) -> str:
+    """The campaign's part of its provider account's sends now ("-": it sends nothing now)."""
+    return "-" if share is None else f"{share * 100:.0f}%"
+
+
 def _when(value: str | None) -> str:
     if not value:
         return "-"
@@ -180,12 +187,14 @@ def row(campaign: dict[str, Any], bars: bool) -> list[str]:
         str(campaign["accepted"]),
         str(campaign["rejected"]),
         str(campaign["held_for_schedule"]),
+        str(campaign.get("waiting_for_window", 0)),
         str(campaign["sent"]),
         str(campaign["delivered"]),
         str(campaign["failed"]),
         str(campaign["opted_out"]),
         str(campaign["dead_lettered"]),
         str(campaign["reports_acknowledged"]),
+        _share(campaign.get("share")),
         _EFFECTS.get(campaign["control"]["effect"], campaign["control"]["effect"]),
         _when(campaign["last_activity_at"]),
     ]

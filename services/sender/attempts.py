@@ -134,6 +134,10 @@ class Attempts:
             route.provider in self._given_providers or provider.kind in PROVIDER_KINDS
         )
 
+    def fair_queues(self) -> dict[str, FairQueue]:
+        """Each account's queue of turns (those used so far)."""
+        return {account: sender.fair for account, sender in self._accounts.items()}
+
     def lane_limit(self, flow: Flow) -> int:
         """How many records of a bulk ``flow`` the runner may hold at once: its fair part of
         what its account keeps waiting, ``[sender] fair_queue_s`` of the account's rate (and

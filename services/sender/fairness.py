@@ -135,19 +135,24 @@ class FairQueue:
         tenant_part = self.tenant_weight(flow.tenant) / total
         return tenant_part * weights[flow.campaign] / sum(weights.values())
 
-    def shares(self) -> dict[Flow, float]:
-        """Each flow's part of the turns of the last ``SHARE_HORIZON_S`` (by cost)."""
+    def rates(self) -> dict[Flow, float]:
+        """Each flow's turns per second (by cost) over the last ``SHARE_HORIZON_S``."""
         since = self.clock() - SHARE_HORIZON_S
-        totals: dict[Flow, float] = {}
+        rates: dict[Flow, float] = {}
         for flow, turns in list(self._turns.items()):
             while turns and turns[0][0] < since:
                 turns.popleft()
             if turns:
-                totals[flow] = sum(cost for _, cost in turns)
+                rates[flow] = sum(cost for _, cost in turns) / SHARE_HORIZON_S
             else:
                 del self._turns[flow]
-        everything = sum(totals.values())
-        return {flow: cost / everything for flow, cost in totals.items()} if everything else {}
+        return rates
+
+    def shares(self) -> dict[Flow, float]:
+        """Each flow's part of the turns of the last ``SHARE_HORIZON_S`` (by cost)."""
+        rates = self.rates()
+        everything = sum(rates.values())
+        return {flow: rate / everything for flow, rate in rates.items()} if everything else {}
 
     # -- turns ---------------------------------------------------------------------------------
 

@@ -37,6 +37,13 @@ from services.sender.routing import (
     routes_for,
 )
 from services.sender.state import STAGE, ParkReason, SendState, StateWriter, message_of
+from services.sender.status import (
+    StatusPublisher,
+    WindowWaits,
+    instance_name,
+    status_of,
+    window_markers,
+)
 from services.sender.windows import opens_at, window_for
 from shared.config import Route, Settings, TenantSettings
 from shared.contract.campaign_controls import Effect
@@ -225,6 +232,13 @@ class SenderHandler(SelfPublishing):
         )
         self._owned: set[int] = set()
         self._closing: set[int] = set()
+        self.window_waits = WindowWaits()
+        instance = instance_name()
+        self.status = StatusPublisher(
+            instance,
+            lambda: status_of(instance, self.attempts.fair_queues(), self.window_waits),
+            self.writer.publish,
+        )
         self.timers = Timers(
             settings,
             self.store,
@@ -252,8 +266,10 @@ class SenderHandler(SelfPublishing):
         self.attempts.start()
         await self.lookups.start()
         self.timers.start()
+        self.status.start()
 
     async def stop(self) -> None:
+        await self.status.stop()
         await self.timers.stop()
         await self.settle_work(None)
         await self.attempts.close()
@@ -268,6 +284,9 @@ class SenderHandler(SelfPublishing):
         except KafkaUnavailable as exc:
             # Not fatal: ``handle`` restores a partition before touching it and retries.
             log.warning("%s: restoring state failed (%s); will retry on first use", STAGE, exc)
+        for partition in numbers:
+            if self.store.is_ready(partition):
+                self.window_waits.recount(partition, window_markers(self.store, partition))
         # Held messages of campaigns resumed (or cancelled) while nobody owned them.
         self.timers.look_again(numbers)
         self.timers.refresh_gauges()
@@ -279,6 +298,7 @@ class SenderHandler(SelfPublishing):
             self.release_partitions(numbers)
             await self.settle_work(numbers)
             self.store.drop(numbers)
+            self.window_waits.drop(numbers)
         finally:
             self._closing -= numbers
         self.timers.refresh_gauges()
@@ -428,6 +448,7 @@ class SenderHandler(SelfPublishing):
             monotonic_now=self.monotonic,
             window_opens=window_opens,
         )
+        self._count_window_wait(partition, state, decision.action)
         if decision.released:
             _RELEASED.inc()
             log.debug(
@@ -483,6 +504,15 @@ class SenderHandler(SelfPublishing):
             "may have reached the provider; not sent again to avoid a double send"
         )
         await self.outcomes.fail(partition, state, SubStatus.PROVIDER_ERROR, detail, account)
+
+    def _count_window_wait(self, partition: int, state: SendState, action: Action) -> None:
+        """A message starts or stops waiting for its send window (the campaign status)."""
+        was = state.park_reason == "window"
+        will = isinstance(action, Park) and action.reason == "window"
+        if will and not was:
+            self.window_waits.parked(partition, message_of(state))
+        elif was and not will:
+            self.window_waits.left(partition, message_of(state))
 
     def _released(self, state: SendState) -> bool:
         """Do the controls in force end this parked message's wait now?"""

@@ -258,6 +258,27 @@ class CampaignControl(Event):
     at: datetime = Field(default_factory=utcnow)
 
 
+class CampaignPace(BaseModel):
+    """How one campaign goes on one sender instance (``SenderStatus``)."""
+
+    tenant: str
+    campaign: str  # "" for auto replies
+    account: str = ""
+    # Its part of the account's sends here over the last seconds (0..1), and its sends/s.
+    share: float = 0.0
+    sends_per_s: float = 0.0
+    waiting_for_window: int = 0  # parked until its send window opens
+
+
+class SenderStatus(Event):
+    """Compacted ``sms.sender-status``, keyed by sender instance, published every few seconds
+    (a tombstone when it stops): what the campaign status shows as share and window waits."""
+
+    instance: str
+    at: datetime = Field(default_factory=utcnow)
+    campaigns: list[CampaignPace] = []
+
+
 ReportKind = Literal["delivery", "incoming"]
 
 

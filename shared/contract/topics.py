@@ -113,6 +113,12 @@ CAMPAIGN_CONTROL = Topic(
     compacted=True,
     purpose="pause / resume / cancel, keyed by tenant or tenant+campaign: the latest word wins",
 )
+SENDER_STATUS = Topic(
+    "sms.sender-status",
+    partitions=1,
+    compacted=True,
+    purpose="each sender instance's live share and window waits per campaign, keyed by instance",
+)
 CAMPAIGN_COUNTS = Topic(
     "sms.campaign-counts",
     partitions=6,
@@ -142,6 +148,7 @@ ALL_TOPICS: tuple[Topic, ...] = (
     DEAD_LETTERS_REDRIVEN,
     CAMPAIGN_CONTROL,
     CAMPAIGN_COUNTS,
+    SENDER_STATUS,
     REPORT_OUTCOMES,
 )
 

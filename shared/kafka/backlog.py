@@ -215,8 +215,13 @@ class Backlog:
         """The records at the ``wanted`` offsets (sorted, per partition), in one pass over the
         partitions; fewer where the broker is slow (they are asked again later)."""
         consumer = await self._reader()
-        if consumer.assignment() != set(wanted):
-            consumer.assign(list(wanted))
+        # Every partition with waiting records stays assigned (assigning anew costs a metadata
+        # round trip); those not read this time are paused, so nothing is fetched for them.
+        holding = set(self._waiting) | set(wanted)
+        if consumer.assignment() != holding:
+            consumer.assign(list(holding))
+        consumer.pause(*(holding - set(wanted)))
+        consumer.resume(*wanted)
         for tp, offsets in wanted.items():
             consumer.seek(tp, offsets[0])
         missing = {tp: set(offsets) for tp, offsets in wanted.items()}

@@ -552,6 +552,11 @@ class GlobalTable:
     def __len__(self) -> int:
         return int(self._connection.execute("SELECT COUNT(*) FROM entries").fetchone()[0])
 
+    def values(self) -> list[dict[str, Any]]:
+        """Every entry (for small tables: the whole table is read)."""
+        rows = self._connection.execute("SELECT value FROM entries").fetchall()
+        return [value for (raw,) in rows if isinstance(value := orjson.loads(raw), dict)]
+
     async def start(self, catch_up_timeout_s: float = 60.0) -> None:
         """Read the topic up to its high watermark, then keep following it in the background."""
         self._task = asyncio.create_task(self._follow(), name=f"{self.name}-follow")

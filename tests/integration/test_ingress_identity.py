@@ -23,7 +23,7 @@ from shared.config import Settings
 from shared.contract.events import IngressRequestAccepted, RecipientMessage, utcnow
 from shared.contract.ids import content_request_key, message_id, request_key
 from shared.contract.signing import sign
-from shared.contract.topics import INGRESS_REQUESTS, RECIPIENTS
+from shared.contract.topics import INGRESS_REQUESTS, PRIORITY_RECIPIENTS, RECIPIENTS, Topic
 from shared.kafka.broker import EmbeddedBroker
 from shared.kafka.clients import OutRecord, Publisher
 from tests.support import (
@@ -77,8 +77,12 @@ async def ingress(settings: Settings) -> AsyncIterator[IngressService]:
         yield service
 
 
-async def recipients(settings: Settings, expect: int) -> list[RecipientMessage]:
-    records = await read_topic(settings, RECIPIENTS, RecipientMessage, expect=expect)
+async def recipients(
+    settings: Settings, expect: int, topic: Topic = RECIPIENTS
+) -> list[RecipientMessage]:
+    """What ingress published on ``topic``: campaigns on sms.recipients, auto replies on
+    sms.recipients-priority."""
+    records = await read_topic(settings, topic, RecipientMessage, expect=expect)
     return [message for _, message in records]
 
 
@@ -127,9 +131,11 @@ async def test_whitespace_variants_of_one_signed_auto_reply_send_it_once(
         answers += [await post(client, settings, v, signed) for v in variants]
     assert {status for status, _ in answers} == {202}
     assert {answer["accepted"] for _, answer in answers} == {1}
-    published = await recipients(settings, expect=1)
+    published = await recipients(settings, expect=1, topic=PRIORITY_RECIPIENTS)
     assert len(published) == 1
     assert published[0].destination == "+447911123456"
+    # An auto reply goes before bulk traffic: never on sms.recipients (issue 17).
+    assert await read_topic(settings, RECIPIENTS, RecipientMessage, settle_s=0.3) == []
 
 
 async def test_the_same_auto_reply_after_the_dedupe_window_goes_out_again_with_new_ids(
@@ -145,7 +151,7 @@ async def test_the_same_auto_reply_after_the_dedupe_window_goes_out_again_with_n
         await asyncio.sleep(2.5)
         later = await post(client, settings, body)
     assert [status for status, _ in (first, retry, later)] == [202, 202, 202]
-    published = await recipients(settings, expect=2)
+    published = await recipients(settings, expect=2, topic=PRIORITY_RECIPIENTS)
     assert len(published) == 2
     # The sender and later stages recognise repeats by message id: the second needs its own.
     assert published[0].context.message_id != published[1].context.message_id
@@ -160,7 +166,7 @@ async def test_an_auto_reply_is_known_to_an_instance_started_later(kafka: Embedd
     spaced = json.dumps(json.loads(body)).encode()  # ", " and ": ": another variant
     async with ingress(other), aiohttp.ClientSession() as client:
         assert (await post(client, other, spaced, compact(body)))[0] == 202
-    assert len(await recipients(settings, expect=1)) == 1
+    assert len(await recipients(settings, expect=1, topic=PRIORITY_RECIPIENTS)) == 1
     entries = await read_topic(settings, INGRESS_REQUESTS, IngressRequestAccepted, expect=2)
     # The claim, then the entry that says the records are on Kafka.
     assert [(event.pending, event.accepted) for _, event in entries] == [(True, 0), (False, 1)]
@@ -187,7 +193,7 @@ async def test_a_retry_after_a_failed_attempt_reuses_its_message_ids(kafka: Embe
         await publisher.stop("test")
     async with ingress(settings), aiohttp.ClientSession() as client:
         assert (await post(client, settings, body))[0] == 202
-    (message,) = await recipients(settings, expect=1)
+    (message,) = await recipients(settings, expect=1, topic=PRIORITY_RECIPIENTS)
     assert message.context.message_id == message_id(
         TENANT, claimed_key, 0, CONFIRMATION["mobileNumber"]
     )

@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
+from datetime import UTC, datetime
 
 import pytest
 
+from services.campaigns.pace import fresh_statuses, pace_of
 from services.sender.fairness import FairQueue, Flow, flow_of, turn_window
+from services.sender.status import WindowWaits, status_of
 from shared.config import ProviderSettings
-from shared.contract.events import MessageContext, RecipientMessage
+from shared.contract.events import CampaignPace, MessageContext, RecipientMessage, SenderStatus
 from tests.support import TENANT, make_settings
 
 
@@ -19,6 +22,18 @@ def bulk(tenant: str, campaign: str = "c-1") -> Flow:
 
 
 REPLY = Flow("a", "", priority=True)
+
+
+def message_for(tenant: str, campaign: str) -> RecipientMessage:
+    context = MessageContext(
+        tenant=tenant,
+        message_id="m",
+        batch_id="b",
+        campaign_id=campaign,
+        mobile_number="447700900123",
+        metadata_json="{}",
+    )
+    return RecipientMessage(context=context, destination="+447700900123", text="x", sender_id="S")
 
 
 class Turns:
@@ -160,3 +175,59 @@ def test_turns_run_about_fifty_milliseconds_ahead_of_the_limit() -> None:
     assert turn_window(account(rate_limit_per_s=10), max_batch=1) == 4
     assert turn_window(account(rate_limit_per_s=10), max_batch=500) == 500
     assert turn_window(account(max_in_flight=20), max_batch=1) == 20  # unlimited
+
+
+async def test_the_status_shows_each_campaigns_share_and_its_window_waits() -> None:
+    turns = Turns(weights={"a": 3.0})
+    turns.add(bulk("a"), 30)
+    turns.add(bulk("b"), 10)
+    await turns.settle()
+    waits = WindowWaits()
+    parked = message_for("b", "c-1")
+    waits.parked(0, parked)
+    waits.parked(1, parked)
+    waits.parked(1, message_for("c", "late"))
+    waits.left(1, parked)
+
+    status = status_of("sender-1", {"otpiq-main": turns.queue}, waits)
+    paces = {(p.tenant, p.campaign): p for p in status.campaigns}
+    assert paces["a", "c-1"].share == pytest.approx(0.75)
+    assert paces["b", "c-1"].share == pytest.approx(0.25)
+    assert paces["a", "c-1"].account == "otpiq-main"
+    assert paces["b", "c-1"].waiting_for_window == 1
+    assert paces["c", "late"].waiting_for_window == 1  # waits, sends nothing yet
+    waits.drop([0])
+    assert waits.totals() == {("c", "late"): 1}
+
+
+def test_the_campaign_status_sums_the_instances_that_reported_lately() -> None:
+    now = 1_800_000_000.0
+
+    def report(instance: str, age_s: float, *paces: CampaignPace) -> dict[str, object]:
+        at = datetime.fromtimestamp(now - age_s, UTC)
+        return SenderStatus(instance=instance, at=at, campaigns=list(paces)).model_dump(mode="json")
+
+    def pace(campaign: str, rate: float, waiting: int = 0) -> CampaignPace:
+        return CampaignPace(
+            tenant="a",
+            campaign=campaign,
+            account="acc",
+            sends_per_s=rate,
+            waiting_for_window=waiting,
+        )
+
+    statuses = fresh_statuses(
+        [
+            report("one", 2, pace("big", 150), pace("small", 100, waiting=7)),
+            report("two", 4, pace("big", 100), pace("small", 150)),
+            report("gone", 300, pace("big", 1000)),  # stopped long ago without a tombstone
+            {"instance": "odd", "campaigns": "not a list"},
+        ],
+        now,
+    )
+    assert pace_of("a", "small", statuses) == {
+        "share": 0.5,
+        "sends_per_s": 250.0,
+        "waiting_for_window": 7,
+    }
+    assert pace_of("a", "idle", statuses)["share"] is None

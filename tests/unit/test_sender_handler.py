@@ -22,6 +22,7 @@ from prometheus_client import REGISTRY
 from services.sender.handler import Fail, Park, Send, SenderHandler, decide
 from services.sender.routing import UseRoute, WaitForCircuit
 from services.sender.state import SendState
+from services.sender.status import window_markers
 from shared.config import Route
 from shared.contract import topics
 from shared.contract.campaign_controls import Effect
@@ -826,10 +827,12 @@ async def test_a_message_outside_its_window_is_parked_and_goes_when_it_opens() -
     opening = NOW + 3600
     assert await harness.fire_timers(opening - 1) == 0
     harness.wall.now = opening
+    assert harness.dispatcher.window_waits.totals() == {(TENANT, ""): 1}  # campaign status
     assert await harness.fire_timers(opening) == 1
     assert [sms.message_id for call in harness.calls() for sms in call] == ["m-1"]
     assert harness.only_dispatch().outcome == "accepted"
     assert harness.parked("window") == 0
+    assert harness.dispatcher.window_waits.totals() == {}
 
 
 async def test_auto_replies_are_not_held_by_the_window() -> None:
@@ -875,6 +878,9 @@ async def test_messages_parked_for_the_window_survive_a_restart() -> None:
     after = windowed(FRIDAY_9_TO_5)  # a new instance, its state restored from Kafka
     after.dispatcher.store.load(0, changelog)
     assert after.parked("window") == 3
+    # What the campaign status counts is counted again from the markers (as on assignment).
+    after.dispatcher.window_waits.recount(0, window_markers(after.dispatcher.store, 0))
+    assert after.dispatcher.window_waits.totals() == {(TENANT, ""): 3}
     opening = NOW + 3600
     after.wall.now = opening
     assert await after.fire_timers(opening) == 3
