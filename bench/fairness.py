@@ -29,6 +29,7 @@ import orjson
 from aiokafka import AIOKafkaConsumer
 
 from bench import load
+from bench.memory import GROWTH, MIB, SLACK_MIB
 from bench.results import Options, Report, markdown_table, percentile, text_table
 from bench.sender import ALLOWED_WINDOW_EXCESS
 from bench.stack import (
@@ -37,6 +38,7 @@ from bench.stack import (
     SENDER_ID,
     TENANT,
     TENANT_SECRET,
+    ResourceSampler,
     Stack,
 )
 from shared.contract.topics import DISPATCHES
@@ -358,6 +360,14 @@ class Outcome:
     account_rate: float  # every measured send over the time from the first to the last, msg/s
     dispatched: int
     expected: int
+    # The sender's RSS (bytes): its peak over the run and over the run's first half.
+    sender_peak: int = 0
+    sender_peak_by_half: int = 0
+
+    def memory_flat(self) -> bool:
+        """The memory benchmark's rule (``bench/memory.py``), for the sender reading ahead of
+        two campaigns of very different sizes."""
+        return self.sender_peak <= GROWTH * self.sender_peak_by_half + SLACK_MIB * MIB
 
     def share_while_b(self) -> tuple[float, float]:
         """A's and B's msg/s between B's first and last send."""
@@ -561,6 +571,9 @@ def report(result: Outcome, duration_s: float) -> Report:
         f"{_s(result.busiest_window_at - result.began)}; the account's mean rate from "
         f"the first send to the last {result.account_rate:,.0f} msg/s "
         f"({result.account_rate / RATE_LIMIT:.0%} of the limit)",
+        f"sender RSS: peak {result.sender_peak / MIB:.0f} MiB, by half the run "
+        f"{result.sender_peak_by_half / MIB:.0f} MiB (flat: peak <= {GROWTH} x that + "
+        f"{SLACK_MIB} MiB, as in the memory benchmark): {'yes' if result.memory_flat() else 'NO'}",
         f"sends per message: {duplicates} sent twice, {missing} never sent, "
         f"{result.other_sends} sends to no number of this run; {result.dispatched:,} of "
         f"{result.expected:,} messages with a dispatch record (warm-up included)",
@@ -582,6 +595,11 @@ def report(result: Outcome, duration_s: float) -> Report:
         failures.append(
             f"not one send per message: {duplicates} duplicates, {missing} missing, "
             f"{result.other_sends} unexpected"
+        )
+    if not result.memory_flat():
+        failures.append(
+            f"the sender's RSS grew: peak {result.sender_peak / MIB:.0f} MiB > {GROWTH} x "
+            f"{result.sender_peak_by_half / MIB:.0f} MiB + {SLACK_MIB} MiB"
         )
     refused = sum(c.refused for c in result.campaigns.values()) + result.replies_refused
     if refused:
@@ -626,6 +644,11 @@ def report(result: Outcome, duration_s: float) -> Report:
         "duplicates": result.duplicates,
         "missing": result.missing,
         "other_sends": result.other_sends,
+        "sender_rss_mib": {
+            "peak": round(result.sender_peak / MIB, 1),
+            "peak_by_half": round(result.sender_peak_by_half / MIB, 1),
+            "flat": result.memory_flat(),
+        },
     }
     return Report(
         benchmark="fairness",
@@ -659,7 +682,15 @@ async def run(sizes: Sizes, run_dir: Path, broker: str = "kafka") -> Report:
         await stack.start("ingress")
         await stack.start_service("sender")
         await asyncio.sleep(2.0)  # the sender holds its partitions and its rate limit
+        sampler = ResourceSampler(stack, ["sender"], interval_s=1.0)
+        sampler.start()
         result = await scenario(stack, sizes)
+        await sampler.stop()
+    half = sampler.samples[-1].at / 2 if sampler.samples else 0.0
+    result.sender_peak = sampler.peak("sender")
+    result.sender_peak_by_half = max(
+        (s.rss.get("sender", 0) for s in sampler.samples if s.at <= half), default=0
+    )
     return report(result, time.monotonic() - started)
 
 

@@ -13,12 +13,16 @@ import asyncio
 import math
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+
+import orjson
+from aiokafka.structs import ConsumerRecord
 
 from shared.config import ProviderSettings, TenantSettings
 from shared.contract.events import RecipientMessage
 from shared.contract.priority import is_priority
+from shared.contract.topics import RECIPIENTS
 
 # How long the shares shown per flow look back.
 SHARE_HORIZON_S = 10.0
@@ -43,6 +47,25 @@ def flow_of(message: RecipientMessage, tenant: TenantSettings) -> Flow:
     context = message.context
     priority = is_priority(context.batch_id, context.campaign_id, tenant.priority_campaigns)
     return Flow(context.tenant, context.campaign_id, priority)
+
+
+def lane_of(
+    record: ConsumerRecord[bytes, bytes], tenants: Mapping[str, TenantSettings]
+) -> Flow | None:
+    """A bulk record's campaign, which waits in the log while it is over its fair part
+    (``shared/kafka/backlog.py``); None for priority traffic, which never waits. Read from the
+    raw value: this runs for every record read, ahead of the decoding."""
+    if record.topic != RECIPIENTS.name or record.value is None:
+        return None
+    try:
+        context = orjson.loads(record.value)["context"]
+        tenant = tenants.get(context["tenant"])
+        batch_id, campaign_id = context.get("batch_id"), context.get("campaign_id") or ""
+    except (orjson.JSONDecodeError, KeyError, TypeError):
+        return None  # the handler says what is wrong with it
+    if tenant is None or is_priority(batch_id, campaign_id, tenant.priority_campaigns):
+        return None
+    return Flow(context["tenant"], campaign_id, priority=False)
 
 
 def turn_window(account: ProviderSettings, max_batch: int) -> int:

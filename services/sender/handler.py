@@ -15,13 +15,12 @@ from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-import orjson
 from aiokafka import TopicPartition
 
 from services.sender import metrics
 from services.sender.attempts import Attempts
 from services.sender.controls import released_by
-from services.sender.fairness import Flow, flow_of
+from services.sender.fairness import Flow, flow_of, lane_of
 from services.sender.lookups import Lookups, TableLookup
 from services.sender.outcomes import Outcomes, may_resend
 from services.sender.parking import PARKED_PREFIXES, Timers, park
@@ -48,7 +47,6 @@ from services.sender.windows import opens_at, window_for
 from shared.config import Route, Settings, TenantSettings
 from shared.contract.campaign_controls import Effect
 from shared.contract.events import RecipientMessage
-from shared.contract.priority import is_priority
 from shared.contract.statuses import SubStatus
 from shared.contract.topics import PRIORITY_RECIPIENTS, RECIPIENTS, SENDER_STATE
 from shared.kafka.clients import KafkaUnavailable, Publisher
@@ -345,19 +343,7 @@ class SenderHandler(SelfPublishing):
     # -- pacing (shared/kafka/backlog.py) -------------------------------------------------------
 
     def lane_of(self, record: Record) -> Flow | None:
-        """A bulk record's campaign; None for priority traffic, which never waits. Read from the
-        raw value: this runs for every record read, ahead of the decoding."""
-        if record.topic != RECIPIENTS.name or record.value is None:
-            return None
-        try:
-            context = orjson.loads(record.value)["context"]
-            tenant = self.settings.tenants.get(context["tenant"])
-            batch_id, campaign_id = context.get("batch_id"), context.get("campaign_id") or ""
-        except (orjson.JSONDecodeError, KeyError, TypeError):
-            return None  # the handler says what is wrong with it
-        if tenant is None or is_priority(batch_id, campaign_id, tenant.priority_campaigns):
-            return None
-        return Flow(context["tenant"], campaign_id, priority=False)
+        return lane_of(record, self.settings.tenants)
 
     def lane_limit(self, lane: Hashable) -> int:
         assert isinstance(lane, Flow)
@@ -448,7 +434,12 @@ class SenderHandler(SelfPublishing):
             monotonic_now=self.monotonic,
             window_opens=window_opens,
         )
-        self._count_window_wait(partition, state, decision.action)
+        self.window_waits.track(
+            partition,
+            message,
+            was=state.park_reason == "window",
+            will=isinstance(decision.action, Park) and decision.action.reason == "window",
+        )
         if decision.released:
             _RELEASED.inc()
             log.debug(
@@ -504,15 +495,6 @@ class SenderHandler(SelfPublishing):
             "may have reached the provider; not sent again to avoid a double send"
         )
         await self.outcomes.fail(partition, state, SubStatus.PROVIDER_ERROR, detail, account)
-
-    def _count_window_wait(self, partition: int, state: SendState, action: Action) -> None:
-        """A message starts or stops waiting for its send window (the campaign status)."""
-        was = state.park_reason == "window"
-        will = isinstance(action, Park) and action.reason == "window"
-        if will and not was:
-            self.window_waits.parked(partition, message_of(state))
-        elif was and not will:
-            self.window_waits.left(partition, message_of(state))
 
     def _released(self, state: SendState) -> bool:
         """Do the controls in force end this parked message's wait now?"""

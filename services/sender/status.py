@@ -53,6 +53,13 @@ class WindowWaits:
             if counts[_campaign(message)] <= 0:
                 del counts[_campaign(message)]
 
+    def track(self, partition: int, message: RecipientMessage, *, was: bool, will: bool) -> None:
+        """A decision about ``message``: it ``was`` waiting for its window, it ``will``."""
+        if will and not was:
+            self.parked(partition, message)
+        elif was and not will:
+            self.left(partition, message)
+
     def recount(self, partition: int, markers: Iterable[ParkedMarker]) -> None:
         self._counts[partition] = Counter((m.tenant, m.campaign_id) for m in markers)
 

@@ -16,13 +16,14 @@ import asyncio
 import logging
 from array import array
 from collections import Counter
-from collections.abc import Callable, Hashable, Iterator
+from collections.abc import Awaitable, Callable, Hashable, Iterator, Sequence
 from typing import Protocol, TypeAlias, runtime_checkable
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.structs import ConsumerRecord
 
 from shared import metrics
+from shared.kafka.lag import PartitionProgress
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +96,47 @@ class Backlog:
             return False
         waiting = self._waiting.get(tp, {}).get(lane)
         return bool(waiting) or self.in_progress[lane] >= self.paced.lane_limit(lane)
+
+    def take_or_wait(
+        self, tp: TopicPartition, records: Sequence[Record], progress: PartitionProgress
+    ) -> list[tuple[Record, Hashable]]:
+        """The records to start now, with their lanes, added to ``progress``; the others wait
+        here by offset (``progress`` moves past them; ``first_offset`` holds the commit)."""
+        taken = []
+        for record in records:
+            lane = self.paced.lane_of(record)
+            if self.must_wait(tp, lane):
+                assert lane is not None
+                self.wait(tp, lane, record.offset)
+                progress.next_offset = record.offset + 1
+                continue
+            progress.add(record.offset, record.timestamp)
+            self.started(lane)
+            taken.append((record, lane))
+        return taken
+
+    async def feed(
+        self,
+        free_slots: Callable[[], int],
+        start: Callable[[TopicPartition, Record, Hashable], Awaitable[bool]],
+    ) -> None:
+        """For ever: read back what has room as the runner's slots free up, and ``start`` it
+        (False: its partition was revoked meanwhile; its next owner reads it)."""
+        while True:
+            free = free_slots()
+            started = 0
+            if free and self.waiting():
+                try:
+                    found = await self.read_back(free)
+                except Exception as exc:  # the broker away: the records wait in the log
+                    log.warning("%s: reading the backlog failed (%s); retrying", self.name, exc)
+                    found = []
+                for tp, record, lane in found:
+                    if await start(tp, record, lane):
+                        started += 1
+                    else:
+                        self.finished(tp, record.offset, lane, taken=True)
+            await asyncio.sleep(0 if started else 0.02)
 
     def wait(self, tp: TopicPartition, lane: Hashable, offset: int) -> None:
         self._waiting.setdefault(tp, {}).setdefault(lane, OffsetQueue()).append(offset)

@@ -159,7 +159,8 @@ class ConsumerRunner:
         lag_task = asyncio.create_task(self._lag.run_forever(), name=f"{self.name}-lag")
         helpers = [lag_task]
         if self._backlog is not None:
-            helpers.append(asyncio.create_task(self._read_back(), name=f"{self.name}-backlog"))
+            feeding = self._backlog.feed(self._free_slots, self._start_read_back)
+            helpers.append(asyncio.create_task(feeding, name=f"{self.name}-backlog"))
         try:
             while not self._stopping.is_set():
                 await self._poll_once()
@@ -183,22 +184,15 @@ class ConsumerRunner:
         batches = await self.consumer.getmany(
             timeout_ms=200, max_records=min(free, self.settings.max_poll_records)
         )
-        backlog = self._backlog
         for tp, records in batches.items():
             progress = self._progress.setdefault(tp, PartitionProgress())
-            lanes = [backlog.paced.lane_of(r) if backlog else None for r in records]
-            taken = []
-            for record, lane in zip(records, lanes, strict=True):
-                if backlog is not None and backlog.must_wait(tp, lane):
-                    assert lane is not None
-                    backlog.wait(tp, lane, record.offset)  # by offset: read again when its turn
-                    progress.next_offset = record.offset + 1
-                    continue
-                # Pending from now on: a record waiting for its key's predecessor ages in the lag.
-                progress.add(record.offset, record.timestamp)
-                if backlog is not None:
-                    backlog.started(lane)
-                taken.append((record, lane))
+            # Pending from now on: a record waiting for its key's predecessor ages in the lag.
+            if self._backlog is not None:
+                taken = self._backlog.take_or_wait(tp, records, progress)
+            else:
+                taken = [(record, None) for record in records]
+                for record in records:
+                    progress.add(record.offset, record.timestamp)
             for record, lane in taken:
                 await self._slots.acquire()
                 self._start(tp, record, lane)
@@ -206,26 +200,13 @@ class ConsumerRunner:
     def _free_slots(self) -> int:
         return self._slots._value
 
-    async def _read_back(self) -> None:
-        """Start the backlog's records whose lane has room, as slots free up."""
-        assert self._backlog is not None
-        while True:
-            free = self._free_slots()
-            started = 0
-            if free and self._backlog.waiting():
-                try:
-                    found = await self._backlog.read_back(free)
-                except Exception as exc:  # the broker away: the records wait in the log
-                    log.warning("%s: reading the backlog failed (%s); retrying", self.name, exc)
-                    found = []
-                for tp, record, lane in found:
-                    if tp not in self._progress:  # revoked meanwhile: its next owner reads it
-                        self._backlog.finished(tp, record.offset, lane, taken=True)
-                        continue
-                    await self._slots.acquire()
-                    self._start(tp, record, lane, taken=True)
-                    started += 1
-            await asyncio.sleep(0 if started else 0.02)
+    async def _start_read_back(self, tp: TopicPartition, record: Record, lane: Hashable) -> bool:
+        """Start a record the backlog read back; False if ``tp`` was revoked meanwhile."""
+        if tp not in self._progress:
+            return False
+        await self._slots.acquire()
+        self._start(tp, record, lane, taken=True)
+        return True
 
     def _start(
         self, tp: TopicPartition, record: Record, lane: Hashable = None, taken: bool = False
