@@ -19,7 +19,7 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -29,6 +29,7 @@ import orjson
 from aiokafka import AIOKafkaConsumer
 
 from bench import load
+from bench.closed_window import ClosedWindow, closed_window
 from bench.memory import GROWTH, MIB, SLACK_MIB
 from bench.results import Options, Report, markdown_table, percentile, text_table
 from bench.sender import ALLOWED_WINDOW_EXCESS
@@ -363,6 +364,7 @@ class Outcome:
     # The sender's RSS (bytes): its peak over the run and over the run's first half.
     sender_peak: int = 0
     sender_peak_by_half: int = 0
+    closed_window: ClosedWindow | None = None  # the second scenario (bench/closed_window.py)
 
     def memory_flat(self) -> bool:
         """The memory benchmark's rule (``bench/memory.py``), for the sender reading ahead of
@@ -574,6 +576,7 @@ def report(result: Outcome, duration_s: float) -> Report:
         f"sender RSS: peak {result.sender_peak / MIB:.0f} MiB, by half the run "
         f"{result.sender_peak_by_half / MIB:.0f} MiB (flat: peak <= {GROWTH} x that + "
         f"{SLACK_MIB} MiB, as in the memory benchmark): {'yes' if result.memory_flat() else 'NO'}",
+        closed_window_line(result.closed_window),
         f"sends per message: {duplicates} sent twice, {missing} never sent, "
         f"{result.other_sends} sends to no number of this run; {result.dispatched:,} of "
         f"{result.expected:,} messages with a dispatch record (warm-up included)",
@@ -596,6 +599,8 @@ def report(result: Outcome, duration_s: float) -> Report:
             f"not one send per message: {duplicates} duplicates, {missing} missing, "
             f"{result.other_sends} unexpected"
         )
+    if result.closed_window is not None and not result.closed_window.ok:
+        failures.append(f"the closed window was not kept: {result.closed_window}")
     if not result.memory_flat():
         failures.append(
             f"the sender's RSS grew: peak {result.sender_peak / MIB:.0f} MiB > {GROWTH} x "
@@ -644,6 +649,7 @@ def report(result: Outcome, duration_s: float) -> Report:
         "duplicates": result.duplicates,
         "missing": result.missing,
         "other_sends": result.other_sends,
+        "closed_window": asdict(result.closed_window) if result.closed_window else None,
         "sender_rss_mib": {
             "peak": round(result.sender_peak / MIB, 1),
             "peak_by_half": round(result.sender_peak_by_half / MIB, 1),
@@ -657,6 +663,17 @@ def report(result: Outcome, duration_s: float) -> Report:
         figures=_finite(figures),
         failures=failures,
         duration_s=duration_s,
+    )
+
+
+def closed_window_line(window: ClosedWindow | None) -> str:
+    if window is None:
+        return "closed window: not run"
+    return (
+        f"closed window (clock moved through it, bench/closed_window.py): {window.parked:,} "
+        f"parked, {window.sent_while_closed} sent inside it, {window.sent_after:,} sent once it "
+        f"opened; {window.expired} of {window.short_lived} expiring inside it reported "
+        f"OutsideSendWindow"
     )
 
 
@@ -686,6 +703,7 @@ async def run(sizes: Sizes, run_dir: Path, broker: str = "kafka") -> Report:
         sampler.start()
         result = await scenario(stack, sizes)
         await sampler.stop()
+        result.closed_window = await closed_window(stack.settings)
     half = sampler.samples[-1].at / 2 if sampler.samples else 0.0
     result.sender_peak = sampler.peak("sender")
     result.sender_peak_by_half = max(

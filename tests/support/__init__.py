@@ -50,6 +50,16 @@ def make_settings(
     )
 
 
+def distinct_free_ports(count: int) -> list[int]:
+    """``count`` free loopback ports, no two alike."""
+    ports: list[int] = []
+    while len(ports) < count:
+        port = free_port()
+        if port not in ports:
+            ports.append(port)
+    return ports
+
+
 def settings_data(
     *,
     optimove_url: str = "http://127.0.0.1:9",
@@ -58,18 +68,21 @@ def settings_data(
     overrides: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The data of ``make_settings`` (also what the operations tests write as a config file)."""
-    callbacks_listen = f"127.0.0.1:{free_port()}"
+    # Distinct: the system may hand out a port it just handed out, and two listeners of one
+    # service on one port are refused.
+    ports = iter(distinct_free_ports(8))
+    callbacks_listen = f"127.0.0.1:{next(ports)}"
     data: dict[str, Any] = {
         # Loopback servers and simulators speak plain HTTP.
         "allow_plain_http": True,
         "kafka": {"bootstrap_servers": "embedded"},
         "ingress": {
-            "listen": f"127.0.0.1:{free_port()}",
-            "ops_listen": f"127.0.0.1:{free_port()}",
+            "listen": f"127.0.0.1:{next(ports)}",
+            "ops_listen": f"127.0.0.1:{next(ports)}",
         },
         "callbacks": {
             "listen": callbacks_listen,
-            "ops_listen": f"127.0.0.1:{free_port()}",
+            "ops_listen": f"127.0.0.1:{next(ports)}",
             "public_url": callbacks_url or f"http://{callbacks_listen}",
             # A topic created a moment ago may take seconds to take its first write on a busy
             # machine: in tests the producer's timeout decides, not a provider's deadline
@@ -77,10 +90,10 @@ def settings_data(
             "deadline_s": 10.0,
             "deadline_by_kind_s": {"octopush": 10.0},
         },
-        "sender": {"metrics_listen": f"127.0.0.1:{free_port()}"},
-        "normalizer": {"metrics_listen": f"127.0.0.1:{free_port()}"},
-        "reporter": {"metrics_listen": f"127.0.0.1:{free_port()}"},
-        "campaigns": {"listen": f"127.0.0.1:{free_port()}"},
+        "sender": {"metrics_listen": f"127.0.0.1:{next(ports)}"},
+        "normalizer": {"metrics_listen": f"127.0.0.1:{next(ports)}"},
+        "reporter": {"metrics_listen": f"127.0.0.1:{next(ports)}"},
+        "campaigns": {"listen": f"127.0.0.1:{next(ports)}"},
         "tenants": {
             TENANT: {
                 "optimove_base_url": f"{optimove_url.rstrip('/')}/{TENANT}",

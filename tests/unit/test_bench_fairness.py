@@ -4,6 +4,7 @@ post, and its checks fail a run that misses the targets of issue 17."""
 from __future__ import annotations
 
 from bench import fairness
+from bench.closed_window import ClosedWindow, closed_window
 from bench.fairness import Answer, Sends, Sizes, auto_reply, campaign_requests, group_of
 from bench.stack import base_config, deep_merge
 from services.ingress.batch import build_records, parse_campaign
@@ -11,6 +12,7 @@ from services.ingress.e164 import reader
 from services.sender.optouts import is_auto_reply
 from shared.config import Settings
 from shared.contract.events import RecipientMessage, utcnow
+from tests.support import make_settings
 
 BEGAN = 1_000_000.0
 
@@ -92,3 +94,13 @@ def test_a_small_campaign_waiting_behind_the_big_one_fails() -> None:
 
 def test_a_message_sent_twice_fails() -> None:
     assert any("1 duplicates" in f for f in run(b_first_send_s=0.5, repeat_one=True))
+
+
+async def test_the_closed_window_scenario_sends_nothing_inside_it_and_everything_after() -> None:
+    window = await closed_window(make_settings(), messages=40, short_lived=5)
+    assert window.parked == 40
+    assert window.sent_while_closed == 0
+    assert window.sent_after == 40
+    assert window.expired == 5
+    assert window.ok
+    assert not ClosedWindow(40, 1, 39, 5, 40, 5).ok  # one send inside the window fails it
