@@ -345,6 +345,10 @@ class SenderHandler(SelfPublishing):
     def lane_of(self, record: Record) -> Flow | None:
         return lane_of(record, self.settings.tenants)
 
+    @property
+    def read_ahead_limit(self) -> int:
+        return self.settings.sender.read_ahead_records
+
     def lane_limit(self, lane: Hashable) -> int:
         assert isinstance(lane, Flow)
         return self.attempts.lane_limit(lane)

@@ -30,6 +30,10 @@ log = logging.getLogger(__name__)
 Record: TypeAlias = ConsumerRecord[bytes, bytes]
 # How long one read back may wait for the broker before it is tried again later.
 FETCH_TIMEOUT_MS = 2_000
+# Each read back uses a reader of its own: a long-lived aiokafka consumer seeking back and forth
+# held ever more memory (the sender reached 1.4 GB over a 20,000-message backlog, 5 GB over
+# 200,000; renewing it every second did not help), a fresh one stays flat for the cost of a
+# connection per read back (tests/integration/test_backlog.py, bench/fairness.py's RSS check).
 
 
 @runtime_checkable
@@ -42,6 +46,11 @@ class Paced(Protocol):
 
     def lane_limit(self, lane: Hashable) -> int:
         """How many records of ``lane`` may be in progress at once, now."""
+        ...
+
+    @property
+    def read_ahead_limit(self) -> int:
+        """How many records may wait here at most; the runner reads no further until fewer do."""
         ...
 
 
@@ -160,6 +169,10 @@ class Backlog:
         heads.extend(self._taken.get(tp, ()))
         return min(heads) if heads else None
 
+    def full(self) -> bool:
+        """As many records wait as the handler allows: read no further for now."""
+        return self.waiting() >= self.paced.read_ahead_limit
+
     def waiting(self) -> int:
         return sum(len(q) for lanes in self._waiting.values() for q in lanes.values())
 
@@ -217,6 +230,7 @@ class Backlog:
         if not wanted:
             return found
         fetched = await self._fetch({tp: sorted(offsets) for tp, offsets in wanted.items()})
+        await self.close()
         for tp, offsets in wanted.items():
             if tp not in self._waiting:
                 continue  # revoked meanwhile
@@ -257,13 +271,7 @@ class Backlog:
         """The records at the ``wanted`` offsets (sorted, per partition), in one pass over the
         partitions; fewer where the broker is slow (they are asked again later)."""
         consumer = await self._reader()
-        # Every partition with waiting records stays assigned (assigning anew costs a metadata
-        # round trip); those not read this time are paused, so nothing is fetched for them.
-        holding = set(self._waiting) | set(wanted)
-        if consumer.assignment() != holding:
-            consumer.assign(list(holding))
-        consumer.pause(*(holding - set(wanted)))
-        consumer.resume(*wanted)
+        consumer.assign(list(wanted))
         for tp, offsets in wanted.items():
             consumer.seek(tp, offsets[0])
         missing = {tp: set(offsets) for tp, offsets in wanted.items()}

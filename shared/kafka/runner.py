@@ -178,7 +178,7 @@ class ConsumerRunner:
 
     async def _poll_once(self) -> None:
         free = self._free_slots()
-        if free == 0:
+        if free == 0 or (self._backlog is not None and self._backlog.full()):
             await asyncio.sleep(0.01)
             return
         batches = await self.consumer.getmany(

@@ -39,6 +39,8 @@ class Lanes:
     def lane_limit(self, lane: Hashable) -> int:
         return 2 if lane == "slow" else 100
 
+    read_ahead_limit = 1_000
+
     async def handle(self, record: Record) -> Sequence[OutRecord]:
         lane = (record.value or b"").decode()
         if lane == "slow":

@@ -24,6 +24,8 @@ class Limits:
     def lane_limit(self, lane: Hashable) -> int:
         return self.limits[lane]
 
+    read_ahead_limit = 3
+
 
 def no_reader() -> AIOKafkaConsumer:
     raise AssertionError("not read back here")
@@ -67,3 +69,12 @@ def test_the_commit_stops_at_the_lowest_record_waiting_or_read_back() -> None:
     backlog.drop({TP})
     assert backlog.first_offset(TP) is None
     assert backlog.waiting() == 1
+
+
+def test_the_reader_stops_reading_ahead_at_the_handlers_limit() -> None:
+    backlog = Backlog(Limits(), "test", no_reader)
+    backlog.wait(TP, "a", 1)
+    backlog.wait(TP, "a", 2)
+    assert not backlog.full()
+    backlog.wait(OTHER, "b", 1)
+    assert backlog.full()  # 3 wait: the runner reads no further
