@@ -338,10 +338,9 @@ class SenderSettings(ConsumerServiceSettings):
     # them on the partitions (another campaign, an auto reply) are read and take their turn.
     fair_queue_s: float = Field(default=0.5, gt=0)
     # How many records may wait in the log, by offset, for their campaign's turn (per instance):
-    # beyond it the sender reads no further until some were sent. Bounds the memory reading
-    # ahead costs (about 9 KB per record waiting, measured on a 200,000 backlog: see issue 17's
-    # note) at the price of reaching a campaign behind a longer backlog later.
-    read_ahead_records: int = Field(default=50_000, ge=1)
+    # beyond it the sender reads no further until some were sent. Each costs 8 bytes; a lower
+    # bound reaches a campaign behind a longer backlog later (docs/sending.md, "Reading ahead").
+    read_ahead_records: int = Field(default=1_000_000, ge=1)
     state_dir: str = ""  # empty = a private temporary directory per process
 
 

@@ -66,7 +66,15 @@ def run(main: Coroutine[Any, Any, T], event_loop: str) -> T:
     the garbage collector tuned for many records per second (``shared.gcpolicy``)."""
     gcpolicy.tune_for_throughput()
     with asyncio.Runner(loop_factory=event_loop_factory(event_loop)) as runner:
-        return runner.run(main)
+        return runner.run(_collecting_when_grown(main))
+
+
+async def _collecting_when_grown(main: Coroutine[Any, Any, T]) -> T:
+    collector = asyncio.create_task(gcpolicy.collect_when_grown())
+    try:
+        return await main
+    finally:
+        collector.cancel()
 
 
 class Service(Protocol):

@@ -78,3 +78,31 @@ def test_the_reader_stops_reading_ahead_at_the_handlers_limit() -> None:
     assert not backlog.full()
     backlog.wait(OTHER, "b", 1)
     assert backlog.full()  # 3 wait: the runner reads no further
+
+
+def test_a_busy_lane_is_read_back_in_pieces_of_half_its_limit() -> None:
+    """Each read back opens a reader: a slot at a time would open one per record."""
+    limits = Limits()
+    limits.limits["a"] = 10
+    backlog = Backlog(limits, "test", no_reader)
+    for offset in range(100):
+        backlog.wait(TP, "a", offset)
+    for _ in range(6):
+        backlog.started("a")
+    assert list(backlog._picks(budget=100)) == []  # 4 free of 10: wait for more room
+    backlog.finished(TP, 0, "a", taken=False)
+    assert list(backlog._picks(budget=100)) == [(TP, "a", 5)]  # half free: read them back
+    for offset in range(6):
+        backlog.finished(TP, offset, "a", taken=False)
+    assert list(backlog._picks(budget=3)) == [(TP, "a", 3)]  # idle: whatever the budget allows
+
+
+def test_a_busy_lane_with_few_records_waiting_takes_them_as_they_fit() -> None:
+    limits = Limits()
+    limits.limits["a"] = 10
+    backlog = Backlog(limits, "test", no_reader)
+    backlog.wait(TP, "a", 1)
+    backlog.wait(TP, "a", 2)
+    for _ in range(8):
+        backlog.started("a")
+    assert list(backlog._picks(budget=100)) == [(TP, "a", 2)]  # all that waits fits
