@@ -3,9 +3,10 @@
 Precedence (highest first): environment (``SMSBRIDGE_<SECTION>__<KEY>``), the TOML file, defaults.
 The file is ``--config PATH`` or ``$SMSBRIDGE_CONFIG``.
 
-Secrets are written inline, as ``env:NAME`` or as ``file:/path`` and are resolved at load time into
-``SecretStr`` so that a missing variable or file fails start-up with the key that names it, and so
-that no secret is ever printed by ``repr`` or a log line.
+Secrets are written inline, as ``env:NAME`` or as ``file:/path``, or as a current value with
+previous ones for a rotation (``shared/secrets.py``). They are resolved at load time, so that a
+missing variable or file fails start-up with the key that names it, and no secret is ever printed
+by ``repr`` or a log line.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    SecretStr,
     ValidationError,
     field_validator,
     model_validator,
@@ -34,6 +34,7 @@ from shared.contract.keywords import (
     overlapping_keywords,
 )
 from shared.contract.statuses import SubStatus
+from shared.secrets import Secret, resolve_secret
 
 CONFIG_ENV_VAR = "SMSBRIDGE_CONFIG"
 # The delivery report's extra fields (decisions.md §4), each a guess: [optimove] report_fields
@@ -52,33 +53,6 @@ EMBEDDED_BROKER = "embedded"
 
 class ConfigError(Exception):
     """The configuration cannot be used; the message names the offending key."""
-
-
-def resolve_secret(reference: str) -> str:
-    """Turn ``env:NAME`` / ``file:/path`` / an inline value into the secret itself."""
-    if reference.startswith("env:"):
-        name = reference[4:]
-        if name not in os.environ:
-            raise ValueError(f"environment variable {name} is not set")
-        return os.environ[name]
-    if reference.startswith("file:"):
-        path = Path(reference[5:])
-        try:
-            return path.read_text(encoding="utf-8").strip()
-        except OSError as exc:
-            raise ValueError(f"cannot read secret file {path}: {exc.strerror}") from None
-    return reference
-
-
-def _secret(value: Any) -> SecretStr:
-    raw = value.get_secret_value() if isinstance(value, SecretStr) else str(value)
-    resolved = resolve_secret(raw)
-    if not resolved:
-        raise ValueError("secret is empty")
-    return SecretStr(resolved)
-
-
-Secret = Annotated[SecretStr, AfterValidator(_secret)]
 
 
 def _host_port(value: str) -> str:

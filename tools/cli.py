@@ -18,6 +18,7 @@ from shared.kafka.broker.distribution import TOOLS
 from shared.kafka.clients import KafkaUnavailable, bootstrap, connection_problem
 from shared.kafka.security import java_client_properties
 from shared.kafka.service import run
+from shared.live_config import LiveConfig
 from shared.logs import configure_logging
 
 # `smsbridge simulate <what>`: each module has ``add_arguments(parser)`` and ``cli(args)``.
@@ -44,7 +45,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         logging.getLogger(f"services.{args.service}").error(problem)
         return 1
     module = importlib.import_module(f"services.{args.service}.app")
-    run(module.main(settings), settings.event_loop)
+    live = LiveConfig(settings, args.config, args.service)
+    run(live.alongside(module.main(settings)), settings.event_loop)
     return 0
 
 

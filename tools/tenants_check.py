@@ -5,14 +5,17 @@ from __future__ import annotations
 import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from typing import Any, TextIO
 
 from pydantic import BaseModel, ValidationError
 from pydantic_settings import EnvSettingsSource
 
 from shared.config import ProviderSettings, Settings, TenantSettings
+from shared.secrets import RotatingSecret
 
 _SECRET_KEYS = ("api_token", "secret_key", "aggregator_api_key")
+EXPIRY_NOTICE = timedelta(days=7)
 
 
 @dataclass(frozen=True)
@@ -28,6 +31,8 @@ class ConfigurationCheck:
     providers: dict[str, list[Problem]] = field(default_factory=dict)
     # Per tenant: the providers its routes name, as written.
     routes: dict[str, list[str]] = field(default_factory=dict)
+    # Previous values of rotated secrets that expire soon or have expired (not problems).
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def problems(self) -> int:
@@ -47,7 +52,7 @@ def check_configuration(data: Mapping[str, Any]) -> ConfigurationCheck:
     check = ConfigurationCheck()
     merged = _merge(dict(data), EnvSettingsSource(Settings)())
     try:
-        Settings(**data)
+        check.warnings = expiring_secrets(Settings(**data), datetime.now(UTC))
     except ValidationError as exc:
         check.general = [
             Problem(_dotted(error["loc"]), _message(error))
@@ -91,8 +96,31 @@ def check_configuration(data: Mapping[str, Any]) -> ConfigurationCheck:
     return check
 
 
+def expiring_secrets(settings: Settings, now: datetime) -> list[str]:
+    """A line for each previous value of a rotated secret that expires within ``EXPIRY_NOTICE``
+    (finish the rotation at the other end) or has expired (remove it from the file)."""
+    sections: list[tuple[str, BaseModel]] = [("campaigns", settings.campaigns)]
+    sections += [(f"tenants.{slug}", tenant) for slug, tenant in settings.tenants.items()]
+    sections += [(f"providers.{name}", account) for name, account in settings.providers.items()]
+    lines = []
+    for prefix, section in sections:
+        for key in type(section).model_fields:
+            secret = getattr(section, key)
+            if not isinstance(secret, RotatingSecret):
+                continue
+            for expires in secret.expiries():
+                when = expires.strftime("%Y-%m-%d %H:%M UTC")
+                if expires <= now:
+                    lines.append(f"{prefix}.{key}: a previous value expired {when}; remove it")
+                elif expires - now <= EXPIRY_NOTICE:
+                    lines.append(f"{prefix}.{key}: a previous value expires {when}")
+    return lines
+
+
 def tenants_check_command(data: Mapping[str, Any], out: TextIO = sys.stdout) -> int:
     check = check_configuration(data)
+    for line in check.warnings:
+        print(f"warning: {line}", file=out)
     for slug, problems in check.tenants.items():
         if problems:
             print(f"tenant {slug}: {_count(len(problems), 'problem')}", file=out)

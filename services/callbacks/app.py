@@ -220,7 +220,10 @@ class CallbackEndpoint:
         self, request: web.Request, provider: type[Provider], account: ProviderSettings
     ) -> None:
         token = request.match_info["token"]
-        if not constant_time_equals(token, account.callback_token.get_secret_value()):
+        if not account.callback_token.matches(
+            lambda value: constant_time_equals(token, value),
+            f"providers.{request.match_info.get('account', '')}.callback_token",
+        ):
             raise Refused(401, "bad_token", NOT_AUTHORISED)
         if not provider.verify_callback(account, request.headers):
             raise Refused(401, "bad_signature", NOT_AUTHORISED)

@@ -132,8 +132,6 @@ class CampaignsApi:
         self.controls = CampaignControls(controls)
         self.publisher = publisher
         self.clock = clock
-        token = settings.campaigns.admin_token
-        self._token = token.get_secret_value() if token is not None else None
 
     @property
     def middlewares(self) -> list[Middleware]:
@@ -151,12 +149,15 @@ class CampaignsApi:
     async def authenticate(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         if request.path != PREFIX and not request.path.startswith(f"{PREFIX}/"):
             return await handler(request)
-        if self._token is None:
+        token = self.settings.campaigns.admin_token  # read per call: it may be rotated live
+        if token is None:
             return self._refuse(request, "not_configured", "admin API disabled: no admin_token")
         scheme, _, given = request.headers.get("Authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not given.strip():
             return self._refuse(request, "missing", "Authorization: Bearer <token> required")
-        if not constant_time_equals(given.strip(), self._token):
+        if not token.matches(
+            lambda value: constant_time_equals(given.strip(), value), "campaigns.admin_token"
+        ):
             return self._refuse(request, "mismatch", "wrong admin token")
         return await handler(request)
 

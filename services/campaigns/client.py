@@ -26,8 +26,9 @@ from urllib.parse import quote
 import aiohttp
 import orjson
 
-from shared.config import ConfigError, load_settings, resolve_secret, split_listen
+from shared.config import ConfigError, load_settings, split_listen
 from shared.contract.campaign_controls import AUTO_REPLIES
+from shared.secrets import resolve_secret
 from shared.text_table import column_widths, table_line
 
 ACTIONS = ("pause", "resume", "cancel")

@@ -32,7 +32,7 @@ from services.ingress.batch import (
     build_records,
     parse_campaign,
 )
-from services.ingress.e164 import NumberReader, reader
+from services.ingress.e164 import reader
 from services.ingress.ledger import LedgerEntry, LedgerFollower, RequestLedger, ledger_key
 from services.ingress.produce import BatchPublisher
 from services.ingress.reading import ReadBudget, declared_too_large, read_body, reservation
@@ -40,7 +40,12 @@ from shared.config import Settings, TenantSettings
 from shared.contract.events import IngressRequestAccepted, utcnow
 from shared.contract.ids import content_request_key
 from shared.contract.priority import recipients_topic
-from shared.contract.signing import SIGNATURE_HEADER, constant_time_equals, verify
+from shared.contract.signing import (
+    SIGNATURE_HEADER,
+    SignatureFailure,
+    constant_time_equals,
+    verify,
+)
 from shared.contract.statuses import SubStatus
 from shared.contract.topics import DISPATCHES, INGRESS_REQUESTS
 from shared.kafka.clients import KafkaUnavailable, OutRecord, Publisher, make_consumer
@@ -109,20 +114,25 @@ class CampaignEndpoint:
         self.publisher = publisher
         self.is_ready = is_ready
         self.budget = ReadBudget(settings.ingress.max_reading_bytes)
-        self._readers: dict[str, NumberReader] = {
-            slug: reader(tenant.default_region, tenant.bare_digits)
-            for slug, tenant in settings.tenants.items()
-        }
-        self._dummy_key = dummy_key(settings)
+        # Tenants may change live (shared/live_config.py): what derives from them follows.
+        self._tenants_seen: object = None
+        self._dummy_key = ""
         self._in_flight: dict[str, asyncio.Event] = {}
 
     async def handle(self, request: web.Request) -> web.Response:
         slug = request.match_info["tenant"]
+        if self.settings.tenants is not self._tenants_seen:
+            self._tenants_seen, self._dummy_key = self.settings.tenants, dummy_key(self.settings)
         tenant = self.settings.tenants.get(slug)
         api_key = request.headers.get(API_KEY_HEADER)
-        expected = tenant.aggregator_api_key.get_secret_value() if tenant else self._dummy_key
         # Compared even for an unknown tenant, so that the time does not tell which exist.
-        key_matches = constant_time_equals(api_key, expected)
+        if tenant is None:
+            key_matches = constant_time_equals(api_key, self._dummy_key)
+        else:
+            key_matches = tenant.aggregator_api_key.matches(
+                lambda value: constant_time_equals(api_key, value),
+                f"tenants.{slug}.aggregator_api_key",
+            )
         if tenant is None or not key_matches:
             reason, response = key_refusal(api_key)
             if tenant is None:
@@ -170,10 +180,15 @@ class CampaignEndpoint:
             limit = self.settings.ingress.max_body_bytes
             return error_response(413, "body too large", limit_bytes=limit), "too_large"
 
-        failure = verify(
-            body, request.headers.get(SIGNATURE_HEADER), tenant.secret_key.get_secret_value()
-        )
-        if failure is not None:
+        header = request.headers.get(SIGNATURE_HEADER)
+        failures: list[SignatureFailure | None] = []
+
+        def verifies(secret: str) -> bool:
+            failures.append(verify(body, header, secret))
+            return failures[-1] is None
+
+        if not tenant.secret_key.matches(verifies, f"tenants.{slug}.secret_key"):
+            failure = failures[0] or SignatureFailure.MISMATCH
             reason = f"signature_{failure.value}"
             SIGNATURE_FAILURES.labels(SIGNATURE_ENDPOINT, slug, reason).inc()
             self._log_refusal(request, slug, reason)
@@ -232,7 +247,7 @@ class CampaignEndpoint:
                 tenant=slug,
                 settings=tenant,
                 campaign=campaign,
-                read=self._readers[slug],
+                read=reader(tenant.default_region, tenant.bare_digits),
                 accepted_at=utcnow(),
                 request_key=request_key,
             )

@@ -54,6 +54,7 @@ from shared.kafka.runner import PoisonRecord, Record, SelfPublishing, decode_or_
 from shared.kafka.store import ChangelogStore, Entry, GlobalTable, KeyLocks
 from shared.kafka.timers import fire_partitions, run_timer_passes
 from shared.kafka.unit_of_work import UnitOfWork
+from shared.live_config import on_reload
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +96,7 @@ class NormalizerHandler(SelfPublishing):
             tenants_by_account=tenants_by_account(settings.tenants),
         )
         self.replies = ReplyRouter.from_settings(settings, self.directory)
+        on_reload(self.tenants_changed)
         self.inbound_dedupe_s = settings.normalizer.inbound_dedupe_s
         self.locks = KeyLocks()
         self.timer_interval_s = timer_interval_s
@@ -106,6 +108,11 @@ class NormalizerHandler(SelfPublishing):
         self._timer_pass = asyncio.Lock()
 
     # -- lifecycle (ConsumerService) -----------------------------------------------------------
+
+    def tenants_changed(self, settings: Settings) -> None:
+        """A live reload (shared/live_config.py): replies route by the tenants in force."""
+        self.directory.tenants_by_account = dict(tenants_by_account(settings.tenants))
+        self.replies = ReplyRouter.from_settings(settings, self.directory)
 
     async def start(self, publisher: Publisher) -> None:
         self._outbox = Outbox(publisher, name=NAME)

@@ -29,6 +29,7 @@ from shared.config import ProviderSettings, Route, Settings, TenantSettings
 from shared.contract.segments import count_segments
 from shared.contract.topics import RECIPIENTS
 from shared.kafka.unit_of_work import UnitOfWork
+from shared.live_config import on_reload
 from shared.providers import PROVIDER_KINDS, callback_url, provider_class
 from shared.providers.base import OutboundSms, Provider
 from shared.providers.dryrun import DryRun
@@ -71,23 +72,19 @@ class Attempts:
         self._given_providers = dict(providers)
         self._session: aiohttp.ClientSession | None = None
         self._accounts: dict[str, AccountSender] = {}
+        self._retired: set[asyncio.Future[None]] = set()  # replaced by a reload, closing
         self._in_flight: dict[str, _Attempt] = {}
         self.breakers = {
             account: self._breaker(account, provider)
             for account, provider in settings.providers.items()
         }
         # Every instance starts with no share: it is given one with its partitions.
-        self.limiters = {
-            account: SlidingWindowLimiter(
-                # Per second, kept over a second plus the jitter allowance.
-                provider.rate_limit_per_s,
-                window_s=1.0 + provider.rate_limit_jitter_s,
-                share=0.0,
-                clock=monotonic,
-            )
-            for account, provider in settings.providers.items()
-            if provider.rate_limit_per_s > 0
-        }
+        self._share = 0.0
+        self.limiters: dict[str, SlidingWindowLimiter] = {}
+        self._known = dict(settings.providers)
+        for account, provider in settings.providers.items():
+            self._limit(account, provider)
+        on_reload(self.refresh)
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -101,6 +98,8 @@ class Attempts:
                 log.error("provider account %s: kind %s is not supported", account, provider.kind)
 
     async def close(self) -> None:
+        if self._retired:
+            await asyncio.gather(*self._retired, return_exceptions=True)
         for sender in self._accounts.values():
             await sender.close()
         self._accounts = {
@@ -114,10 +113,45 @@ class Attempts:
 
     def set_share(self, owned: int) -> None:
         """Each instance takes the share of an account's limit its partitions stand for."""
-        share = min(1.0, owned / RECIPIENTS.partitions)
+        self._share = min(1.0, owned / RECIPIENTS.partitions)
         for limiter in self.limiters.values():
-            limiter.set_share(share)
+            limiter.set_share(self._share)
         self.export_rates()
+
+    def refresh(self, settings: Settings) -> None:
+        """The configuration changed live (shared/live_config.py): an account whose settings
+        changed gets a new client for its next call (calls in flight finish on the old one)
+        and keeps its rate limiter, with the new limit in force at once over the sends
+        already counted; a new account is ready for its first call."""
+        for account, provider in settings.providers.items():
+            if self._known.get(account) == provider:
+                continue
+            self._known[account] = provider
+            if account not in self.breakers:
+                self.breakers[account] = self._breaker(account, provider)
+            self._limit(account, provider)
+            if (old := self._accounts.pop(account, None)) is not None:
+                self._retired.add(asyncio.ensure_future(old.close()))
+                self._retired = {task for task in self._retired if not task.done()}
+        self.export_rates()
+
+    def _limit(self, account: str, provider: ProviderSettings) -> None:
+        """The account's rate limiter, made or changed to ``provider``'s limit."""
+        limiter = self.limiters.get(account)
+        if provider.rate_limit_per_s <= 0:
+            self.limiters.pop(account, None)
+        elif limiter is None:
+            self.limiters[account] = SlidingWindowLimiter(
+                # Per second, kept over a second plus the jitter allowance.
+                provider.rate_limit_per_s,
+                window_s=1.0 + provider.rate_limit_jitter_s,
+                share=self._share,
+                clock=self.monotonic,
+            )
+        else:
+            limiter.set_limit(
+                provider.rate_limit_per_s, window_s=1.0 + provider.rate_limit_jitter_s
+            )
 
     def export_rates(self) -> None:
         for account, limiter in self.limiters.items():

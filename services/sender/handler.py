@@ -117,7 +117,8 @@ def decide(
     asked in this order and only when the decision gets that far."""
     message = message_of(state)
     if tenant is None:
-        detail = f"unknown tenant {message.context.tenant!r}"
+        # Never configured, or removed by a live reload: not sent with credentials gone stale.
+        detail = f"tenant {message.context.tenant!r} is not in the configuration (removed?)"
         return Decision(Fail(SubStatus.NO_ROUTE, detail, dead_letter=True))
     expiry = expires_at(message, tenant.validity_s).timestamp()
     if is_expired(message, tenant.validity_s, datetime.fromtimestamp(now, UTC)):

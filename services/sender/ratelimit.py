@@ -124,6 +124,17 @@ class SlidingWindowLimiter:
 
     # -- sharing -----------------------------------------------------------------------------
 
+    def set_limit(self, limit: float, window_s: float | None = None) -> None:
+        """A new account limit (a live reload), in force at once: the sends already in the log
+        count against it, so a lower limit holds from the next send."""
+        if limit <= 0:
+            raise ValueError("limit must be positive")
+        self.account_limit = float(limit)
+        if window_s is not None:
+            self.window_s = float(window_s)
+        if self._share > 0:
+            self._last_limit = self.account_limit * self._share
+
     def set_share(self, share: float) -> None:
         """Take ``share`` (0..1) of the account's limit: lower at once, higher after a window."""
         share = _clamp(share)

@@ -212,7 +212,9 @@ class Otpiq(Provider):
             # HTTP header names are case-insensitive; a plain dict is not.
             wanted = WEBHOOK_SECRET_HEADER.lower()
             given = next((v for k, v in headers.items() if k.lower() == wanted), None)
-        return constant_time_equals(given, settings.webhook_secret.get_secret_value())
+        return settings.webhook_secret.matches(
+            lambda value: constant_time_equals(given, value), f"{cls.kind}.webhook_secret"
+        )
 
     @classmethod
     def parse_callback(cls, body: bytes, content_type: str) -> list[ParsedCallback]:

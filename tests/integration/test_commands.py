@@ -16,7 +16,6 @@ import aiohttp
 import orjson
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
-from pydantic import SecretStr
 
 from services import SERVICES
 from services.ingress.app import build as build_ingress
@@ -27,6 +26,7 @@ from shared.contract.signing import SIGNATURE_HEADER, verify
 from shared.contract.topics import DEAD_LETTERS, INBOUND, RECIPIENTS, STATUSES, Topic
 from shared.kafka.broker import EmbeddedBroker, free_port
 from shared.kafka.clients import OutRecord, bootstrap
+from shared.secrets import RotatingSecret
 from simulators.optimove import FailureMode, OptimoveSimulator
 from tests.support import (
     AGGREGATOR_API_KEY,
@@ -80,7 +80,7 @@ async def test_handshake_registers_the_campaign_endpoint_signed(
 
     # The same tenant with a key the ingress there does not know.
     stranger = settings.model_copy(deep=True)
-    stranger.tenants[TENANT].aggregator_api_key = SecretStr("not-the-key")
+    stranger.tenants[TENANT].aggregator_api_key = RotatingSecret("not-the-key")
 
     async with running(build_ingress(settings)), aiohttp.ClientSession() as session:
         code = await handshake_command(settings, TENANT, out, err)

@@ -9,7 +9,7 @@ from typing import Any
 
 import orjson
 import pytest
-from pydantic import SecretStr, ValidationError
+from pydantic import ValidationError
 
 from bench.stack import to_toml
 from shared.config import (
@@ -21,6 +21,7 @@ from shared.config import (
 from shared.contract.events import CanonicalStatus, InboundMessage, MessageContext, StatusEvent
 from shared.contract.optimove import API_KEY_HEADER, OptimoveContract
 from shared.contract.signing import SIGNATURE_HEADER, verify
+from shared.secrets import RotatingSecret
 from tests.support import (
     AGGREGATOR_API_KEY,
     TENANT,
@@ -193,7 +194,7 @@ def test_signature_matches_the_documented_test_vector(tenant: TenantSettings) ->
         b'{"messages":[{"to":"companyAbc","from":"44123456789","message":"stop",'
         b'"sentAt":"2015-12-25T10:30:00"}]}'
     )
-    vector_tenant = tenant.model_copy(update={"secret_key": SecretStr("my-shared-secret")})
+    vector_tenant = tenant.model_copy(update={"secret_key": RotatingSecret("my-shared-secret")})
     contract = OptimoveContract(OptimoveContractSettings())
     request = contract.signed(vector_tenant, OptimoveContractSettings().incoming_message_path, body)
     assert request.body == body

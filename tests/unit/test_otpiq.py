@@ -7,13 +7,13 @@ import aiohttp
 import orjson
 import pytest
 from multidict import CIMultiDict
-from pydantic import SecretStr
 
 from shared.contract.statuses import SubStatus
 from shared.kafka.broker import free_port
 from shared.providers import callback_url
 from shared.providers.base import CallbackRejected, OutboundSms, SendAccepted, SendError
 from shared.providers.otpiq import FIXTURES, WEBHOOK_SECRET_HEADER, Otpiq
+from shared.secrets import RotatingSecret
 from tests.support import CALLBACK_TOKEN, OTPIQ_WEBHOOK_SECRET, make_settings
 
 ACCOUNT = "otpiq-main"
@@ -258,5 +258,5 @@ def test_verify_callback_compares_the_echoed_secret() -> None:
 def test_verify_callback_without_configured_secret_accepts() -> None:
     settings = make_settings().providers[ACCOUNT].model_copy(update={"webhook_secret": None})
     assert Otpiq.verify_callback(settings, {})
-    with_secret = settings.model_copy(update={"webhook_secret": SecretStr("s")})
+    with_secret = settings.model_copy(update={"webhook_secret": RotatingSecret("s")})
     assert not Otpiq.verify_callback(with_secret, {})

@@ -258,3 +258,32 @@ def test_invalid_settings_are_refused() -> None:
         SlidingWindowLimiter(10, window_s=0)
     with pytest.raises(ValueError):
         SlidingWindowLimiter(10, burst_fraction=2)
+
+
+async def test_a_limit_lowered_live_holds_from_the_next_send() -> None:
+    """A reload lowers the account's limit (issue 18): the sends already counted count against
+    the new limit, so no window that ends after the change holds more than it."""
+    clock = FakeClock()
+    limit = limiter(100, clock, burst_fraction=0.0, catch_up_fraction=0.0, quantum_s=0)
+    sent = []
+    for _ in range(150):  # a second and a half at 100/s
+        moment = limit.book(1)
+        assert moment is not None
+        clock.now = max(clock.now, moment)
+        sent.append(await limit.keep(moment, 1))
+    changed_at = clock.now
+    limit.set_limit(20)
+    after = []
+    for _ in range(60):
+        moment = limit.book(1)
+        assert moment is not None
+        clock.now = max(clock.now, moment)
+        after.append(await limit.keep(moment, 1))
+    # Every one-second window that ends at a send made after the change holds at most 20.
+    everything = sorted([*sent, *after])
+    for end in after:
+        start = end - 1.0
+        assert sum(1 for moment in everything if start < moment <= end) <= 20
+    assert after[0] >= changed_at
+    rate = (len(after) - 1) / (after[-1] - after[0])
+    assert rate == pytest.approx(20, rel=0.05)  # and it runs at the new limit

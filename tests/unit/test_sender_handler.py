@@ -445,7 +445,7 @@ async def test_unknown_tenants_and_unserved_destinations_are_dead_lettered() -> 
     assert "globex" in first.detail
     letters = [r.value for r in harness.publisher.on(topics.DEAD_LETTERS)]
     assert [letter.reason for letter in letters if isinstance(letter, DeadLetter)] == [
-        "NoRoute: unknown tenant 'globex'",
+        "NoRoute: tenant 'globex' is not in the configuration (removed?)",
         "NoRoute: no route serves this destination",
     ]
 
@@ -774,7 +774,11 @@ def test_the_decision_asks_only_as_far_as_it_needs() -> None:
         routes=never_asked,
         choose=never_asked,
         monotonic_now=never_asked,
-    ).action == Fail(SubStatus.NO_ROUTE, f"unknown tenant {TENANT!r}", dead_letter=True)
+    ).action == Fail(
+        SubStatus.NO_ROUTE,
+        f"tenant {TENANT!r} is not in the configuration (removed?)",
+        dead_letter=True,
+    )
 
 
 def test_a_held_message_whose_campaign_resumed_is_released_to_a_route_or_a_circuit() -> None:
