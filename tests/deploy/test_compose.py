@@ -44,17 +44,17 @@ def expand(value: str) -> str:
 @pytest.fixture
 def settings(monkeypatch: pytest.MonkeyPatch) -> Settings:
     """deploy/compose/smsbridge.toml loaded with the environment compose gives the containers."""
+    # The folder is mounted, not the file: an edit that replaces the file is seen inside.
+    folder = str(Path(CONFIG_IN_CONTAINER).parent)
     [config_mount] = [
-        volume
-        for volume in services()["ingress"]["volumes"]
-        if volume.split(":")[1] == CONFIG_IN_CONTAINER
+        volume for volume in services()["ingress"]["volumes"] if volume.split(":")[1] == folder
     ]
     environment = services()["ingress"]["environment"]
     for name, value in environment.items():
         monkeypatch.setenv(name, expand(str(value)))
     monkeypatch.delenv("SMSBRIDGE_EMBEDDED_BOOTSTRAP", raising=False)
     assert environment["SMSBRIDGE_CONFIG"] == CONFIG_IN_CONTAINER
-    return load_settings(ROOT / config_mount.split(":")[0])
+    return load_settings(ROOT / config_mount.split(":")[0] / Path(CONFIG_IN_CONTAINER).name)
 
 
 def listeners(value: str) -> dict[str, str]:

@@ -24,6 +24,7 @@ from tests.deploy.promql import DEPLOY, metric_names
 from tools.cli import build_parser
 
 K8S = DEPLOY / "k8s"
+SECRETS_MOUNT = "/run/secrets/smsbridge"
 CONSUMERS = {"sender": build_sender, "normalizer": build_normalizer, "reporter": build_reporter}
 SERVICES = ("ingress", "callbacks", "campaigns", *CONSUMERS)
 PARTITIONS = {topic.name: topic.partitions for topic in ALL_TOPICS}
@@ -46,13 +47,16 @@ def of_kind(kind: str) -> dict[str, dict[str, Any]]:
 
 @pytest.fixture
 def settings(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> Settings:
-    """The ConfigMap's smsbridge.toml, loaded with the example Secret's variables."""
+    """The ConfigMap's smsbridge.toml, loaded with the example Secret's files where the pods
+    mount them."""
     [config_map] = of_kind("ConfigMap").values()
     [secret] = of_kind("Secret").values()
+    mount = tmp_path / "secrets"
+    mount.mkdir()
     for name, value in secret["stringData"].items():
-        monkeypatch.setenv(name, value)
+        (mount / name).write_text(value)
     path = tmp_path / "smsbridge.toml"
-    path.write_text(config_map["data"]["smsbridge.toml"])
+    path.write_text(config_map["data"]["smsbridge.toml"].replace(SECRETS_MOUNT, str(mount)))
     return load_settings(path)
 
 
@@ -163,18 +167,27 @@ async def test_keda_scales_each_consumer_group_capped_by_partitions_the_others_o
         assert bootstrap == {settings.kafka.bootstrap_servers}
 
 
-def test_secrets_reach_the_pods_only_through_the_secret() -> None:
+def test_secrets_reach_the_pods_only_through_the_secret_mounted_as_files() -> None:
+    """As files, not variables: kubelet updates a mounted Secret in place (a symlink swap) and
+    the services reload it (issue 18); a variable, or a subPath mount, never changes."""
     text = (K8S / "configmap.yaml").read_text()
     [secret] = of_kind("Secret").values()
     for line in text.splitlines():
         key = line.strip().split(" = ")[0]
         secrets = {"api_token", "secret_key", "aggregator_api_key", "api_key", "callback_token"}
         if key in secrets | {"webhook_secret", "admin_token"}:
-            assert '"env:' in line, line
-            assert line.split('"env:')[1].rstrip('"') in secret["stringData"]
-    for deployment in of_kind("Deployment").values():
-        [container] = deployment["spec"]["template"]["spec"]["containers"]
-        assert container["envFrom"] == [{"secretRef": {"name": secret["metadata"]["name"]}}]
+            assert f'"file:{SECRETS_MOUNT}/' in line, line
+            assert line.split(f"{SECRETS_MOUNT}/")[1].rstrip('"') in secret["stringData"]
+    workloads = [*of_kind("Deployment").values(), *of_kind("Job").values()]
+    assert len(workloads) == 7
+    for workload in workloads:
+        pod = workload["spec"]["template"]["spec"]
+        [container] = pod["containers"]
+        assert "envFrom" not in container
+        [volume] = [v for v in pod["volumes"] if "secret" in v]
+        assert volume["secret"]["secretName"] == secret["metadata"]["name"]
+        [mount] = [m for m in container["volumeMounts"] if m["name"] == volume["name"]]
+        assert mount["mountPath"] == SECRETS_MOUNT and mount["readOnly"] and "subPath" not in mount
 
 
 def test_the_sender_scales_on_saturation_not_on_lag() -> None:
@@ -293,9 +306,7 @@ async def test_consumer_pods_join_their_group_as_static_members_named_after_the_
         reference = env["SMSBRIDGE_KAFKA__GROUP_INSTANCE_ID"]["value"]
         monkeypatch.setenv("POD_NAME", f"{name}-7d9c-x2k4z")
         monkeypatch.setenv("SMSBRIDGE_KAFKA__GROUP_INSTANCE_ID", reference)
-        [config_map] = of_kind("ConfigMap").values()
-        path = tmp_path / "smsbridge.toml"
-        path.write_text(config_map["data"]["smsbridge.toml"])
+        path = tmp_path / "smsbridge.toml"  # the ConfigMap's, written by the settings fixture
         kafka = load_settings(path).kafka
         assert kafka.group_instance_id == f"{name}-7d9c-x2k4z", name
         consumer = make_consumer(kafka, "smsbridge-x", role=name)

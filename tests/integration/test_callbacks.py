@@ -235,3 +235,33 @@ async def test_kafka_down_answers_503_so_the_provider_retries(kafka: EmbeddedBro
             assert response.status == 503
             assert response.headers["Retry-After"].isdigit()
         assert refused("kafka_unavailable") == before + 1
+
+
+async def test_a_rotated_callback_token_and_webhook_secret_work_old_and_new_during_the_overlap(
+    kafka: EmbeddedBroker,
+) -> None:
+    """Issue 18: the URL given to the provider is updated at its end some time after ours; in
+    between, the old token and the old webhook secret still come in and are still stored."""
+    settings = make_settings(
+        overrides={
+            "providers": {
+                ACCOUNT: {
+                    "callback_token": {"current": "cb-new", "previous": [CALLBACK_TOKEN]},
+                    "webhook_secret": {"current": "wh-new", "previous": [OTPIQ_WEBHOOK_SECRET]},
+                }
+            }
+        }
+    )
+    body = orjson.dumps(FIXTURES["callback_sent"])
+    new_headers = {**GOOD_HEADERS, WEBHOOK_SECRET_HEADER: "wh-new"}
+    async with running(build(settings)), aiohttp.ClientSession() as http:
+        old = await post(http, callback_url(settings), body, GOOD_HEADERS)
+        new = await post(http, callback_url(settings, token="cb-new"), body, new_headers)
+        wrong = await post(http, callback_url(settings, token="cb-other"), body, new_headers)
+    assert (old[0], new[0], wrong[0]) == (200, 200, 401)
+    assert len(await read_topic(settings, PROVIDER_EVENTS, ProviderEvent, expect=2)) == 2
+    used = REGISTRY.get_sample_value(
+        "smsbridge_secret_matches_total",
+        {"secret": f"providers.{ACCOUNT}.callback_token", "value": "previous"},
+    )
+    assert used is not None and used >= 1

@@ -290,3 +290,23 @@ async def test_status_follow_redraws_as_the_counts_move_and_ends_on_ctrl_c(
         assert process.returncode == 0, err.decode()
         last = shown.rsplit("Ctrl-C to stop)", 1)[0].rsplit(settings.campaigns.listen, 2)[-2]
         assert "spring" in last  # the frame stays up to date, not only once
+
+
+async def test_a_rotated_admin_token_accepts_both_values_until_the_old_one_expires(
+    kafka: EmbeddedBroker,
+) -> None:
+    expired = "2000-01-01T00:00:00Z"
+    section = campaigns_section(None) | {
+        "admin_token": {
+            "current": "token-2",
+            "previous": [ADMIN_TOKEN, {"value": "token-0", "expires": expired}],
+        }
+    }
+    settings = make_settings(overrides={"campaigns": section})
+    async with running(build_campaigns(settings)) as service:
+        await wait_for(service.ready, what="the campaigns service ready")
+        answers = [
+            (await call(settings, "GET", "/admin/campaigns", token=token))[0]
+            for token in ("token-2", ADMIN_TOKEN, "token-0")
+        ]
+    assert answers == [200, 200, 401]  # current, previous, previous but expired

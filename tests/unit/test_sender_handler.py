@@ -891,3 +891,20 @@ async def test_messages_parked_for_the_window_survive_a_restart() -> None:
     sent = sorted(sms.message_id for call in after.calls() for sms in call)
     assert sent == ["m-0", "m-1", "m-2"]
     assert before.calls() == []
+
+
+async def test_a_tenant_removed_by_a_live_reload_has_its_messages_failed_not_sent() -> None:
+    """Issue 18: its messages already on Kafka are reported Failed with a clear sub-status, not
+    sent with the credentials of a configuration that is gone."""
+    from shared.live_config import apply
+
+    harness = Harness()
+    await harness.dispatcher.process(0, message(1))
+    assert len(harness.calls()) == 1
+    settings = harness.dispatcher.settings
+    apply(settings, settings.model_copy(update={"tenants": {}}))
+    await harness.dispatcher.process(0, message(2))
+    assert len(harness.calls()) == 1  # nothing more reached the provider
+    failed = harness.publisher.dispatches()[-1]
+    assert (failed.outcome, failed.sub_status) == ("failed", SubStatus.NO_ROUTE)
+    assert failed.detail == f"tenant {TENANT!r} is not in the configuration (removed?)"
