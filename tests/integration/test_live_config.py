@@ -17,6 +17,7 @@ import pytest
 
 from services.ingress.app import build
 from services.sender.app import build as build_sender
+from shared.config import Settings
 from shared.contract.signing import sign
 from shared.kafka.broker import EmbeddedBroker
 from shared.live_config import LiveConfig
@@ -65,13 +66,20 @@ async def post(
         return response.status
 
 
+def configured(
+    tmp_path: Path, name: str, overrides: dict[str, Any] | None = None
+) -> tuple[Path, dict[str, Any], Settings, LiveConfig]:
+    """A configuration file, its data, its settings and their watcher (not started)."""
+    path = tmp_path / "smsbridge.toml"
+    data = config_data(overrides=overrides)
+    settings = write_config(path, data)
+    return path, data, settings, LiveConfig(settings, path, name)
+
+
 async def test_a_tenant_added_while_running_is_served_within_five_seconds(
     kafka: EmbeddedBroker, tmp_path: Path
 ) -> None:
-    path = tmp_path / "smsbridge.toml"
-    data = config_data()
-    settings = write_config(path, data)
-    live = LiveConfig(settings, path, "ingress-live-test")
+    path, data, settings, live = configured(tmp_path, "ingress-live-test")
     async with running(build(settings)), aiohttp.ClientSession() as client:
         watcher = asyncio.create_task(live.watch())
         try:
@@ -103,10 +111,7 @@ async def test_a_tenant_added_while_running_is_served_within_five_seconds(
 async def test_a_secret_rotated_with_an_overlap_accepts_both_until_the_old_one_expires(
     kafka: EmbeddedBroker, tmp_path: Path
 ) -> None:
-    path = tmp_path / "smsbridge.toml"
-    data = config_data()
-    settings = write_config(path, data)
-    live = LiveConfig(settings, path, "ingress-rotation-test")
+    path, data, settings, live = configured(tmp_path, "ingress-rotation-test")
     expires = datetime.now(UTC) + timedelta(seconds=4)
     rotated = {
         **data["tenants"][TENANT],
@@ -134,10 +139,8 @@ async def test_a_rate_limit_lowered_live_holds_from_the_next_second(
     """The account runs at 40/s; the file lowers it to 10/s while messages wait: from then on
     the provider sees no second with more than 10, and nothing is sent twice or lost."""
     async with simulator() as provider:
-        path = tmp_path / "smsbridge.toml"
-        data = config_data(overrides=rate_limited(provider.url, 40))
-        settings = write_config(path, data)
-        live = LiveConfig(settings, path, "sender-live-test")
+        overrides = rate_limited(provider.url, 40)
+        path, data, settings, live = configured(tmp_path, "sender-live-test", overrides)
         messages = [recipient(index, f"+4477009{index:05d}") for index in range(100)]
         await publish(settings, messages)
         async with running(build_sender(settings)):
