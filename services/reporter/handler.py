@@ -62,7 +62,6 @@ from shared.contract.topics import INBOUND, REPORTER_STATE, STATUSES
 from shared.kafka.clients import KafkaUnavailable, OutRecord, Publisher
 from shared.kafka.runner import PoisonRecord, Record, decode_or_poison
 from shared.kafka.store import ChangelogStore
-from shared.live_config import on_reload
 from shared.logs import mask_number
 
 __all__ = ["INPUT_TOPICS", "STAGE", "ReporterHandler"]
@@ -98,9 +97,8 @@ class ReporterHandler:
             settings.kafka, REPORTER_STATE, state_dir=self.options.state_dir, name=STAGE
         )
         self.state = ParkedState(
-            store, settings.tenants, remember_s=self.options.remember_acknowledged_s
+            store, lambda: settings.tenants, remember_s=self.options.remember_acknowledged_s
         )
-        on_reload(self.tenants_changed)
         self.retries = ParkedRetries(
             settings, self.state, self.circuits, lambda: self.sender, clock=clock, jitter=jitter
         )
@@ -119,11 +117,6 @@ class ReporterHandler:
         return self.state.store
 
     # -- lifecycle (called by ConsumerService) ---------------------------------------------------
-
-    def tenants_changed(self, settings: Settings) -> None:
-        """A live reload (shared/live_config.py): parked reports are kept for the tenants in
-        force."""
-        self.state.tenants = settings.tenants
 
     async def start(self, publisher: Publisher) -> None:
         self.state.publisher = publisher

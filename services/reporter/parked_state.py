@@ -30,10 +30,14 @@ class ParkedState:
     """The store of parked entries, its per-key locks and its counts."""
 
     def __init__(
-        self, store: ChangelogStore, tenants: Collection[str], *, remember_s: float = 0.0
+        self,
+        store: ChangelogStore,
+        tenants: Callable[[], Collection[str]],
+        *,
+        remember_s: float = 0.0,
     ) -> None:
         self.store = store
-        self.tenants = tenants
+        self.tenants = tenants  # asked each time: tenants change live (shared/live_config.py)
         # How long an acknowledgement is remembered ([reporter] remember_acknowledged_s).
         self.remember_s = remember_s
         self.locks = KeyLocks()
@@ -51,7 +55,7 @@ class ParkedState:
                     partition,
                     {
                         (slug, kind): self.store.count_prefix(partition, key_prefix(kind, slug))
-                        for slug in self.tenants
+                        for slug in self.tenants()
                         for kind in KINDS
                     },
                 )

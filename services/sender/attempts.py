@@ -21,13 +21,12 @@ import aiohttp
 from services.sender import metrics
 from services.sender.accounts import AccountSender, CircuitOpen, SendJob, Withheld
 from services.sender.fairness import FairQueue, Flow, turn_window
+from services.sender.limits import AccountLimits
 from services.sender.outcomes import Next, Outcomes
-from services.sender.ratelimit import SlidingWindowLimiter
 from services.sender.state import SendState, StateWriter, message_of
 from shared.circuit import CircuitBreaker, CircuitState
 from shared.config import ProviderSettings, Route, Settings, TenantSettings
 from shared.contract.segments import count_segments
-from shared.contract.topics import RECIPIENTS
 from shared.kafka.unit_of_work import UnitOfWork
 from shared.live_config import on_reload
 from shared.providers import PROVIDER_KINDS, callback_url, provider_class
@@ -78,12 +77,8 @@ class Attempts:
             account: self._breaker(account, provider)
             for account, provider in settings.providers.items()
         }
-        # Every instance starts with no share: it is given one with its partitions.
-        self._share = 0.0
-        self.limiters: dict[str, SlidingWindowLimiter] = {}
+        self.limits = AccountLimits(settings.providers, monotonic)
         self._known = dict(settings.providers)
-        for account, provider in settings.providers.items():
-            self._limit(account, provider)
         on_reload(self.refresh)
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -111,13 +106,6 @@ class Attempts:
             await self._session.close()
             self._session = None
 
-    def set_share(self, owned: int) -> None:
-        """Each instance takes the share of an account's limit its partitions stand for."""
-        self._share = min(1.0, owned / RECIPIENTS.partitions)
-        for limiter in self.limiters.values():
-            limiter.set_share(self._share)
-        self.export_rates()
-
     def refresh(self, settings: Settings) -> None:
         """The configuration changed live (shared/live_config.py): an account whose settings
         changed gets a new client for its next call (calls in flight finish on the old one)
@@ -129,33 +117,11 @@ class Attempts:
             self._known[account] = provider
             if account not in self.breakers:
                 self.breakers[account] = self._breaker(account, provider)
-            self._limit(account, provider)
+            self.limits.configure(account, provider)
             if (old := self._accounts.pop(account, None)) is not None:
                 self._retired.add(asyncio.ensure_future(old.close()))
                 self._retired = {task for task in self._retired if not task.done()}
-        self.export_rates()
-
-    def _limit(self, account: str, provider: ProviderSettings) -> None:
-        """The account's rate limiter, made or changed to ``provider``'s limit."""
-        limiter = self.limiters.get(account)
-        if provider.rate_limit_per_s <= 0:
-            self.limiters.pop(account, None)
-        elif limiter is None:
-            self.limiters[account] = SlidingWindowLimiter(
-                # Per second, kept over a second plus the jitter allowance.
-                provider.rate_limit_per_s,
-                window_s=1.0 + provider.rate_limit_jitter_s,
-                share=self._share,
-                clock=self.monotonic,
-            )
-        else:
-            limiter.set_limit(
-                provider.rate_limit_per_s, window_s=1.0 + provider.rate_limit_jitter_s
-            )
-
-    def export_rates(self) -> None:
-        for account, limiter in self.limiters.items():
-            metrics.RATE_LIMIT.labels(account).set(limiter.limit / limiter.window_s)
+        self.limits.export()
 
     # -- what the decision asks ----------------------------------------------------------------
 
@@ -177,7 +143,7 @@ class Attempts:
         what its account keeps waiting, ``[sender] fair_queue_s`` of the account's rate (and
         never more than half the runner's records, so that it can always read ahead)."""
         account = self._flow_accounts.get(flow) or self._first_account(flow.tenant)
-        limiter = self.limiters.get(account) if account else None
+        limiter = self.limits.get(account) if account else None
         if account is None or limiter is None:
             return self._runner_slots  # no rate limit: nothing waits for a turn
         queue = self._account(account).fair
@@ -341,7 +307,7 @@ class Attempts:
                 max_in_flight=settings.max_in_flight,
                 publish=self.writer.publish,
                 breaker=self.breakers[account],
-                limiter=self.limiters.get(account),
+                limiter=self.limits.get(account),
                 dry_run=DryRun(account, settings),
                 batch_window_s=self.settings.sender.batch_window_s,
                 fair=FairQueue(

@@ -8,7 +8,6 @@ it and wakes it up. What is guaranteed, and why: docs/sending.md.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
@@ -55,6 +54,7 @@ from shared.kafka.store import ChangelogStore, KeyLocks, PartitionNotReady
 from shared.logs import mask_number
 from shared.providers.base import Provider
 from shared.retry import RetryPolicy
+from shared.tasks import finish_or_cancel
 
 log = logging.getLogger(__name__)
 
@@ -304,11 +304,11 @@ class SenderHandler(SelfPublishing):
 
     def take_partitions(self, numbers: Iterable[int]) -> None:
         self._owned |= set(numbers)
-        self.attempts.set_share(len(self._owned))
+        self.attempts.limits.set_share(len(self._owned))
 
     def release_partitions(self, numbers: Iterable[int]) -> None:
         self._owned -= set(numbers)
-        self.attempts.set_share(len(self._owned))
+        self.attempts.limits.set_share(len(self._owned))
 
     async def settle_work(self, partitions: set[int] | None) -> None:
         """Stop the work of ``partitions`` (None: all): what wrote no intent yet is cancelled,
@@ -318,22 +318,16 @@ class SenderHandler(SelfPublishing):
             return partitions is None or partition in partitions
 
         waiting = self.timers.settle(mine) + self.attempts.settle(mine)
-        if not waiting:
-            return
         deadline = self.settings.sender.runner.shutdown_deadline_s
-        _, unfinished = await asyncio.wait(waiting, timeout=deadline)
-        if unfinished:
+        if cancelled := await finish_or_cancel(waiting, deadline):
             # Kafka has been away for the whole deadline: these outcomes are lost here and
             # will read "outcome unknown after restart" (the intents are on Kafka).
             log.error(
                 "%s: %d send(s) still unrecorded after %gs; giving up on them",
                 STAGE,
-                len(unfinished),
+                cancelled,
                 deadline,
             )
-            for task in unfinished:
-                task.cancel()
-            await asyncio.wait(unfinished)
 
     def controls_changed(self, keys: Sequence[str] = ()) -> None:
         """The campaign controls changed (the control table's ``on_change``): every answer is

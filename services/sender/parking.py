@@ -256,4 +256,4 @@ class Timers:
                 sum(self.store.count_prefix(p, prefix) for p in partitions)
             )
         metrics.STATE_ENTRIES.set(sum(self.store.count(p) for p in partitions))
-        self.attempts.export_rates()
+        self.attempts.limits.export()

@@ -32,6 +32,7 @@ from shared.kafka.clients import KafkaUnavailable, OutRecord, Publisher
 from shared.kafka.lag import LagExporter, PartitionProgress
 from shared.kafka.outbox import Outbox
 from shared.retry import RetryPolicy, retry
+from shared.tasks import finish_or_cancel
 
 log = logging.getLogger(__name__)
 
@@ -386,19 +387,13 @@ class ConsumerRunner:
         is not committed: it is handed back to whoever owns the partition next.
         """
         tasks = [t for tp in partitions for t in self._tasks.get(tp, set())]
-        if not tasks:
-            return
-        _, unfinished = await asyncio.wait(tasks, timeout=deadline_s)
-        if unfinished:
+        if cancelled := await finish_or_cancel(tasks, deadline_s):
             log.warning(
                 "%s: %d records unfinished after %.1fs; handed back uncommitted",
                 self.name,
-                len(unfinished),
+                cancelled,
                 deadline_s,
             )
-            for task in unfinished:
-                task.cancel()
-            await asyncio.wait(unfinished, timeout=1.0)
 
     # -- rebalance -----------------------------------------------------------------------------
 

@@ -203,14 +203,14 @@ def test_the_sender_takes_a_changed_rate_limit_and_a_new_account_live(
     settings = write_config(path, {**data, "providers": providers})
     handler = SenderHandler(settings)
     handler.take_partitions(range(RECIPIENTS.partitions))
-    limiter = handler.attempts.limiters[account]
+    limiter = handler.attempts.limits.by_account[account]
     assert limiter.account_limit == 100
     second = {**providers[account], "rate_limit_per_s": 30}
     lowered = {account: {**providers[account], "rate_limit_per_s": 20}, "second": second}
     write_config(path, {**data, "providers": lowered})
     assert LiveConfig(settings, path, "unit-sender").reload("test")
-    assert handler.attempts.limiters[account] is limiter  # its record of sends is kept
+    assert handler.attempts.limits.by_account[account] is limiter  # its record of sends is kept
     assert limiter.account_limit == 20
-    assert handler.attempts.limiters["second"].limit == 30  # with this instance's share
+    assert handler.attempts.limits.by_account["second"].limit == 30  # with this instance's share
     assert handler.attempts.blocked_until("second") is None
     handler.store.close()

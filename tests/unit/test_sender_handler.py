@@ -649,7 +649,7 @@ async def test_each_instance_takes_the_share_of_the_limit_its_partitions_stand_f
             "providers": {PRIMARY: {**limited, "callback_token": "t", "rate_limit_per_s": 1200}}
         }
     )
-    limiter = harness.dispatcher.attempts.limiters[PRIMARY]
+    limiter = harness.dispatcher.attempts.limits.by_account[PRIMARY]
     assert limiter.limit == 0  # nothing owned, nothing sent
     harness.dispatcher.take_partitions(range(6))  # 6 of 12 partitions of sms.recipients
     assert limiter.limit == 0  # raised only once a window has passed...
