@@ -16,7 +16,8 @@ class Holder:
     """A cycle holding a large buffer, as a stopped Kafka client holds its fetched responses."""
 
     def __init__(self, size: int) -> None:
-        self.buffer = bytearray(size)
+        # Written, not only reserved: zeroed memory from calloc is not resident until touched.
+        self.buffer = b"\x01" * size
         self.me = self
 
 
