@@ -26,7 +26,6 @@ from typing import Any
 
 import aiohttp
 import orjson
-from aiokafka import AIOKafkaConsumer
 
 from bench import load
 from bench.closed_window import ClosedWindow, closed_window
@@ -34,7 +33,7 @@ from bench.e2e import cpu_now
 from bench.memory import GROWTH, MIB, SLACK_MIB
 from bench.profiling import Profiler, hot_spots
 from bench.results import RESULTS_DIR, Options, Report, markdown_table, percentile, text_table
-from bench.sender import ALLOWED_WINDOW_EXCESS
+from bench.sender import ALLOWED_WINDOW_EXCESS, dispatch_reader, read_dispatched
 from bench.stack import (
     AGGREGATOR_API_KEY,
     PROVIDER,
@@ -44,8 +43,6 @@ from bench.stack import (
     ResourceSampler,
     Stack,
 )
-from shared.contract.topics import DISPATCHES
-from shared.kafka.clients import connection_kwargs
 from shared.kafka.service import serve_until_signalled
 from simulators.campaign_load import campaign_metadata, signed_headers
 from simulators.providers import PlannedCallback, ProviderSimulator
@@ -256,24 +253,15 @@ async def follow_dispatches(
 ) -> int:
     """Distinct messages with a dispatch record, once ``expected`` arrived, or the time ran out,
     or nothing moved for ``STALL_S`` after everything was posted. A child that died fails it."""
-    consumer = AIOKafkaConsumer(
-        DISPATCHES.name,
-        **connection_kwargs(stack.settings.kafka),
-        auto_offset_reset="earliest",
-        enable_auto_commit=False,
-    )
+    consumer = dispatch_reader(stack.settings)
     await consumer.start()
     seen: set[str] = set()
     began = last_change = last_print = time.monotonic()
     try:
         while len(seen) < expected:
-            batches = await consumer.getmany(timeout_ms=500, max_records=10_000)
-            before = len(seen)
-            for records in batches.values():
-                for record in records:
-                    seen.add(orjson.loads(record.value or b"{}")["context"]["message_id"])
+            added = await read_dispatched(consumer, seen)
             now = time.monotonic()
-            if len(seen) > before:
+            if added:
                 last_change = now
             if now - last_print >= 10:
                 last_print = now

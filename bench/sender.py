@@ -101,24 +101,36 @@ def campaign(count: int, prefix: str = MEASURED_PREFIX) -> list[RecipientMessage
     ]
 
 
-async def wait_for_dispatches(settings: Settings, expected: int, timeout_s: float) -> int:
-    """Distinct messages with a dispatch record, once ``expected`` arrived (or the time ran out)."""
-    consumer = AIOKafkaConsumer(
+def dispatch_reader(settings: Settings) -> AIOKafkaConsumer:
+    """A consumer of ``sms.dispatches`` from its beginning, for ``read_dispatched``."""
+    return AIOKafkaConsumer(
         DISPATCHES.name,
         **connection_kwargs(settings.kafka),
         auto_offset_reset="earliest",
         enable_auto_commit=False,
     )
+
+
+async def read_dispatched(consumer: AIOKafkaConsumer, seen: set[str]) -> int:
+    """One fetch of dispatch records: their message ids added to ``seen``; how many were new."""
+    before = len(seen)
+    batches = await consumer.getmany(timeout_ms=500, max_records=10_000)
+    for records in batches.values():
+        for record in records:
+            # Only the id: this process must not take CPU from the one measured.
+            seen.add(orjson.loads(record.value or b"{}")["context"]["message_id"])
+    return len(seen) - before
+
+
+async def wait_for_dispatches(settings: Settings, expected: int, timeout_s: float) -> int:
+    """Distinct messages with a dispatch record, once ``expected`` arrived (or the time ran out)."""
+    consumer = dispatch_reader(settings)
     await consumer.start()
     seen: set[str] = set()
     deadline = time.monotonic() + timeout_s
     try:
         while len(seen) < expected and time.monotonic() < deadline:
-            batches = await consumer.getmany(timeout_ms=500, max_records=10_000)
-            for records in batches.values():
-                for record in records:
-                    # Only the id: this process must not take CPU from the one measured.
-                    seen.add(orjson.loads(record.value or b"{}")["context"]["message_id"])
+            await read_dispatched(consumer, seen)
     finally:
         await consumer.stop()
     return len(seen)
