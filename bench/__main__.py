@@ -53,7 +53,13 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument(
         "--profile",
         action="store_true",
-        help="e2e: record py-spy profiles of the services (needs py-spy and ptrace rights)",
+        help="e2e, stages: record py-spy profiles of the services (needs py-spy and ptrace rights)",
+    )
+    parser.add_argument(
+        "--stage",
+        action="append",
+        choices=stages.STAGES,
+        help="stages: measure only this stage (may be given more than once)",
     )
     parser.add_argument(
         "--max-minutes",
@@ -110,6 +116,7 @@ def main(argv: Sequence[str]) -> int:
     options = Options(
         recipients=args.recipients,
         profile=args.profile,
+        stages=tuple(args.stage) if args.stage else None,
         max_minutes=args.max_minutes,
         dry_run=args.dry_run,
         broker=args.broker,

@@ -43,8 +43,10 @@ class Options:
 
     # Campaign size of e2e / memory (each has its own default when None).
     recipients: int | None = None
-    # e2e: py-spy profiles of the services during the throughput run, in bench/results/profiles.
+    # e2e and stages: py-spy profiles of the services while measured, in bench/results/profiles.
     profile: bool = False
+    # stages: only these stages (None: all six).
+    stages: tuple[str, ...] | None = None
     # memory: stop posting after this many minutes and check what was posted.
     max_minutes: float | None = None
     # memory: the campaign's tenant has ``dry_run = true``: the sender simulates the provider call

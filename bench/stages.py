@@ -29,16 +29,19 @@ from __future__ import annotations
 import asyncio
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import orjson
 
 from bench import load
 from bench.e2e import post_all
-from bench.results import Options, Report, markdown_table, text_table
+from bench.profiling import Profiler, hot_spots
+from bench.results import RESULTS_DIR, Options, Report, markdown_table, text_table
 from bench.sender import campaign
 from bench.stack import (
     CALLBACK_TOKEN,
@@ -152,71 +155,94 @@ def reporter_input(messages: int, campaign: str) -> list[OutRecord]:
     return records
 
 
-async def drain(stack: Stack, service: str, done: object, timeout_s: float) -> tuple[float, float]:
-    """Start ``service``, wait for ``done()``; (seconds, CPU seconds) from when it was ready
-    (its start-up, imports above all, is left out)."""
-    await stack.start(service)
-    started, cpu_at_start = time.monotonic(), stack.cpu_seconds(service)
-    assert callable(done)
-    await wait_until(done, timeout_s, f"{service} to drain its input", interval_s=0.5)
-    return time.monotonic() - started, stack.cpu_seconds(service) - cpu_at_start
+@dataclass(frozen=True)
+class StageRun:
+    """What every stage is run with: where, how many messages, whose code, on which broker, and
+    where py-spy profiles go (None: not profiled)."""
 
+    run_dir: Path
+    messages: int
+    source: Path
+    broker: str = "kafka"
+    profile_dir: Path | None = None
+    hot_spots: dict[str, str] = field(default_factory=dict)
 
-async def measure(
-    stack: Stack, service: str, work: Callable[[], Awaitable[object]]
-) -> tuple[float, float]:
-    """Start ``service``, then do ``work`` (this process drives it); (seconds, CPU seconds of the
-    service) from when it was ready."""
-    await stack.start(service)
-    started, cpu_at_start = time.monotonic(), stack.cpu_seconds(service)
-    await work()
-    return time.monotonic() - started, stack.cpu_seconds(service) - cpu_at_start
+    def stack(self, stage: str, **options: Any) -> Stack:
+        return Stack(
+            self.run_dir / stage, source_dir=self.source, broker_kind=self.broker, **options
+        )
+
+    async def measure(
+        self, stack: Stack, service: str, work: Callable[[], Awaitable[object]]
+    ) -> tuple[float, float]:
+        """Start ``service``, then do ``work``; (seconds, CPU seconds of the service) from when it
+        was ready (its start-up, imports above all, is left out)."""
+        await stack.start(service)
+        profiler = None
+        if self.profile_dir is not None:
+            profiler = Profiler(stack, [service], self.profile_dir)
+            await profiler.start()
+        started, cpu_at_start = time.monotonic(), stack.cpu_seconds(service)
+        await work()
+        seconds, cpu = time.monotonic() - started, stack.cpu_seconds(service) - cpu_at_start
+        if profiler is not None:
+            for name, path in (await profiler.stop()).items():
+                self.hot_spots[name] = hot_spots(path).describe(top=25)
+        return seconds, cpu
+
+    async def drain(
+        self, stack: Stack, service: str, done: Callable[[], Awaitable[bool]]
+    ) -> tuple[float, float]:
+        """``measure`` until ``done()``: the service drains input that is already on Kafka."""
+
+        async def drained() -> None:
+            await wait_until(done, 1800, f"{service} to drain its input", interval_s=0.5)
+
+        return await self.measure(stack, service, drained)
 
 
 async def ingress(
-    run_dir: Path, messages: int, source: Path, broker: str = "kafka"
+    run: StageRun,
 ) -> tuple[float, float]:
-    async with Stack(run_dir, source_dir=source, broker_kind=broker) as stack:
-        batches = load.build_batches("stage-i", messages, INGRESS_BATCH)
+    async with run.stack("ingress") as stack:
+        batches = load.build_batches("stage-i", run.messages, INGRESS_BATCH)
 
         async def post() -> None:
             answers, refused = await post_all(stack, batches, INGRESS_CLIENTS)
             if refused or len(answers) != len(batches):
                 raise StackError(f"ingress refused {refused} of {len(batches)} batches")
 
-        return await measure(stack, "ingress", post)
+        return await run.measure(stack, "ingress", post)
 
 
 async def sender(
-    run_dir: Path, messages: int, source: Path, broker: str = "kafka"
+    run: StageRun,
 ) -> tuple[float, float]:
     # No delivery reports: the callbacks service does not run here.
     quiet = ProviderSimulatorOptions(callback_delay_ms=3_600_000, callback_attempts=1)
-    async with Stack(
-        run_dir, source_dir=source, broker_kind=broker, provider_options=quiet
-    ) as stack:
+    async with run.stack("sender", provider_options=quiet) as stack:
         await stack.start("providers")
         await stack.publish(
             OutRecord(RECIPIENTS, f"{m.context.tenant}:{m.destination}", m)
-            for m in campaign(messages)
+            for m in campaign(run.messages)
         )
 
         async def dispatched() -> bool:
             stack.check_alive()
-            return await count_records(stack.settings, DISPATCHES.name) >= messages
+            return await count_records(stack.settings, DISPATCHES.name) >= run.messages
 
-        return await drain(stack, "sender", dispatched, 1800)
+        return await run.drain(stack, "sender", dispatched)
 
 
 async def callbacks(
-    run_dir: Path, messages: int, source: Path, broker: str = "kafka"
+    run: StageRun,
 ) -> tuple[float, float]:
-    async with Stack(run_dir, source_dir=source, broker_kind=broker) as stack:
+    async with run.stack("callbacks") as stack:
         url = f"{stack.callbacks_url}/callbacks/otpiq/{PROVIDER}/{CALLBACK_TOKEN}"
         headers = {WEBHOOK_SECRET_HEADER: OTPIQ_WEBHOOK_SECRET, "Content-Type": "application/json"}
         bodies = [
             orjson.dumps({**FIXTURES[f"callback_{status}"], "smsId": f"sms-stage-{index:08d}"})
-            for index in range(messages)
+            for index in range(run.messages)
             for status in ("sent", "delivered")
         ]
 
@@ -238,35 +264,34 @@ async def callbacks(
             if stored < len(bodies):
                 raise StackError(f"only {stored:,} of {len(bodies):,} reports on Kafka")
 
-        return await measure(stack, "callbacks", post)
+        return await run.measure(stack, "callbacks", post)
 
 
 async def normalizer(
-    run_dir: Path, messages: int, source: Path, broker: str = "kafka"
+    run: StageRun,
 ) -> tuple[float, float]:
-    async with Stack(run_dir, source_dir=source, broker_kind=broker) as stack:
-        await stack.publish(normalizer_input(messages, "stage-n"))
+    async with run.stack("normalizer") as stack:
+        await stack.publish(normalizer_input(run.messages, "stage-n"))
 
         async def statuses_written() -> bool:
             stack.check_alive()
-            return await count_records(stack.settings, STATUSES.name) >= 2 * messages
+            return await count_records(stack.settings, STATUSES.name) >= 2 * run.messages
 
-        return await drain(stack, "normalizer", statuses_written, 1800)
+        return await run.drain(stack, "normalizer", statuses_written)
 
 
 async def reporter(
-    run_dir: Path, messages: int, source: Path, broker: str = "kafka"
+    run: StageRun,
 ) -> tuple[float, float]:
-    stack = Stack(run_dir, source_dir=source, optimove_max_recorded=1_000, broker_kind=broker)
-    async with stack:
+    async with run.stack("reporter", optimove_max_recorded=1_000) as stack:
         await stack.start("optimove")
-        await stack.publish(reporter_input(messages, "stage-r"))
+        await stack.publish(reporter_input(run.messages, "stage-r"))
 
         async def reported() -> bool:
             stack.check_alive()
-            return int((await stack.optimove_tally("stage-r"))["final"]) >= messages
+            return int((await stack.optimove_tally("stage-r"))["final"]) >= run.messages
 
-        return await drain(stack, "reporter", reported, 1800)
+        return await run.drain(stack, "reporter", reported)
 
 
 def within(stage: str, cpu_s: float, messages: int) -> bool:
@@ -274,17 +299,17 @@ def within(stage: str, cpu_s: float, messages: int) -> bool:
 
 
 async def campaigns(
-    run_dir: Path, messages: int, source: Path, broker: str = "kafka"
+    run: StageRun,
 ) -> tuple[float, float]:
     token = "bench-admin-token"
     overrides = {"campaigns": {"admin_token": token}}
-    async with Stack(run_dir, source_dir=source, broker_kind=broker, overrides=overrides) as stack:
+    async with run.stack("campaigns", overrides=overrides) as stack:
         # What the pipeline gives it per message: the recipient, then Sent and Delivered.
         await stack.publish(
             OutRecord(RECIPIENTS, f"{m.context.tenant}:{m.destination}", m)
-            for m in campaign(messages)
+            for m in campaign(run.messages)
         )
-        await stack.publish(reporter_input(messages, "stage-c"))
+        await stack.publish(reporter_input(run.messages, "stage-c"))
         url = f"http://{stack.settings.campaigns.listen}/admin/campaigns/{TENANT}/stage-c"
         headers = {"Authorization": f"Bearer {token}"}
 
@@ -293,25 +318,15 @@ async def campaigns(
             async with stack.session.get(url, headers=headers) as answer:
                 if answer.status != 200:
                     return False
-                return int((await answer.json())["delivered"]) >= messages
+                return int((await answer.json())["delivered"]) >= run.messages
 
-        return await drain(stack, "campaigns", counted, 1800)
+        return await run.drain(stack, "campaigns", counted)
 
 
-async def run(run_dir: Path, messages: int, source: Path, broker: str = "kafka") -> Report:
+async def run(stage_run: StageRun, chosen: Sequence[str]) -> Report:
     began = time.monotonic()
-    stages = {
-        "ingress": ingress,
-        "sender": sender,
-        "callbacks": callbacks,
-        "normalizer": normalizer,
-        "reporter": reporter,
-        "campaigns": campaigns,
-    }
-    results = {
-        name: await stage(run_dir / name, messages, source, broker)
-        for name, stage in stages.items()
-    }
+    messages, source = stage_run.messages, stage_run.source
+    results = {name: await STAGES[name](stage_run) for name in chosen}
     header = ("stage", "messages", "seconds", "msg/s", "CPU ms per message", "budget")
     rows = [
         [
@@ -332,6 +347,8 @@ async def run(run_dir: Path, messages: int, source: Path, broker: str = "kafka")
         f"the {len(results)} stages measured: {total:.2f} CPU ms per message (their budget "
         f"{measured_budget:.2f}; issue 19's target for all six services: {TARGET_MS:.2f})"
     )
+    for name, text in stage_run.hot_spots.items():
+        print(f"\nprofile of {name} (py-spy, while measured):\n{text}")
     return Report(
         benchmark="stages",
         summary=[
@@ -366,8 +383,27 @@ async def run(run_dir: Path, messages: int, source: Path, broker: str = "kafka")
     )
 
 
+STAGES: dict[str, Callable[[StageRun], Awaitable[tuple[float, float]]]] = {
+    "ingress": ingress,
+    "sender": sender,
+    "callbacks": callbacks,
+    "normalizer": normalizer,
+    "reporter": reporter,
+    "campaigns": campaigns,
+}
+
+
 def bench(options: Options) -> Report:
-    messages = options.recipients or DEFAULT_MESSAGES
-    source = code_under_test()
+    profile_dir = None
+    if options.profile:
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
+        profile_dir = RESULTS_DIR / "profiles" / f"stages-{stamp}"
     with tempfile.TemporaryDirectory(prefix="smsbridge-bench-stages-") as directory:
-        return asyncio.run(run(Path(directory), messages, source, options.broker))
+        stage_run = StageRun(
+            Path(directory),
+            options.recipients or DEFAULT_MESSAGES,
+            code_under_test(),
+            options.broker,
+            profile_dir,
+        )
+        return asyncio.run(run(stage_run, options.stages or list(STAGES)))
