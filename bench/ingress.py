@@ -137,7 +137,7 @@ async def raw_pass(
     partitions = sorted(await producer.partitions_for(RAW_TOPIC))
     partitioner = DefaultPartitioner()
     # aiokafka's batch hand-over fails concurrent waiters for one partition early (see
-    # services/ingress/produce.py): one waiter per partition at a time, as ingress does.
+    # shared/kafka/batches.py): one waiter per partition at a time, as ingress does.
     locks = {partition: asyncio.Lock() for partition in partitions}
 
     async def hand_over(partition: int, chain: list[Any]) -> list[asyncio.Future[Any]]:

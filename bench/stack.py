@@ -72,6 +72,13 @@ def code_under_test() -> Path:
     return Path(os.environ.get("BENCH_SOURCE_DIR", REPO))
 
 
+def setting_overrides() -> dict[str, Any]:
+    """``$BENCH_SETTINGS``: a JSON object deep-merged over every stack's configuration, to
+    compare a setting's values, e.g. ``{"kafka": {"linger_ms": 20}}``."""
+    text = os.environ.get("BENCH_SETTINGS", "").strip()
+    return dict(orjson.loads(text)) if text else {}
+
+
 class StackError(RuntimeError):
     """A child did not start, did not become ready, or exited when nobody stopped it."""
 
@@ -454,7 +461,7 @@ class Stack(SimulatorPeers):
                 log_level=log_level,
                 broker_kind=self.broker.kind,
             ),
-            overrides or {},
+            deep_merge(setting_overrides(), overrides or {}),
         )
         self.settings = Settings(**self.config)
         self.config_path = run_dir / "smsbridge.toml"

@@ -34,7 +34,6 @@ from services.ingress.batch import (
 )
 from services.ingress.e164 import reader
 from services.ingress.ledger import LedgerEntry, LedgerFollower, RequestLedger, ledger_key
-from services.ingress.produce import BatchPublisher
 from services.ingress.reading import ReadBudget, declared_too_large, read_body, reservation
 from shared.config import Settings, TenantSettings
 from shared.contract.events import IngressRequestAccepted, utcnow
@@ -104,13 +103,11 @@ class CampaignEndpoint:
         *,
         settings: Settings,
         ledger: RequestLedger,
-        batches: BatchPublisher,
         publisher: Publisher,
         is_ready: Callable[[], bool],
     ) -> None:
         self.settings = settings
         self.ledger = ledger
-        self.batches = batches
         self.publisher = publisher
         self.is_ready = is_ready
         self.budget = ReadBudget(settings.ingress.max_reading_bytes)
@@ -303,7 +300,9 @@ class CampaignEndpoint:
         first_at: float | None,
     ) -> LedgerEntry:
         topic = recipients_topic(records.priority)
-        await self.batches.publish([(topic, records.recipients), (DISPATCHES, records.dispatches)])
+        await self.publisher.publish_batches(
+            [(topic.name, None, records.recipients), (DISPATCHES.name, None, records.dispatches)]
+        )
         # The ledger entry goes last: its presence promises that every record above is on Kafka.
         accepted = IngressRequestAccepted(
             tenant=slug,
@@ -380,7 +379,6 @@ class IngressService:
         self.endpoint = CampaignEndpoint(
             settings=settings,
             ledger=self.ledger,
-            batches=BatchPublisher(self.publisher, kafka.produce_timeout_s),
             publisher=self.publisher,
             is_ready=self.ready,
         )

@@ -272,9 +272,7 @@ class NormalizerHandler(SelfPublishing):
             keys = [key for key, _ in due if not self.locks.is_held(partition, key)]
             if not keys:
                 break
-            async with contextlib.AsyncExitStack() as held:
-                for key in keys:
-                    await held.enter_async_context(self.locks.hold(partition, key))
+            async with self.locks.hold_all(partition, keys):
                 changes = []
                 for key in keys:
                     entry = self.store.get_entry(partition, key)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from services.normalizer import number_match
 from services.normalizer.number_match import NumberSlot
@@ -77,15 +77,15 @@ class JoinState(BaseModel):
 
     dispatch: DispatchRecord | None = None
     # Provider events that arrived before the dispatch record, in arrival order.
-    held: list[ProviderEvent] = []
+    held: list[ProviderEvent] = Field(default_factory=list)
     held_since: float | None = None
     status: CanonicalStatus | None = None
     sub_status: str = ""
     finished_at: float | None = None
-    seen_event_ids: list[str] = []
+    seen_event_ids: list[str] = Field(default_factory=list)
     # A key matched by number: every recent message sent to it (the fields above but ``held``,
     # ``held_since`` and ``seen_event_ids`` stay unused).
-    messages: list[NumberSlot] = []
+    messages: list[NumberSlot] = Field(default_factory=list)
 
     def to_value(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

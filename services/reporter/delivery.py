@@ -22,10 +22,9 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Protocol
 
-import aiohttp
-
 from shared.config import ReporterSettings
 from shared.contract.optimove import SignedRequest
+from shared.http_client import HttpClient, HttpError, HttpTimeout
 from shared.providers.http import RETRY_AFTER_HEADER, is_retryable_status, parse_retry_after
 from shared.retry import RetryPolicy as Waits
 
@@ -168,22 +167,12 @@ class Gate(Protocol):
         ...
 
 
-async def _read_prefix(response: aiohttp.ClientResponse, limit: int) -> bytes:
-    collected = bytearray()
-    while len(collected) < limit:
-        chunk = await response.content.read(limit - len(collected))
-        if not chunk:
-            break
-        collected += chunk
-    return bytes(collected)
-
-
 class ReportSender:
     """Sends signed requests to Optimove and retries them by ``RetryPolicy``."""
 
     def __init__(
         self,
-        session: aiohttp.ClientSession,
+        session: HttpClient,
         policy: RetryPolicy,
         request_timeout_s: float,
         *,
@@ -193,7 +182,7 @@ class ReportSender:
     ) -> None:
         self.session = session
         self.policy = policy
-        self.timeout = aiohttp.ClientTimeout(total=request_timeout_s)
+        self.timeout_s = request_timeout_s
         self.clock = clock
         self.sleep = sleep
         self.jitter = jitter
@@ -202,34 +191,30 @@ class ReportSender:
         """One POST of exactly ``request.body``; never raises for HTTP or network trouble."""
         started = time.monotonic()
         try:
-            async with self.session.post(
-                request.url,
-                data=request.body,
-                headers=request.headers,
-                timeout=self.timeout,
-                # A redirect is a configuration problem to see, not something to follow blindly
-                # (aiohttp would turn a 303 into a GET and drop the body).
-                allow_redirects=False,
-            ) as response:
-                prefix = await _read_prefix(response, _EXCERPT_BYTES)
-                return AttemptResult(
-                    status_code=response.status,
-                    response_excerpt=prefix.decode("utf-8", "replace")[:EXCERPT_CHARS],
-                    retry_after_s=parse_retry_after(response.headers.get(RETRY_AFTER_HEADER)),
-                    duration_s=time.monotonic() - started,
-                )
-        except TimeoutError:
+            # A redirect is an answer (a configuration problem to see), never followed.
+            answer = await self.session.post(
+                request.url, request.body, request.headers, timeout_s=self.timeout_s
+            )
+        except HttpTimeout:
             return AttemptResult(
                 status_code=None,
-                error=f"timeout after {self.timeout.total}s",
+                error=f"timeout after {self.timeout_s:g}s",
                 duration_s=time.monotonic() - started,
             )
-        except aiohttp.ClientError as exc:
+        except HttpError as exc:
             return AttemptResult(
                 status_code=None,
                 error=f"{type(exc).__name__}: {exc}",
                 duration_s=time.monotonic() - started,
             )
+        return AttemptResult(
+            status_code=answer.status,
+            response_excerpt=answer.body[:_EXCERPT_BYTES].decode("utf-8", "replace")[
+                :EXCERPT_CHARS
+            ],
+            retry_after_s=parse_retry_after(answer.headers.get(RETRY_AFTER_HEADER)),
+            duration_s=time.monotonic() - started,
+        )
 
     async def deliver(
         self,

@@ -18,7 +18,6 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-import aiohttp
 from aiokafka import TopicPartition
 
 from services.reporter.acknowledged import delivery_identity, incoming_identity
@@ -45,6 +44,7 @@ from services.reporter.outcomes import (
 )
 from services.reporter.parked_state import ParkedState
 from services.reporter.parking import (
+    PARKED_DELIVERIES,
     ParkedEntry,
     ParkedKind,
     ParkedReport,
@@ -59,6 +59,7 @@ from shared.config import Settings, TenantSettings
 from shared.contract.events import InboundMessage, StatusEvent
 from shared.contract.optimove import OptimoveContract
 from shared.contract.topics import INBOUND, REPORTER_STATE, STATUSES
+from shared.http_client import HttpClient
 from shared.kafka.clients import KafkaUnavailable, OutRecord, Publisher
 from shared.kafka.runner import PoisonRecord, Record, decode_or_poison
 from shared.kafka.store import ChangelogStore
@@ -94,7 +95,11 @@ class ReporterHandler:
             jitter=jitter,
         )
         store = ChangelogStore(
-            settings.kafka, REPORTER_STATE, state_dir=self.options.state_dir, name=STAGE
+            settings.kafka,
+            REPORTER_STATE,
+            state_dir=self.options.state_dir,
+            name=STAGE,
+            counted_prefixes=(PARKED_DELIVERIES,),
         )
         self.state = ParkedState(
             store, lambda: settings.tenants, remember_s=self.options.remember_acknowledged_s
@@ -107,7 +112,7 @@ class ReporterHandler:
             max_size=self.options.inbound_batch_size,
             max_delay_s=self.options.inbound_batch_delay_s,
         )
-        self._session: aiohttp.ClientSession | None = None
+        self._session: HttpClient | None = None
         self._sender: ReportSender | None = None
         self._assigned: set[TopicPartition] = set()
         self._timer_task: asyncio.Task[None] | None = None
@@ -120,11 +125,9 @@ class ReporterHandler:
 
     async def start(self, publisher: Publisher) -> None:
         self.state.publisher = publisher
-        connector = aiohttp.TCPConnector(
-            limit=self.options.runner.max_in_flight + self.options.parked_max_in_flight
-        )
-        self._session = aiohttp.ClientSession(
-            connector=connector, cookie_jar=aiohttp.DummyCookieJar()
+        self._session = HttpClient(
+            timeout_s=self.options.request_timeout_s,
+            limit=self.options.runner.max_in_flight + self.options.parked_max_in_flight,
         )
         self._sender = ReportSender(
             self._session,
@@ -217,31 +220,38 @@ class ReporterHandler:
             skipped_as_acknowledged(slug, KIND_DELIVERY, extra)
             return []
         key = delivery_key(slug, context.message_id)
-        report = ParkedReport.from_record(record, since=self.clock())
-        if await self._queue_behind(record.partition, key, report, event.status, extra):
+        since = self.clock()
+        if await self._queue_behind(record, key, since, event.status, extra):
             return []
         outcome = await self.sender.deliver(
             self.contract.delivery_report(tenant, event),
             observer(slug, KIND_DELIVERY, 1, extra),
             gate=self.circuits.get(slug),
             budget_s=self.options.inline_retry_s,
-            first_attempt_at=report.since,
+            first_attempt_at=since,
         )
         if outcome.accepted:
             counted = acknowledged(slug, KIND_DELIVERY, {context.campaign_id: 1})
             await self.state.remember(record.partition, [identity], self.clock(), [counted])
         return await self._conclude(
-            record, key, KIND_DELIVERY, slug, event.status, report, outcome, extra
+            record, key, KIND_DELIVERY, slug, event.status, since, outcome, extra
         )
 
     async def _queue_behind(
-        self, partition: int, key: str, report: ParkedReport, status: str, extra: dict[str, Any]
+        self, record: Record, key: str, since: float, status: str, extra: dict[str, Any]
     ) -> bool:
-        """Park ``report`` behind the message's parked reports, if it has any."""
+        """Park the record's report behind the message's parked reports, if it has any."""
+        partition = record.partition
+        if self.store.count_prefix(partition, PARKED_DELIVERIES) == 0:
+            # Nothing parked in the partition (a running count): no lock, no lookup. A report of
+            # this message parked by an earlier record would count: records of one message run
+            # one after another.
+            return False
         async with self.state.locks.hold(partition, key):
             previous = self.store.get_entry(partition, key)
             if previous is None:
                 return False
+            report = ParkedReport.from_record(record, since)
             parked = ParkedEntry.from_value(previous.value)
             if parked.holds(report.source):
                 return True  # read again after a crash: already queued
@@ -271,12 +281,12 @@ class ReporterHandler:
         if self.state.acknowledged(record.partition, identity, self.clock()):
             skipped_as_acknowledged(slug, KIND_INCOMING, extra)
             return []
-        report = ParkedReport.from_record(record, since=self.clock())
+        since = self.clock()
         outcome = await self.batcher.submit(slug, event)
         if outcome.accepted:
             await self.state.remember(record.partition, [identity], self.clock())
         return await self._conclude(
-            record, key, KIND_INCOMING, slug, STATUS_REPLY, report, outcome, extra
+            record, key, KIND_INCOMING, slug, STATUS_REPLY, since, outcome, extra
         )
 
     async def _deliver_incoming(self, slug: str, messages: list[InboundMessage]) -> DeliveryOutcome:
@@ -308,7 +318,7 @@ class ReporterHandler:
         kind: ParkedKind,
         slug: str,
         status: str,
-        report: ParkedReport,
+        since: float,
         outcome: DeliveryOutcome,
         extra: dict[str, Any],
     ) -> Sequence[OutRecord]:
@@ -316,6 +326,8 @@ class ReporterHandler:
         if action is Action.ACCEPTED:
             REPORTS.labels(slug, kind, status, RESULT_ACCEPTED).inc()
             return []
+        # Made only now: an accepted report (nearly all) never needs its copy of the record.
+        report = ParkedReport.from_record(record, since)
         if action is Action.RETRY:
             parked = ParkedEntry(
                 kind=kind, tenant=slug, reports=[report.after(outcome.attempts, outcome.last)]

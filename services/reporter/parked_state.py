@@ -7,7 +7,6 @@ a retry finds the state it started from. ``ParkedCounts`` follows every change (
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections.abc import Callable, Collection, Sequence
 
@@ -130,9 +129,7 @@ class ParkedState:
         writes = remember(keys, now, self.remember_s)
         if not writes and not also:
             return
-        async with contextlib.AsyncExitStack() as held:
-            for key in sorted(keys):
-                await held.enter_async_context(self.locks.hold(partition, key))
+        async with self.locks.hold_all(partition, keys):
             await retry(
                 lambda: self.write(partition, [], also, remembered=writes),
                 KAFKA_WAIT,

@@ -40,6 +40,10 @@ def key_prefix(kind: str, tenant: str) -> str:
     return f"{kind}/{tenant}/"
 
 
+# Every parked delivery entry's key starts with it: the store keeps a running count of them.
+PARKED_DELIVERIES = f"{KIND_DELIVERY}/"
+
+
 def record_source(record: Record) -> str:
     """Identifies a record: the same record read again (after a crash) is recognised."""
     return f"{record.topic}:{record.partition}:{record.offset}"

@@ -9,7 +9,6 @@ passes (``acknowledged.py``). See ``docs/reporter.md``.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Callable, Coroutine, Iterable, Sequence
 from typing import Any
@@ -340,9 +339,9 @@ class ParkedRetries:
     ) -> None:
         """Record what one attempt decided for the heads of these entries (their newer state),
         publishing ``also`` and storing the acknowledgements ``remembered`` with it."""
-        async with contextlib.AsyncExitStack() as held:
-            for key in sorted({*decided, *(write.key for write in remembered)}):
-                await held.enter_async_context(self.state.locks.hold(partition, key))
+        async with self.state.locks.hold_all(
+            partition, [*decided, *(write.key for write in remembered)]
+        ):
             changes: list[Change] = []
             for key, (head, decision) in decided.items():
                 previous = self.state.store.get_entry(partition, key)
@@ -364,9 +363,7 @@ class ParkedRetries:
         """Delete the acknowledgements among ``keys`` whose time came (memory stays bounded)."""
         if not keys:
             return 0
-        async with contextlib.AsyncExitStack() as held:
-            for key in sorted(keys):
-                await held.enter_async_context(self.state.locks.hold(partition, key))
+        async with self.state.locks.hold_all(partition, keys):
             store = self.state.store
             deletes = forgotten([(key, store.get_entry(partition, key)) for key in keys], now)
             await self.state.write(partition, [], remembered=deletes)
@@ -376,9 +373,7 @@ class ParkedRetries:
         """Move due entries that cannot be sent now to a later turn, or dead-letter them."""
         if not keys:
             return 0
-        async with contextlib.AsyncExitStack() as held:
-            for key in sorted(keys):
-                await held.enter_async_context(self.state.locks.hold(partition, key))
+        async with self.state.locks.hold_all(partition, keys):
             changes: list[Change] = []
             for key in keys:
                 previous = self.state.store.get_entry(partition, key)

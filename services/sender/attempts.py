@@ -16,8 +16,6 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import aiohttp
-
 from services.sender import metrics
 from services.sender.accounts import AccountSender, CircuitOpen, SendJob, Withheld
 from services.sender.fairness import FairQueue, Flow, turn_window
@@ -27,6 +25,7 @@ from services.sender.state import SendState, StateWriter, message_of
 from shared.circuit import CircuitBreaker, CircuitState
 from shared.config import ProviderSettings, Route, Settings, TenantSettings
 from shared.contract.segments import count_segments
+from shared.http_client import HttpClient
 from shared.kafka.unit_of_work import UnitOfWork
 from shared.live_config import on_reload
 from shared.providers import PROVIDER_KINDS, callback_url, provider_class
@@ -69,7 +68,7 @@ class Attempts:
         # The account each campaign was last sent on (lane_limit asks it), the latest 10,000.
         self._flow_accounts: OrderedDict[Flow, str] = OrderedDict()
         self._given_providers = dict(providers)
-        self._session: aiohttp.ClientSession | None = None
+        self._session: HttpClient | None = None
         self._accounts: dict[str, AccountSender] = {}
         self._retired: set[asyncio.Future[None]] = set()  # replaced by a reload, closing
         self._in_flight: dict[str, _Attempt] = {}
@@ -84,10 +83,8 @@ class Attempts:
     # -- lifecycle -----------------------------------------------------------------------------
 
     def start(self) -> None:
-        timeout = aiohttp.ClientTimeout(total=self.settings.sender.request_timeout_s)
         # Calls in flight are bounded per account (max_in_flight), not by the connection pool.
-        connector = aiohttp.TCPConnector(limit=0)
-        self._session = aiohttp.ClientSession(timeout=timeout, connector=connector)
+        self._session = HttpClient(timeout_s=self.settings.sender.request_timeout_s, limit=None)
         for account, provider in self.settings.providers.items():
             if provider.kind not in PROVIDER_KINDS:
                 log.error("provider account %s: kind %s is not supported", account, provider.kind)

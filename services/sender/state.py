@@ -16,7 +16,7 @@ import logging
 from collections.abc import Sequence
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from shared.contract.events import DispatchRecord, RecipientMessage, StateChange
 from shared.contract.topics import SENDER_STATE
@@ -74,14 +74,14 @@ class SendState(BaseModel):
     # The route being tried, attempts made on it, and the routes given up on, in order.
     account: str = ""
     attempt: int = 0
-    given_up: list[str] = []
+    given_up: list[str] = Field(default_factory=list)
     attempts: int = 0  # on every route together
     park_reason: ParkReason | None = None
     # The next attempt must be the identical call on ``account``, alone: the outcome of the last
     # one is unknown and the provider recognises a resent call (``deduplicates_resends``).
     resend: bool = False
     # ``sending``: message ids of the provider call, in call order (a bulk call has several).
-    call: list[str] = []
+    call: list[str] = Field(default_factory=list)
     last_error: str = ""
     last_status_code: int | None = None
     dispatch: DispatchRecord | None = None

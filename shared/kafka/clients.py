@@ -29,6 +29,7 @@ from aiokafka.errors import (
 from shared.config import EMBEDDED_BROKER, KafkaSettings
 from shared.contract.events import Event
 from shared.contract.topics import Topic, use_prefix
+from shared.kafka.batches import Pair, PartitionBatches
 from shared.kafka.security import security_kwargs
 
 log = logging.getLogger(__name__)
@@ -232,6 +233,10 @@ def _sender_task(producer: AIOKafkaProducer) -> asyncio.Task[None] | None:
     return getattr(getattr(producer, "_sender", None), "sender_task", None)
 
 
+# A group this large is worth batching by hand (see ``Publisher.publish_batches``).
+BATCHED_FROM = 64
+
+
 class Publisher:
     """Publishes events and waits until Kafka (acks=all) holds every one of them.
 
@@ -250,6 +255,7 @@ class Publisher:
         self._remake = remake
         self._renewing = asyncio.Lock()
         self._retired: set[asyncio.Task[None]] = set()
+        self._batches = PartitionBatches(lambda: self.producer)
 
     @classmethod
     def for_service(cls, settings: KafkaSettings, role: str) -> Publisher:
@@ -283,24 +289,52 @@ class Publisher:
         retiring.add_done_callback(self._retired.discard)
 
     async def publish(self, records: Iterable[OutRecord]) -> None:
-        await self._send_all(
-            (record.topic.name, *record.encoded, record.partition) for record in records
+        groups: dict[tuple[str, int | None], list[Pair]] = {}
+        for record in records:
+            group = (record.topic.name, record.partition)
+            pairs = groups.get(group)
+            if pairs is None:
+                pairs = groups[group] = []
+            pairs.append(record.encoded)
+        await self.publish_batches(
+            [(topic, partition, pairs) for (topic, partition), pairs in groups.items()]
         )
 
-    async def publish_raw(self, topic: str, items: Sequence[tuple[bytes, bytes]]) -> None:
+    async def publish_raw(self, topic: str, pairs: Sequence[Pair]) -> None:
         """Records already encoded (callbacks encodes first, to refuse what cannot be stored)."""
-        await self._send_all((topic, key, value, None) for key, value in items)
+        await self.publish_batches([(topic, None, pairs)])
 
-    async def _send_all(self, items: Iterable[tuple[str, bytes, bytes | None, int | None]]) -> None:
-        futures: list[asyncio.Future[object]] = []
+    async def publish_batches(
+        self, groups: Sequence[tuple[str, int | None, Sequence[Pair]]]
+    ) -> None:
+        """Publish each (topic, partition or None for the keys', records); raise
+        ``KafkaUnavailable`` unless Kafka acknowledged every record within the timeout.
+
+        A group of ``BATCHED_FROM`` records or more is appended to the partitions' open batches
+        (``shared/kafka/batches.py``); a smaller one goes through ``send()``, whose batches wait
+        ``linger_ms`` for more records (a batch handed over is sent at once: one produce request
+        per callback, say). Mixing the two never reorders a key's records: no caller publishes a
+        key again before its earlier records are acknowledged (key locks, records of one key run
+        one after another).
+
+        After a failure some records may still reach Kafka: callers retry, and consumers know
+        repeats by their deterministic ids. A caller that gives up cancels nothing: its records
+        may share batches with other callers'.
+        """
+        waits: set[asyncio.Future[Any]] = set()
         producer = self.producer
         try:
-            for topic, key, value, partition in items:
-                futures.append(await producer.send(topic, value, key=key, partition=partition))
-            if futures:
-                await asyncio.wait_for(asyncio.gather(*futures), self.timeout_s)
+            async with asyncio.timeout(self.timeout_s):
+                for topic, partition, pairs in groups:
+                    if len(pairs) >= BATCHED_FROM:
+                        await self._batches.append(topic, pairs, waits, partition)
+                        continue
+                    for key, value in pairs:
+                        waits.add(await producer.send(topic, value, key=key, partition=partition))
+                if waits:
+                    await asyncio.wait(waits)
+            for delivered in waits:
+                delivered.result()
         except (KafkaError, TimeoutError) as exc:
-            for future in futures:
-                future.cancel()
             await self.renew_if_broken(producer, exc)
             raise KafkaUnavailable(f"{type(exc).__name__}: {exc}") from exc

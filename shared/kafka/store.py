@@ -17,6 +17,7 @@ import shutil
 import sqlite3
 import tempfile
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from itertools import count
@@ -473,31 +474,83 @@ class KeyLocks:
 
     Two tasks writing the same key (a record handler and a timer) must publish their changelog
     records in the order they changed the state, or the changelog would end on a stale value.
+    Nearly every hold finds its key free: that path costs one dict entry, no lock object (an
+    ``asyncio.Lock`` per key behind a generator-based context manager was several microseconds
+    per hold, paid several times per record). Waiters are served first come, first served.
     """
 
     def __init__(self) -> None:
-        # lock and how many tasks hold or wait for it; gone when nobody does
-        self._slots: dict[tuple[int, str], tuple[asyncio.Lock, int]] = {}
+        # Held keys, each with the futures of the tasks waiting for it, oldest first.
+        self._waiting: dict[tuple[int, str], deque[asyncio.Future[None]]] = {}
 
     def is_held(self, partition: int, key: str) -> bool:
-        return (partition, key) in self._slots
+        return (partition, key) in self._waiting
 
-    @contextlib.asynccontextmanager
-    async def hold(self, partition: int, key: str) -> AsyncIterator[None]:
-        slot = (partition, key)
-        lock, users = self._slots.get(slot, (None, 0))
-        if lock is None:
-            lock = asyncio.Lock()
-        self._slots[slot] = (lock, users + 1)
+    def hold(self, partition: int, key: str) -> _KeyHold:
+        return _KeyHold(self._waiting, (partition, key))
+
+    def hold_all(self, partition: int, keys: Iterable[str]) -> _KeysHold:
+        """Every one of ``keys``, taken in sorted order (two holders of overlapping keys then
+        never wait for each other in a circle)."""
+        return _KeysHold([self.hold(partition, key) for key in sorted(set(keys))])
+
+
+class _KeyHold:
+    __slots__ = ("_slot", "_waiting")
+
+    def __init__(
+        self, waiting: dict[tuple[int, str], deque[asyncio.Future[None]]], slot: tuple[int, str]
+    ) -> None:
+        self._waiting = waiting
+        self._slot = slot
+
+    async def __aenter__(self) -> None:
+        queue = self._waiting.get(self._slot)
+        if queue is None:
+            self._waiting[self._slot] = deque()
+            return
+        turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        queue.append(turn)
         try:
-            async with lock:
-                yield
-        finally:
-            lock, users = self._slots[slot]
-            if users == 1:
-                del self._slots[slot]
-            else:
-                self._slots[slot] = (lock, users - 1)
+            await turn
+        except asyncio.CancelledError:
+            if turn.done() and not turn.cancelled():
+                self._release()  # handed the key just as it was cancelled: hand it on
+            raise
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self._release()
+
+    def _release(self) -> None:
+        queue = self._waiting[self._slot]
+        while queue:
+            turn = queue.popleft()
+            if not turn.done():  # a cancelled waiter's turn is done already: skip it
+                turn.set_result(None)
+                return
+        del self._waiting[self._slot]
+
+
+class _KeysHold:
+    __slots__ = ("_holds", "_taken")
+
+    def __init__(self, holds: list[_KeyHold]) -> None:
+        self._holds = holds
+        self._taken = 0
+
+    async def __aenter__(self) -> None:
+        try:
+            for hold in self._holds:
+                await hold.__aenter__()
+                self._taken += 1
+        except BaseException:
+            await self.__aexit__()
+            raise
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        taken, self._taken = self._taken, 0
+        for hold in reversed(self._holds[:taken]):
+            hold._release()
 
 
 class GlobalTable:

@@ -14,13 +14,13 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, ClassVar
 
-import aiohttp
 import orjson
 
 from shared.config import ProviderSettings
 from shared.contract.events import CanonicalStatus, ProviderEventKind
 from shared.contract.numbers import NumberStyle
 from shared.contract.statuses import SubStatus
+from shared.http_client import HttpClient, HttpError
 from shared.providers.http import is_retryable_status, parse_retry_after
 
 
@@ -113,7 +113,7 @@ class Provider(ABC):
         self,
         account: str,
         settings: ProviderSettings,
-        session: aiohttp.ClientSession,
+        session: HttpClient,
         callback_url: str,
     ) -> None:
         self.account = account
@@ -144,11 +144,10 @@ class Provider(ABC):
         data = orjson.dumps(body)
         json_headers = {**headers, "Content-Type": "application/json"}
         try:
-            async with self.session.post(url, data=data, headers=json_headers) as response:
-                raw = await response.read()
-                return read(call, response.status, raw, response.headers)
-        except (aiohttp.ClientError, TimeoutError) as exc:
+            answer = await self.session.post(url, data, json_headers)
+        except HttpError as exc:
             return [network_error(exc) for _ in call]
+        return read(call, answer.status, answer.body, answer.headers)
 
     @classmethod
     def correlation_key(cls, account: str, provider_message_id: str, number: str) -> str:
@@ -216,7 +215,6 @@ def first_message(body: Mapping[str, Any], fields: Sequence[str]) -> str:
     return ""
 
 
-def network_error(exc: BaseException) -> SendError:
+def network_error(exc: HttpError) -> SendError:
     # Only a connection that was never made proves the provider did not get the request.
-    never_sent = isinstance(exc, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError)
-    return SendError(f"{type(exc).__name__}: {exc}", retryable=True, maybe_accepted=not never_sent)
+    return SendError(f"{type(exc).__name__}: {exc}", retryable=True, maybe_accepted=exc.sent)

@@ -14,12 +14,11 @@ import hashlib
 from collections.abc import Mapping
 from typing import ClassVar
 
-import aiohttp
-
 from shared.config import ProviderSettings
 from shared.contract import ids
 from shared.contract.events import CanonicalStatus, DispatchRecord, ProviderEvent
 from shared.contract.statuses import SubStatus
+from shared.http_client import HttpClient
 from shared.providers.base import (
     CallbackRejected,
     OutboundSms,
@@ -71,7 +70,7 @@ class DryRun(Provider):
         self,
         account: str,
         settings: ProviderSettings,
-        session: aiohttp.ClientSession | None = None,
+        session: HttpClient | None = None,
         callback_url: str = "",
     ) -> None:
         # No session is ever used: nothing leaves the process.

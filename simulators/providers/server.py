@@ -9,11 +9,11 @@ from collections import Counter
 from collections.abc import Mapping
 from typing import Any
 
-import aiohttp
 import orjson
 from aiohttp import web
 
 from shared.contract.events import utcnow
+from shared.http_client import HttpClient, HttpError
 from shared.logs import mask_number
 from simulators.providers.control import ReplyError, add_control_routes
 from simulators.providers.octopush import OctopushProtocol
@@ -56,7 +56,7 @@ class ProviderSimulator:
         for protocol in self.protocols:
             self.answers[protocol.kind] = Counter()
         self._runner: web.AppRunner | None = None
-        self._session: aiohttp.ClientSession | None = None
+        self._session: HttpClient | None = None
         self._background: set[asyncio.Task[None]] = set()
 
     @property
@@ -73,12 +73,10 @@ class ProviderSimulator:
         return app
 
     async def start(self) -> None:
-        # Per attempt: connecting and each read may take 5 s; waiting for one of the pool's
-        # connections does not count, or a burst of callbacks (a provider's delivery queue)
-        # would time out in the queue and be given up without ever being sent.
-        self._session = aiohttp.ClientSession(
-            timeout=aiohttp.ClientTimeout(total=None, sock_connect=5.0, sock_read=5.0)
-        )
+        # Per attempt: 10 s from when one of the 100 connections is free; waiting for it does not
+        # count, or a burst of callbacks (a provider's delivery queue) would time out in the
+        # queue and be given up without ever being sent.
+        self._session = HttpClient(timeout_s=10.0, limit=100)
         self._runner = web.AppRunner(self.build_app(), access_log=None, handle_signals=False)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port, reuse_address=True)
@@ -232,10 +230,8 @@ class ProviderSimulator:
         while attempts < self.options.callback_attempts:
             attempts += 1
             try:
-                async with self._session.post(callback.url, data=body, headers=headers) as response:
-                    await response.read()
-                    http_status = response.status
-            except (aiohttp.ClientError, TimeoutError) as exc:
+                http_status = (await self._session.post(callback.url, body, headers)).status
+            except HttpError as exc:
                 http_status = None
                 log.info("callback to %s failed: %s", provider, type(exc).__name__)
             else:

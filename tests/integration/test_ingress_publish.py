@@ -1,4 +1,4 @@
-"""Ingress' batch publisher on a real broker: concurrent requests sharing partitions."""
+"""The publisher's batches on a real broker: concurrent requests sharing partitions."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import asyncio
 import pytest
 
 from bench.stack import count_records
-from services.ingress.produce import BatchPublisher
 from shared.config import KafkaSettings
 from shared.contract.topics import RECIPIENTS
 from shared.kafka.broker import EmbeddedBroker
@@ -30,15 +29,15 @@ async def test_concurrent_requests_for_the_same_partitions_are_all_stored(
     producer = make_producer(kafka_settings, "test")
     await producer.start()
     try:
-        publisher = BatchPublisher(Publisher(producer, 60.0), timeout_s=60.0)
+        publisher = Publisher(producer, 60.0)
         requests = 24
         per_request = 2_400
 
         async def request(number: int) -> None:
-            records = [
+            records: list[tuple[bytes, bytes | None]] = [
                 (f"acme:+4474{number:03d}{i:05d}".encode(), b"x" * 600) for i in range(per_request)
             ]
-            await publisher.publish([(RECIPIENTS, records)])
+            await publisher.publish_batches([(RECIPIENTS.name, None, records)])
 
         await asyncio.gather(*(request(n) for n in range(requests)))
     finally:

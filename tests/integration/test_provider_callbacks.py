@@ -14,6 +14,7 @@ import pytest
 from services.callbacks.app import build
 from shared.contract.events import ProviderEvent
 from shared.contract.topics import PROVIDER_EVENTS
+from shared.http_client import HttpClient
 from shared.kafka.broker import EmbeddedBroker, free_port
 from shared.providers import callback_url
 from shared.providers import octopush as octopush_module
@@ -169,16 +170,17 @@ async def test_simulated_providers_call_back_our_service_with_joinable_keys(
     simulator = ProviderSimulator("127.0.0.1", free_port(), callback_delay_ms=5, seed=3)
     settings = bulk_provider_settings(simulator.url)
     simulator.configure(callback_urls=callback_urls_from_settings(settings))
+    ours = HttpClient(timeout_s=10)
     octopush = Octopush(
         OCTOPUSH_ACCOUNT,
         settings.providers[OCTOPUSH_ACCOUNT],
-        http,
+        ours,
         callback_url(settings, OCTOPUSH_ACCOUNT),
     )
     opensms = OpenSms(
         OPENSMS_ACCOUNT,
         settings.providers[OPENSMS_ACCOUNT],
-        http,
+        ours,
         callback_url(settings, OPENSMS_ACCOUNT),
     )
     french = [OutboundSms(f"m-fr-{i}", f"+3360000000{i}", "Bonjour", "ACME") for i in range(3)]
@@ -196,6 +198,7 @@ async def test_simulated_providers_call_back_our_service_with_joinable_keys(
             assert all(c.delivered for c in [*simulator.callbacks, reply, stop])
     finally:
         await simulator.stop()
+        await ours.close()
 
     grouped = by_key(await read_topic(settings, PROVIDER_EVENTS, ProviderEvent, expect=12))
     for result in accepted:

@@ -6,7 +6,6 @@ import argparse
 import re
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
-from types import SimpleNamespace
 from typing import Any
 
 import aiohttp
@@ -16,6 +15,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from shared.contract.statuses import SubStatus
+from shared.http_client import Answer, HttpClient
 from shared.kafka.broker import free_port
 from shared.kafka.service import serve
 from shared.providers import callback_url
@@ -91,6 +91,13 @@ async def simulator() -> AsyncIterator[ProviderSimulator]:
 async def client() -> AsyncIterator[aiohttp.ClientSession]:
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
         yield session
+
+
+@pytest.fixture
+async def ours() -> AsyncIterator[HttpClient]:
+    """The HTTP client our provider modules send with."""
+    async with HttpClient(timeout_s=5) as http:
+        yield http
 
 
 def send_body(webhook_url: str, **changes: Any) -> dict[str, Any]:
@@ -223,13 +230,13 @@ async def test_invalid_sends_are_refused_like_the_real_api_and_not_recorded(
 
 
 async def test_validation_error_reads_as_invalid_number_in_our_client(
-    simulator: ProviderSimulator, client: aiohttp.ClientSession
+    simulator: ProviderSimulator, client: aiohttp.ClientSession, ours: HttpClient
 ) -> None:
     settings = make_settings(provider_url=simulator.url)
     provider = Otpiq(
         "otpiq-main",
         settings.providers["otpiq-main"],
-        client,
+        ours,
         callback_url(settings, "otpiq-main"),
     )
     [result] = await provider.send(
@@ -241,10 +248,13 @@ async def test_validation_error_reads_as_invalid_number_in_our_client(
 
 
 async def test_our_client_sends_and_the_simulator_records_it_once(
-    simulator: ProviderSimulator, receiver: Receiver, client: aiohttp.ClientSession
+    simulator: ProviderSimulator,
+    receiver: Receiver,
+    client: aiohttp.ClientSession,
+    ours: HttpClient,
 ) -> None:
     settings = make_settings(provider_url=simulator.url)
-    provider = Otpiq("otpiq-main", settings.providers["otpiq-main"], client, receiver.url)
+    provider = Otpiq("otpiq-main", settings.providers["otpiq-main"], ours, receiver.url)
     sms = OutboundSms(message_id="m-1", destination="+447700900123", text="Hi €", sender_id="ACME")
 
     [result] = await provider.send([sms])
@@ -334,7 +344,9 @@ async def test_same_seed_gives_the_same_outcome_mix(
 
 
 async def test_config_endpoint_refuses_bad_values_and_sends_can_be_reset(
-    simulator: ProviderSimulator, receiver: Receiver, client: aiohttp.ClientSession
+    simulator: ProviderSimulator,
+    receiver: Receiver,
+    client: aiohttp.ClientSession,
 ) -> None:
     config_url = f"{simulator.url}/_simulator/config"
     for bad in ({"fail_rate": 2}, {"latency_ms": -1}, {"colour": "red"}, {"seed": "x"}, [1]):
@@ -362,7 +374,7 @@ async def test_config_endpoint_refuses_bad_values_and_sends_can_be_reset(
 def bulk_provider(
     kind: type[OpenSms] | type[Octopush],
     simulator: ProviderSimulator,
-    client: aiohttp.ClientSession,
+    client: HttpClient,
 ) -> OpenSms | Octopush:
     settings = bulk_provider_settings(simulator.url)
     account = OPENSMS_ACCOUNT if kind is OpenSms else OCTOPUSH_ACCOUNT
@@ -387,12 +399,15 @@ async def opensms_post(
 
 
 async def test_opensms_bulk_send_is_recorded_per_recipient_and_reports_arrive(
-    simulator: ProviderSimulator, receiver: Receiver, client: aiohttp.ClientSession
+    simulator: ProviderSimulator,
+    receiver: Receiver,
+    client: aiohttp.ClientSession,
+    ours: HttpClient,
 ) -> None:
     simulator.configure(callback_urls={OPENSMS_TOKEN: receiver.url})
     batch = kenyan(3)
 
-    results = await bulk_provider(OpenSms, simulator, client).send(batch)
+    results = await bulk_provider(OpenSms, simulator, ours).send(batch)
 
     accepted = [result for result in results if isinstance(result, SendAccepted)]
     assert [a.message_id for a in accepted] == ["m-ke-0", "m-ke-1", "m-ke-2"]
@@ -447,9 +462,9 @@ async def test_opensms_refuses_invalid_sends_with_its_error_codes(
 
 
 async def test_opensms_refusals_read_as_terminal_sub_statuses_in_our_client(
-    simulator: ProviderSimulator, client: aiohttp.ClientSession
+    simulator: ProviderSimulator, client: aiohttp.ClientSession, ours: HttpClient
 ) -> None:
-    provider = bulk_provider(OpenSms, simulator, client)
+    provider = bulk_provider(OpenSms, simulator, ours)
     [bad_number] = await provider.send([OutboundSms("m-1", "+2547", "hi", "ACME")])
     [too_long] = await provider.send(kenyan(1, "x" * 200))
     assert isinstance(bad_number, SendError) and isinstance(too_long, SendError)
@@ -459,7 +474,7 @@ async def test_opensms_refusals_read_as_terminal_sub_statuses_in_our_client(
 
 
 async def test_opensms_rate_limit_window_answers_429_with_a_wait(
-    simulator: ProviderSimulator, client: aiohttp.ClientSession
+    simulator: ProviderSimulator, client: aiohttp.ClientSession, ours: HttpClient
 ) -> None:
     protocol = simulator.protocol("opensms")
     assert isinstance(protocol, OpenSmsProtocol)
@@ -471,7 +486,7 @@ async def test_opensms_rate_limit_window_answers_429_with_a_wait(
     assert headers["X-RateLimit-Remaining"] == "0"
     assert headers["X-RateLimit-Reset"] == "1700000040"
 
-    [limited] = await bulk_provider(OpenSms, simulator, client).send(kenyan(1))
+    [limited] = await bulk_provider(OpenSms, simulator, ours).send(kenyan(1))
 
     assert isinstance(limited, SendError)
     assert limited.retryable
@@ -482,9 +497,12 @@ async def test_opensms_rate_limit_window_answers_429_with_a_wait(
 
 
 async def test_opensms_without_a_callback_url_sends_but_reports_nothing(
-    simulator: ProviderSimulator, receiver: Receiver, client: aiohttp.ClientSession
+    simulator: ProviderSimulator,
+    receiver: Receiver,
+    client: aiohttp.ClientSession,
+    ours: HttpClient,
 ) -> None:
-    [result] = await bulk_provider(OpenSms, simulator, client).send(kenyan(1))
+    [result] = await bulk_provider(OpenSms, simulator, ours).send(kenyan(1))
     assert isinstance(result, SendAccepted)
     assert len(simulator.sends) == 1
     await simulator_quiet(simulator)
@@ -509,10 +527,13 @@ async def octopush_post(
 
 
 async def test_octopush_bulk_send_one_ticket_reports_per_recipient_and_no_resend(
-    simulator: ProviderSimulator, receiver: Receiver, client: aiohttp.ClientSession
+    simulator: ProviderSimulator,
+    receiver: Receiver,
+    client: aiohttp.ClientSession,
+    ours: HttpClient,
 ) -> None:
     simulator.configure(callback_urls={OCTOPUSH_KEY: receiver.url})
-    provider = bulk_provider(Octopush, simulator, client)
+    provider = bulk_provider(Octopush, simulator, ours)
     batch = french(3)
 
     results = await provider.send(batch)
@@ -601,9 +622,9 @@ async def test_octopush_refuses_invalid_sends(
 
 
 async def test_octopush_invalid_number_reads_as_invalid_number_in_our_client(
-    simulator: ProviderSimulator, client: aiohttp.ClientSession
+    simulator: ProviderSimulator, client: aiohttp.ClientSession, ours: HttpClient
 ) -> None:
-    [result] = await bulk_provider(Octopush, simulator, client).send(
+    [result] = await bulk_provider(Octopush, simulator, ours).send(
         [OutboundSms("m-1", "+33", "hi", "ACME")]
     )
     assert isinstance(result, SendError)
@@ -621,10 +642,13 @@ async def post_reply(
 
 
 async def test_reply_posts_inbound_and_stop_callbacks_our_parser_reads(
-    simulator: ProviderSimulator, receiver: Receiver, client: aiohttp.ClientSession
+    simulator: ProviderSimulator,
+    receiver: Receiver,
+    client: aiohttp.ClientSession,
+    ours: HttpClient,
 ) -> None:
     simulator.configure(callback_urls={OCTOPUSH_KEY: receiver.url})
-    [sent, _] = await bulk_provider(Octopush, simulator, client).send(french(2))
+    [sent, _] = await bulk_provider(Octopush, simulator, ours).send(french(2))
     assert isinstance(sent, SendAccepted)
     await wait_for(lambda: len(receiver.received) == 4, 5, "the delivery reports")
     receiver.received.clear()
@@ -731,47 +755,24 @@ class SentRequest:
     body: bytes = b""
 
 
-@dataclass
-class RequestTrace:
-    """Each request as a client session sent it; the trace context is per request, so
-    concurrent calls stay apart."""
+class RecordingClient(HttpClient):
+    """Our HTTP client, keeping each request a provider module made."""
 
-    requests: list[SentRequest] = field(default_factory=list)
+    def __init__(self) -> None:
+        super().__init__(timeout_s=5)
+        self.requests: list[SentRequest] = []
 
-    async def on_start(
-        self, _: aiohttp.ClientSession, context: SimpleNamespace, __: object
-    ) -> None:
-        context.request = SentRequest()
-        self.requests.append(context.request)
-
-    async def on_chunk(
-        self,
-        _: aiohttp.ClientSession,
-        context: SimpleNamespace,
-        params: aiohttp.TraceRequestChunkSentParams,
-    ) -> None:
-        context.request.body += params.chunk
-
-    async def on_end(
-        self,
-        _: aiohttp.ClientSession,
-        context: SimpleNamespace,
-        params: aiohttp.TraceRequestEndParams,
-    ) -> None:
-        context.request.url = str(params.url)
-        context.request.headers = CIMultiDict(params.headers)
+    async def post(
+        self, url: str, body: bytes, headers: Mapping[str, str], *, timeout_s: float | None = None
+    ) -> Answer:
+        self.requests.append(SentRequest(url, CIMultiDict(headers), body))
+        return await super().post(url, body, headers, timeout_s=timeout_s)
 
 
 @pytest.fixture
-async def traced_client() -> AsyncIterator[tuple[aiohttp.ClientSession, RequestTrace]]:
-    recorder = RequestTrace()
-    trace = aiohttp.TraceConfig()
-    trace.on_request_start.append(recorder.on_start)
-    trace.on_request_chunk_sent.append(recorder.on_chunk)
-    trace.on_request_end.append(recorder.on_end)
-    timeout = aiohttp.ClientTimeout(total=5)
-    async with aiohttp.ClientSession(timeout=timeout, trace_configs=[trace]) as session:
-        yield session, recorder
+async def recording_client() -> AsyncIterator[RecordingClient]:
+    async with RecordingClient() as client:
+        yield client
 
 
 @pytest.mark.parametrize(
@@ -792,12 +793,12 @@ async def traced_client() -> AsyncIterator[tuple[aiohttp.ClientSession, RequestT
 )
 async def test_send_posts_the_request_body_as_json_with_the_providers_own_headers(
     simulator: ProviderSimulator,
-    traced_client: tuple[aiohttp.ClientSession, RequestTrace],
+    recording_client: RecordingClient,
     kind: type[Otpiq] | type[OpenSms] | type[Octopush],
     path: str,
     own_headers: dict[str, str],
 ) -> None:
-    session, trace = traced_client
+    session = trace = recording_client
     settings = bulk_provider_settings(simulator.url)
     account = {Otpiq: "otpiq-main", OpenSms: OPENSMS_ACCOUNT, Octopush: OCTOPUSH_ACCOUNT}[kind]
     provider = kind(account, settings.providers[account], session, callback_url(settings, account))
@@ -823,7 +824,7 @@ async def test_send_posts_the_request_body_as_json_with_the_providers_own_header
 
 
 def client_of(
-    kind: str, simulator: ProviderSimulator, client: aiohttp.ClientSession, receiver_url: str
+    kind: str, simulator: ProviderSimulator, client: HttpClient, receiver_url: str
 ) -> Otpiq | OpenSms | Octopush:
     if kind == "otpiq":
         settings = make_settings(provider_url=simulator.url)
@@ -839,11 +840,15 @@ def one_message(kind: str) -> list[OutboundSms]:
 
 @pytest.mark.parametrize("kind", ["otpiq", "opensms", "octopush"])
 async def test_rate_limited_sends_are_429s_in_the_providers_shape_that_our_client_waits_on(
-    kind: str, simulator: ProviderSimulator, receiver: Receiver, client: aiohttp.ClientSession
+    kind: str,
+    simulator: ProviderSimulator,
+    receiver: Receiver,
+    client: aiohttp.ClientSession,
+    ours: HttpClient,
 ) -> None:
     simulator.configure(rate_limited_rate=1.0, rate_limited_wait_s=3.0)
 
-    [result] = await client_of(kind, simulator, client, receiver.url).send(one_message(kind))
+    [result] = await client_of(kind, simulator, ours, receiver.url).send(one_message(kind))
 
     assert isinstance(result, SendError), result
     assert result.retryable and result.status_code == 429
@@ -854,12 +859,16 @@ async def test_rate_limited_sends_are_429s_in_the_providers_shape_that_our_clien
 
 @pytest.mark.parametrize("kind", ["otpiq", "opensms", "octopush"])
 async def test_a_garbled_answer_to_an_accepted_send_is_never_taken_for_a_refusal(
-    kind: str, simulator: ProviderSimulator, receiver: Receiver, client: aiohttp.ClientSession
+    kind: str,
+    simulator: ProviderSimulator,
+    receiver: Receiver,
+    client: aiohttp.ClientSession,
+    ours: HttpClient,
 ) -> None:
     """The provider has the message; our client cannot know, so it must not say "retry"."""
     simulator.configure(garbled_rate=1.0)
 
-    [result] = await client_of(kind, simulator, client, receiver.url).send(one_message(kind))
+    [result] = await client_of(kind, simulator, ours, receiver.url).send(one_message(kind))
 
     assert isinstance(result, SendError), result
     assert not result.retryable or result.maybe_accepted

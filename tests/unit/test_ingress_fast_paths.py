@@ -16,11 +16,11 @@ from phonenumbers.phonenumberutil import COUNTRY_CODE_TO_REGION_CODE, SUPPORTED_
 
 from services.ingress.batch import build_records, parse_campaign
 from services.ingress.e164 import fast_read, reader
-from services.ingress.produce import murmur2, partition_for
 from shared.config import TenantSettings
 from shared.contract.events import MessageContext, RecipientMessage
 from shared.contract.ids import message_id
 from shared.contract.numbers import BareDigits, InvalidNumber, read_number, to_e164
+from shared.kafka.batches import murmur2, partition_for
 
 REGIONS = sorted(SUPPORTED_REGIONS)
 CALLING_CODES = sorted(COUNTRY_CODE_TO_REGION_CODE)

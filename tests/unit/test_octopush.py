@@ -5,11 +5,11 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
 
-import aiohttp
 import orjson
 import pytest
 
 from shared.contract.statuses import SubStatus
+from shared.http_client import HttpClient
 from shared.kafka.broker import free_port
 from shared.providers import PROVIDER_KINDS, callback_url
 from shared.providers.base import (
@@ -33,13 +33,13 @@ FORM = "application/x-www-form-urlencoded"
 
 
 @pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as client:
+async def session() -> AsyncIterator[HttpClient]:
+    async with HttpClient(timeout_s=2) as client:
         yield client
 
 
 def make_provider(
-    session: aiohttp.ClientSession, provider_url: str | None = None, **settings: Any
+    session: HttpClient, provider_url: str | None = None, **settings: Any
 ) -> Octopush:
     config = bulk_provider_settings(provider_url or "http://127.0.0.1:9", octopush=settings)
     return Octopush(ACCOUNT, config.providers[ACCOUNT], session, callback_url(config, ACCOUNT))
@@ -73,7 +73,7 @@ def test_registered_under_its_kind() -> None:
 # -- request body --------------------------------------------------------------------------------
 
 
-async def test_request_body_follows_the_documented_shape(session: aiohttp.ClientSession) -> None:
+async def test_request_body_follows_the_documented_shape(session: HttpClient) -> None:
     provider = make_provider(session)
     assert provider.send_url.endswith("/octopush/v1/public/sms-campaign/send")
 
@@ -114,7 +114,7 @@ DOCUMENTED_SEND_FIELDS = {
 
 
 async def test_replies_are_an_account_setting_off_by_default(
-    session: aiohttp.ClientSession,
+    session: HttpClient,
 ) -> None:
     assert make_provider(session).request_body([FIRST])["with_replies"] is False
     wanted = make_provider(session, with_replies=True).request_body([FIRST])
@@ -122,7 +122,7 @@ async def test_replies_are_an_account_setting_off_by_default(
 
 
 async def test_blacklisted_numbers_are_removed_not_failing_the_call(
-    session: aiohttp.ClientSession,
+    session: HttpClient,
 ) -> None:
     body = make_provider(session).request_body([FIRST, SECOND, THIRD])
     assert body["auto_remove_blacklisted_numbers"] is True
@@ -130,7 +130,7 @@ async def test_blacklisted_numbers_are_removed_not_failing_the_call(
 
 
 async def test_purpose_is_configurable_and_an_absent_sender_is_omitted(
-    session: aiohttp.ClientSession,
+    session: HttpClient,
 ) -> None:
     provider = make_provider(session, purpose="wholesale")
     body = provider.request_body([OutboundSms("m-1", "+33600000001", "hi", "")])
@@ -162,7 +162,7 @@ def test_calls_share_text_and_sender_never_repeat_a_number_and_respect_the_bound
 
 
 async def test_unreachable_provider_gives_each_message_a_retryable_error(
-    session: aiohttp.ClientSession,
+    session: HttpClient,
 ) -> None:
     provider = make_provider(session, f"http://127.0.0.1:{free_port()}")
     results = await provider.send([FIRST, SECOND, OutboundSms("m-9", "+33600000009", "x", "B")])
@@ -175,7 +175,7 @@ async def test_unreachable_provider_gives_each_message_a_retryable_error(
 
 @pytest.mark.parametrize("status", [200, 201])
 async def test_ticket_covers_every_message_keyed_by_ticket_and_number(
-    session: aiohttp.ClientSession, status: int
+    session: HttpClient, status: int
 ) -> None:
     raw = orjson.dumps(FIXTURES["send_response"])
     results = make_provider(session).read_send_response([FIRST, SECOND], status, raw)
@@ -206,7 +206,7 @@ async def test_ticket_covers_every_message_keyed_by_ticket_and_number(
     ],
 )
 async def test_success_without_a_usable_ticket_is_terminal_for_every_message(
-    session: aiohttp.ClientSession, raw: bytes, detail: str, unknown: bool
+    session: HttpClient, raw: bytes, detail: str, unknown: bool
 ) -> None:
     assert Octopush.deduplicates_resends
     results = make_provider(session).read_send_response([FIRST, SECOND], 201, raw)
@@ -229,7 +229,7 @@ async def test_success_without_a_usable_ticket_is_terminal_for_every_message(
     ],
 )
 async def test_duplicate_request_id_is_terminal_and_says_why(
-    session: aiohttp.ClientSession, body: dict[str, Any]
+    session: HttpClient, body: dict[str, Any]
 ) -> None:
     results = make_provider(session).read_send_response([FIRST, SECOND], 400, orjson.dumps(body))
     for result in results:
@@ -256,7 +256,7 @@ async def test_duplicate_request_id_is_terminal_and_says_why(
     ],
 )
 async def test_legacy_error_codes_map_to_retry_or_terminal_sub_status(
-    session: aiohttp.ClientSession, code: int, retryable: bool, sub_status: str
+    session: HttpClient, code: int, retryable: bool, sub_status: str
 ) -> None:
     provider = make_provider(session)
     for status, body in [
@@ -291,7 +291,7 @@ async def test_legacy_error_codes_map_to_retry_or_terminal_sub_status(
     ],
 )
 async def test_errors_without_a_known_code_follow_the_http_status(
-    session: aiohttp.ClientSession,
+    session: HttpClient,
     status: int,
     body: dict[str, Any],
     retryable: bool,
@@ -308,7 +308,7 @@ async def test_errors_without_a_known_code_follow_the_http_status(
 
 
 async def test_retry_after_is_honoured_on_retryable_errors(
-    session: aiohttp.ClientSession,
+    session: HttpClient,
 ) -> None:
     provider = make_provider(session)
     [limited] = provider.read_send_response([FIRST], 429, b"", {"retry-after": "12"})

@@ -4,11 +4,11 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
 
-import aiohttp
 import orjson
 import pytest
 
 from shared.contract.statuses import SubStatus
+from shared.http_client import HttpClient
 from shared.kafka.broker import free_port
 from shared.providers import PROVIDER_KINDS, callback_url
 from shared.providers.base import (
@@ -30,12 +30,12 @@ THIRD = OutboundSms("m-3", "+254712345680", "Your order has shipped", "ACME")
 
 
 @pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as client:
+async def session() -> AsyncIterator[HttpClient]:
+    async with HttpClient(timeout_s=2) as client:
         yield client
 
 
-def make_provider(session: aiohttp.ClientSession, provider_url: str | None = None) -> OpenSms:
+def make_provider(session: HttpClient, provider_url: str | None = None) -> OpenSms:
     settings = bulk_provider_settings(provider_url or "http://127.0.0.1:9")
     return OpenSms(ACCOUNT, settings.providers[ACCOUNT], session, callback_url(settings, ACCOUNT))
 
@@ -63,7 +63,7 @@ def test_registered_under_its_kind() -> None:
 # -- request body --------------------------------------------------------------------------------
 
 
-async def test_request_body_follows_the_documented_shape(session: aiohttp.ClientSession) -> None:
+async def test_request_body_follows_the_documented_shape(session: HttpClient) -> None:
     provider = make_provider(session)
     assert provider.send_url.endswith("/opensms/api/v3/sms/send")
 
@@ -83,7 +83,7 @@ async def test_request_body_follows_the_documented_shape(session: aiohttp.Client
 
 
 async def test_missing_sender_is_refused_without_calling_the_provider(
-    session: aiohttp.ClientSession,
+    session: HttpClient,
 ) -> None:
     # Nothing listens at the base URL: a call would come back as a retryable network error.
     provider = make_provider(session, f"http://127.0.0.1:{free_port()}")
@@ -95,7 +95,7 @@ async def test_missing_sender_is_refused_without_calling_the_provider(
 
 
 async def test_unreachable_provider_gives_each_message_a_retryable_error(
-    session: aiohttp.ClientSession,
+    session: HttpClient,
 ) -> None:
     provider = make_provider(session, f"http://127.0.0.1:{free_port()}")
     results = await provider.send([FIRST, SECOND])
@@ -113,7 +113,7 @@ DOCUMENTED_SUCCESS = b'{"status":"success","data":"sms reports with all details"
 
 
 async def test_documented_success_answer_sends_every_recipient_keyed_by_number(
-    session: aiohttp.ClientSession,
+    session: HttpClient,
 ) -> None:
     results = make_provider(session).read_send_response([FIRST, SECOND], 200, DOCUMENTED_SUCCESS)
     assert len(results) == 2
@@ -135,7 +135,7 @@ async def test_documented_success_answer_sends_every_recipient_keyed_by_number(
     ],
 )
 async def test_single_recipient_ids_are_found_in_plausible_places(
-    session: aiohttp.ClientSession, payload: dict[str, Any], expected: list[str]
+    session: HttpClient, payload: dict[str, Any], expected: list[str]
 ) -> None:
     [result] = make_provider(session).read_send_response([FIRST], 200, answer(payload))
     accepted = as_accepted(result)
@@ -146,7 +146,7 @@ async def test_single_recipient_ids_are_found_in_plausible_places(
 
 
 async def test_bulk_ids_are_matched_by_number_whatever_their_order_and_format(
-    session: aiohttp.ClientSession,
+    session: HttpClient,
 ) -> None:
     payload = {
         "status": "success",
@@ -164,7 +164,7 @@ async def test_bulk_ids_are_matched_by_number_whatever_their_order_and_format(
 
 
 async def test_bulk_ids_without_numbers_are_matched_by_position(
-    session: aiohttp.ClientSession,
+    session: HttpClient,
 ) -> None:
     payload = {"status": "success", "data": {"messages": [{"uid": "u1"}, {"uid": "u2"}]}}
     results = make_provider(session).read_send_response([FIRST, SECOND], 200, answer(payload))
@@ -172,7 +172,7 @@ async def test_bulk_ids_without_numbers_are_matched_by_position(
 
 
 async def test_recipient_missing_from_the_answer_is_sent_without_an_id(
-    session: aiohttp.ClientSession,
+    session: HttpClient,
 ) -> None:
     payload = {
         "status": "success",
@@ -200,7 +200,7 @@ async def test_recipient_missing_from_the_answer_is_sent_without_an_id(
     ],
 )
 async def test_ids_that_cannot_tell_recipients_apart_are_not_used(
-    session: aiohttp.ClientSession, payload: dict[str, Any]
+    session: HttpClient, payload: dict[str, Any]
 ) -> None:
     results = make_provider(session).read_send_response([FIRST, SECOND], 200, answer(payload))
     assert [as_accepted(r).provider_message_id for r in results] == ["", ""]
@@ -212,7 +212,7 @@ async def test_ids_that_cannot_tell_recipients_apart_are_not_used(
     [(b"<html>ok</html>", "unreadable body"), (b"[1, 2]", "unreadable body")],
 )
 async def test_unreadable_success_is_terminal_for_every_message(
-    session: aiohttp.ClientSession, raw: bytes, detail: str
+    session: HttpClient, raw: bytes, detail: str
 ) -> None:
     results = make_provider(session).read_send_response([FIRST, SECOND], 200, raw)
     assert len(results) == 2
@@ -242,7 +242,7 @@ async def test_unreadable_success_is_terminal_for_every_message(
     ],
 )
 async def test_documented_error_codes_map_to_retry_or_terminal_sub_status(
-    session: aiohttp.ClientSession, code: int, retryable: bool, sub_status: str
+    session: HttpClient, code: int, retryable: bool, sub_status: str
 ) -> None:
     provider = make_provider(session)
     bodies = [
@@ -280,7 +280,7 @@ async def test_documented_error_codes_map_to_retry_or_terminal_sub_status(
     ],
 )
 async def test_http_errors_without_a_code(
-    session: aiohttp.ClientSession,
+    session: HttpClient,
     status: int,
     body: dict[str, Any],
     retryable: bool,
@@ -296,7 +296,7 @@ async def test_http_errors_without_a_code(
 
 
 async def test_rate_limit_honours_retry_after_then_the_window_reset(
-    session: aiohttp.ClientSession,
+    session: HttpClient,
 ) -> None:
     provider = make_provider(session)
     limited = answer({"status": "error", "message": "Too Many Attempts."})
@@ -315,7 +315,7 @@ async def test_rate_limit_honours_retry_after_then_the_window_reset(
 
 
 async def test_exhausted_window_delays_a_retryable_error_but_not_a_terminal_one(
-    session: aiohttp.ClientSession,
+    session: HttpClient,
 ) -> None:
     provider = make_provider(session)
     headers = {"X-RateLimit-Remaining": "0", "X-RateLimit-Reset": str(int(NOW) + 45)}
@@ -332,7 +332,7 @@ async def test_exhausted_window_delays_a_retryable_error_but_not_a_terminal_one(
 
 
 @pytest.mark.parametrize("raw", [b"<html>Bad Gateway</html>", b"[]"])
-async def test_unreadable_5xx_is_retryable(session: aiohttp.ClientSession, raw: bytes) -> None:
+async def test_unreadable_5xx_is_retryable(session: HttpClient, raw: bytes) -> None:
     [result] = make_provider(session).read_send_response([FIRST], 502, raw)
     error = as_error(result)
     assert error.retryable

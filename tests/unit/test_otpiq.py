@@ -3,12 +3,12 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
-import aiohttp
 import orjson
 import pytest
 from multidict import CIMultiDict
 
 from shared.contract.statuses import SubStatus
+from shared.http_client import HttpClient
 from shared.kafka.broker import free_port
 from shared.providers import callback_url
 from shared.providers.base import CallbackRejected, OutboundSms, SendAccepted, SendError
@@ -23,13 +23,13 @@ SMS = OutboundSms(
 
 
 @pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as client:
+async def session() -> AsyncIterator[HttpClient]:
+    async with HttpClient(timeout_s=2) as client:
         yield client
 
 
 def make_provider(
-    session: aiohttp.ClientSession, *, webhook_secret: bool = True, provider_url: str | None = None
+    session: HttpClient, *, webhook_secret: bool = True, provider_url: str | None = None
 ) -> Otpiq:
     settings = make_settings(provider_url=provider_url or "http://127.0.0.1:9")
     provider_settings = settings.providers[ACCOUNT]
@@ -50,7 +50,7 @@ def as_error(result: object) -> SendError:
 # -- request body --------------------------------------------------------------------------------
 
 
-async def test_request_body_follows_the_documented_shape(session: aiohttp.ClientSession) -> None:
+async def test_request_body_follows_the_documented_shape(session: HttpClient) -> None:
     provider = make_provider(session)
     request = provider.request_body(SMS)
 
@@ -69,7 +69,7 @@ async def test_request_body_follows_the_documented_shape(session: aiohttp.Client
 
 
 async def test_request_body_omits_absent_sender_and_secret(
-    session: aiohttp.ClientSession,
+    session: HttpClient,
 ) -> None:
     provider = make_provider(session, webhook_secret=False)
     request = provider.request_body(
@@ -84,7 +84,7 @@ async def test_request_body_omits_absent_sender_and_secret(
 
 
 async def test_documented_success_is_accepted_with_account_scoped_correlation_key(
-    session: aiohttp.ClientSession,
+    session: HttpClient,
 ) -> None:
     result = make_provider(session).read_send_response(SMS, 200, body("send_response"))
     assert result == SendAccepted(
@@ -110,7 +110,7 @@ async def test_documented_success_is_accepted_with_account_scoped_correlation_ke
     ],
 )
 async def test_documented_errors_map_to_retry_or_terminal_sub_status(
-    session: aiohttp.ClientSession, status: int, fixture: str, retryable: bool, sub_status: str
+    session: HttpClient, status: int, fixture: str, retryable: bool, sub_status: str
 ) -> None:
     error = as_error(make_provider(session).read_send_response(SMS, status, body(fixture)))
     assert error.retryable is retryable
@@ -123,7 +123,7 @@ async def test_documented_errors_map_to_retry_or_terminal_sub_status(
 
 
 async def test_rate_limit_waits_the_minutes_the_body_asks_for(
-    session: aiohttp.ClientSession,
+    session: HttpClient,
 ) -> None:
     error = as_error(
         make_provider(session).read_send_response(SMS, 429, body("error_rate_limited"), "5")
@@ -133,7 +133,7 @@ async def test_rate_limit_waits_the_minutes_the_body_asks_for(
 
 
 async def test_rate_limit_without_wait_minutes_falls_back_to_retry_after(
-    session: aiohttp.ClientSession,
+    session: HttpClient,
 ) -> None:
     error = as_error(make_provider(session).read_send_response(SMS, 429, b"{}", "7"))
     assert error.retryable
@@ -141,7 +141,7 @@ async def test_rate_limit_without_wait_minutes_falls_back_to_retry_after(
 
 
 @pytest.mark.parametrize("raw", [b"<html>Bad Gateway</html>", b"", b"[]"])
-async def test_unreadable_5xx_is_retryable(session: aiohttp.ClientSession, raw: bytes) -> None:
+async def test_unreadable_5xx_is_retryable(session: HttpClient, raw: bytes) -> None:
     error = as_error(make_provider(session).read_send_response(SMS, 502, raw))
     assert error.retryable
     assert error.status_code == 502
@@ -158,7 +158,7 @@ async def test_unreadable_5xx_is_retryable(session: aiohttp.ClientSession, raw: 
     ],
 )
 async def test_success_without_a_usable_sms_id_is_terminal(
-    session: aiohttp.ClientSession, raw: bytes, detail: str
+    session: HttpClient, raw: bytes, detail: str
 ) -> None:
     # Accepted or not is unknown; a retry could send twice, so the message is reported instead.
     error = as_error(make_provider(session).read_send_response(SMS, 200, raw))
@@ -168,7 +168,7 @@ async def test_success_without_a_usable_sms_id_is_terminal(
 
 
 async def test_client_error_without_body_is_terminal_rejection(
-    session: aiohttp.ClientSession,
+    session: HttpClient,
 ) -> None:
     error = as_error(make_provider(session).read_send_response(SMS, 422, b""))
     assert not error.retryable
@@ -177,7 +177,7 @@ async def test_client_error_without_body_is_terminal_rejection(
 
 
 async def test_unreachable_provider_is_a_retryable_error_not_an_exception(
-    session: aiohttp.ClientSession,
+    session: HttpClient,
 ) -> None:
     provider = make_provider(session, provider_url=f"http://127.0.0.1:{free_port()}")
     [result] = await provider.send([SMS])

@@ -6,7 +6,6 @@ import asyncio
 from collections.abc import Sequence
 from datetime import UTC, datetime
 
-import aiohttp
 import pytest
 
 from services.reporter.batching import InboundBatcher
@@ -21,6 +20,7 @@ from services.reporter.delivery import (
 from shared.config import ReporterSettings
 from shared.contract.events import InboundMessage
 from shared.contract.optimove import SignedRequest
+from shared.http_client import HttpClient
 from shared.providers.http import is_retryable_status, parse_retry_after
 
 NOW = datetime(2026, 3, 1, 12, 0, 0, tzinfo=UTC)
@@ -286,14 +286,14 @@ async def test_the_give_up_age_counts_from_an_earlier_first_attempt() -> None:
 
 
 async def test_attempt_reports_network_errors_without_raising() -> None:
-    async with aiohttp.ClientSession() as session:
+    async with HttpClient() as session:
         sender = ReportSender(session, POLICY, request_timeout_s=2.0)
         # Port 9 on loopback: nothing listens, the connection is refused.
         result = await sender.attempt(
             SignedRequest(url="http://127.0.0.1:9/x", body=b"{}", headers={})
         )
     assert result.status_code is None
-    assert "ClientConnectorError" in result.error
+    assert "cannot connect to 127.0.0.1:9" in result.error
     assert POLICY.decide(result, 1, 0).action is Action.RETRY
 
 

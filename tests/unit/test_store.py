@@ -297,6 +297,46 @@ async def test_key_locks_serialise_one_key_and_not_others() -> None:
     assert not locks.is_held(0, "other")
 
 
+async def test_a_waiter_cancelled_before_or_after_its_turn_passes_the_key_on() -> None:
+    locks = KeyLocks()
+    entered: list[str] = []
+
+    async def writer(name: str) -> None:
+        async with locks.hold(0, "k"):
+            entered.append(name)
+            await asyncio.sleep(0.01)
+
+    async with locks.hold(0, "k"):
+        waiting = [asyncio.create_task(writer(name)) for name in ("a", "b", "c")]
+        await asyncio.sleep(0)
+        waiting[0].cancel()  # cancelled while it waits
+    # "b" was handed the key by the release above; cancelled before it could run, it must
+    # hand it on to "c" rather than keep it for ever.
+    waiting[1].cancel()
+    await asyncio.wait_for(asyncio.gather(*waiting, return_exceptions=True), 1.0)
+
+    assert entered == ["c"]
+    assert not locks.is_held(0, "k")
+
+
+async def test_holding_overlapping_sets_of_keys_in_any_order_never_deadlocks() -> None:
+    locks = KeyLocks()
+    inside: list[str] = []
+
+    async def holder(name: str, keys: list[str]) -> None:
+        async with locks.hold_all(0, keys):
+            assert all(locks.is_held(0, key) for key in keys)
+            inside.append(name)
+            await asyncio.sleep(0.01)
+
+    await asyncio.wait_for(
+        asyncio.gather(holder("a", ["x", "y", "z"]), holder("b", ["z", "y"]), holder("c", ["y"])),
+        1.0,
+    )
+    assert sorted(inside) == ["a", "b", "c"]
+    assert not any(locks.is_held(0, key) for key in "xyz")
+
+
 def _committed_keys(path: Path) -> list[str]:
     """The keys another connection sees in a store's file: only committed writes."""
     with contextlib.closing(sqlite3.connect(path)) as reader:

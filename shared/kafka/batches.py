@@ -1,17 +1,18 @@
-"""Publishing whole campaign batches: records appended to one open batch per partition.
+"""Records handed to the producer in batches: one open ``BatchBuilder`` per partition (for the
+large publishes: ``Publisher.publish_batches``).
 
-``Publisher.publish`` calls ``producer.send`` once per record, which costs more Python time per
-record than everything else ingress does for a recipient. Here records are appended to
-``BatchBuilder``s, one open batch per partition shared by every request in flight, and handed to
-the producer with ``send_batch``; the partition of each key is the one aiokafka's default
-partitioner picks (murmur2 of the key, as the Java client), so a number's messages land where any
-other producer of that key would put them.
+``producer.send()`` once per record (a future, a partitioner call and an accumulator lookup each)
+cost ingress more Python time than everything else it did for a recipient. Here records are
+appended to one open batch per partition, shared by every caller in flight, and handed to the
+producer with ``send_batch``. A
+keyed record without a partition goes where aiokafka's default partitioner puts it (murmur2 of
+the key, as the Java client), so a key's records land where any other producer would put them.
 
 The producer takes a partition's next batch only once the one before it is on its way, so one
-task per partition hands its batches over, oldest first, and requests arriving meanwhile add to
-the open one: under load many small requests share a produce request instead of each paying for
-its own (and aiokafka is never asked to queue several batches for one partition: its wait for
-that gives up early, in 0.14, subtracting the time waited so far again on every turn).
+task per partition hands its batches over, oldest first, and callers arriving meanwhile add to
+the open one (and aiokafka is never asked to queue several batches for one partition: its wait for
+that gives up early, in 0.14, subtracting the time waited so far again on every turn). A
+partition's records reach Kafka in the order they were appended.
 """
 
 from __future__ import annotations
@@ -20,15 +21,12 @@ import asyncio
 import struct
 import time
 from collections import defaultdict, deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any, Final
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
-
-from shared.contract.topics import Topic
-from shared.kafka.clients import KafkaUnavailable, Publisher
 
 _MURMUR_SEED: Final = 0x9747B28C
 _MURMUR_M: Final = 0x5BD1E995
@@ -87,68 +85,50 @@ class _Partition:
         self.handing_over: asyncio.Task[None] | None = None
 
 
-class BatchPublisher:
-    """Publishes keyed records to several topics and waits until Kafka (acks=all) holds them all."""
+# One record to append: key and value (None: a tombstone).
+Pair = tuple[bytes, bytes | None]
 
-    def __init__(self, publisher: Publisher, timeout_s: float) -> None:
-        # The publisher's producer, read at each use: the publisher replaces a dead one.
-        self.publisher = publisher
-        self.timeout_s = timeout_s
+
+class PartitionBatches:
+    """The open batches of one producer's partitions; ``append`` returns what to wait for."""
+
+    def __init__(self, producer: Callable[[], AIOKafkaProducer]) -> None:
+        # Read at each use: the publisher replaces a broken producer.
+        self._producer = producer
         self._partitions: dict[tuple[str, int], _Partition] = defaultdict(_Partition)
 
-    @property
-    def producer(self) -> AIOKafkaProducer:
-        return self.publisher.producer
-
-    async def publish(self, records: Sequence[tuple[Topic, Sequence[tuple[bytes, bytes]]]]) -> None:
-        """Raise KafkaUnavailable unless every record is acknowledged within the timeout.
-
-        After a failure some records may still reach Kafka; callers retry the whole batch and
-        consumers recognise repeats by their deterministic ids.
-        """
-        waits: set[asyncio.Future[None]] = set()
-        producer = self.producer
-        try:
-            async with asyncio.timeout(self.timeout_s):
-                for topic, items in records:
-                    if items:
-                        await self._append(topic.name, items, waits)
-                # Not gather: giving up must not cancel batches other requests share.
-                if waits:  # a request with no recipients left to publish waits for nothing
-                    await asyncio.wait(waits)
-            for delivered in waits:
-                delivered.result()
-        except (KafkaError, TimeoutError) as exc:
-            await self.publisher.renew_if_broken(producer, exc)
-            raise KafkaUnavailable(f"{type(exc).__name__}: {exc}") from exc
-
-    async def _append(
-        self, topic: str, items: Sequence[tuple[bytes, bytes]], waits: set[asyncio.Future[None]]
+    async def append(
+        self,
+        topic: str,
+        pairs: Sequence[Pair],
+        waits: set[asyncio.Future[None]],
+        partition: int | None = None,
     ) -> None:
-        """Append ``items`` to their partitions' open batches; collect what to wait for."""
-        partitions = sorted(await self.producer.partitions_for(topic))
+        """Append ``pairs`` to ``partition`` (None: each key's) and add to ``waits`` the futures
+        that end once Kafka holds them. Nothing is appended before the one wait (the topic's
+        partitions), so a caller cancelled there leaves nothing half done."""
+        producer = self._producer()
+        partitions = sorted(await producer.partitions_for(topic)) if partition is None else []
         timestamp_ms = int(time.time() * 1000)
         touched: dict[int, _Partition] = {}
-        for key, value in items:
-            number = partition_for(key, partitions)
-            partition = touched.get(number)
-            if partition is None:
-                partition = touched[number] = self._partitions[(topic, number)]
-            batch = partition.open
+        for key, value in pairs:
+            number = partition_for(key, partitions) if partition is None else partition
+            state = touched.get(number)
+            if state is None:
+                state = touched[number] = self._partitions[(topic, number)]
+            batch = state.open
             if (
                 batch is None
                 or batch.builder.append(key=key, value=value, timestamp=timestamp_ms) is None
             ):
                 # A fresh batch always takes its first record, however large.
-                batch = partition.open = _Batch(self.producer.create_batch())
-                partition.batches.append(batch)
+                batch = state.open = _Batch(producer.create_batch())
+                state.batches.append(batch)
                 batch.builder.append(key=key, value=value, timestamp=timestamp_ms)
             waits.add(batch.delivered)
-        for number, partition in touched.items():
-            if partition.handing_over is None:
-                partition.handing_over = asyncio.create_task(
-                    self._hand_over(topic, number, partition)
-                )
+        for number, state in touched.items():
+            if state.handing_over is None:
+                state.handing_over = asyncio.create_task(self._hand_over(topic, number, state))
 
     async def _hand_over(self, topic: str, number: int, partition: _Partition) -> None:
         """Give the partition's batches to the producer, oldest first, until none is left."""
@@ -159,7 +139,7 @@ class BatchPublisher:
                     partition.open = None  # from here on, new records go to a new batch
                 batch.builder.close()
                 try:
-                    sent = await self.producer.send_batch(batch.builder, topic, partition=number)
+                    sent = await self._producer().send_batch(batch.builder, topic, partition=number)
                 except (KafkaError, TimeoutError) as exc:
                     if not batch.delivered.done():
                         batch.delivered.set_exception(exc)
