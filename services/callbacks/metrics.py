@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import Counter
 
-from shared.metrics import PREFIX
+from shared.metrics import PREFIX, look_labels_up_once
 
 CALLBACKS_RECEIVED = Counter(
     f"{PREFIX}_callbacks_received_total",
@@ -17,3 +17,5 @@ CALLBACKS_REFUSED = Counter(
     "events may still be stored late), by provider kind and reason.",
     ["provider", "reason"],
 )
+
+look_labels_up_once(CALLBACKS_RECEIVED, CALLBACKS_REFUSED)

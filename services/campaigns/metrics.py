@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge
 
-from shared.metrics import PREFIX
+from shared.metrics import PREFIX, look_labels_up_once
 
 CAMPAIGNS_TRACKED = Gauge(
     f"{PREFIX}_campaigns_tracked",
@@ -39,4 +39,13 @@ COUNTS_FLUSHES = Counter(
     f"{PREFIX}_campaign_counts_flushes_total",
     "Batches of changed counters written to sms.campaign-counts, by result (ok, failed).",
     ["result"],
+)
+
+look_labels_up_once(
+    CAMPAIGNS_TRACKED,
+    CONTROLS_PUBLISHED,
+    ADMIN_UNAUTHORIZED,
+    INPUTS_ALREADY_COUNTED,
+    INPUTS_TOO_OLD,
+    COUNTS_FLUSHES,
 )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge
 
-from shared.metrics import PREFIX
+from shared.metrics import PREFIX, look_labels_up_once
 
 REQUESTS = Counter(
     f"{PREFIX}_ingress_requests_total",
@@ -27,3 +27,5 @@ LEDGER_ENTRIES = Gauge(
     f"{PREFIX}_ingress_ledger_entries",
     "Accepted requests remembered for deduplication.",
 )
+
+look_labels_up_once(REQUESTS, AMBIGUOUS_NUMBERS, RECIPIENTS, LEDGER_ENTRIES)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import Counter
 
-from shared.metrics import PREFIX
+from shared.metrics import PREFIX, look_labels_up_once
 
 DLR_RECEIVED = Counter(
     f"{PREFIX}_dlr_received_total",
@@ -55,4 +55,18 @@ OPT_INS = Counter(f"{PREFIX}_optin_total", "Opt-ins recorded (a reply with an op
 NUMBER_FORMATS_WRITTEN = Counter(
     f"{PREFIX}_number_formats_written_total",
     "Records written to the number directory (how Optimove wrote a number, for replies' from).",
+)
+
+look_labels_up_once(
+    DLR_RECEIVED,
+    STATUS_CHANGES,
+    STATUS_DROPPED,
+    DLR_UNMATCHED,
+    INBOUND_MESSAGES,
+    INBOUND_HELD,
+    INBOUND_DUPLICATES,
+    INBOUND_UNROUTABLE,
+    OPT_OUTS,
+    OPT_INS,
+    NUMBER_FORMATS_WRITTEN,
 )

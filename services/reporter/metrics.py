@@ -8,7 +8,7 @@ from typing import Final
 
 from prometheus_client import Counter, Gauge, Histogram
 
-from shared.metrics import PREFIX
+from shared.metrics import PREFIX, look_labels_up_once
 
 REPORTS = Counter(
     f"{PREFIX}_reports_total",
@@ -52,6 +52,16 @@ CIRCUIT_OPEN = Gauge(
     f"{PREFIX}_optimove_circuit_open",
     "1 while a tenant's Optimove is failing: probed one request at a time, its reports parked.",
     ["tenant"],
+)
+
+look_labels_up_once(
+    REPORTS,
+    ATTEMPT_FAILURES,
+    REPORTS_ALREADY_ACKNOWLEDGED,
+    REPORT_REQUEST_DURATION,
+    OPTIMOVE_UNAUTHORIZED,
+    REPORTS_PARKED,
+    CIRCUIT_OPEN,
 )
 
 KIND_DELIVERY: Final = "delivery"

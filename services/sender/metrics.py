@@ -9,7 +9,7 @@ from prometheus_client import REGISTRY, Counter, Gauge, Histogram
 from prometheus_client.metrics_core import CounterMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from shared.metrics import PREFIX
+from shared.metrics import PREFIX, look_labels_up_once
 
 PROVIDER_SENDS = Counter(
     f"{PREFIX}_provider_send_total",
@@ -124,6 +124,28 @@ CALL_SLOTS = Gauge(
     f"{PREFIX}_sender_call_slots",
     "The account's in-flight call slots on this instance (its max_in_flight).",
     ["provider"],
+)
+
+look_labels_up_once(
+    PROVIDER_SENDS,
+    PROVIDER_SEND_DURATION,
+    PROVIDER_BATCH_SIZE,
+    THROTTLED,
+    THROTTLE_WAIT,
+    LATE,
+    TURN_WAIT,
+    RATE_LIMIT,
+    CIRCUIT_OPEN,
+    SEGMENTS,
+    DISPATCHES,
+    RETRIES,
+    FAILOVERS,
+    UNKNOWN_OUTCOMES,
+    DUPLICATE_RECORDS,
+    PARKED,
+    STATE_ENTRIES,
+    CAMPAIGN_CONTROL,
+    CALL_SLOTS,
 )
 
 
