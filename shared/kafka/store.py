@@ -140,9 +140,19 @@ class ChangelogStore:
         return Entry(orjson.loads(row[0]), row[1])
 
     def put(
-        self, partition: int, key: str, value: dict[str, Any] | None, due_at: float | None = None
+        self,
+        partition: int,
+        key: str,
+        value: dict[str, Any] | None,
+        due_at: float | None = None,
+        *,
+        new: bool = False,
     ) -> OutRecord:
-        """Store ``value`` (None deletes) and return the changelog record to publish."""
+        """Store ``value`` (None deletes) and return the changelog record to publish.
+
+        ``new``: the caller read the key a moment ago, under its lock, and found nothing: it is
+        inserted at once (one statement, not an update that finds no row first).
+        """
         database = self._writable(partition)
         connection = database.connection
         if value is None:
@@ -152,14 +162,24 @@ class ChangelogStore:
         encoded = orjson.dumps(value)
         # Update first, insert when nothing was there: the count needs to know which it was,
         # and an update of an existing key (the common case) costs no more than a replace.
-        updated = connection.execute(
-            "UPDATE entries SET value = ?, due_at = ? WHERE key = ?", (encoded, due_at, key)
-        ).rowcount
+        updated = (
+            not new
+            and connection.execute(
+                "UPDATE entries SET value = ?, due_at = ? WHERE key = ?", (encoded, due_at, key)
+            ).rowcount
+        )
         if not updated:
-            connection.execute(
-                "INSERT INTO entries (key, value, due_at) VALUES (?, ?, ?)", (key, encoded, due_at)
-            )
-            database.counted(key, +1)
+            try:
+                connection.execute(
+                    "INSERT INTO entries (key, value, due_at) VALUES (?, ?, ?)",
+                    (key, encoded, due_at),
+                )
+            except sqlite3.IntegrityError:  # not new after all: the statement alone is undone
+                connection.execute(
+                    "UPDATE entries SET value = ?, due_at = ? WHERE key = ?", (encoded, due_at, key)
+                )
+            else:
+                database.counted(key, +1)
         return OutRecord(
             self.changelog, key, StateChange(value=value, due_at=due_at), partition=partition
         )

@@ -58,7 +58,9 @@ class UnitOfWork:
         """
         if isinstance(previous, _Unread):
             previous = self.store.get_entry(self.partition, key)
-        self.records.append(self.store.put(self.partition, key, value, due_at))
+        self.records.append(
+            self.store.put(self.partition, key, value, due_at, new=previous is None)
+        )
         self._written.append(_Written(key, previous))
 
     def add(self, records: Iterable[OutRecord]) -> None:

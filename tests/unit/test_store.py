@@ -48,6 +48,16 @@ def test_put_get_and_the_changelog_record(store: ChangelogStore) -> None:
     assert change.due_at == 100.0
 
 
+def test_a_key_said_to_be_new_that_is_not_is_updated_and_counted_once(
+    store: ChangelogStore,
+) -> None:
+    store.put(3, "k", {"v": 1}, new=True)
+    store.put(3, "k", {"v": 2}, due_at=5.0, new=True)  # wrong: it is there
+
+    assert store.get_entry(3, "k") == ({"v": 2}, 5.0)
+    assert store.count(3) == 1
+
+
 def test_delete_is_a_tombstone(store: ChangelogStore) -> None:
     store.put(3, "k", {"a": 1})
     record = store.put(3, "k", None)
