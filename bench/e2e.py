@@ -2,9 +2,11 @@
 
 Every service and both simulators run as processes of their own (``bench.stack``) on a fresh
 broker, the provider simulator answering at once. Two phases: throughput (messages per second from
-the first post to the last final report, CPU per process) and latency at a steady rate (p50/p99 of
-acceptance to first and final report). ``--compare-brokers`` repeats the throughput phase on the
-other broker. Method: docs/benchmarks.md, "End to end".
+the first post to the last final report, CPU per process) and a latency search: steady runs at
+rates chosen by ``bench.latency_search`` find the highest rate whose p99 from acceptance to final
+report stays within ``LATENCY_TARGET_P99_S`` (issue 19: at least ``LATENCY_TARGET_RATE``).
+``--compare-brokers`` repeats the throughput phase on the other broker. Method:
+docs/benchmarks.md, "End to end".
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import Any
 import aiohttp
 
 from bench import load
+from bench.latency_search import SearchRules, Tried, best_rate, next_rate
 from bench.profiling import Profiler, hot_spots
 from bench.results import (
     RESULTS_DIR,
@@ -47,9 +50,12 @@ from bench.stack import (
 DEFAULT_RECIPIENTS = 100_000
 BATCH_SIZE = 1_000
 CLIENTS = 4
-STEADY_RATE = 1_000.0
 STEADY_BATCH = 100
-STEADY_S = 20.0
+STEADY_S = 15.0  # one try of the latency search
+# Issue 19: at this rate or more, acceptance to final report within this p99.
+LATENCY_TARGET_RATE = 700.0
+LATENCY_TARGET_P99_S = 1.5
+SEARCH = SearchRules(p99_limit_s=LATENCY_TARGET_P99_S)
 WARM_UP = 2_000
 SETTLE_S = 5.0  # of the latency phase, left out of its percentiles
 # The services a message passes through (the campaigns service only counts them).
@@ -90,6 +96,7 @@ class Throughput:
 @dataclass(frozen=True)
 class Latency:
     rate: float  # the rate asked for
+    seconds: float  # how long it was asked for
     recipients: int
     posted_rate: float  # recipients/s actually posted
     final_rate: float  # final reports/s over the same stretch
@@ -101,6 +108,15 @@ class Latency:
     @property
     def keeps_up(self) -> bool:
         return self.final_rate >= 0.97 * self.posted_rate
+
+    @property
+    def tried(self) -> Tried:
+        """What the latency search decides on."""
+        return Tried(self.rate, percentile(self.to_final, 0.99), self.keeps_up)
+
+    @property
+    def passed(self) -> bool:
+        return SEARCH.passed(self.tried)
 
 
 def cpu_now(stack: Stack) -> dict[str, float]:
@@ -226,6 +242,7 @@ async def steady_latency(stack: Stack, rate: float, seconds: float, first_index:
     final_rate = 0.98 * len(finals) / final_span if final_span > 0 else 0.0
     return Latency(
         rate=rate,
+        seconds=seconds,
         recipients=recipients,
         posted_rate=posted_rate,
         final_rate=final_rate,
@@ -234,6 +251,29 @@ async def steady_latency(stack: Stack, rate: float, seconds: float, first_index:
         tally=tally,
         errors=errors,
     )
+
+
+async def latency_search(
+    stack: Stack, throughput_rate: float, seconds: float, first_index: int
+) -> list[Latency]:
+    """Steady runs, each a campaign of its own at the rate ``bench.latency_search`` picks from
+    the runs before it, until it is done; every run, in the order run."""
+    steady: list[Latency] = []
+    rate = next_rate([], throughput_rate, SEARCH)
+    while rate is not None:
+        print(
+            f"e2e bench: latency at {rate:,.0f}/s for {seconds:g} s "
+            f"(try {len(steady) + 1} of at most {SEARCH.max_tries}) ...",
+            flush=True,
+        )
+        lat = await steady_latency(stack, rate, seconds, first_index)
+        first_index += lat.recipients
+        steady.append(lat)
+        verdict = "passed" if lat.passed else "failed"
+        behind = "" if lat.keeps_up else ", falls behind"
+        print(f"  p99 to final report {_ms(lat.tried.p99_s)}{behind}: {verdict}", flush=True)
+        rate = next_rate([done.tried for done in steady], throughput_rate, SEARCH)
+    return steady
 
 
 def _ms(seconds: float) -> str:
@@ -272,15 +312,11 @@ async def on_broker(
         await stack.wait_for_final_reports(warm_up, WARM_UP, 300)
         print(f"e2e bench on {info['name']}: throughput, {recipients:,} recipients ...", flush=True)
         phase1, hot = await throughput(stack, recipients, profile_dir)
-        # A short run (a small --recipients) keeps its steady phases short too.
-        seconds = min(STEADY_S, max(5.0, recipients / STEADY_RATE))
+        # A short run (a small --recipients) keeps its steady runs short too.
+        seconds = min(STEADY_S, max(5.0, recipients / 1_000))
         steady: list[Latency] = []
-        next_index = WARM_UP + recipients
-        rates = (STEADY_RATE, max(10.0, round(phase1.rate / 2, -1))) if latency else ()
-        for rate in rates:
-            print(f"e2e bench: latency at {rate:,.0f}/s for {seconds:g} s ...", flush=True)
-            steady.append(await steady_latency(stack, rate, seconds, next_index))
-            next_index += steady[-1].recipients
+        if latency:
+            steady = await latency_search(stack, phase1.rate, seconds, WARM_UP + recipients)
         stack.check_alive()
         rss = {name: stack.rss(name) for name in stack.children}
         if stack.broker_pid is not None:
@@ -317,16 +353,45 @@ async def run(
     )
 
 
-def _latency_rows(lat: Latency) -> list[tuple[str, str]]:
-    at = f"at {lat.rate:,.0f}/s:"
-    verdict = "keeps up" if lat.keeps_up else "FALLS BEHIND: latencies grow with the run"
+LATENCY_HEADER = (
+    "try",
+    "rate asked",
+    "recipients",
+    "posted/s",
+    "final reports/s",
+    "kept up",
+    "to Sent p50 / p99",
+    "to final p50",
+    "to final p99",
+    f"p99 <= {LATENCY_TARGET_P99_S:g} s",
+)
+
+
+def _latency_table(steady: Sequence[Latency]) -> list[list[str]]:
+    """One row per try of the latency search, in the order tried."""
     return [
-        (f"{at} posted", f"{lat.posted_rate:,.0f} recipients/s ({lat.recipients:,})"),
-        (f"{at} final reports", f"{lat.final_rate:,.0f}/s ({verdict})"),
-        (f"{at} acceptance -> Sent report p50 / p99", _p50_p99(lat.to_first)),
-        (f"{at} acceptance -> final report p50 / p99", _p50_p99(lat.to_final)),
-        (f"{at} acceptance -> final report max", _ms(lat.to_final[-1] if lat.to_final else 0.0)),
+        [
+            str(number),
+            f"{lat.rate:,.0f}/s",
+            f"{lat.recipients:,}",
+            f"{lat.posted_rate:,.0f}",
+            f"{lat.final_rate:,.0f}",
+            "yes" if lat.keeps_up else "NO: falls behind",
+            _p50_p99(lat.to_first),
+            _ms(percentile(lat.to_final, 0.5)),
+            _ms(lat.tried.p99_s),
+            "yes" if lat.passed else "no",
+        ]
+        for number, lat in enumerate(steady, start=1)
     ]
+
+
+def _tries(steady: Sequence[Latency]) -> str:
+    """The rates tried, in order, each with its p99 (the README's one-line account)."""
+    return "; ".join(
+        f"{lat.rate:,.0f}/s: p99 {_ms(lat.tried.p99_s)}{'' if lat.keeps_up else ', falls behind'}"
+        for lat in steady
+    )
 
 
 def _p50_p99(values: list[float]) -> str:
@@ -336,10 +401,12 @@ def _p50_p99(values: list[float]) -> str:
 def _latency_figures(lat: Latency) -> dict[str, Any]:
     return {
         "rate_per_s": lat.rate,
+        "seconds": lat.seconds,
         "recipients": lat.recipients,
         "posted_per_s": round(lat.posted_rate, 1),
         "final_reports_per_s": round(lat.final_rate, 1),
         "keeps_up": lat.keeps_up,
+        "passed": lat.passed,
         "to_first_p50_ms": round(percentile(lat.to_first, 0.5) * 1000, 1),
         "to_first_p99_ms": round(percentile(lat.to_first, 0.99) * 1000, 1),
         "to_final_p50_ms": round(percentile(lat.to_final, 0.5) * 1000, 1),
@@ -399,12 +466,32 @@ def report(
         ("CPU per message, the six services", f"{phase1.cpu_ms_per_message(SERVICES):.1f} ms"),
         ("CPU per message, the broker", f"{phase1.cpu_ms_per_message([BROKER]):.1f} ms"),
     ]
-    for lat in steady:
-        rows += _latency_rows(lat)
+    found = best_rate([lat.tried for lat in steady], SEARCH)
+    target = f"issue 19: >= {LATENCY_TARGET_RATE:,.0f} msg/s"
+    if steady:
+        rows.append(
+            (
+                f"highest steady rate with acceptance -> final report p99 <= "
+                f"{LATENCY_TARGET_P99_S:g} s",
+                f"{found:,.0f} msg/s ({target})"
+                if found is not None
+                else f"none of the {len(steady)} rates tried ({target})",
+            )
+        )
+        if found is None or found < LATENCY_TARGET_RATE:
+            failures.append(
+                f"latency: the highest steady rate with p99 <= {LATENCY_TARGET_P99_S:g} s is "
+                + (f"{found:,.0f} msg/s" if found is not None else "none of those tried")
+                + f", below issue 19's {LATENCY_TARGET_RATE:,.0f} msg/s ({_tries(steady)})"
+            )
+    latency_table = _latency_table(steady)
     print(f"\ne2e: all services + simulators, zero provider latency, {os.cpu_count()} cores")
     print(text_table(("figure", "value"), rows))
     print()
     print(text_table(cpu_header, cpu_rows))
+    if steady:
+        print(f"\nlatency search, steady runs of {steady[0].seconds:g} s, in the order tried")
+        print(text_table(LATENCY_HEADER, latency_table))
     for name, text in hot.items():
         print(f"\nprofile of {name} (py-spy, throughput phase):\n{text}")
     details = (
@@ -412,6 +499,12 @@ def report(
         + "\n\nCPU time per process during the throughput phase:\n\n"
         + markdown_table(cpu_header, cpu_rows)
     )
+    if steady:
+        details += (
+            f"\n\nLatency search: steady runs of {steady[0].seconds:g} s, each a campaign of its "
+            "own, in the order tried; p50/p99 from acceptance (ingress's 202) to the report at "
+            "the Optimove simulator:\n\n" + markdown_table(LATENCY_HEADER, latency_table)
+        )
     if profile_dir is not None:
         details += f"\n\nProfiled with py-spy (its overhead included); stacks in {profile_dir}."
     if compared:
@@ -432,15 +525,19 @@ def report(
             f"{total_cpu * per_k:.1f} CPU ms per message over all processes",
         )
     ]
-    for lat in steady:
-        behind = "" if lat.keeps_up else f"; falls behind: {lat.final_rate:,.0f} final reports/s"
+    if steady:
+        at_best = next((lat for lat in steady if lat.rate == found), None)
+        figure = f"none of the rates tried ({target})"
+        if at_best is not None:
+            figure = (
+                f"{at_best.rate:,.0f} msg/s ({target}); there p50 / p99 "
+                f"{_p50_p99(at_best.to_final)} (to Sent: {_p50_p99(at_best.to_first)})"
+            )
         summary.append(
             (
-                f"latency at a steady {lat.rate:,.0f} msg/s ({lat.recipients:,} recipients)",
-                f"acceptance to final report p50 {_ms(percentile(lat.to_final, 0.5))}, p99 "
-                f"{_ms(percentile(lat.to_final, 0.99))} (to Sent: p50 "
-                f"{_ms(percentile(lat.to_first, 0.5))}, p99 "
-                f"{_ms(percentile(lat.to_first, 0.99))}){behind}",
+                "latency: highest steady rate with acceptance to final report p99 <= "
+                f"{LATENCY_TARGET_P99_S:g} s ({len(steady)} runs of {steady[0].seconds:g} s)",
+                f"{figure}; tried {_tries(steady)}",
             )
         )
     if compared:
@@ -473,6 +570,14 @@ def report(
             "cpu_ms_per_message_broker": round(phase1.cpu_ms_per_message([BROKER]), 2),
             "rss_bytes_at_end": rss,
             "steady": [_latency_figures(lat) for lat in steady],
+            "latency_search": {
+                "target_rate_per_s": LATENCY_TARGET_RATE,
+                "target_p99_ms": LATENCY_TARGET_P99_S * 1000,
+                "max_rate_per_s": found,
+                "tries": len(steady),
+                "max_tries": SEARCH.max_tries,
+                "start_share_of_throughput": SEARCH.start_share,
+            },
             "profiled": profile_dir is not None,
             "simulators": [OPTIMOVE_SIMULATOR, PROVIDER_SIMULATOR],
             "by_broker": {r.broker["kind"]: _broker_figures(r) for r in compared},

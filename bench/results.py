@@ -32,7 +32,7 @@ README = BENCH_DIR.parent / "README.md"
 README_BEGIN = "<!-- bench:latest begin (written by `make bench`) -->"
 README_END = "<!-- bench:latest end -->"
 # The order of the README table, whatever order the benchmarks ran in.
-ORDER = ("ingress", "sender", "fairness", "callbacks", "e2e", "memory")
+ORDER = ("ingress", "sender", "fairness", "callbacks", "stages", "e2e", "memory")
 _JSON = orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS
 BROKERS = ("kafka", "tansu")
 
