@@ -322,6 +322,7 @@ class Publisher:
         may share batches with other callers'.
         """
         waits: set[asyncio.Future[Any]] = set()
+        sent: list[asyncio.Future[Any]] = []  # this caller's own: cancelled if it gives up
         producer = self.producer
         try:
             async with asyncio.timeout(self.timeout_s):
@@ -330,11 +331,14 @@ class Publisher:
                         await self._batches.append(topic, pairs, waits, partition)
                         continue
                     for key, value in pairs:
-                        waits.add(await producer.send(topic, value, key=key, partition=partition))
+                        sent.append(await producer.send(topic, value, key=key, partition=partition))
+                waits.update(sent)
                 if waits:
                     await asyncio.wait(waits)
             for delivered in waits:
                 delivered.result()
         except (KafkaError, TimeoutError) as exc:
+            for future in sent:
+                future.cancel()  # nobody will read its outcome (and asyncio would log it)
             await self.renew_if_broken(producer, exc)
             raise KafkaUnavailable(f"{type(exc).__name__}: {exc}") from exc

@@ -4,13 +4,17 @@ aiohttp never gives (a body ended by the close, a connection cut mid-answer)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 
 import pytest
 from aiohttp import web
 
 from shared.http_client import HttpClient, HttpError, HttpTimeout
 from tests.support import free_port
+from tests.support.tls import make_ca, make_server_certificate
 
 
 class Peer:
@@ -203,3 +207,29 @@ async def test_a_header_that_would_split_the_request_is_refused(peer: Peer) -> N
         with pytest.raises(ValueError, match="line break"):
             await client.post(peer.url, b"{}", {"X-Evil": "a\r\nX-Injected: 1"})
     assert peer.requests == []
+
+
+async def test_https_verifies_the_server_against_the_trusted_authorities(tmp_path: Path) -> None:
+    ca = make_ca(tmp_path / "ca")
+    certificate = make_server_certificate(tmp_path / "server", ca, "IP:127.0.0.1,DNS:localhost")
+    served = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    served.load_cert_chain(certificate.cert, certificate.key)
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError, ssl.SSLError, asyncio.IncompleteReadError):
+            await read_request(reader)
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nsecure")
+            await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0, ssl=served)
+    url = f"https://localhost:{server.sockets[0].getsockname()[1]}/report"
+    trusting = ssl.create_default_context(cafile=str(ca[0]))
+    async with server:
+        async with HttpClient(ssl_context=trusting) as client:
+            assert (await client.post(url, b"{}", {})).body == b"secure"
+        async with HttpClient() as client:  # the system's authorities never signed it
+            with pytest.raises(HttpError) as raised:
+                await client.post(url, b"{}", {})
+    assert not raised.value.sent
+    assert "CERTIFICATE_VERIFY_FAILED" in str(raised.value)
