@@ -125,14 +125,22 @@ async def test_a_chunked_answer_is_read_whole(peer: Peer) -> None:
     assert again.body == b"one,two,three"
 
 
-async def test_an_answer_without_a_length_ends_with_the_connection() -> None:
+async def answering_then_closing(reply: bytes) -> tuple[asyncio.Server, str]:
+    """A raw server that reads one request, writes ``reply`` and hangs up."""
+
     async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await read_request(reader)
-        writer.write(b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\nall of it")
+        writer.write(reply)
         await writer.drain()
         writer.close()
 
-    server, url = await raw_server(answer)
+    return await raw_server(answer)
+
+
+async def test_an_answer_without_a_length_ends_with_the_connection() -> None:
+    server, url = await answering_then_closing(
+        b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\nall of it"
+    )
     async with server, HttpClient() as client:
         reply = await client.post(url, b"{}", {})
         again = await client.post(url, b"{}", {})  # a new connection: that one is closed
@@ -141,13 +149,9 @@ async def test_an_answer_without_a_length_ends_with_the_connection() -> None:
 
 
 async def test_a_connection_cut_mid_answer_is_an_error_that_may_have_been_sent() -> None:
-    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await read_request(reader)
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly part")
-        await writer.drain()
-        writer.close()
-
-    server, url = await raw_server(answer)
+    server, url = await answering_then_closing(
+        b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly part"
+    )
     async with server, HttpClient() as client:
         with pytest.raises(HttpError) as raised:
             await client.post(url, b"{}", {})
@@ -174,21 +178,12 @@ async def test_a_slow_answer_times_out_and_its_connection_is_not_reused(peer: Pe
     assert peer.requests[0][3] != peer.requests[1][3]  # the timed-out connection was closed
 
 
-async def test_a_connection_the_server_closed_while_idle_is_not_used_again(peer: Peer) -> None:
-    closing = asyncio.Event()
-
-    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await read_request(reader)
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-        await writer.drain()
-        writer.close()  # keep-alive was not promised away, but the server hangs up anyway
-        closing.set()
-
-    server, url = await raw_server(answer)
+async def test_a_connection_the_server_closed_while_idle_is_not_used_again() -> None:
+    # Keep-alive was not promised away (HTTP/1.1, a length), but the server hangs up anyway.
+    server, url = await answering_then_closing(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
     async with server, HttpClient() as client:
         await client.post(url, b"{}", {})
-        await closing.wait()
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0.1)  # the hang-up arrives while the connection is idle
         assert (await client.post(url, b"{}", {})).body == b"ok"
 
 
