@@ -29,12 +29,10 @@ from services.reporter.metrics import (
     REPORTS,
     RESULT_ACCEPTED,
     RESULT_DEAD_LETTERED,
-    RESULT_PARKED,
     STATUS_REPLY,
 )
 from services.reporter.outcomes import (
     STAGE,
-    Change,
     acknowledged,
     dead_letter,
     log_not_delivered,
@@ -221,7 +219,13 @@ class ReporterHandler:
             return []
         key = delivery_key(slug, context.message_id)
         since = self.clock()
-        if await self._queue_behind(record, key, since, event.status, extra):
+        if await self.state.queue_behind(
+            record.partition,
+            key,
+            lambda: ParkedReport.from_record(record, since),
+            event.status,
+            extra,
+        ):
             return []
         outcome = await self.sender.deliver(
             self.contract.delivery_report(tenant, event),
@@ -236,34 +240,6 @@ class ReporterHandler:
         return await self._conclude(
             record, key, KIND_DELIVERY, slug, event.status, since, outcome, extra
         )
-
-    async def _queue_behind(
-        self, record: Record, key: str, since: float, status: str, extra: dict[str, Any]
-    ) -> bool:
-        """Park the record's report behind the message's parked reports, if it has any."""
-        partition = record.partition
-        if self.store.count_prefix(partition, PARKED_DELIVERIES) == 0:
-            # Nothing parked in the partition (a running count): no lock, no lookup. A report of
-            # this message parked by an earlier record would count: records of one message run
-            # one after another.
-            return False
-        async with self.state.locks.hold(partition, key):
-            previous = self.store.get_entry(partition, key)
-            if previous is None:
-                return False
-            report = ParkedReport.from_record(record, since)
-            parked = ParkedEntry.from_value(previous.value)
-            if parked.holds(report.source):
-                return True  # read again after a crash: already queued
-            slug = parked.tenant
-
-            def observe() -> None:
-                REPORTS.labels(slug, KIND_DELIVERY, status, RESULT_PARKED).inc()
-                log.debug("delivery report queued behind parked ones", extra=extra)
-
-            change = Change(key, previous, parked.queued(report), previous.due_at, observe=observe)
-            await self.state.write(partition, [change])
-            return True
 
     # -- incoming messages -----------------------------------------------------------------------
 
@@ -336,7 +312,7 @@ class ReporterHandler:
                 self.clock() + outcome.decision.delay_s,
                 self.circuits.get(slug).next_attempt_at(),
             )
-            await self._park(record.partition, key, parked, due_at, status, extra)
+            await self.state.park(record.partition, key, parked, due_at, status, extra)
             return []
         if kind == KIND_DELIVERY:
             log_not_delivered(kind, outcome.decision, outcome.attempts, extra)
@@ -353,38 +329,6 @@ class ReporterHandler:
                 result=outcome.last,
             )
         ]
-
-    async def _park(
-        self,
-        partition: int,
-        key: str,
-        parked: ParkedEntry,
-        due_at: float,
-        status: str,
-        extra: dict[str, Any],
-    ) -> None:
-        async with self.state.locks.hold(partition, key):
-            previous = self.store.get_entry(partition, key)
-            entry: ParkedEntry = parked
-            due: float | None = due_at
-            if previous is not None:
-                # Only a replayed record finds one; the stored entry and its turn stand.
-                existing = ParkedEntry.from_value(previous.value)
-                if existing.holds(parked.head.source):
-                    return
-                entry, due = existing.queued(parked.head), previous.due_at
-
-            def observe() -> None:
-                REPORTS.labels(parked.tenant, parked.kind, status, RESULT_PARKED).inc()
-                log.debug(
-                    "%s report parked until %.0f (%s)",
-                    parked.kind,
-                    due or 0.0,
-                    parked.head.last_result().describe(),
-                    extra=extra,
-                )
-
-            await self.state.write(partition, [Change(key, previous, entry, due, observe=observe)])
 
 
 def _state_partitions(partitions: Iterable[TopicPartition]) -> set[int]:

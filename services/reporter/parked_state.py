@@ -1,4 +1,5 @@
-"""The reporter's state on ``sms.reporter-state``: restore, change with outputs, undo.
+"""The reporter's state on ``sms.reporter-state``: restore, park, queue behind, change with
+outputs, undo.
 
 It holds the parked entries and what Optimove acknowledged (``acknowledged.py``). A change is
 stored, then published with its outputs (a ``UnitOfWork``); if publishing fails it is undone, so
@@ -9,11 +10,18 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Collection, Sequence
+from typing import Any
 
 from services.reporter.acknowledged import Remembered, already_acknowledged, remember
-from services.reporter.metrics import KINDS
+from services.reporter.metrics import KIND_DELIVERY, KINDS, REPORTS, RESULT_PARKED
 from services.reporter.outcomes import STAGE, Change, readable
-from services.reporter.parking import ParkedCounts, ParkedEntry, key_prefix
+from services.reporter.parking import (
+    PARKED_DELIVERIES,
+    ParkedCounts,
+    ParkedEntry,
+    ParkedReport,
+    key_prefix,
+)
 from shared.kafka.clients import KafkaUnavailable, OutRecord, Publisher
 from shared.kafka.store import ChangelogStore, Entry, KeyLocks, PartitionNotReady
 from shared.kafka.unit_of_work import UnitOfWork
@@ -110,6 +118,73 @@ class ParkedState:
             return
         delta = 1 if entry is not None else -1
         self.parked.change(partition, parked.tenant, parked.kind, sign * delta)
+
+    async def queue_behind(
+        self,
+        partition: int,
+        key: str,
+        report: Callable[[], ParkedReport],
+        status: str,
+        extra: dict[str, Any],
+    ) -> bool:
+        """Park a delivery report behind its message's parked reports, if it has any (``report``
+        copies the record: only then)."""
+        if self.store.count_prefix(partition, PARKED_DELIVERIES) == 0:
+            # Nothing parked in the partition (a running count): no lock, no lookup. A report of
+            # this message parked by an earlier record would count: records of one message run
+            # one after another.
+            return False
+        async with self.locks.hold(partition, key):
+            previous = self.store.get_entry(partition, key)
+            if previous is None:
+                return False
+            queued = report()
+            parked = ParkedEntry.from_value(previous.value)
+            if parked.holds(queued.source):
+                return True  # read again after a crash: already queued
+            slug = parked.tenant
+
+            def observe() -> None:
+                REPORTS.labels(slug, KIND_DELIVERY, status, RESULT_PARKED).inc()
+                log.debug("delivery report queued behind parked ones", extra=extra)
+
+            change = Change(key, previous, parked.queued(queued), previous.due_at, observe=observe)
+            await self.write(partition, [change])
+            return True
+
+    async def park(
+        self,
+        partition: int,
+        key: str,
+        parked: ParkedEntry,
+        due_at: float,
+        status: str,
+        extra: dict[str, Any],
+    ) -> None:
+        """Park a report until ``due_at``; a replayed record finds its entry and changes nothing,
+        a message with parked reports gets this one queued behind them."""
+        async with self.locks.hold(partition, key):
+            previous = self.store.get_entry(partition, key)
+            entry: ParkedEntry = parked
+            due: float | None = due_at
+            if previous is not None:
+                # Only a replayed record finds one; the stored entry and its turn stand.
+                existing = ParkedEntry.from_value(previous.value)
+                if existing.holds(parked.head.source):
+                    return
+                entry, due = existing.queued(parked.head), previous.due_at
+
+            def observe() -> None:
+                REPORTS.labels(parked.tenant, parked.kind, status, RESULT_PARKED).inc()
+                log.debug(
+                    "%s report parked until %.0f (%s)",
+                    parked.kind,
+                    due or 0.0,
+                    parked.head.last_result().describe(),
+                    extra=extra,
+                )
+
+            await self.write(partition, [Change(key, previous, entry, due, observe=observe)])
 
     def acknowledged(self, partition: int, key: str, now: float) -> bool:
         """Whether Optimove accepted the report ``key`` (``acknowledged.py``) and it is still
