@@ -195,7 +195,8 @@ print(u.find_spec('jasmin').submodule_search_locations[0])")/managers/listeners.
 # ---------------------------------------------------------------------------------- checks
 wait_quiet() {
     ((FORCE)) && return 0
-    local pattern="bench stages|bench e2e|bench fairness"
+    # Python processes only: a shell that runs this script after a benchmark names both.
+    local pattern="^[^ ]*python[0-9.]* -m bench .*(stages|e2e|fairness)"
     for try in 1 2 3 4 5 6 7 8 9 10; do
         pgrep -f "$pattern" >/dev/null || return 0
         log "a sms-bridge benchmark is running (pgrep -f '$pattern'); waiting ($try/10)"
