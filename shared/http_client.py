@@ -6,14 +6,15 @@ request and response objects we never use (cookies, traces, redirects, streaming
 message that was the largest single cost of the reporter, the sender and the provider simulator.
 This client does one thing: POST a body on a kept-alive HTTP/1.1 connection and read the whole
 answer, parsed by ``httptools`` (llhttp, the parser of Node.js and of uvicorn; the same parser
-aiohttp ships). About 45 µs per request. Measured in docs/performance.md.
+aiohttp ships): 72 to 78 µs per request where aiohttp's took 156 to 177 (docs/performance.md).
 
 Semantics the callers rely on:
 - ``HttpError.sent`` is False only when the request certainly never reached the peer (no
   connection was made): a provider call that failed so may be sent again without a duplicate.
 - A redirect is an answer like any other (never followed).
 - ``timeout_s`` bounds the whole request: connecting, writing and reading the answer.
-- At most ``limit`` connections are open at once; idle ones are reused, oldest last.
+- At most ``limit`` requests run at once, each on a connection of its own; idle connections are
+  reused, the most recently used first.
 """
 
 from __future__ import annotations
@@ -75,9 +76,8 @@ def _target(url: str) -> _Target:
     default_port = 443 if parts.scheme == "https" else 80
     port = parts.port or default_port
     path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-    host = parts.hostname if port == default_port else f"{parts.hostname}:{port}"
-    if ":" in parts.hostname and not host.startswith("["):  # an IPv6 literal
-        host = f"[{parts.hostname}]" if port == default_port else f"[{parts.hostname}]:{port}"
+    name = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname  # IPv6 literal
+    host = name if port == default_port else f"{name}:{port}"
     head = f"POST {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: {USER_AGENT}\r\n"
     return _Target((parts.scheme, parts.hostname, port), head.encode("latin-1"))
 
@@ -216,10 +216,6 @@ class HttpClient:
         tb: TracebackType | None,
     ) -> None:
         await self.close()
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
 
     async def post(
         self, url: str, body: bytes, headers: Mapping[str, str], *, timeout_s: float | None = None

@@ -4,9 +4,9 @@ large publishes: ``Publisher.publish_batches``).
 ``producer.send()`` once per record (a future, a partitioner call and an accumulator lookup each)
 cost ingress more Python time than everything else it did for a recipient. Here records are
 appended to one open batch per partition, shared by every caller in flight, and handed to the
-producer with ``send_batch``. A
-keyed record without a partition goes where aiokafka's default partitioner puts it (murmur2 of
-the key, as the Java client), so a key's records land where any other producer would put them.
+producer with ``send_batch``. A keyed record without a partition goes where aiokafka's default
+partitioner puts it (murmur2 of the key, as the Java client), so a key's records land where any
+other producer would put them.
 
 The producer takes a partition's next batch only once the one before it is on its way, so one
 task per partition hands its batches over, oldest first, and callers arriving meanwhile add to
