@@ -70,12 +70,14 @@ async def retry(
     give_up: Callable[[Exception], bool] = lambda exc: False,
     on_retry: Callable[[int, Exception, float], None] | None = None,
     jitter: Jitter = backoff.full_jitter,
+    first_failure: Exception | None = None,
 ) -> T:
     """Await ``operation()`` until it returns; retry the exceptions ``on`` with ``policy``'s waits.
 
     Raises the last exception when ``give_up(exc)`` is true or ``policy.max_attempts`` are used.
     ``on_retry(attempt, exc, wait_s)`` runs before each wait (to log it). An exception carrying
-    ``retry_after_s`` waits at least that long.
+    ``retry_after_s`` waits at least that long. ``first_failure``: the caller made the first
+    attempt itself (on a path too hot for this function's set-up) and it raised this.
     """
 
     def next_wait(attempt: int, exc: Exception) -> float:
@@ -86,6 +88,8 @@ async def retry(
 
     try:
         # The first attempt runs bare: most succeed, and backoff's set-up costs tens of µs.
+        if first_failure is not None:
+            raise first_failure
         return await operation()
     except on as exc:
         if give_up(exc) or not policy.may_retry(1):

@@ -268,7 +268,11 @@ class ConsumerRunner:
     async def _handle_with_retries(self, record: Record) -> Sequence[OutRecord]:
         """The record's outputs, or its dead letter: poison at once, any other failure after
         ``max_handler_attempts`` (Kafka being unavailable is waited for as long as it takes)."""
-        attempts = 0
+        try:  # most records pass at once, and need none of the retry set-up below
+            return await self._handle_once(record)
+        except Exception as exc:
+            first_failure = exc
+        attempts = 1
 
         async def attempt() -> Sequence[OutRecord]:
             nonlocal attempts
@@ -295,7 +299,13 @@ class ConsumerRunner:
             )
 
         try:
-            return await retry(attempt, HANDLER_RETRY, give_up=give_up, on_retry=log_retry)
+            return await retry(
+                attempt,
+                HANDLER_RETRY,
+                give_up=give_up,
+                on_retry=log_retry,
+                first_failure=first_failure,
+            )
         except PoisonRecord as exc:
             return [self._dead_letter(record, str(exc), attempts)]
         except Exception as exc:
@@ -311,6 +321,10 @@ class ConsumerRunner:
     async def _publish_with_retries(self, outputs: Sequence[OutRecord]) -> None:
         if not outputs:
             return
+        try:
+            return await self._outputs.publish(outputs)
+        except KafkaUnavailable as exc:
+            first_failure = exc
 
         def log_retry(attempt: int, exc: Exception, wait_s: float) -> None:
             log.warning("%s: publish failed (%s); retrying", self.name, exc)
@@ -320,6 +334,7 @@ class ConsumerRunner:
             PUBLISH_RETRY,
             on=KafkaUnavailable,
             on_retry=log_retry,
+            first_failure=first_failure,
         )
 
     def _dead_letter(self, record: Record, reason: str, attempts: int) -> OutRecord:
