@@ -233,7 +233,7 @@ def _sender_task(producer: AIOKafkaProducer) -> asyncio.Task[None] | None:
     return getattr(getattr(producer, "_sender", None), "sender_task", None)
 
 
-# A group this large is worth batching by hand (see ``Publisher.publish_batches``).
+# A publish this large is handed over at once; a smaller one lingers for others.
 BATCHED_FROM = 64
 
 
@@ -249,18 +249,22 @@ class Publisher:
         producer: AIOKafkaProducer,
         timeout_s: float,
         remake: Callable[[], AIOKafkaProducer] | None = None,
+        linger_s: float = 0.005,
     ) -> None:
         self.producer = producer
         self.timeout_s = timeout_s
         self._remake = remake
         self._renewing = asyncio.Lock()
         self._retired: set[asyncio.Task[None]] = set()
-        self._batches = PartitionBatches(lambda: self.producer)
+        self._batches = PartitionBatches(
+            lambda: self.producer, linger_s=linger_s, give_up_s=timeout_s
+        )
 
     @classmethod
     def for_service(cls, settings: KafkaSettings, role: str) -> Publisher:
         make = functools.partial(make_producer, settings, role)
-        return cls(make(), settings.produce_timeout_s, remake=make)
+        timeout_s, linger_s = settings.produce_timeout_s, settings.linger_ms / 1000
+        return cls(make(), timeout_s, remake=make, linger_s=linger_s)
 
     async def start(self) -> None:
         await self.producer.start()
@@ -310,35 +314,25 @@ class Publisher:
         """Publish each (topic, partition or None for the keys', records); raise
         ``KafkaUnavailable`` unless Kafka acknowledged every record within the timeout.
 
-        A group of ``BATCHED_FROM`` records or more is appended to the partitions' open batches
-        (``shared/kafka/batches.py``); a smaller one goes through ``send()``, whose batches wait
-        ``linger_ms`` for more records (a batch handed over is sent at once: one produce request
-        per callback, say). Mixing the two never reorders a key's records: no caller publishes a
-        key again before its earlier records are acknowledged (key locks, records of one key run
-        one after another).
+        Records are appended to the partitions' open batches (``shared/kafka/batches.py``). A
+        publish of ``BATCHED_FROM`` records or more is handed over at once; a smaller one waits
+        ``linger_ms`` for others, so that one produce request carries many small publishes.
 
         After a failure some records may still reach Kafka: callers retry, and consumers know
         repeats by their deterministic ids. A caller that gives up cancels nothing: its records
         may share batches with other callers'.
         """
         waits: set[asyncio.Future[Any]] = set()
-        sent: list[asyncio.Future[Any]] = []  # this caller's own: cancelled if it gives up
         producer = self.producer
         try:
             async with asyncio.timeout(self.timeout_s):
+                linger = sum(len(pairs) for _, _, pairs in groups) < BATCHED_FROM
                 for topic, partition, pairs in groups:
-                    if len(pairs) >= BATCHED_FROM:
-                        await self._batches.append(topic, pairs, waits, partition)
-                        continue
-                    for key, value in pairs:
-                        sent.append(await producer.send(topic, value, key=key, partition=partition))
-                waits.update(sent)
+                    await self._batches.append(topic, pairs, waits, partition, linger=linger)
                 if waits:
                     await asyncio.wait(waits)
             for delivered in waits:
                 delivered.result()
         except (KafkaError, TimeoutError) as exc:
-            for future in sent:
-                future.cancel()  # nobody will read its outcome (and asyncio would log it)
             await self.renew_if_broken(producer, exc)
             raise KafkaUnavailable(f"{type(exc).__name__}: {exc}") from exc

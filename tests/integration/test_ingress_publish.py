@@ -3,17 +3,25 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
+import orjson
 import pytest
 
 from bench.stack import count_records
 from shared.config import KafkaSettings
-from shared.contract.topics import RECIPIENTS
+from shared.contract.events import Event
+from shared.contract.topics import DEAD_LETTERS, RECIPIENTS
 from shared.kafka.broker import EmbeddedBroker
 from shared.kafka.clients import Publisher, make_producer
-from tests.support import make_settings
+from tests.support import make_settings, read_topic
 
 pytestmark = pytest.mark.integration
+
+
+class Numbered(Event):
+    key: str
+    sequence: int
 
 
 async def test_concurrent_requests_for_the_same_partitions_are_all_stored(
@@ -43,3 +51,40 @@ async def test_concurrent_requests_for_the_same_partitions_are_all_stored(
     finally:
         await producer.stop()
     assert await count_records(settings, RECIPIENTS.name) == requests * per_request
+
+
+async def test_small_publishes_of_one_linger_leave_together_in_key_order(
+    kafka: EmbeddedBroker,
+) -> None:
+    """Small publishes wait ``linger_s`` and are handed over together: one batch per partition,
+    not one per publish (aiokafka's own linger sent about one request per record). Each key's
+    records keep their order, and every caller is acknowledged."""
+    settings = make_settings()
+    producer = make_producer(settings.kafka, "test")
+    await producer.start()
+    handed_over: list[int] = []
+    send_batch = producer.send_batch
+
+    async def counting_send_batch(*args: Any, **kwargs: Any) -> Any:
+        handed_over.append(kwargs["partition"])
+        return await send_batch(*args, **kwargs)
+
+    producer.send_batch = counting_send_batch
+    try:
+        publisher = Publisher(producer, 30.0, linger_s=0.05)
+        keys = [f"key-{n}".encode() for n in range(40)]
+
+        async def publish(key: bytes, sequence: int) -> None:
+            value = orjson.dumps({"key": key.decode(), "sequence": sequence})
+            await publisher.publish_batches([(DEAD_LETTERS.name, None, [(key, value)])])
+
+        for sequence in range(3):  # a key's next record only after its last one is stored
+            await asyncio.gather(*(publish(key, sequence) for key in keys))
+    finally:
+        await producer.stop()
+    # Three rounds of 40 publishes over at most 12 partitions: a batch per partition and round.
+    assert len(handed_over) <= 3 * DEAD_LETTERS.partitions
+    seen: dict[str, list[int]] = {}
+    for _, numbered in await read_topic(settings, DEAD_LETTERS, Numbered, expect=3 * len(keys)):
+        seen.setdefault(numbered.key, []).append(numbered.sequence)
+    assert seen == {key.decode(): [0, 1, 2] for key in keys}
