@@ -36,6 +36,7 @@ from services.reporter.outcomes import (
     acknowledged,
     dead_letter,
     log_not_delivered,
+    merge_acknowledged,
     observer,
     skipped_as_acknowledged,
     unknown_tenant,
@@ -59,6 +60,7 @@ from shared.contract.optimove import OptimoveContract
 from shared.contract.topics import INBOUND, REPORTER_STATE, STATUSES
 from shared.http_client import HttpClient
 from shared.kafka.clients import KafkaUnavailable, OutRecord, Publisher
+from shared.kafka.outbox import Outbox
 from shared.kafka.runner import PoisonRecord, Record, decode_or_poison
 from shared.kafka.store import ChangelogStore
 from shared.logs import mask_number
@@ -122,7 +124,8 @@ class ReporterHandler:
     # -- lifecycle (called by ConsumerService) ---------------------------------------------------
 
     async def start(self, publisher: Publisher) -> None:
-        self.state.publisher = publisher
+        # Acknowledgements of one event-loop turn share a publish, their counts one record.
+        self.state.publisher = Outbox(publisher, name=STAGE, merge=merge_acknowledged)
         self._session = HttpClient(
             timeout_s=self.options.request_timeout_s,
             limit=self.options.runner.max_in_flight + self.options.parked_max_in_flight,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import orjson
@@ -35,6 +36,7 @@ from shared.contract.events import (
     SchemaError,
     StatusEvent,
     decode,
+    utcnow,
 )
 from shared.contract.topics import DEAD_LETTERS, INBOUND, REPORT_OUTCOMES, REPORTER_STATE
 from shared.kafka.clients import OutRecord
@@ -153,9 +155,37 @@ def rescheduled(
     return Change(key, previous, parked.with_head(head.waited()), due_at)
 
 
-def acknowledged(slug: str, kind: ReportKind, counts: dict[str, int]) -> OutRecord:
+def acknowledged(
+    slug: str, kind: ReportKind, counts: dict[str, int], at: datetime | None = None
+) -> OutRecord:
     """What the campaigns service counts of a request Optimove accepted (``ReportOutcome``)."""
-    return OutRecord(REPORT_OUTCOMES, slug, ReportOutcome(tenant=slug, kind=kind, counts=counts))
+    outcome = ReportOutcome(tenant=slug, kind=kind, counts=counts, at=at or utcnow())
+    return OutRecord(REPORT_OUTCOMES, slug, outcome)
+
+
+def merge_acknowledged(records: list[OutRecord]) -> list[OutRecord]:
+    """``records`` with the ``ReportOutcome`` records of one tenant and kind summed into one, in
+    the place of the first: the campaigns service reads one record where it read many."""
+    merged: list[OutRecord] = []
+    first: dict[tuple[str, ReportKind], int] = {}
+    for record in records:
+        outcome = record.value
+        if record.topic is not REPORT_OUTCOMES or not isinstance(outcome, ReportOutcome):
+            merged.append(record)
+            continue
+        index = first.setdefault((outcome.tenant, outcome.kind), len(merged))
+        if index == len(merged):
+            merged.append(record)
+            continue
+        earlier = merged[index].value
+        assert isinstance(earlier, ReportOutcome)
+        counts = dict(earlier.counts)
+        for campaign, count in outcome.counts.items():
+            counts[campaign] = counts.get(campaign, 0) + count
+        merged[index] = acknowledged(
+            outcome.tenant, outcome.kind, counts, max(earlier.at, outcome.at)
+        )
+    return merged
 
 
 def dead_letter(

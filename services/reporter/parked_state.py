@@ -22,7 +22,8 @@ from services.reporter.parking import (
     ParkedReport,
     key_prefix,
 )
-from shared.kafka.clients import KafkaUnavailable, OutRecord, Publisher
+from shared.kafka.clients import KafkaUnavailable, OutRecord
+from shared.kafka.outbox import Outbox
 from shared.kafka.store import ChangelogStore, Entry, KeyLocks, PartitionNotReady
 from shared.kafka.unit_of_work import UnitOfWork
 from shared.retry import RetryPolicy, retry
@@ -49,7 +50,7 @@ class ParkedState:
         self.remember_s = remember_s
         self.locks = KeyLocks()
         self.parked = ParkedCounts()
-        self.publisher: Publisher | None = None
+        self.publisher: Outbox | None = None
 
     async def ensure_ready(self, partitions: set[int]) -> None:
         missing = {p for p in partitions if not self.store.is_ready(p)}
@@ -227,7 +228,7 @@ class ParkedState:
             ),
         )
 
-    def _publisher(self) -> Publisher:
+    def _publisher(self) -> Outbox:
         if self.publisher is None:
             raise RuntimeError(f"{STAGE} handler used before start()")
         return self.publisher

@@ -11,20 +11,26 @@ records keep theirs. A flush that Kafka does not acknowledge fails every caller 
 (``KafkaUnavailable``): each retries, as with a publisher of its own.
 
 A caller cancelled while it waits has handed its records over already: they still go out.
+``merge`` may combine a flush's records (counts of one key, say) before they go out.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from shared.kafka.clients import KafkaUnavailable, OutRecord, Publisher
 
+Merge = Callable[[list[OutRecord]], list[OutRecord]]
+
 
 class Outbox:
-    def __init__(self, publisher: Publisher, *, name: str = "outbox") -> None:
+    def __init__(
+        self, publisher: Publisher, *, name: str = "outbox", merge: Merge | None = None
+    ) -> None:
         self.publisher = publisher
         self.name = name
+        self.merge = merge
         self._waiting: list[tuple[Sequence[OutRecord], asyncio.Future[None]]] = []
         self._flushes: set[asyncio.Task[None]] = set()
 
@@ -49,8 +55,9 @@ class Outbox:
         task.add_done_callback(self._flushes.discard)
 
     async def _send(self, waiting: list[tuple[Sequence[OutRecord], asyncio.Future[None]]]) -> None:
+        flushed = [record for records, _ in waiting for record in records]
         try:
-            await self.publisher.publish([record for records, _ in waiting for record in records])
+            await self.publisher.publish(self.merge(flushed) if self.merge else flushed)
         except BaseException as exc:
             failure = (
                 exc

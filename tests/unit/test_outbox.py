@@ -8,7 +8,8 @@ from collections.abc import Iterable
 
 import pytest
 
-from shared.contract.events import OptOutChange, StateChange
+from services.reporter.outcomes import acknowledged, merge_acknowledged
+from shared.contract.events import OptOutChange, ReportOutcome, StateChange
 from shared.contract.topics import NORMALIZER_STATE, OPT_OUTS
 from shared.kafka.clients import KafkaUnavailable, OutRecord, Publisher
 from shared.kafka.outbox import Outbox
@@ -90,3 +91,35 @@ async def test_a_record_that_cannot_be_encoded_fails_its_own_caller_alone() -> N
     assert results[0] is None and results[2] is None
     assert isinstance(results[1], TypeError)
     assert publisher.calls == [["a", "b"]]
+
+
+async def test_the_reporters_counts_of_one_turn_go_out_as_one_record_per_tenant_and_kind() -> None:
+    """``merge_acknowledged``: the campaigns service reads one outcome where it read many, and
+    the counts add up to the same."""
+    published: list[OutRecord] = []
+
+    class Recording(Publisher):
+        def __init__(self) -> None:
+            pass
+
+        async def publish(self, records: Iterable[OutRecord]) -> None:
+            published.extend(records)
+
+    outbox = Outbox(Recording(), merge=merge_acknowledged)
+    await asyncio.gather(
+        outbox.publish([record("a"), acknowledged("acme", "delivery", {"c1": 1})]),
+        outbox.publish([acknowledged("acme", "delivery", {"c1": 1, "c2": 2})]),
+        outbox.publish([acknowledged("acme", "incoming", {"": 3})]),
+        outbox.publish([acknowledged("other", "delivery", {"c1": 1}), record("b")]),
+    )
+    outcomes = [
+        (r.key, r.value.kind, r.value.counts) if isinstance(r.value, ReportOutcome) else r.key
+        for r in published
+    ]
+    assert outcomes == [
+        "a",
+        ("acme", "delivery", {"c1": 2, "c2": 2}),
+        ("acme", "incoming", {"": 3}),
+        ("other", "delivery", {"c1": 1}),
+        "b",
+    ]
