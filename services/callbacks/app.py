@@ -21,17 +21,18 @@ import time
 from collections.abc import Sequence
 from datetime import datetime
 
-from aiohttp import web
+import orjson
 
 from services.callbacks import metrics
 from shared import metrics as shared_metrics
-from shared.config import CallbacksSettings, ProviderSettings, Settings
+from shared.config import CallbacksSettings, ProviderSettings, Settings, split_listen
 from shared.contract import ids
 from shared.contract.events import ProviderEvent, utcnow
 from shared.contract.signing import constant_time_equals
 from shared.contract.topics import PROVIDER_EVENTS
+from shared.http_server import HttpServer, Refusal, Request, Response, Route
 from shared.kafka.clients import KafkaUnavailable, Publisher
-from shared.kafka.service import OpsServer, Service, run_service, serve
+from shared.kafka.service import OpsServer, Service, run_service
 from shared.providers import PROVIDER_KINDS
 from shared.providers.base import CallbackRejected, ParsedCallback, Provider
 
@@ -43,6 +44,8 @@ ROUTE = "/callbacks/{provider}/{account}/{token}"
 RETRY_AFTER_S = 5
 # One answer for a wrong token, a wrong signature, an unknown account and a kind mismatch.
 NOT_AUTHORISED = "not authorised"
+# What the HTTP server's own refusals count as (metric reasons of CALLBACKS_REFUSED).
+SERVER_REFUSAL_REASONS = {413: "too_large", 408: "timeout"}
 
 
 class DeadlinePassed(Exception):
@@ -137,7 +140,7 @@ def encode_events(events: Sequence[ProviderEvent]) -> list[tuple[bytes, bytes]]:
 
 
 class CallbackEndpoint:
-    """The request handler; plain so that it can be mounted on any aiohttp application."""
+    """The request handler, and the answer to what the HTTP server refuses itself."""
 
     def __init__(self, settings: Settings, publisher: Publisher) -> None:
         self.settings = settings
@@ -147,7 +150,7 @@ class CallbackEndpoint:
         # as a wrong token for a known one; never equal to anything sent.
         self._dummy_token = secrets.token_urlsafe(32)
 
-    async def handle(self, request: web.Request) -> web.Response:
+    async def handle(self, request: Request) -> Response:
         started = time.perf_counter()
         provider_label = _provider_label(request.match_info.get("provider", ""))
         try:
@@ -179,7 +182,7 @@ class CallbackEndpoint:
         shared_metrics.HTTP_DURATION.labels(NAME, "callback").observe(time.perf_counter() - started)
         return response
 
-    async def _handle(self, request: web.Request) -> web.Response:
+    async def _handle(self, request: Request) -> Response:
         arrived = asyncio.get_running_loop().time()
         kind = request.match_info["provider"]
         account = request.match_info["account"]
@@ -200,10 +203,8 @@ class CallbackEndpoint:
                 raise
             raise DeadlinePassed(deadline_s) from None
 
-    async def _store(
-        self, request: web.Request, provider: type[Provider], account: str
-    ) -> web.Response:
-        body = await self._read_body(request)
+    async def _store(self, request: Request, provider: type[Provider], account: str) -> Response:
+        body = request.body  # read whole, within max_body_bytes, by the server
         parsed = _parse(provider, body, request)
         events = _build_events(provider, account, body, parsed)
         try:
@@ -214,10 +215,21 @@ class CallbackEndpoint:
         for event in events:
             metrics.CALLBACKS_RECEIVED.labels(provider.kind, event.kind).inc()
         reply = provider.callback_reply
-        return web.Response(status=reply.status, body=reply.body, content_type=reply.content_type)
+        return Response(reply.status, reply.body, reply.content_type)
+
+    def refused(self, refusal: Refusal) -> Response:
+        """The answer to a request the HTTP server refused before it reached ``handle``."""
+        segments = refusal.path.split("/")
+        provider_label = _provider_label(segments[2] if len(segments) > 2 else "")
+        reason = SERVER_REFUSAL_REASONS.get(refusal.status, "malformed")
+        metrics.CALLBACKS_REFUSED.labels(provider_label, reason).inc()
+        log.warning("callback refused: %s", reason, extra={"provider": provider_label})
+        response = _error(refusal.status, refusal.message)
+        shared_metrics.HTTP_REQUESTS.labels(NAME, "callback", str(response.status)).inc()
+        return response
 
     def _authenticate(
-        self, request: web.Request, provider: type[Provider], account: ProviderSettings
+        self, request: Request, provider: type[Provider], account: ProviderSettings
     ) -> None:
         token = request.match_info["token"]
         if not account.callback_token.matches(
@@ -228,23 +240,10 @@ class CallbackEndpoint:
         if not provider.verify_callback(account, request.headers):
             raise Refused(401, "bad_signature", NOT_AUTHORISED)
 
-    async def _read_body(self, request: web.Request) -> bytes:
-        too_large = Refused(413, "too_large", f"body over {self.max_body_bytes} bytes")
-        if request.content_length is not None and request.content_length > self.max_body_bytes:
-            raise too_large
-        try:
-            return await request.read()
-        except web.HTTPRequestEntityTooLarge:
-            raise too_large from None
-        except web.RequestPayloadError:
-            # Content-Encoding that does not decode (or a broken chunked encoding).
-            raise Refused(400, "malformed", "body cannot be decoded") from None
 
-
-def _parse(provider: type[Provider], body: bytes, request: web.Request) -> list[ParsedCallback]:
-    content_type = request.content_type if request.headers.get("Content-Type") else ""
+def _parse(provider: type[Provider], body: bytes, request: Request) -> list[ParsedCallback]:
     try:
-        return provider.parse_callback(body, content_type)
+        return provider.parse_callback(body, request.content_type)
     except CallbackRejected as exc:
         raise Refused(400, "malformed", str(exc) or "malformed callback") from None
     except Exception as exc:
@@ -270,21 +269,25 @@ def _provider_label(kind: str) -> str:
     return kind if kind in PROVIDER_KINDS else "unknown"
 
 
-def _error(status: int, message: str) -> web.Response:
-    return web.json_response({"error": message}, status=status)
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
+    return Response(status, orjson.dumps({"error": message}), "application/json", headers or {})
 
 
-def _retry_later() -> web.Response:
-    response = _error(503, "temporarily unable to store the callback; retry later")
-    response.headers["Retry-After"] = str(RETRY_AFTER_S)
-    return response
+def _retry_later() -> Response:
+    return _error(
+        503,
+        "temporarily unable to store the callback; retry later",
+        {"Retry-After": str(RETRY_AFTER_S)},
+    )
 
 
-def build_app(settings: Settings, publisher: Publisher) -> web.Application:
-    # aiohttp's own limit backs ours up for bodies without a Content-Length.
-    app = web.Application(client_max_size=settings.callbacks.max_body_bytes)
-    app.router.add_post(ROUTE, CallbackEndpoint(settings, publisher).handle)
-    return app
+def build_server(settings: Settings, publisher: Publisher) -> HttpServer:
+    endpoint = CallbackEndpoint(settings, publisher)
+    return HttpServer(
+        [Route("POST", ROUTE, endpoint.handle)],
+        max_body_bytes=settings.callbacks.max_body_bytes,
+        refused=endpoint.refused,
+    )
 
 
 class CallbacksService:
@@ -295,9 +298,8 @@ class CallbacksService:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.publisher = Publisher.for_service(settings.kafka, NAME)
-        self.app = build_app(settings, self.publisher)
+        self.http = build_server(settings, self.publisher)
         self.ops = OpsServer(settings.callbacks.ops_listen, self.ready)
-        self._http: web.AppRunner | None = None
         self._serving = False
         self._stopped = asyncio.Event()
 
@@ -306,7 +308,7 @@ class CallbacksService:
             # Alive (not ready) from the start: a slow Kafka must not look like a hung process.
             await self.ops.start()
             await self.publisher.start()
-            self._http = await serve(self.app, self.settings.callbacks.listen)
+            await self.http.start(*split_listen(self.settings.callbacks.listen))
         except BaseException:
             # The producer is closed even when its start failed: it was made in __init__.
             await self.publisher.stop("callbacks producer")
@@ -319,9 +321,7 @@ class CallbacksService:
 
     async def stop(self) -> None:
         self._serving = False
-        if self._http is not None:
-            await self._http.cleanup()
-            self._http = None
+        await self.http.stop()
         await self.publisher.stop("callbacks producer")
         await self.ops.stop()
         self._stopped.set()
