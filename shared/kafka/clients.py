@@ -211,6 +211,16 @@ class OutRecord:
         value = self.value.to_bytes() if self.value is not None else None
         return self.key.encode("utf-8"), value
 
+    @classmethod
+    def with_bytes(
+        cls, topic: Topic, key: str, value: Event, value_bytes: bytes, partition: int | None = None
+    ) -> OutRecord:
+        """A record whose value the caller has encoded already, as ``value.to_bytes()`` would
+        (the stores encode each state once, for the local file and the changelog alike)."""
+        record = cls(topic, key, value, partition)
+        record.__dict__["encoded"] = (key.encode("utf-8"), value_bytes)  # cached_property's slot
+        return record
+
 
 # A broker's answer meaning the producer's idempotence state is beyond repair: a sequence gap,
 # left by a batch that expired after it had been sent once (as in a broker outage), or a producer

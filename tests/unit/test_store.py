@@ -46,6 +46,11 @@ def test_put_get_and_the_changelog_record(store: ChangelogStore) -> None:
     change = decode(StateChange, record.encoded[1])
     assert change.value == {"status": "sent", "n": 1}
     assert change.due_at == 100.0
+    # Built from the stored bytes: the same as the event's own encoding, with or without a timer.
+    assert record.encoded[1] == change.to_bytes()
+    value = {"nested": {"a": [1, 2.5, None]}, "text": "é\n"}
+    untimed = store.put(3, "acct:sms-2", value)
+    assert untimed.encoded[1] == StateChange(value=value, due_at=None).to_bytes()
 
 
 def test_a_key_said_to_be_new_that_is_not_is_updated_and_counted_once(
