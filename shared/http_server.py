@@ -12,7 +12,8 @@ Limits, each answered with a clear status and the connection closed: a body over
 ``max_header_bytes`` (431), malformed HTTP or an upgrade (400), a request not whole within
 ``request_timeout_s`` (408). A body encoded ``gzip`` or ``deflate`` is decoded (the decoded size
 counts against the limit); another encoding is refused (415). Idle connections close after
-``idle_timeout_s``.
+``idle_timeout_s``. A handler whose client goes away is cancelled, unless ``cancel_on_disconnect``
+is False (then it runs to its end, its answer unheard, as under aiohttp's server).
 """
 
 from __future__ import annotations
@@ -26,10 +27,12 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from http import HTTPStatus
-from typing import cast
+from typing import Any, cast
+from urllib.parse import parse_qsl, unquote
 
 import httptools
-from multidict import CIMultiDict, CIMultiDictProxy
+import orjson
+from multidict import CIMultiDict, CIMultiDictProxy, MultiDict, MultiDictProxy
 
 from shared.tasks import finish_or_cancel
 
@@ -43,11 +46,22 @@ class Request:
     match_info: Mapping[str, str]
     headers: CIMultiDictProxy[str]
     body: bytes  # whole, Content-Encoding already decoded
+    query_string: str = ""  # as sent, without the "?"
 
     @property
     def content_type(self) -> str:
         """The media type, lower case, without parameters ("" without a Content-Type)."""
         return self.headers.get("Content-Type", "").split(";", 1)[0].strip().lower()
+
+    @property
+    def query(self) -> MultiDictProxy[str]:
+        """The query's parameters, decoded, blank ones kept (like aiohttp's ``request.query``).
+        Parsed on each call: only control endpoints read it, the hot ones do not."""
+        return MultiDictProxy(MultiDict(parse_qsl(self.query_string, keep_blank_values=True)))
+
+    def json(self) -> Any:
+        """The body parsed as JSON; ValueError (``orjson.JSONDecodeError``) if it is not JSON."""
+        return orjson.loads(self.body)
 
 
 @dataclass(frozen=True)
@@ -63,7 +77,8 @@ Handler = Callable[[Request], Awaitable[Response]]
 
 @dataclass(frozen=True)
 class Route:
-    """``method`` on ``pattern``: literal segments and ``{name}`` ones, each one whole segment."""
+    """``method`` on ``pattern``: literal segments and ``{name}`` ones, each one whole segment
+    (its value percent-decoded)."""
 
     method: str
     pattern: str
@@ -78,7 +93,7 @@ class Route:
             if want.startswith("{") and want.endswith("}"):
                 if not segment:
                     return None
-                found[want[1:-1]] = segment
+                found[want[1:-1]] = unquote(segment)  # decoded, as aiohttp's router gave it
             elif want != segment:
                 return None
         return found
@@ -111,10 +126,15 @@ class HttpServer:
         request_timeout_s: float = 60.0,
         idle_timeout_s: float = 75.0,
         refused: Callable[[Refusal], Response] = plain_refusal,
+        cancel_on_disconnect: bool = True,
     ) -> None:
-        """``refused``: the answer to a request the server refuses itself (to count it, say)."""
+        """``refused``: the answer to a request the server refuses itself (to count it, say).
+        ``cancel_on_disconnect``: False lets a handler finish when its client goes away (a peer
+        that still acts on a request whose client timed out); ``stop`` waits for it all the same.
+        """
         self.routes = list(routes)
         self.refused = refused
+        self.cancel_on_disconnect = cancel_on_disconnect
         self.max_body_bytes = max_body_bytes
         self.max_header_bytes = max_header_bytes
         self.request_timeout_s = request_timeout_s
@@ -155,7 +175,14 @@ class HttpServer:
                 continue
             if route.method == request.method:
                 return await route.handler(
-                    Request(request.method, request.path, match_info, request.headers, request.body)
+                    Request(
+                        request.method,
+                        request.path,
+                        match_info,
+                        request.headers,
+                        request.body,
+                        request.query_string,
+                    )
                 )
             allowed.append(route.method)
         if allowed:
@@ -218,10 +245,15 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
-        self.server._connections.discard(self)
         self._wait(None)
-        if self._answering is not None:
-            self._answering.cancel()
+        answering = self._answering
+        if answering is not None and not self.server.cancel_on_disconnect:
+            # Still counted as a connection, so that ``stop`` waits for (or cancels) the answer.
+            answering.add_done_callback(lambda _: self.server._connections.discard(self))
+            return
+        self.server._connections.discard(self)
+        if answering is not None:
+            answering.cancel()
 
     # -- httptools callbacks ---------------------------------------------------------------------
 
@@ -254,14 +286,14 @@ class _Connection(asyncio.Protocol):
     def on_message_complete(self) -> None:
         self._in_request = False
         keep_alive = self._parser.should_keep_alive()
-        path = self._path()
+        path, query = self._target()
         try:
             if not path:
                 raise Refusal(400, "malformed request target")
             body = _decoded(self._headers, b"".join(self._body), self.server.max_body_bytes)
             method = self._parser.get_method().decode("ascii", "replace")
             item: Request | Refusal = Request(
-                method, path, {}, CIMultiDictProxy(self._headers), body
+                method, path, {}, CIMultiDictProxy(self._headers), body, query
             )
         except Refusal as refusal:
             refusal.path = path
@@ -328,10 +360,16 @@ class _Connection(asyncio.Protocol):
 
     def _path(self) -> str:
         """The path of the request read so far ("" if there is none or it is malformed)."""
+        return self._target()[0]
+
+    def _target(self) -> tuple[str, str]:
+        """The path and query string of the request read so far (("", "") if there is none or
+        it is malformed)."""
         try:
-            return httptools.parse_url(self._url).path.decode("utf-8", "replace")
+            url = httptools.parse_url(self._url)
         except httptools.HttpParserInvalidURLError:
-            return ""
+            return "", ""
+        return url.path.decode("utf-8", "replace"), (url.query or b"").decode("utf-8", "replace")
 
     def _count_header_bytes(self, size: int) -> None:
         self._header_bytes += size

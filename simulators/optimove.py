@@ -18,16 +18,17 @@ from collections import deque
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import orjson
-from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from shared.config import OptimoveContractSettings, load_settings, split_listen
 from shared.contract.optimove import API_KEY_HEADER
 from shared.contract.signing import SIGNATURE_HEADER, constant_time_equals, verify
+from shared.http_server import HttpServer, Request, Response, Route
 from shared.kafka.service import run, serve_until_signalled
 from shared.logs import configure_logging
 from simulators.optimove_tally import ReportTally, TenantCounters, first_report_times, tenant_tally
@@ -42,9 +43,10 @@ ENDPOINTS = (HANDSHAKE, DELIVERY_REPORT, INCOMING_MESSAGE)
 REPORT_ENDPOINTS = frozenset({DELIVERY_REPORT, INCOMING_MESSAGE})
 DEFAULT_LISTEN = "127.0.0.1:8090"
 DEFAULT_MAX_RECORDED = 500_000
-
-
-SIMULATOR: web.AppKey[OptimoveSimulator] = web.AppKey("optimove_simulator")
+# Far above any report or control request: nothing is refused for its size.
+MAX_BODY_BYTES = 16 * 1024 * 1024
+# Requests under way at a stop are given as long as aiohttp's runner gave them.
+STOP_GRACE_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -153,7 +155,7 @@ class RejectedRequest(Exception):
     def reason(self) -> str:
         return " ".join([self.error, *self.details.values()])
 
-    def response(self) -> web.Response:
+    def response(self) -> Response:
         return _error(self.status, self.error, headers=self.headers, details=self.details)
 
 
@@ -220,10 +222,12 @@ class OptimoveSimulator:
         self._received: deque[ReceivedRequest] = deque(maxlen=max_recorded)
         self._counters: dict[str, TenantCounters] = {}
         self._modes: dict[str | None, FailureMode] = {}
-        self._runner: web.AppRunner | None = None
         self.record_path = record_path
         self._record_file: BinaryIO | None = None
-        self.app = self._build_app()
+        # A report whose client timed out is still taken, late, as the real API may.
+        self._http = HttpServer(
+            self._routes(), max_body_bytes=MAX_BODY_BYTES, cancel_on_disconnect=False
+        )
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -241,15 +245,11 @@ class OptimoveSimulator:
             self._record_file = self.record_path.open("ab")
             if self._record_file.tell() and not _ends_with_newline(self.record_path):
                 self._record_file.write(b"\n")  # end a line cut short by a kill
-        self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
-        await self._runner.setup()
-        await web.TCPSite(self._runner, self.host, self.port, reuse_address=True).start()
+        await self._http.start(self.host, self.port)
         log.info("simulated Optimove on %s for tenants %s", self.url, sorted(self.tenants))
 
     async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
+        await self._http.stop(STOP_GRACE_S)
         if self._record_file is not None:
             self._record_file.close()
             self._record_file = None
@@ -336,26 +336,30 @@ class OptimoveSimulator:
 
     # -- HTTP ------------------------------------------------------------------------------------
 
-    def _build_app(self) -> web.Application:
-        app = web.Application()
-        app[SIMULATOR] = self
-        endpoints = "|".join(ENDPOINTS)
-        app.router.add_post(
-            "/{tenant}/api/{version}/aggregator/{endpoint:(" + endpoints + ")}", self._aggregator
-        )
-        app.router.add_get("/_simulator/received", _get_received)
-        app.router.add_delete("/_simulator/received", _delete_received)
-        app.router.add_get("/_simulator/tally", _get_tally)
-        app.router.add_get("/_simulator/report-times", _get_report_times)
-        app.router.add_get("/_simulator/mode", _get_modes)
-        app.router.add_post("/_simulator/mode", _post_mode)
-        app.router.add_delete("/_simulator/mode", _delete_modes)
-        return app
+    def _routes(self) -> list[Route]:
+        """The aggregator endpoints (one route each: no regex segments), then the control ones."""
+        aggregator = [
+            Route(
+                "POST",
+                f"/{{tenant}}/api/{{version}}/aggregator/{endpoint}",
+                partial(self._aggregator, endpoint),
+            )
+            for endpoint in ENDPOINTS
+        ]
+        return [
+            *aggregator,
+            Route("GET", "/_simulator/received", partial(_get_received, self)),
+            Route("DELETE", "/_simulator/received", partial(_delete_received, self)),
+            Route("GET", "/_simulator/tally", partial(_get_tally, self)),
+            Route("GET", "/_simulator/report-times", partial(_get_report_times, self)),
+            Route("GET", "/_simulator/mode", partial(_get_modes, self)),
+            Route("POST", "/_simulator/mode", partial(_post_mode, self)),
+            Route("DELETE", "/_simulator/mode", partial(_delete_modes, self)),
+        ]
 
-    async def _aggregator(self, request: web.Request) -> web.StreamResponse:
+    async def _aggregator(self, endpoint: str, request: Request) -> Response:
         slug = request.match_info["tenant"]
-        endpoint = request.match_info["endpoint"]
-        raw = await request.read()
+        raw = request.body
         status, reason = 0, "client went away before the answer"
         try:
             await self._check(request, slug, endpoint, raw)
@@ -368,7 +372,7 @@ class OptimoveSimulator:
         finally:
             self._record(request, slug, endpoint, raw, status, reason)
 
-    async def _check(self, request: web.Request, slug: str, endpoint: str, raw: bytes) -> None:
+    async def _check(self, request: Request, slug: str, endpoint: str, raw: bytes) -> None:
         """Count the request if Optimove would accept it; RejectedRequest otherwise."""
         tenant = self.tenants.get(slug)
         if tenant is None:
@@ -428,7 +432,7 @@ class OptimoveSimulator:
 
     def _record(
         self,
-        request: web.Request,
+        request: Request,
         slug: str,
         endpoint: str,
         raw: bytes,
@@ -463,45 +467,39 @@ class OptimoveSimulator:
 # -- control endpoints -----------------------------------------------------------------------
 
 
-async def _get_received(request: web.Request) -> web.Response:
-    simulator = request.app[SIMULATOR]
+async def _get_received(simulator: OptimoveSimulator, request: Request) -> Response:
     found = simulator.received(
         endpoint=request.query.get("endpoint"), tenant=request.query.get("tenant")
     )
     return _json(found)
 
 
-async def _delete_received(request: web.Request) -> web.Response:
-    simulator = request.app[SIMULATOR]
+async def _delete_received(simulator: OptimoveSimulator, request: Request) -> Response:
     simulator.reset()
     return _json({"reset": True})
 
 
-async def _get_tally(request: web.Request) -> web.Response:
-    simulator = request.app[SIMULATOR]
+async def _get_tally(simulator: OptimoveSimulator, request: Request) -> Response:
     tenant = request.query.get("tenant")
     if tenant is not None and tenant not in simulator.tenants:
         return _error(404, f"unknown tenant {tenant!r}")
     return _json(simulator.tally(tenant=tenant, campaign_id=request.query.get("campaign_id")))
 
 
-async def _get_report_times(request: web.Request) -> web.Response:
-    simulator = request.app[SIMULATOR]
+async def _get_report_times(simulator: OptimoveSimulator, request: Request) -> Response:
     tenant = request.query.get("tenant", "")
     if tenant not in simulator.tenants:
         return _error(404, f"unknown tenant {tenant!r}")
     return _json(simulator.report_times(tenant, request.query.get("campaign_id")))
 
 
-async def _get_modes(request: web.Request) -> web.Response:
-    simulator = request.app[SIMULATOR]
+async def _get_modes(simulator: OptimoveSimulator, request: Request) -> Response:
     return _json(simulator.modes())
 
 
-async def _post_mode(request: web.Request) -> web.Response:
-    simulator = request.app[SIMULATOR]
+async def _post_mode(simulator: OptimoveSimulator, request: Request) -> Response:
     try:
-        wanted = FailureModeRequest.model_validate_json(await request.read())
+        wanted = FailureModeRequest.model_validate_json(request.body)
     except ValidationError as exc:
         return _error(400, "invalid mode", details={"detail": str(exc)})
     if wanted.tenant is not None and wanted.tenant not in simulator.tenants:
@@ -511,8 +509,7 @@ async def _post_mode(request: web.Request) -> web.Response:
     return _json(simulator.modes())
 
 
-async def _delete_modes(request: web.Request) -> web.Response:
-    simulator = request.app[SIMULATOR]
+async def _delete_modes(simulator: OptimoveSimulator, request: Request) -> Response:
     simulator.clear_modes(request.query.get("tenant"))
     return _json(simulator.modes())
 
@@ -523,8 +520,8 @@ def _ends_with_newline(path: Path) -> bool:
         return file.read(1) == b"\n"
 
 
-def _json(data: Any, status: int = 200) -> web.Response:
-    return web.Response(body=orjson.dumps(data), status=status, content_type="application/json")
+def _json(data: Any, status: int = 200, headers: Mapping[str, str] | None = None) -> Response:
+    return Response(status, orjson.dumps(data), "application/json", headers or {})
 
 
 def _error(
@@ -533,13 +530,8 @@ def _error(
     *,
     headers: Mapping[str, str] | None = None,
     details: Mapping[str, str] | None = None,
-) -> web.Response:
-    return web.Response(
-        body=orjson.dumps({"error": error, **(details or {})}),
-        status=status,
-        content_type="application/json",
-        headers=headers,
-    )
+) -> Response:
+    return _json({"error": error, **(details or {})}, status, headers)
 
 
 # -- command line --------------------------------------------------------------------------------

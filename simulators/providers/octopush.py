@@ -8,16 +8,16 @@ import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from aiohttp import web
-
 from shared.contract.events import utcnow
 from shared.contract.keywords import KeywordRules
 from shared.contract.segments import count_segments
+from shared.http_server import Request, Response, Route
 from shared.providers.octopush import paris_date
 from simulators.providers.protocol import (
     AcceptedSend,
     PlannedCallback,
     ProviderProtocol,
+    json_response,
     retry_after,
 )
 
@@ -62,29 +62,32 @@ class OctopushProtocol(ProviderProtocol):
         self.credit: dict[str, float] = {}
         self.request_ids: dict[tuple[str, str], float] = {}  # (api key, request_id) -> first seen
 
-    def add_routes(self, app: web.Application) -> None:
-        app.router.add_post(self.send_path, self.counted(self.send))
+    def routes(self) -> list[Route]:
+        return [Route("POST", self.send_path, self.counted(self.send))]
 
     @staticmethod
-    def error(status: int, message: str, code: int | None = None) -> web.Response:
+    def error(
+        status: int,
+        message: str,
+        code: int | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> Response:
         body: dict[str, Any] = {"message": message}
         if code is not None:
             body["code"] = code
-        return web.json_response(body, status=status)
+        return json_response(body, status=status, headers=headers)
 
-    def rate_limited(self, wait_s: float) -> web.Response:
+    def rate_limited(self, wait_s: float) -> Response:
         # Octopush's rate limits are undocumented: a plain 429 with Retry-After.
-        response = self.error(429, "Too many requests")
-        response.headers["Retry-After"] = retry_after(wait_s)
-        return response
+        return self.error(429, "Too many requests", headers={"Retry-After": retry_after(wait_s)})
 
-    async def send(self, request: web.Request) -> web.Response:
+    async def send(self, request: Request) -> Response:
         api_key = request.headers.get("api-key", "").strip()
         login = request.headers.get("api-login", "").strip()
         if not api_key or not login:
             return self.error(401, "Bad login: api-key and api-login are required", 101)
         try:
-            body = await request.json()
+            body = request.json()
         except ValueError:
             return self.error(400, "Request body must be valid JSON")
         if not isinstance(body, dict):
@@ -114,7 +117,7 @@ class OctopushProtocol(ProviderProtocol):
             if isinstance(request_id, str) and request_id:
                 self.request_ids[(api_key, request_id)] = now
             self.accept(api_key, login, ticket, numbers, body)
-        return web.json_response(
+        return json_response(
             {
                 "sms_ticket": ticket,
                 "number_of_contacts": len(numbers),

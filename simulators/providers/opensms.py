@@ -10,15 +10,15 @@ from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from aiohttp import web
-
 from shared.contract.events import utcnow
+from shared.http_server import Request, Response, Route
 from simulators.providers.protocol import (
     AcceptedSend,
     PlannedCallback,
     ProviderProtocol,
     bearer_token,
     iso_now,
+    json_response,
     recipients_of,
     retry_after,
 )
@@ -50,8 +50,8 @@ class OpenSmsProtocol(ProviderProtocol):
         self.windows: dict[str, tuple[int, int]] = {}  # token -> (minute, requests in it)
         self.clock: Callable[[], float] = time.time
 
-    def add_routes(self, app: web.Application) -> None:
-        app.router.add_post(self.send_path, self.counted(self.send))
+    def routes(self) -> list[Route]:
+        return [Route("POST", self.send_path, self.counted(self.send))]
 
     @staticmethod
     def error(
@@ -59,13 +59,13 @@ class OpenSmsProtocol(ProviderProtocol):
         message: str,
         code: int | None = None,
         headers: Mapping[str, str] | None = None,
-    ) -> web.Response:
+    ) -> Response:
         body: dict[str, Any] = {"status": "error", "message": message}
         if code is not None:
             body["code"] = code
-        return web.json_response(body, status=status, headers=headers)
+        return json_response(body, status=status, headers=headers)
 
-    def rate_limited(self, wait_s: float) -> web.Response:
+    def rate_limited(self, wait_s: float) -> Response:
         return self.error(429, "Too Many Attempts.", headers={"Retry-After": retry_after(wait_s)})
 
     def take_request(self, token: str, now: float) -> tuple[dict[str, str], bool]:
@@ -88,7 +88,7 @@ class OpenSmsProtocol(ProviderProtocol):
             headers["Retry-After"] = str(max(1, math.ceil(reset - now)))
         return headers, allowed
 
-    async def send(self, request: web.Request) -> web.Response:
+    async def send(self, request: Request) -> Response:
         token = bearer_token(request)
         if token is None:
             return self.error(401, "Unauthenticated.")
@@ -96,7 +96,7 @@ class OpenSmsProtocol(ProviderProtocol):
         if not allowed:
             return self.error(429, "Too Many Attempts.", headers=limits)
         try:
-            body = await request.json()
+            body = request.json()
         except ValueError:
             return self.error(400, "Request body must be valid JSON", headers=limits)
         if not isinstance(body, dict):
@@ -109,7 +109,7 @@ class OpenSmsProtocol(ProviderProtocol):
             return self.error(500, "Internal server error", headers=limits)
         records = [self.accept(token, number, body) for number in recipients_of(body)]
         data: Any = records[0] if len(records) == 1 else records
-        return web.json_response({"status": "success", "data": data}, headers=limits)
+        return json_response({"status": "success", "data": data}, headers=limits)
 
     def accept(self, token: str, number: str, body: Mapping[str, Any]) -> dict[str, Any]:
         message_id = f"msg_{secrets.token_hex(8)}"

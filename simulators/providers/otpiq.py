@@ -7,11 +7,15 @@ import secrets
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from aiohttp import web
-
 from shared.contract.events import utcnow
+from shared.http_server import Request, Response, Route
 from shared.providers.otpiq import WEBHOOK_SECRET_HEADER
-from simulators.providers.protocol import AcceptedSend, PlannedCallback, ProviderProtocol
+from simulators.providers.protocol import (
+    AcceptedSend,
+    PlannedCallback,
+    ProviderProtocol,
+    json_response,
+)
 
 if TYPE_CHECKING:
     from simulators.providers.server import ProviderSimulator
@@ -44,25 +48,25 @@ class OtpiqProtocol(ProviderProtocol):
         super().__init__(simulator)
         self.credit: dict[str, int] = {}
 
-    def add_routes(self, app: web.Application) -> None:
-        app.router.add_post(self.send_path, self.counted(self.send))
+    def routes(self) -> list[Route]:
+        return [Route("POST", self.send_path, self.counted(self.send))]
 
     @staticmethod
-    def error(status: int, body: dict[str, Any]) -> web.Response:
-        return web.json_response(body, status=status)
+    def error(status: int, body: dict[str, Any]) -> Response:
+        return json_response(body, status=status)
 
-    def rate_limited(self, wait_s: float) -> web.Response:
+    def rate_limited(self, wait_s: float) -> Response:
         # The SDK's 429 fields; the real API's numbers are undocumented.
         wait = {"waitMinutes": round(wait_s / 60, 4), "maxRequests": 100, "timeWindowMinutes": 1}
         return self.error(429, wait)
 
-    async def send(self, request: web.Request) -> web.Response:
+    async def send(self, request: Request) -> Response:
         authorization = request.headers.get("Authorization", "")
         scheme, _, api_key = authorization.partition(" ")
         if scheme != "Bearer" or not api_key.strip():
             return self.error(401, {"message": "Unauthorized"})
         try:
-            body = await request.json()
+            body = request.json()
         except ValueError:
             return self.error(400, {"message": "Request body must be valid JSON"})
         if not isinstance(body, dict):
@@ -108,7 +112,7 @@ class OtpiqProtocol(ProviderProtocol):
             self.simulator.deliver_callbacks(
                 self.kind, sms_id, self.plan_callbacks(report, sms_id, sender)
             )
-        return web.json_response(
+        return json_response(
             {
                 "message": "SMS task created successfully",
                 "smsId": sms_id,

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from aiohttp import web
+import orjson
 
 from shared.contract.events import utcnow
+from shared.http_server import Handler, Request, Response, Route
 
 if TYPE_CHECKING:
     from simulators.providers.server import ProviderSimulator
@@ -56,6 +57,13 @@ class CallbackDelivery:
 
 
 GARBLED_BODY = "<html><body><h1>200 OK</h1>upstream answered</body></html>"
+JSON = "application/json; charset=utf-8"  # what aiohttp's json_response said
+
+
+def json_response(
+    data: Any, status: int = 200, headers: Mapping[str, str] | None = None
+) -> Response:
+    return Response(status, orjson.dumps(data), JSON, headers or {})
 
 
 def retry_after(wait_s: float) -> str:
@@ -72,22 +80,20 @@ class ProviderProtocol(ABC):
         self.simulator = simulator
 
     @abstractmethod
-    def add_routes(self, app: web.Application) -> None: ...
+    def routes(self) -> list[Route]: ...
 
     @abstractmethod
-    def rate_limited(self, wait_s: float) -> web.Response:
+    def rate_limited(self, wait_s: float) -> Response:
         """The provider's 429, asking to wait ``wait_s``."""
 
-    def counted(
-        self, handler: Callable[[web.Request], Awaitable[web.Response]]
-    ) -> Callable[[web.Request], Awaitable[web.Response]]:
+    def counted(self, handler: Handler) -> Handler:
         """Wrap a provider endpoint: the latency and injected faults apply, every answer counts.
 
         A 429 comes before anything else, as from a gateway in front of the API; a garbled
         answer replaces a successful one, after the send was accepted.
         """
 
-        async def wrapped(request: web.Request) -> web.Response:
+        async def wrapped(request: Request) -> Response:
             simulator = self.simulator
             await simulator.simulate_latency()
             if simulator.draw(simulator.options.rate_limited_rate):
@@ -95,14 +101,14 @@ class ProviderProtocol(ABC):
             else:
                 response = await handler(request)
                 if response.status < 300 and simulator.draw(simulator.options.garbled_rate):
-                    response = web.Response(text=GARBLED_BODY, content_type="text/html")
+                    response = Response(200, GARBLED_BODY.encode(), "text/html; charset=utf-8")
             simulator.answers[self.kind][str(response.status)] += 1
             return response
 
         return wrapped
 
 
-def bearer_token(request: web.Request) -> str | None:
+def bearer_token(request: Request) -> str | None:
     scheme, _, token = request.headers.get("Authorization", "").partition(" ")
     return token.strip() if scheme == "Bearer" and token.strip() else None
 

@@ -1,4 +1,5 @@
-"""The provider simulator server: one HTTP app for every provider API, plus the control routes."""
+"""The provider simulator server: one HTTP server for every provider API, plus the control
+routes."""
 
 from __future__ import annotations
 
@@ -10,12 +11,12 @@ from collections.abc import Mapping
 from typing import Any
 
 import orjson
-from aiohttp import web
 
 from shared.contract.events import utcnow
 from shared.http_client import HttpClient, HttpError
+from shared.http_server import HttpServer, Route
 from shared.logs import mask_number
-from simulators.providers.control import ReplyError, add_control_routes
+from simulators.providers.control import ReplyError, control_routes
 from simulators.providers.octopush import OctopushProtocol
 from simulators.providers.opensms import OpenSmsProtocol
 from simulators.providers.options import SimulatorOptions, updated_callback_urls
@@ -30,6 +31,10 @@ from simulators.providers.protocol import (
 log = logging.getLogger(__name__)
 
 PROTOCOLS: tuple[type[ProviderProtocol], ...] = (OtpiqProtocol, OpenSmsProtocol, OctopushProtocol)
+# Far above any send (500 Octopush recipients are some 20 KiB): nothing is refused for its size.
+MAX_BODY_BYTES = 16 * 1024 * 1024
+# Requests under way at a stop are given as long as aiohttp's runner gave them.
+STOP_GRACE_S = 60.0
 
 
 class ProviderSimulator:
@@ -55,7 +60,7 @@ class ProviderSimulator:
         self.protocols = [protocol(self) for protocol in PROTOCOLS]
         for protocol in self.protocols:
             self.answers[protocol.kind] = Counter()
-        self._runner: web.AppRunner | None = None
+        self._http: HttpServer | None = None
         self._session: HttpClient | None = None
         self._background: set[asyncio.Task[None]] = set()
 
@@ -65,24 +70,23 @@ class ProviderSimulator:
 
     # -- lifecycle ---------------------------------------------------------------------------
 
-    def build_app(self) -> web.Application:
-        app = web.Application()
-        for protocol in self.protocols:
-            protocol.add_routes(app)
-        add_control_routes(app, self)
-        return app
+    def routes(self) -> list[Route]:
+        """The providers' send routes (first: they take the load), then the control routes."""
+        routes = [route for protocol in self.protocols for route in protocol.routes()]
+        return routes + control_routes(self)
 
     async def start(self) -> None:
         # Per attempt: 10 s from when one of the 100 connections is free; waiting for it does not
         # count, or a burst of callbacks (a provider's delivery queue) would time out in the
         # queue and be given up without ever being sent.
         self._session = HttpClient(timeout_s=10.0, limit=100)
-        self._runner = web.AppRunner(self.build_app(), access_log=None, handle_signals=False)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port, reuse_address=True)
-        await site.start()
+        # A send whose client gave up is still taken, as a real provider does (ambiguous sends).
+        self._http = HttpServer(
+            self.routes(), max_body_bytes=MAX_BODY_BYTES, cancel_on_disconnect=False
+        )
+        await self._http.start(self.host, self.port)
         if self.port == 0:
-            self.port = int(self._runner.addresses[0][1])
+            self.port = self._http.port
         log.info("provider simulator listening on %s", self.url)
 
     async def stop(self) -> None:
@@ -90,9 +94,9 @@ class ProviderSimulator:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
+        if self._http is not None:
+            await self._http.stop(STOP_GRACE_S)
+            self._http = None
         if self._session is not None:
             await self._session.close()
             self._session = None

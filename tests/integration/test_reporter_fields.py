@@ -15,12 +15,12 @@ from typing import Any
 
 import orjson
 import pytest
-from aiohttp import web
 
 from services.reporter.app import build
 from shared.config import Settings
 from shared.contract.events import CanonicalStatus, DeadLetter, MessageContext, StatusEvent
 from shared.contract.topics import DEAD_LETTERS, STATUSES
+from shared.http_server import Request
 from shared.kafka.broker import EmbeddedBroker, free_port
 from shared.kafka.clients import OutRecord, Publisher, make_producer
 from simulators.optimove import (
@@ -41,7 +41,7 @@ class OptimoveRefusingAField(OptimoveSimulator):
     """The simulated Optimove, stricter: a delivery report carrying ``providerMessageId`` gets
     400, as the real one may answer for a field it does not know."""
 
-    async def _check(self, request: web.Request, slug: str, endpoint: str, raw: bytes) -> None:
+    async def _check(self, request: Request, slug: str, endpoint: str, raw: bytes) -> None:
         if endpoint == DELIVERY_REPORT:
             try:
                 parsed = orjson.loads(raw)

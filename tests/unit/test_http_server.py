@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 
 import aiohttp
 import pytest
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from shared.http_server import HttpServer, Refusal, Request, Response, Route, plain_refusal
 
@@ -23,6 +24,7 @@ class App:
         self.seen: list[Request] = []
         self.refused: list[Refusal] = []
         self.release = asyncio.Event()
+        self.slow_answered = 0
 
     async def echo(self, request: Request) -> Response:
         self.seen.append(request)
@@ -33,6 +35,7 @@ class App:
 
     async def slow(self, request: Request) -> Response:
         await self.release.wait()
+        self.slow_answered += 1
         return Response(202, b"late")
 
     def refusal(self, refusal: Refusal) -> Response:
@@ -47,6 +50,7 @@ async def serving(
     max_header_bytes: int = 64 * 1024,
     request_timeout_s: float = 60.0,
     idle_timeout_s: float = 75.0,
+    cancel_on_disconnect: bool = True,
 ) -> AsyncIterator[tuple[HttpServer, App]]:
     app = App()
     server = HttpServer(
@@ -61,6 +65,7 @@ async def serving(
         request_timeout_s=request_timeout_s,
         idle_timeout_s=idle_timeout_s,
         refused=app.refusal,
+        cancel_on_disconnect=cancel_on_disconnect,
     )
     await server.start("127.0.0.1", 0)
     try:
@@ -89,14 +94,14 @@ def statuses(answer: bytes) -> list[int]:
 
 async def test_requests_on_one_kept_alive_connection_reach_their_route() -> None:
     async with serving() as (server, app), aiohttp.ClientSession() as http:
-        url = f"http://127.0.0.1:{server.port}/echo/otpiq/main-account"
+        url = f"http://127.0.0.1:{server.port}/echo/otpiq/main%20account"
         for body in (b'{"n": 1}', b'{"n": 2}'):
             async with http.post(
                 url, data=body, headers={"Content-Type": "Application/JSON; x=1"}
             ) as r:
                 assert (r.status, await r.read(), r.headers["X-Name"]) == (200, body, "echo")
         first, second = app.seen
-        assert first.match_info == {"kind": "otpiq", "account": "main-account"}
+        assert first.match_info == {"kind": "otpiq", "account": "main account"}
         assert (first.method, first.path, first.content_type) == (
             "POST",
             url[url.index("/echo") :],
@@ -221,3 +226,44 @@ async def test_stop_lets_a_request_under_way_finish() -> None:
         await stopping
         with pytest.raises(aiohttp.ClientConnectionError):
             await http.post(f"http://127.0.0.1:{port}/echo/a/b")
+
+
+async def test_the_query_string_is_parsed_on_demand() -> None:
+    async with serving() as (server, app):
+        request = b"POST /echo/a/b?x=1&y=&x=2&z=a+b%21&flag HTTP/1.1\r\nConnection: close\r\n\r\n"
+        assert statuses(await exchange(server.port, request)) == [200]
+        (seen,) = app.seen
+        assert (seen.path, seen.query_string) == ("/echo/a/b", "x=1&y=&x=2&z=a+b%21&flag")
+        assert seen.query.getall("x") == ["1", "2"]
+        assert (seen.query["y"], seen.query["z"], seen.query["flag"]) == ("", "a b!", "")
+        assert seen.match_info == {"kind": "a", "account": "b"}
+
+
+def test_the_body_is_read_as_json() -> None:
+    def request(body: bytes) -> Request:
+        return Request("POST", "/", {}, CIMultiDictProxy(CIMultiDict()), body)
+
+    assert request(b'{"n": [1, "two"]}').json() == {"n": [1, "two"]}
+    assert request(b"").query == {}
+    for bad in (b"", b"{", b"\xff"):
+        with pytest.raises(ValueError):
+            request(bad).json()
+
+
+@pytest.mark.parametrize("cancel", [True, False])
+async def test_a_handler_whose_client_leaves_is_cancelled_unless_told_otherwise(
+    cancel: bool,
+) -> None:
+    async with serving(cancel_on_disconnect=cancel) as (server, app):
+        _, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(b"POST /slow HTTP/1.1\r\nContent-Length: 0\r\n\r\n")
+        await writer.drain()
+        await asyncio.sleep(0.1)
+        writer.close()
+        await asyncio.sleep(0.1)
+        # Not cancelled: still a connection, which ``stop`` waits for.
+        assert len(server._connections) == (0 if cancel else 1)
+        app.release.set()
+        await asyncio.sleep(0.05)
+        assert app.slow_answered == (0 if cancel else 1)
+        assert len(server._connections) == 0
