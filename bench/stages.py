@@ -35,7 +35,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import orjson
 
 from bench import load
@@ -57,6 +56,7 @@ from bench.stack import (
 )
 from shared.contract.events import DispatchRecord, MessageContext, ProviderEvent, StatusEvent
 from shared.contract.topics import DISPATCHES, PROVIDER_EVENTS, RECIPIENTS, STATUSES
+from shared.http_client import HttpClient
 from shared.kafka.clients import OutRecord
 from shared.providers.otpiq import FIXTURES, WEBHOOK_SECRET_HEADER
 
@@ -250,13 +250,14 @@ async def callbacks(
             queue = iter(bodies)
             refused = 0
 
-            async def client(session: aiohttp.ClientSession) -> None:
+            async def client(session: HttpClient) -> None:
                 nonlocal refused
                 for body in queue:
-                    async with session.post(url, data=body, headers=headers) as answer:
-                        refused += answer.status != 200
+                    answer = await session.post(url, body, headers)
+                    refused += answer.status != 200
 
-            async with aiohttp.ClientSession() as session:
+            # Our client: aiohttp's cost this process (on the same two cores) twice the CPU.
+            async with HttpClient(limit=None) as session:
                 await asyncio.gather(*(client(session) for _ in range(CALLBACK_CLIENTS)))
             if refused:
                 raise StackError(f"callbacks refused {refused} of {len(bodies):,} reports")
