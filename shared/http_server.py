@@ -11,7 +11,7 @@ Limits, each answered with a clear status and the connection closed: a body over
 ``max_body_bytes`` (413, before reading it when Content-Length says so), headers over
 ``max_header_bytes`` (431), malformed HTTP or an upgrade (400), a request not whole within
 ``request_timeout_s`` (408). A body encoded ``gzip`` or ``deflate`` is decoded (the decoded size
-counts against the limit); another encoding is refused (415). Idle connections close after
+counts against the limit); another encoding is refused (400). Idle connections close after
 ``idle_timeout_s``. A handler whose client goes away is cancelled, unless ``cancel_on_disconnect``
 is False (then it runs to its end, its answer unheard, as under aiohttp's server).
 """
@@ -403,7 +403,7 @@ def _decoded(headers: CIMultiDict[str], body: bytes, limit: int) -> bytes:
     if encoding in ("identity", ""):
         return body
     if encoding not in ("gzip", "deflate", "x-gzip"):
-        raise Refusal(415, f"Content-Encoding {encoding!r} is not accepted")
+        raise Refusal(400, f"Content-Encoding {encoding!r} is not accepted")
     # 47: gzip or zlib, told apart by their header; a raw deflate stream is tried after.
     for wbits in (47, -15):
         decompressor = zlib.decompressobj(wbits)
