@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 from shared.contract.events import utcnow
 from shared.contract.keywords import KeywordRules
 from shared.contract.segments import count_segments
-from shared.http_server import Request, Response, Route
+from shared.http_server import Request, Response
 from shared.providers.octopush import paris_date
 from simulators.providers.protocol import (
     AcceptedSend,
@@ -61,9 +61,6 @@ class OctopushProtocol(ProviderProtocol):
         super().__init__(simulator)
         self.credit: dict[str, float] = {}
         self.request_ids: dict[tuple[str, str], float] = {}  # (api key, request_id) -> first seen
-
-    def routes(self) -> list[Route]:
-        return [Route("POST", self.send_path, self.counted(self.send))]
 
     @staticmethod
     def error(

@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from shared.contract.events import utcnow
-from shared.http_server import Request, Response, Route
+from shared.http_server import Request, Response
 from simulators.providers.protocol import (
     AcceptedSend,
     PlannedCallback,
@@ -49,9 +49,6 @@ class OpenSmsProtocol(ProviderProtocol):
         super().__init__(simulator)
         self.windows: dict[str, tuple[int, int]] = {}  # token -> (minute, requests in it)
         self.clock: Callable[[], float] = time.time
-
-    def routes(self) -> list[Route]:
-        return [Route("POST", self.send_path, self.counted(self.send))]
 
     @staticmethod
     def error(

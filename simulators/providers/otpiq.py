@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from shared.contract.events import utcnow
-from shared.http_server import Request, Response, Route
+from shared.http_server import Request, Response
 from shared.providers.otpiq import WEBHOOK_SECRET_HEADER
 from simulators.providers.protocol import (
     AcceptedSend,
@@ -47,9 +47,6 @@ class OtpiqProtocol(ProviderProtocol):
     def __init__(self, simulator: ProviderSimulator) -> None:
         super().__init__(simulator)
         self.credit: dict[str, int] = {}
-
-    def routes(self) -> list[Route]:
-        return [Route("POST", self.send_path, self.counted(self.send))]
 
     @staticmethod
     def error(status: int, body: dict[str, Any]) -> Response:

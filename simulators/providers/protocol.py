@@ -75,12 +75,18 @@ class ProviderProtocol(ABC):
     """One provider's API as the simulator serves it."""
 
     kind: ClassVar[str]
+    send_path: ClassVar[str]
 
     def __init__(self, simulator: ProviderSimulator) -> None:
         self.simulator = simulator
 
+    def routes(self) -> list[Route]:
+        """The provider's send endpoint, with its latency and faults."""
+        return [Route("POST", self.send_path, self.counted(self.send))]
+
     @abstractmethod
-    def routes(self) -> list[Route]: ...
+    async def send(self, request: Request) -> Response:
+        """Accept (or refuse) one send request, in the provider's own shapes."""
 
     @abstractmethod
     def rate_limited(self, wait_s: float) -> Response:
