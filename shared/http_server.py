@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import functools
 import logging
 import time
 import zlib
@@ -37,6 +38,10 @@ from multidict import CIMultiDict, CIMultiDictProxy, MultiDict, MultiDictProxy
 from shared.tasks import finish_or_cancel
 
 log = logging.getLogger(__name__)
+
+# Pipelined requests read ahead of their answers, at most: a client that sends faster than it is
+# answered waits in its socket, not in our memory.
+MAX_QUEUED = 16
 
 
 @dataclass(frozen=True)
@@ -299,6 +304,8 @@ class _Connection(asyncio.Protocol):
             refusal.path = path
             item = refusal
         self._queue.append((item, keep_alive))
+        if len(self._queue) >= MAX_QUEUED and self.transport is not None:
+            self.transport.pause_reading()  # resumed as the queue is answered
         self._answer_soon()
 
     # -- answering -------------------------------------------------------------------------------
@@ -312,6 +319,8 @@ class _Connection(asyncio.Protocol):
         try:
             while self._queue and not self._closed:
                 item, keep_alive = self._queue.popleft()
+                if len(self._queue) == MAX_QUEUED // 2 and self._reading and self.transport:
+                    self.transport.resume_reading()
                 if isinstance(item, Refusal):
                     response = self.server.refused(item)
                 else:
@@ -418,6 +427,7 @@ def _decoded(headers: CIMultiDict[str], body: bytes, limit: int) -> bytes:
     raise Refusal(400, "body cannot be decoded")
 
 
+@functools.cache
 def _reason(status: int) -> str:
     try:
         return HTTPStatus(status).phrase

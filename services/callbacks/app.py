@@ -145,7 +145,6 @@ class CallbackEndpoint:
     def __init__(self, settings: Settings, publisher: Publisher) -> None:
         self.settings = settings
         self.publisher = publisher
-        self.max_body_bytes = settings.callbacks.max_body_bytes
         # Compared with the token of a request for an unknown account, so that it takes as long
         # as a wrong token for a known one; never equal to anything sent.
         self._dummy_token = secrets.token_urlsafe(32)

@@ -14,7 +14,15 @@ import aiohttp
 import pytest
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from shared.http_server import HttpServer, Refusal, Request, Response, Route, plain_refusal
+from shared.http_server import (
+    MAX_QUEUED,
+    HttpServer,
+    Refusal,
+    Request,
+    Response,
+    Route,
+    plain_refusal,
+)
 
 
 class App:
@@ -123,6 +131,26 @@ async def test_pipelined_requests_are_answered_in_order() -> None:
         assert statuses(answer) == [200, 200, 200, 404]
         assert [r.body for r in app.seen] == [b"0", b"1", b"2"]
         assert answer.index(b"\r\n\r\n0") < answer.index(b"\r\n\r\n1") < answer.index(b"\r\n\r\n2")
+
+
+async def test_a_client_that_pipelines_faster_than_it_is_answered_waits_for_its_answers() -> None:
+    """Reading stops while ``MAX_QUEUED`` requests wait for their answers, and resumes as they
+    are answered: every request is answered, in order."""
+    async with serving() as (server, app):
+        count = 3 * MAX_QUEUED
+        requests = b"".join(
+            b"POST /echo/a/b HTTP/1.1\r\nContent-Length: 2\r\n\r\n%02d" % n for n in range(count)
+        )
+        closing = b"POST /echo/a/b HTTP/1.1\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(requests)
+        await asyncio.sleep(0.2)  # read, queued, reading paused, answered, reading resumed
+        writer.write(closing)
+        async with asyncio.timeout(2):
+            answer = await reader.read(-1)
+        writer.close()
+        assert statuses(answer) == [200] * (count + 1)
+        assert [r.body for r in app.seen] == [b"%02d" % n for n in range(count)] + [b""]
 
 
 async def test_a_body_over_the_limit_is_refused_unread_and_counted() -> None:
