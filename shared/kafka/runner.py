@@ -307,10 +307,10 @@ class ConsumerRunner:
                 first_failure=first_failure,
             )
         except PoisonRecord as exc:
-            return [self._dead_letter(record, str(exc), attempts)]
+            return [dead_letter(self.name, record, str(exc), attempts)]
         except Exception as exc:
             log.exception("%s: giving up on %s@%s", self.name, record.topic, record.offset)
-            return [self._dead_letter(record, f"{type(exc).__name__}: {exc}", attempts)]
+            return [dead_letter(self.name, record, f"{type(exc).__name__}: {exc}", attempts)]
 
     async def _handle_once(self, record: Record) -> Sequence[OutRecord]:
         if isinstance(self.handler, SelfPublishing):
@@ -335,24 +335,6 @@ class ConsumerRunner:
             on=KafkaUnavailable,
             on_retry=log_retry,
             first_failure=first_failure,
-        )
-
-    def _dead_letter(self, record: Record, reason: str, attempts: int) -> OutRecord:
-        metrics.DEAD_LETTERS.labels(self.name, record.topic).inc()
-        key = record.key.decode("utf-8", "replace") if record.key is not None else None
-        value = record.value or b""
-        return OutRecord(
-            DEAD_LETTERS,
-            key or f"{record.topic}:{record.partition}:{record.offset}",
-            DeadLetter(
-                source_topic=record.topic,
-                stage=self.name,
-                reason=reason,
-                key=key,
-                payload=value.decode("utf-8", "replace"),
-                attempts=attempts,
-                redrive_topic=record.topic,
-            ),
         )
 
     # -- commits, lag --------------------------------------------------------------------------
@@ -429,6 +411,26 @@ class ConsumerRunner:
         if self.partition_listener is not None:
             await self.partition_listener.on_assigned(assigned)
         self._assigned.set()
+
+
+def dead_letter(stage: str, record: Record, reason: str, attempts: int) -> OutRecord:
+    """The dead letter of ``record``, which ``stage`` gave up on (``reason``), to re-drive later."""
+    metrics.DEAD_LETTERS.labels(stage, record.topic).inc()
+    key = record.key.decode("utf-8", "replace") if record.key is not None else None
+    value = record.value or b""
+    return OutRecord(
+        DEAD_LETTERS,
+        key or f"{record.topic}:{record.partition}:{record.offset}",
+        DeadLetter(
+            source_topic=record.topic,
+            stage=stage,
+            reason=reason,
+            key=key,
+            payload=value.decode("utf-8", "replace"),
+            attempts=attempts,
+            redrive_topic=record.topic,
+        ),
+    )
 
 
 def _finished(task: asyncio.Task[None]) -> asyncio.Future[None]:
