@@ -27,7 +27,7 @@ from services.reporter.metrics import (
     RESULT_DEAD_LETTERED,
     STATUS_REPLY,
 )
-from services.reporter.parking import ParkedEntry, ParkedReport, deferred_due_at, record_source
+from services.reporter.parking import ParkedEntry, ParkedReport, deferred_due_at
 from shared import metrics
 from shared.contract.events import (
     DeadLetter,
@@ -41,6 +41,7 @@ from shared.contract.events import (
 from shared.contract.topics import DEAD_LETTERS, INBOUND, REPORT_OUTCOMES, REPORTER_STATE
 from shared.kafka.clients import OutRecord
 from shared.kafka.runner import Record
+from shared.kafka.runner import dead_letter as record_dead_letter
 from shared.kafka.store import Entry
 from shared.logs import mask_number
 
@@ -220,17 +221,7 @@ def unknown_tenant(record: Record, slug: str, kind: str, extra: dict[str, Any]) 
     reason = f"unknown tenant {slug!r}: not in this deployment's configuration"
     log.error("%s report dead-lettered: %s", kind, reason, extra=extra)
     REPORTS.labels(UNKNOWN_TENANT_LABEL, kind, "unknown", RESULT_DEAD_LETTERED).inc()
-    metrics.DEAD_LETTERS.labels(STAGE, record.topic).inc()
-    key = record.key.decode("utf-8", "replace") if record.key is not None else None
-    return dead_letter(
-        source_topic=record.topic,
-        key=key,
-        fallback_key=record_source(record),
-        payload=(record.value or b"").decode("utf-8", "replace"),
-        reason=reason,
-        attempts=0,
-        result=None,
-    )
+    return record_dead_letter(STAGE, record, reason, attempts=0)
 
 
 def observer(slug: str, kind: str, messages: int, extra: dict[str, Any]) -> AttemptObserver:
