@@ -5,6 +5,7 @@ compacted changelog topic, co-partitioned with the input: ``put`` returns that r
 caller publishes it with its other outputs (``shared/kafka/unit_of_work.py``), so an input offset is
 committed only once the state change it caused is on Kafka. A partition is served only after
 ``restore`` has read its changelog to the end. Entries may carry ``due_at`` for timers (``due``).
+Writes wait in memory for up to a second before they reach the file (``_flush_soon``).
 Restore, counts and files: docs/architecture.md, "Changelog state".
 """
 
@@ -43,6 +44,8 @@ CREATE TABLE IF NOT EXISTS entries (
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS entries_by_due ON entries (due_at) WHERE due_at IS NOT NULL;
 """
+# Keys remembered as missing from a partition's file, at most (``_Database.absent``).
+_MAX_ABSENT = 4096
 _STATE_CHANGE_VERSION = StateChange.model_fields["schema_version"].default
 
 
@@ -64,6 +67,15 @@ class Entry(NamedTuple):
     due_at: float | None
 
 
+class _Pending(NamedTuple):
+    """A key's newest write not yet in the file, and whether the file was believed to hold the
+    key before it (the running counts were kept from that belief; the flush checks it)."""
+
+    encoded: bytes | None  # None: deleted
+    due_at: float | None
+    in_file: bool
+
+
 @dataclass
 class _Database:
     connection: sqlite3.Connection
@@ -71,6 +83,12 @@ class _Database:
     # Running counts (see the module docstring): every entry, and those under each counted prefix.
     entries: int = 0
     by_prefix: dict[str, int] = field(default_factory=dict)
+    # Writes not yet in the file, newest per key: read before it (see ``ChangelogStore.flush``).
+    pending: dict[str, _Pending] = field(default_factory=dict)
+    # Keys lately found missing from the file, and not written since: read again before they are
+    # written (the reporter looks for an acknowledgement before its post and again under its
+    # lock; the sender reads a message's state, then stores its first).
+    absent: set[str] = field(default_factory=set)
 
     def counted(self, key: str, delta: int) -> None:
         """Count ``key`` as added (+1) or removed (-1)."""
@@ -84,7 +102,85 @@ class _Database:
         self.entries = int(self.connection.execute("SELECT COUNT(*) FROM entries").fetchone()[0])
         self.by_prefix = {prefix: _count_prefix(self.connection, prefix) for prefix in prefixes}
 
+    def holds(self, key: str, hint: bool | None) -> bool:
+        """Whether ``key`` has a value now: a pending write says, else the caller's ``hint``
+        (it read the key under its lock), else the file."""
+        pending = self.pending.get(key)
+        if pending is not None:
+            return pending.encoded is not None
+        if hint is not None:
+            return hint
+        if key in self.absent:
+            return False
+        row = self.connection.execute("SELECT 1 FROM entries WHERE key = ?", (key,)).fetchone()
+        return row is not None
+
+    def read(self, key: str) -> Entry | None:
+        """The key's entry: a pending write, else the file."""
+        pending = self.pending.get(key)
+        if pending is not None:
+            if pending.encoded is None:
+                return None
+            return Entry(orjson.loads(pending.encoded), pending.due_at)
+        if key in self.absent:
+            return None
+        row = self.connection.execute(
+            "SELECT value, due_at FROM entries WHERE key = ?", (key,)
+        ).fetchone()
+        if row is None:
+            if len(self.absent) >= _MAX_ABSENT:
+                self.absent.clear()
+            self.absent.add(key)
+            return None
+        return Entry(orjson.loads(row[0]), row[1])
+
+    def flush(self) -> None:
+        """Write the pending writes to the file in one transaction, one statement per key.
+
+        Each statement also tells whether the file held the key; where that differs from the
+        belief the running counts were kept from (a wrong hint), the counts are mended.
+        """
+        if not self.pending:
+            return
+        self.absent.difference_update(self.pending)  # in the file from now on, or not
+        execute = self.connection.execute
+        with _transaction(self.connection):
+            for key, (encoded, due_at, believed) in self.pending.items():
+                if encoded is None:
+                    held = execute("DELETE FROM entries WHERE key = ?", (key,)).rowcount > 0
+                elif believed:
+                    held = (
+                        execute(
+                            "UPDATE entries SET value = ?, due_at = ? WHERE key = ?",
+                            (encoded, due_at, key),
+                        ).rowcount
+                        > 0
+                    )
+                    if not held:
+                        execute(
+                            "INSERT INTO entries (key, value, due_at) VALUES (?, ?, ?)",
+                            (key, encoded, due_at),
+                        )
+                else:
+                    try:
+                        execute(
+                            "INSERT INTO entries (key, value, due_at) VALUES (?, ?, ?)",
+                            (key, encoded, due_at),
+                        )
+                        held = False
+                    except sqlite3.IntegrityError:  # the statement alone is undone
+                        execute(
+                            "UPDATE entries SET value = ?, due_at = ? WHERE key = ?",
+                            (encoded, due_at, key),
+                        )
+                        held = True
+                if held != believed:
+                    self.counted(key, int(believed) - int(held))
+        self.pending.clear()
+
     def close_and_remove(self) -> None:
+        self.pending.clear()
+        self.absent.clear()
         self.connection.close()
         _remove_database(self.path)
 
@@ -101,8 +197,12 @@ class ChangelogStore:
         name: str,
         restore_stall_timeout_s: float = 30.0,
         counted_prefixes: Iterable[str] = (),
+        flush_after_s: float = 1.0,
+        max_pending: int = 4096,
     ) -> None:
-        """``counted_prefixes``: key prefixes whose ``count_prefix`` a gauge reads often."""
+        """``counted_prefixes``: key prefixes whose ``count_prefix`` a gauge reads often.
+        ``flush_after_s``, ``max_pending``: how long, and how many per partition, writes may
+        wait in memory before they go to the file (``_flush_soon``)."""
         self.kafka = kafka
         self.changelog = changelog
         self.name = name
@@ -123,8 +223,9 @@ class ChangelogStore:
         self._epochs: dict[int, int] = {}
         # A fresh file per restore: an abandoned restore may still be writing its own.
         self._file_numbers = count()
-        # The end of this loop turn's write transactions (see ``_writable``).
-        self._commit_pending: asyncio.AbstractEventLoop | None = None
+        self.flush_after_s = flush_after_s
+        self.max_pending = max_pending
+        self._flush_timer: asyncio.TimerHandle | None = None
 
     # -- reading and writing -------------------------------------------------------------------
 
@@ -139,14 +240,7 @@ class ChangelogStore:
         return entry.value if entry is not None else None
 
     def get_entry(self, partition: int, key: str) -> Entry | None:
-        row = (
-            self._connection(partition)
-            .execute("SELECT value, due_at FROM entries WHERE key = ?", (key,))
-            .fetchone()
-        )
-        if row is None:
-            return None
-        return Entry(orjson.loads(row[0]), row[1])
+        return self._database(partition).read(key)
 
     def put(
         self,
@@ -155,40 +249,24 @@ class ChangelogStore:
         value: dict[str, Any] | None,
         due_at: float | None = None,
         *,
-        new: bool = False,
+        existed: bool | None = None,
     ) -> OutRecord:
         """Store ``value`` (None deletes) and return the changelog record to publish.
 
-        ``new``: the caller read the key a moment ago, under its lock, and found nothing: it is
-        inserted at once (one statement, not an update that finds no row first).
+        ``existed``: whether the key had a value, when the caller read it a moment ago under its
+        lock (the running counts need to know, and then need not ask the file).
         """
-        database = self._writable(partition)
-        connection = database.connection
-        if value is None:
-            if connection.execute("DELETE FROM entries WHERE key = ?", (key,)).rowcount:
-                database.counted(key, -1)
+        database = self._database(partition)
+        holds = database.holds(key, existed)
+        pending = database.pending.get(key)
+        in_file = pending.in_file if pending is not None else holds
+        encoded = orjson.dumps(value) if value is not None else None
+        database.pending[key] = _Pending(encoded, due_at, in_file)
+        if holds != (encoded is not None):
+            database.counted(key, +1 if encoded is not None else -1)
+        self._flush_soon(database)
+        if value is None or encoded is None:
             return OutRecord(self.changelog, key, None, partition=partition)
-        encoded = orjson.dumps(value)
-        # Update first, insert when nothing was there: the count needs to know which it was,
-        # and an update of an existing key (the common case) costs no more than a replace.
-        updated = (
-            not new
-            and connection.execute(
-                "UPDATE entries SET value = ?, due_at = ? WHERE key = ?", (encoded, due_at, key)
-            ).rowcount
-        )
-        if not updated:
-            try:
-                connection.execute(
-                    "INSERT INTO entries (key, value, due_at) VALUES (?, ?, ?)",
-                    (key, encoded, due_at),
-                )
-            except sqlite3.IntegrityError:  # not new after all: the statement alone is undone
-                connection.execute(
-                    "UPDATE entries SET value = ?, due_at = ? WHERE key = ?", (encoded, due_at, key)
-                )
-            else:
-                database.counted(key, +1)
         # Our own JSON-shaped dict: not validated again, and its bytes reused for the changelog.
         change = StateChange.model_construct(value=value, due_at=due_at)
         return OutRecord.with_bytes(
@@ -200,7 +278,7 @@ class ChangelogStore:
     ) -> list[tuple[str, dict[str, Any]]]:
         """Entries whose ``due_at`` is at or before ``now``, earliest first."""
         rows = (
-            self._connection(partition)
+            self._flushed(partition)
             .execute(
                 "SELECT key, value FROM entries WHERE due_at IS NOT NULL AND due_at <= ? "
                 "ORDER BY due_at LIMIT ?",
@@ -223,7 +301,7 @@ class ChangelogStore:
         counted = database.by_prefix.get(prefix)
         if counted is not None:
             return counted
-        return _count_prefix(database.connection, prefix)
+        return _count_prefix(self._flushed(partition), prefix)
 
     def scan_prefix(
         self, partition: int, prefix: str, *, after: str = "", limit: int = 1000
@@ -231,7 +309,7 @@ class ChangelogStore:
         """Up to ``limit`` entries whose key starts with ``prefix`` and sorts after ``after``,
         in key order: page through them by passing the last key seen as ``after``."""
         rows = (
-            self._connection(partition)
+            self._flushed(partition)
             .execute(
                 "SELECT key, value FROM entries WHERE key >= ? AND key > ? AND key < ? "
                 "ORDER BY key LIMIT ?",
@@ -241,36 +319,39 @@ class ChangelogStore:
         )
         return [(key, orjson.loads(value)) for key, value in rows]
 
-    def _writable(self, partition: int) -> _Database:
-        """The partition's database, in a transaction that ends with this turn of the loop.
+    def _flush_soon(self, database: _Database) -> None:
+        """Writes wait in memory for up to ``flush_after_s`` (or ``max_pending`` of them).
 
-        A commit per write cost more than the write itself (a WAL frame and index update each
-        time). Nothing but this connection ever reads the file (and it reads its own uncommitted
-        writes), and a file is never trusted after a restart, so when the commit happens changes
-        nothing but the cost: the writes of one event loop turn share one.
+        A key is often written several times within a second (the normalizer's three inputs of
+        one message), and read between: those reads cost no query, and the writes one statement.
+        Nothing but this store reads the file, and a file is never trusted after a restart, so
+        when a write reaches it changes nothing but the cost; Kafka has it already.
         """
-        database = self._database(partition)
-        if database.connection.in_transaction:
-            return database
+        if len(database.pending) >= self.max_pending:
+            database.flush()
+            return
+        if self._flush_timer is not None:
+            return
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
-            return database  # outside an event loop: every write commits at once
-        database.connection.execute("BEGIN")
-        if self._commit_pending is not loop:
-            loop.call_soon(self.commit)
-            self._commit_pending = loop
-        return database
+            database.flush()  # outside an event loop: every write goes to the file at once
+            return
+        self._flush_timer = loop.call_later(self.flush_after_s, self.flush)
 
-    def commit(self) -> None:
-        """End every open write transaction (run once per event loop turn that wrote)."""
-        self._commit_pending = None
+    def flush(self) -> None:
+        """Write every partition's pending writes to its file."""
+        if self._flush_timer is not None:
+            self._flush_timer.cancel()
+            self._flush_timer = None
         for database in self._ready.values():
-            if database.connection.in_transaction:
-                database.connection.execute("COMMIT")
+            database.flush()
 
-    def _connection(self, partition: int) -> sqlite3.Connection:
-        return self._database(partition).connection
+    def _flushed(self, partition: int) -> sqlite3.Connection:
+        """The partition's file with every write in it, for queries over many keys."""
+        database = self._database(partition)
+        database.flush()
+        return database.connection
 
     def _database(self, partition: int) -> _Database:
         database = self._ready.get(partition)
@@ -328,6 +409,9 @@ class ChangelogStore:
             self._discard(partition)
 
     def close(self) -> None:
+        if self._flush_timer is not None:
+            self._flush_timer.cancel()
+            self._flush_timer = None
         for task in set(self._restoring.values()):
             task.cancel()
         self.drop(list(self._ready))

@@ -59,7 +59,7 @@ class UnitOfWork:
         if isinstance(previous, _Unread):
             previous = self.store.get_entry(self.partition, key)
         self.records.append(
-            self.store.put(self.partition, key, value, due_at, new=previous is None)
+            self.store.put(self.partition, key, value, due_at, existed=previous is not None)
         )
         self._written.append(_Written(key, previous))
 

@@ -53,14 +53,25 @@ def test_put_get_and_the_changelog_record(store: ChangelogStore) -> None:
     assert untimed.encoded[1] == StateChange(value=value, due_at=None).to_bytes()
 
 
-def test_a_key_said_to_be_new_that_is_not_is_updated_and_counted_once(
-    store: ChangelogStore,
-) -> None:
-    store.put(3, "k", {"v": 1}, new=True)
-    store.put(3, "k", {"v": 2}, due_at=5.0, new=True)  # wrong: it is there
+async def test_a_wrong_hint_is_mended_when_the_write_reaches_the_file(tmp_path: Path) -> None:
+    store = make_store(str(tmp_path))
+    store.load(3, [])
+    try:
+        store.put(3, "k", {"v": 1}, existed=False)
+        store.put(3, "gone", {"v": 1})
+        store.flush()
+        store.put(3, "k", {"v": 2}, due_at=5.0, existed=False)  # wrong: it is there
+        store.put(3, "gone", None, existed=False)  # wrong too
+        store.put(3, "never", {"v": 3}, existed=True)  # and this one was not there
 
-    assert store.get_entry(3, "k") == ({"v": 2}, 5.0)
-    assert store.count(3) == 1
+        assert store.get_entry(3, "k") == ({"v": 2}, 5.0)
+        store.flush()
+        assert store.count(3) == 2
+        assert _committed_keys(next(store.directory.glob("3.*.sqlite3"))) == ["k", "never"]
+        assert store.get_entry(3, "k") == ({"v": 2}, 5.0)
+        assert store.get(3, "gone") is None
+    finally:
+        store.close()
 
 
 def test_delete_is_a_tombstone(store: ChangelogStore) -> None:
@@ -139,8 +150,14 @@ def test_restore_skips_unreadable_records_but_keeps_the_rest(store: ChangelogSto
 COUNTED = ("parked:held:", "parked:retry:")
 
 
-def counting_store() -> ChangelogStore:
-    return ChangelogStore(KafkaSettings(), NORMALIZER_STATE, name="test", counted_prefixes=COUNTED)
+def counting_store(max_pending: int = 4096) -> ChangelogStore:
+    return ChangelogStore(
+        KafkaSettings(),
+        NORMALIZER_STATE,
+        name="test",
+        counted_prefixes=COUNTED,
+        max_pending=max_pending,
+    )
 
 
 def counts(store: ChangelogStore, partition: int = 3) -> tuple[int, int, int]:
@@ -176,9 +193,11 @@ def test_running_counts_follow_puts_overwrites_and_deletes() -> None:
         store.close()
 
 
-async def test_running_counts_agree_with_the_entries_after_random_writes() -> None:
-    """In an event loop, as the services write (one transaction per loop turn)."""
-    store = counting_store()
+@pytest.mark.parametrize("max_pending", [4096, 7])
+async def test_running_counts_agree_with_the_entries_after_random_writes(max_pending: int) -> None:
+    """In an event loop, as the services write: writes wait in memory, flushed now and then
+    (or as soon as ``max_pending`` wait), with and without the callers' hints."""
+    store = counting_store(max_pending=max_pending)
     rng = random.Random(7)
     # "parked:h..." and "parked:held" sort next to the counted prefixes without being under them.
     names = ("parked:held:", "parked:retry:", "parked:h", "parked:held", "other:")
@@ -189,15 +208,20 @@ async def test_running_counts_agree_with_the_entries_after_random_writes() -> No
         store.load(4, [])
         for step in range(3000):
             key = rng.choice(keys)
+            # Read first, as the services do: a key found missing is remembered as such.
+            assert store.get(3, key) == ({"step": model[key]} if key in model else None)
+            hint = rng.choice([None, key in model])
             if rng.random() < 0.35:
-                store.put(3, key, None)
+                store.put(3, key, None, existed=hint)
                 model.pop(key, None)
             else:
-                store.put(3, key, {"step": step}, due_at=rng.choice([None, float(step)]))
+                due_at = rng.choice([None, float(step)])
+                store.put(3, key, {"step": step}, due_at=due_at, existed=hint)
                 model[key] = step
             store.put(4, key, {"step": step})  # another partition's writes count there only
+            assert store.get(3, key) == ({"step": model[key]} if key in model else None)
             if step % 100 == 0:
-                await asyncio.sleep(0)  # commits, and starts a new transaction
+                store.flush()
 
         assert store.count(3) == len(model)
         for prefix in (*COUNTED, "parked:", "parked:h", "other:"):  # counted, and queried
@@ -358,24 +382,36 @@ def _committed_keys(path: Path) -> list[str]:
         return [key for (key,) in reader.execute("SELECT key FROM entries ORDER BY key")]
 
 
-async def test_writes_of_one_event_loop_turn_share_one_commit(tmp_path: Path) -> None:
-    store = make_store(str(tmp_path))
+async def test_writes_wait_in_memory_and_reach_the_file_together(tmp_path: Path) -> None:
+    store = ChangelogStore(
+        KafkaSettings(),
+        NORMALIZER_STATE,
+        state_dir=str(tmp_path),
+        name="test",
+        flush_after_s=0.05,
+        max_pending=3,
+    )
     store.load(1, [])
     store.load(2, [])
     try:
+        files = {p: next(store.directory.glob(f"{p}.*.sqlite3")) for p in (1, 2)}
         store.put(1, "a", {"v": 1}, due_at=5.0)
+        store.put(1, "a", {"v": 2}, due_at=6.0)
         store.put(2, "b", {"v": 2})
         # The store reads its own writes at once...
-        assert store.get(1, "a") == {"v": 1}
-        assert [key for key, _ in store.due(1, 10.0)] == ["a"]
-        files = {p: next(store.directory.glob(f"{p}.*.sqlite3")) for p in (1, 2)}
-        # ...and commits them together once this turn of the loop is over.
+        assert store.get_entry(1, "a") == ({"v": 2}, 6.0)
         assert _committed_keys(files[1]) == []
-        await asyncio.sleep(0)
+        # ...a query over many keys sees them (its partition's writes go to the file first)...
+        assert [key for key, _ in store.due(1, 10.0)] == ["a"]
         assert _committed_keys(files[1]) == ["a"]
+        assert _committed_keys(files[2]) == []
+        # ...and every partition's writes go to the file within ``flush_after_s``.
+        await asyncio.sleep(0.1)
         assert _committed_keys(files[2]) == ["b"]
-        store.put(1, "c", {"v": 3})
-        await asyncio.sleep(0)
-        assert _committed_keys(files[1]) == ["a", "c"]
+        # A partition with ``max_pending`` writes waiting writes them at once.
+        for key in ("c", "d", "e"):
+            store.put(2, key, {"v": 3})
+        assert _committed_keys(files[2]) == ["b", "c", "d", "e"]
+        assert store.count(2) == 4
     finally:
         store.close()
