@@ -257,6 +257,8 @@ class ChangelogStore:
         lock (the running counts need to know, and then need not ask the file).
         """
         database = self._database(partition)
+        if len(database.pending) >= self.max_pending:
+            database.flush()  # first: if the file fails us, nothing is half written
         holds = database.holds(key, existed)
         pending = database.pending.get(key)
         in_file = pending.in_file if pending is not None else holds
@@ -325,11 +327,9 @@ class ChangelogStore:
         A key is often written several times within a second (the normalizer's three inputs of
         one message), and read between: those reads cost no query, and the writes one statement.
         Nothing but this store reads the file, and a file is never trusted after a restart, so
-        when a write reaches it changes nothing but the cost; Kafka has it already.
+        when a write reaches it changes nothing but the cost; Kafka has it already. (A partition
+        holding ``max_pending`` writes flushes before it takes the next: see ``put``.)
         """
-        if len(database.pending) >= self.max_pending:
-            database.flush()
-            return
         if self._flush_timer is not None:
             return
         try:

@@ -408,10 +408,13 @@ async def test_writes_wait_in_memory_and_reach_the_file_together(tmp_path: Path)
         # ...and every partition's writes go to the file within ``flush_after_s``.
         await asyncio.sleep(0.1)
         assert _committed_keys(files[2]) == ["b"]
-        # A partition with ``max_pending`` writes waiting writes them at once.
+        # A partition with ``max_pending`` writes waiting writes them before it takes another.
         for key in ("c", "d", "e"):
             store.put(2, key, {"v": 3})
+        assert _committed_keys(files[2]) == ["b"]
+        store.put(2, "f", {"v": 4})
         assert _committed_keys(files[2]) == ["b", "c", "d", "e"]
-        assert store.count(2) == 4
+        assert store.count(2) == 5
+        assert store.get(2, "f") == {"v": 4}
     finally:
         store.close()
