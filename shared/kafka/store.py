@@ -138,12 +138,14 @@ class _Database:
         """Write the pending writes to the file in one transaction, one statement per key.
 
         Each statement also tells whether the file held the key; where that differs from the
-        belief the running counts were kept from (a wrong hint), the counts are mended.
+        belief the running counts were kept from (a wrong hint), the counts are mended once the
+        transaction is in (a failed one keeps every write pending, to be flushed again).
         """
         if not self.pending:
             return
         self.absent.difference_update(self.pending)  # in the file from now on, or not
         execute = self.connection.execute
+        mends: list[tuple[str, int]] = []
         with _transaction(self.connection):
             for key, (encoded, due_at, believed) in self.pending.items():
                 if encoded is None:
@@ -175,8 +177,10 @@ class _Database:
                         )
                         held = True
                 if held != believed:
-                    self.counted(key, int(believed) - int(held))
+                    mends.append((key, int(believed) - int(held)))
         self.pending.clear()
+        for key, delta in mends:
+            self.counted(key, delta)
 
     def close_and_remove(self) -> None:
         self.pending.clear()

@@ -418,3 +418,32 @@ async def test_writes_wait_in_memory_and_reach_the_file_together(tmp_path: Path)
         assert store.get(2, "f") == {"v": 4}
     finally:
         store.close()
+
+
+async def test_a_failed_flush_keeps_the_writes_pending_and_mends_the_counts_once() -> None:
+    store = counting_store()
+    store.load(3, [])
+    try:
+        # Both said to exist, wrongly: the flush finds out, and mends the counts.
+        store.put(3, "parked:held:b", {"v": 1}, existed=True)
+        store.put(3, "parked:held:z", {"v": 1}, existed=True)
+        assert counts(store) == (0, 0, 0)
+        file = store._ready[3].connection
+        file.execute(
+            "CREATE TEMP TRIGGER refuse BEFORE INSERT ON entries WHEN NEW.key LIKE '%:z' "
+            "BEGIN SELECT RAISE(ABORT, 'refused'); END"
+        )
+        with pytest.raises(sqlite3.IntegrityError):
+            store.flush()  # b is written, then z is refused: the transaction is undone
+        assert store.get(3, "parked:held:b") == {"v": 1}
+        assert counts(store) == (0, 0, 0)
+
+        file.execute("DROP TRIGGER refuse")
+        store.flush()
+        assert counts(store) == (2, 2, 0)
+        assert [key for key, _ in store.scan_prefix(3, "parked:")] == [
+            "parked:held:b",
+            "parked:held:z",
+        ]
+    finally:
+        store.close()
