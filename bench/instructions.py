@@ -31,17 +31,25 @@ async def _handle_all(messages: int, lag: int, window: int) -> None:
     ``lag`` messages later and its ``delivered`` callback ``2 * lag`` later."""
     from aiokafka.structs import ConsumerRecord
 
+    from bench.stack import base_config
     from bench.stages import normalizer_input
     from services.normalizer.handler import NormalizerHandler
+    from shared.config import Settings
     from shared.kafka.outbox import Outbox
-    from tests.support import make_settings
 
     class EncodingPublisher:
         async def publish(self, records: Any) -> None:
             for record in records:
                 record.encoded  # noqa: B018
 
-    handler = NormalizerHandler(make_settings())
+    # The stage benchmark's configuration (its tenant and provider account), no peer reached.
+    nowhere = "127.0.0.1:9"
+    config = base_config(
+        bootstrap_servers=nowhere,
+        optimove_url=f"http://{nowhere}",
+        provider_url=f"http://{nowhere}",
+    )
+    handler = NormalizerHandler(Settings(**config))
     for partition in range(PARTITIONS):
         handler.store.load(partition, [])
     # Time runs ~50 times slower under valgrind: the stores' write window is set by count.

@@ -39,8 +39,9 @@ from shared.tasks import finish_or_cancel
 
 log = logging.getLogger(__name__)
 
-# Pipelined requests read ahead of their answers, at most: a client that sends faster than it is
-# answered waits in its socket, not in our memory.
+# Pipelined requests waiting for their answers at which reading pauses (what one read brought in
+# is still parsed), until half are answered: a client that sends faster than it is answered waits
+# in its socket, not in our memory.
 MAX_QUEUED = 16
 
 

@@ -345,11 +345,14 @@ class ChangelogStore:
 
     def flush(self) -> None:
         """Write every partition's pending writes to its file."""
+        self._cancel_flush_timer()
+        for database in self._ready.values():
+            database.flush()
+
+    def _cancel_flush_timer(self) -> None:
         if self._flush_timer is not None:
             self._flush_timer.cancel()
             self._flush_timer = None
-        for database in self._ready.values():
-            database.flush()
 
     def _flushed(self, partition: int) -> sqlite3.Connection:
         """The partition's file with every write in it, for queries over many keys."""
@@ -413,9 +416,7 @@ class ChangelogStore:
             self._discard(partition)
 
     def close(self) -> None:
-        if self._flush_timer is not None:
-            self._flush_timer.cancel()
-            self._flush_timer = None
+        self._cancel_flush_timer()  # the files go with the partitions: nothing left to write
         for task in set(self._restoring.values()):
             task.cancel()
         self.drop(list(self._ready))
