@@ -45,6 +45,7 @@ from bench.stack import (
     ProviderSimulatorOptions,
     Stack,
     process_cpu_seconds,
+    process_syscalls,
 )
 
 DEFAULT_RECIPIENTS = 100_000
@@ -72,6 +73,7 @@ class Throughput:
     all_accepted: float
     last_final: float
     cpu: dict[str, float]  # CPU seconds per process during the phase
+    syscalls: dict[str, int]  # read and write system calls per process during the phase
     tally: dict[str, Any]
     errors: int
 
@@ -128,6 +130,13 @@ def cpu_now(stack: Stack) -> dict[str, float]:
     return now
 
 
+def syscalls_now(stack: Stack) -> dict[str, int]:
+    now = {name: stack.syscalls(name) for name in stack.children}
+    if stack.broker_pid is not None:
+        now[BROKER] = process_syscalls(stack.broker_pid)
+    return now
+
+
 async def post_all(
     stack: Stack, batches: Sequence[load.Batch], clients: int
 ) -> tuple[list[load.Posted], int]:
@@ -178,7 +187,7 @@ async def throughput(
     profiler = Profiler(stack, PROFILED, profile_dir) if profile_dir is not None else None
     if profiler is not None:
         await profiler.start()
-    before = cpu_now(stack)
+    before, calls_before = cpu_now(stack), syscalls_now(stack)
     started = time.time()
     answers, errors = await post_all(stack, batches, CLIENTS)
     all_accepted = time.time()
@@ -193,7 +202,7 @@ async def throughput(
         timeout_s=max(600.0, recipients / 50),
         on_progress=_progress("throughput", recipients),
     )
-    after = cpu_now(stack)
+    after, calls_after = cpu_now(stack), syscalls_now(stack)
     hot: dict[str, str] = {}
     if profiler is not None:
         for name, path in (await profiler.stop()).items():
@@ -201,8 +210,10 @@ async def throughput(
     times = await stack.optimove_report_times(campaign)
     last_final = max(times["first_final"].values())
     cpu = {name: round(after[name] - before.get(name, 0.0), 2) for name in after}
+    calls = {name: calls_after[name] - calls_before.get(name, 0) for name in calls_after}
     del answers
-    return Throughput(recipients, started, all_accepted, last_final, cpu, tally, errors), hot
+    phase = Throughput(recipients, started, all_accepted, last_final, cpu, calls, tally, errors)
+    return phase, hot
 
 
 async def steady_latency(stack: Stack, rate: float, seconds: float, first_index: int) -> Latency:
@@ -446,10 +457,22 @@ def report(
             failures.append(f"{label}: {tally['failed']} reported failed: {tally}")
     per_k = 1000 / phase1.recipients
     cpu_rows = [
-        [name, f"{seconds:.1f}", f"{seconds * per_k:.2f}", f"{seconds / phase1.seconds:.0%}"]
+        [
+            name,
+            f"{seconds:.1f}",
+            f"{seconds * per_k:.2f}",
+            f"{seconds / phase1.seconds:.0%}",
+            f"{phase1.syscalls[name] / phase1.recipients:.1f}" if name in phase1.syscalls else "",
+        ]
         for name, seconds in sorted(phase1.cpu.items(), key=lambda item: -item[1])
     ]
-    cpu_header = ("process", "CPU s", "CPU s per 1,000 msgs", "share of one core")
+    cpu_header = (
+        "process",
+        "CPU s",
+        "CPU s per 1,000 msgs",
+        "share of one core",
+        "system calls per msg",
+    )
     total_cpu = sum(phase1.cpu.values())
     simulators_ms = phase1.cpu_ms_per_message([OPTIMOVE_SIMULATOR, PROVIDER_SIMULATOR])
     services_per_simulators = phase1.cpu_ms_per_message(SERVICES) / max(1e-9, simulators_ms)
@@ -569,6 +592,7 @@ def report(
             "seconds_to_all_accepted": round(phase1.all_accepted - phase1.first_post, 2),
             "msgs_per_s": round(phase1.rate, 1),
             "cpu_seconds": phase1.cpu,
+            "read_write_syscalls": phase1.syscalls,
             "cpu_ms_per_message": round(total_cpu * per_k, 2),
             "cpu_ms_per_message_services": round(phase1.cpu_ms_per_message(SERVICES), 2),
             "cpu_ms_per_message_broker": round(phase1.cpu_ms_per_message([BROKER]), 2),

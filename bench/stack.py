@@ -320,6 +320,17 @@ def process_cpu_seconds(pid: int) -> float:
         return 0.0
 
 
+def process_syscalls(pid: int) -> int:
+    """Read and write system calls of a process (all its threads) so far (0 when it is gone).
+    A count the machine's speed leaves alone: socket reads and writes, SQLite's file access."""
+    try:
+        with open(f"/proc/{pid}/io", "rb") as io:
+            fields = dict(line.split(b": ") for line in io.read().splitlines())
+        return int(fields[b"syscr"]) + int(fields[b"syscw"])
+    except (OSError, KeyError, ValueError):
+        return 0
+
+
 async def count_records(settings: Settings, topic: str, timeout_s: float = 30.0) -> int:
     """How many records ``topic`` holds (the sum of its partitions' end offsets; nothing is
     compacted or deleted in a benchmark's lifetime). On Tansu, which cannot answer ListOffsets
@@ -644,6 +655,11 @@ class Stack(SimulatorPeers):
         """CPU time the child's current process has used (restarts start from 0)."""
         pid = self.pid(name)
         return process_cpu_seconds(pid) if pid is not None else 0.0
+
+    def syscalls(self, name: str) -> int:
+        """Read and write system calls of the child's current process (``process_syscalls``)."""
+        pid = self.pid(name)
+        return process_syscalls(pid) if pid is not None else 0
 
     async def wait_for_final_reports(
         self,

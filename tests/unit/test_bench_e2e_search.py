@@ -151,7 +151,7 @@ def latency(rate: float, p99_s: float, keeps_up: bool = True) -> e2e.Latency:
 
 def throughput_phase() -> e2e.Throughput:
     tally = {"final": 1_000, "delivered": 1_000, "failed": 0, "duplicates": 0}
-    return e2e.Throughput(1_000, 0.0, 0.5, 1.0, {"ingress": 0.5}, tally, 0)
+    return e2e.Throughput(1_000, 0.0, 0.5, 1.0, {"ingress": 0.5}, {"ingress": 10}, tally, 0)
 
 
 @pytest.mark.parametrize(("limit", "ok"), [(950.0, True), (650.0, False)])

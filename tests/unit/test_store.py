@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import random
 import sqlite3
 from collections.abc import Iterator
@@ -67,7 +66,7 @@ async def test_a_wrong_hint_is_mended_when_the_write_reaches_the_file(tmp_path: 
         assert store.get_entry(3, "k") == ({"v": 2}, 5.0)
         store.flush()
         assert store.count(3) == 2
-        assert _committed_keys(next(store.directory.glob("3.*.sqlite3"))) == ["k", "never"]
+        assert _committed_keys(store, 3) == ["k", "never"]
         assert store.get_entry(3, "k") == ({"v": 2}, 5.0)
         assert store.get(3, "gone") is None
     finally:
@@ -376,10 +375,10 @@ async def test_holding_overlapping_sets_of_keys_in_any_order_never_deadlocks() -
     assert not any(locks.is_held(0, key) for key in "xyz")
 
 
-def _committed_keys(path: Path) -> list[str]:
-    """The keys another connection sees in a store's file: only committed writes."""
-    with contextlib.closing(sqlite3.connect(path)) as reader:
-        return [key for (key,) in reader.execute("SELECT key FROM entries ORDER BY key")]
+def _committed_keys(store: ChangelogStore, partition: int) -> list[str]:
+    """The keys in a partition's file (the store holds its lock: asked through its connection)."""
+    file = store._ready[partition].connection
+    return [key for (key,) in file.execute("SELECT key FROM entries ORDER BY key")]
 
 
 async def test_writes_wait_in_memory_and_reach_the_file_together(tmp_path: Path) -> None:
@@ -394,26 +393,25 @@ async def test_writes_wait_in_memory_and_reach_the_file_together(tmp_path: Path)
     store.load(1, [])
     store.load(2, [])
     try:
-        files = {p: next(store.directory.glob(f"{p}.*.sqlite3")) for p in (1, 2)}
         store.put(1, "a", {"v": 1}, due_at=5.0)
         store.put(1, "a", {"v": 2}, due_at=6.0)
         store.put(2, "b", {"v": 2})
         # The store reads its own writes at once...
         assert store.get_entry(1, "a") == ({"v": 2}, 6.0)
-        assert _committed_keys(files[1]) == []
+        assert _committed_keys(store, 1) == []
         # ...a query over many keys sees them (its partition's writes go to the file first)...
         assert [key for key, _ in store.due(1, 10.0)] == ["a"]
-        assert _committed_keys(files[1]) == ["a"]
-        assert _committed_keys(files[2]) == []
+        assert _committed_keys(store, 1) == ["a"]
+        assert _committed_keys(store, 2) == []
         # ...and every partition's writes go to the file within ``flush_after_s``.
         await asyncio.sleep(0.1)
-        assert _committed_keys(files[2]) == ["b"]
+        assert _committed_keys(store, 2) == ["b"]
         # A partition with ``max_pending`` writes waiting writes them before it takes another.
         for key in ("c", "d", "e"):
             store.put(2, key, {"v": 3})
-        assert _committed_keys(files[2]) == ["b"]
+        assert _committed_keys(store, 2) == ["b"]
         store.put(2, "f", {"v": 4})
-        assert _committed_keys(files[2]) == ["b", "c", "d", "e"]
+        assert _committed_keys(store, 2) == ["b", "c", "d", "e"]
         assert store.count(2) == 5
         assert store.get(2, "f") == {"v": 4}
     finally:
