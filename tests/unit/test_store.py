@@ -445,3 +445,17 @@ async def test_a_failed_flush_keeps_the_writes_pending_and_mends_the_counts_once
         ]
     finally:
         store.close()
+
+
+def test_a_normalizer_sized_state_keeps_to_its_page(store: ChangelogStore) -> None:
+    """States of 1 to 1.5 KiB (the normalizer's) sit in their table's pages: a table that spilled
+    each into an overflow page of its own (a WITHOUT ROWID table does above about 1 KiB) took
+    twice the file and three times the time per statement (docs/performance.md)."""
+    for number in range(1000):
+        store.put(3, f"otpiq-bench:sms-{number:08d}", {"state": "x" * 1400})
+    store.flush()
+    file = store._ready[3].connection
+    pages = file.execute("PRAGMA page_count").fetchone()[0]
+    page_size = file.execute("PRAGMA page_size").fetchone()[0]
+    # 1,000 values of about 1.4 KiB: 1.4 MB and the keys, where one page each would be 4 MB.
+    assert pages * page_size < 2_200_000, pages * page_size
