@@ -577,7 +577,7 @@ def _connect(path: Path) -> sqlite3.Connection:
     """A connection to a file only this process uses, and never trusts after it (Kafka is the
     durable copy): it holds the file's lock for good and keeps its rollback journal in memory,
     so a read or a write transaction costs no lock, journal or sync system call (a WAL file
-    took four file locks per read and wrote every page twice)."""
+    took file locks around every transaction and wrote every page twice)."""
     connection = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     connection.execute("PRAGMA locking_mode = EXCLUSIVE")
     connection.execute("PRAGMA journal_mode = MEMORY")
