@@ -17,10 +17,10 @@ import statistics
 import tempfile
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 
@@ -121,19 +121,20 @@ class Latency:
         return SEARCH.passed(self.tried)
 
 
+T = TypeVar("T")
+
+
+def per_process(stack: Stack, of_pid: Callable[[int], T]) -> dict[str, T]:
+    """``of_pid`` of every running child and of the broker, by name."""
+    pids = {name: stack.pid(name) for name in stack.children}
+    if stack.broker_pid is not None:
+        pids[BROKER] = stack.broker_pid
+    return {name: of_pid(pid) for name, pid in pids.items() if pid is not None}
+
+
 def cpu_now(stack: Stack) -> dict[str, float]:
-    names = [*stack.children]
-    now = {name: stack.cpu_seconds(name) for name in names}
-    if stack.broker_pid is not None:
-        now[BROKER] = process_cpu_seconds(stack.broker_pid)
+    now = per_process(stack, process_cpu_seconds)
     now["bench"] = time.process_time()
-    return now
-
-
-def syscalls_now(stack: Stack) -> dict[str, int]:
-    now = {name: stack.syscalls(name) for name in stack.children}
-    if stack.broker_pid is not None:
-        now[BROKER] = process_syscalls(stack.broker_pid)
     return now
 
 
@@ -187,7 +188,7 @@ async def throughput(
     profiler = Profiler(stack, PROFILED, profile_dir) if profile_dir is not None else None
     if profiler is not None:
         await profiler.start()
-    before, calls_before = cpu_now(stack), syscalls_now(stack)
+    before, calls_before = cpu_now(stack), per_process(stack, process_syscalls)
     started = time.time()
     answers, errors = await post_all(stack, batches, CLIENTS)
     all_accepted = time.time()
@@ -202,7 +203,7 @@ async def throughput(
         timeout_s=max(600.0, recipients / 50),
         on_progress=_progress("throughput", recipients),
     )
-    after, calls_after = cpu_now(stack), syscalls_now(stack)
+    after, calls_after = cpu_now(stack), per_process(stack, process_syscalls)
     hot: dict[str, str] = {}
     if profiler is not None:
         for name, path in (await profiler.stop()).items():

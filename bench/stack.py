@@ -656,11 +656,6 @@ class Stack(SimulatorPeers):
         pid = self.pid(name)
         return process_cpu_seconds(pid) if pid is not None else 0.0
 
-    def syscalls(self, name: str) -> int:
-        """Read and write system calls of the child's current process (``process_syscalls``)."""
-        pid = self.pid(name)
-        return process_syscalls(pid) if pid is not None else 0
-
     async def wait_for_final_reports(
         self,
         campaign_id: str | None,

@@ -47,6 +47,9 @@ CREATE TABLE IF NOT EXISTS entries (
 );
 CREATE INDEX IF NOT EXISTS entries_by_due ON entries (due_at) WHERE due_at IS NOT NULL;
 """
+_INSERT = "INSERT INTO entries (key, value, due_at) VALUES (?, ?, ?)"
+_UPDATE = "UPDATE entries SET value = ?, due_at = ? WHERE key = ?"
+_DELETE = "DELETE FROM entries WHERE key = ?"
 # Keys remembered as missing from a partition's file, at most (``_Database.absent``).
 _MAX_ABSENT = 4096
 _STATE_CHANGE_VERSION = StateChange.model_fields["schema_version"].default
@@ -105,12 +108,9 @@ class _Database:
         self.entries = int(self.connection.execute("SELECT COUNT(*) FROM entries").fetchone()[0])
         self.by_prefix = {prefix: _count_prefix(self.connection, prefix) for prefix in prefixes}
 
-    def holds(self, key: str, hint: bool | None) -> bool:
-        """Whether ``key`` has a value now: a pending write says, else the caller's ``hint``
-        (it read the key under its lock), else the file."""
-        pending = self.pending.get(key)
-        if pending is not None:
-            return pending.encoded is not None
+    def in_file(self, key: str, hint: bool | None) -> bool:
+        """Whether the file holds ``key``: the caller's ``hint`` (it read the key under its
+        lock), else the keys known missing, else the file itself."""
         if hint is not None:
             return hint
         if key in self.absent:
@@ -147,43 +147,33 @@ class _Database:
         if not self.pending:
             return
         self.absent.difference_update(self.pending)  # in the file from now on, or not
-        execute = self.connection.execute
         mends: list[tuple[str, int]] = []
         with _transaction(self.connection):
             for key, (encoded, due_at, believed) in self.pending.items():
-                if encoded is None:
-                    held = execute("DELETE FROM entries WHERE key = ?", (key,)).rowcount > 0
-                elif believed:
-                    held = (
-                        execute(
-                            "UPDATE entries SET value = ?, due_at = ? WHERE key = ?",
-                            (encoded, due_at, key),
-                        ).rowcount
-                        > 0
-                    )
-                    if not held:
-                        execute(
-                            "INSERT INTO entries (key, value, due_at) VALUES (?, ?, ?)",
-                            (key, encoded, due_at),
-                        )
-                else:
-                    try:
-                        execute(
-                            "INSERT INTO entries (key, value, due_at) VALUES (?, ?, ?)",
-                            (key, encoded, due_at),
-                        )
-                        held = False
-                    except sqlite3.IntegrityError:  # the statement alone is undone
-                        execute(
-                            "UPDATE entries SET value = ?, due_at = ? WHERE key = ?",
-                            (encoded, due_at, key),
-                        )
-                        held = True
+                held = self._write(key, encoded, due_at, believed)
                 if held != believed:
                     mends.append((key, int(believed) - int(held)))
         self.pending.clear()
         for key, delta in mends:
             self.counted(key, delta)
+
+    def _write(self, key: str, encoded: bytes | None, due_at: float | None, believed: bool) -> bool:
+        """One key's write, in the statement ``believed`` (held in the file) calls for first;
+        whether the file held the key."""
+        execute = self.connection.execute
+        if encoded is None:
+            return execute(_DELETE, (key,)).rowcount > 0
+        if believed:
+            if execute(_UPDATE, (encoded, due_at, key)).rowcount > 0:
+                return True
+            execute(_INSERT, (key, encoded, due_at))
+            return False
+        try:
+            execute(_INSERT, (key, encoded, due_at))
+            return False
+        except sqlite3.IntegrityError:  # the statement alone is undone
+            execute(_UPDATE, (encoded, due_at, key))
+            return True
 
     def close_and_remove(self) -> None:
         self.pending.clear()
@@ -266,15 +256,17 @@ class ChangelogStore:
         database = self._database(partition)
         if len(database.pending) >= self.max_pending:
             database.flush()  # first: if the file fails us, nothing is half written
-        holds = database.holds(key, existed)
         pending = database.pending.get(key)
-        in_file = pending.in_file if pending is not None else holds
+        if pending is not None:
+            in_file, holds = pending.in_file, pending.encoded is not None
+        else:
+            in_file = holds = database.in_file(key, existed)
         encoded = orjson.dumps(value) if value is not None else None
         database.pending[key] = _Pending(encoded, due_at, in_file)
         if holds != (encoded is not None):
             database.counted(key, +1 if encoded is not None else -1)
         self._flush_soon(database)
-        if value is None or encoded is None:
+        if value is None or encoded is None:  # the one condition, said twice for mypy
             return OutRecord(self.changelog, key, None, partition=partition)
         # Our own JSON-shaped dict: not validated again, and its bytes reused for the changelog.
         change = StateChange.model_construct(value=value, due_at=due_at)
@@ -529,7 +521,7 @@ def _apply(
                 continue
             key = raw_key.decode("utf-8")
             if raw_value is None:
-                connection.execute("DELETE FROM entries WHERE key = ?", (key,))
+                connection.execute(_DELETE, (key,))
                 continue
             try:
                 value, due_at = _read_state_change(raw_value)
@@ -597,9 +589,9 @@ def _transaction(connection: sqlite3.Connection) -> Iterator[None]:
 
 
 def _remove_database(path: Path) -> None:
-    for suffix in ("", "-wal", "-shm"):
-        with contextlib.suppress(FileNotFoundError):
-            Path(f"{path}{suffix}").unlink()
+    # The journal lives in memory (``_connect``): the file is all there is.
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
 
 
 class KeyLocks:
@@ -769,7 +761,7 @@ class GlobalTable:
                 key = raw_key.decode("utf-8")
                 keys.append(key)
                 if raw_value is None:
-                    self._connection.execute("DELETE FROM entries WHERE key = ?", (key,))
+                    self._connection.execute(_DELETE, (key,))
                 else:
                     self._connection.execute(
                         "INSERT OR REPLACE INTO entries (key, value) VALUES (?, ?)",

@@ -375,10 +375,16 @@ async def test_holding_overlapping_sets_of_keys_in_any_order_never_deadlocks() -
     assert not any(locks.is_held(0, key) for key in "xyz")
 
 
+def _file(store: ChangelogStore, partition: int) -> sqlite3.Connection:
+    """The partition's file, through the store's own connection (it holds the file's lock)."""
+    return store._ready[partition].connection
+
+
 def _committed_keys(store: ChangelogStore, partition: int) -> list[str]:
-    """The keys in a partition's file (the store holds its lock: asked through its connection)."""
-    file = store._ready[partition].connection
-    return [key for (key,) in file.execute("SELECT key FROM entries ORDER BY key")]
+    """The keys in a partition's file: what its writes that reached it left."""
+    return [
+        key for (key,) in _file(store, partition).execute("SELECT key FROM entries ORDER BY key")
+    ]
 
 
 async def test_writes_wait_in_memory_and_reach_the_file_together(tmp_path: Path) -> None:
@@ -426,7 +432,7 @@ async def test_a_failed_flush_keeps_the_writes_pending_and_mends_the_counts_once
         store.put(3, "parked:held:b", {"v": 1}, existed=True)
         store.put(3, "parked:held:z", {"v": 1}, existed=True)
         assert counts(store) == (0, 0, 0)
-        file = store._ready[3].connection
+        file = _file(store, 3)
         file.execute(
             "CREATE TEMP TRIGGER refuse BEFORE INSERT ON entries WHEN NEW.key LIKE '%:z' "
             "BEGIN SELECT RAISE(ABORT, 'refused'); END"
@@ -454,7 +460,7 @@ def test_a_normalizer_sized_state_keeps_to_its_page(store: ChangelogStore) -> No
     for number in range(1000):
         store.put(3, f"otpiq-bench:sms-{number:08d}", {"state": "x" * 1400})
     store.flush()
-    file = store._ready[3].connection
+    file = _file(store, 3)
     pages = file.execute("PRAGMA page_count").fetchone()[0]
     page_size = file.execute("PRAGMA page_size").fetchone()[0]
     # 1,000 values of about 1.4 KiB: 1.4 MB and the keys, where one page each would be 4 MB.
